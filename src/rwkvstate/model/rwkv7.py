@@ -1,0 +1,190 @@
+"""The RWKV-7 layer stack over a packed batch, reading and writing a state pool in place.
+
+This pure-PyTorch path is the reference implementation: it runs on CPU and CUDA in
+fp32, fp16 or bf16 compute; state arithmetic is always float32 (ops/README.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, parse_dtype
+from ..errors import StateError
+from ..ops.token_shift import token_shift
+from ..ops.wkv7 import wkv7
+from ..state.layout import StateLayout
+from ..state.pool import StatePool, new_pool
+from .checkpoint import load_checkpoint
+from .packing import Packed, pack
+from .weights import LayerWeights, Weights, build_weights
+
+DECAY_SCALE = math.exp(-0.5)  # w = exp(-exp(-0.5) * sigmoid(w0 + lora_w(x))) lies in (0.545, 1)
+GROUP_NORM_EPS = 64e-5
+OUTPUTS = ("last", "all", "none")
+
+
+class Model:
+    """An RWKV-7 model: config, weights on one device, and the packed forward."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, dtype: torch.dtype, device, path=None):
+        self.config = config
+        self.weights = weights
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.path = Path(path) if path else None
+        self._tokenizer = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def load(cls, path, device="cpu", dtype=torch.float32, tokenizer: str | None = None, progress=None) -> "Model":
+        """Loads a .pth or .safetensors RWKV-7 checkpoint into `dtype` compute on `device`.
+
+        progress: True/False, or None to show a bar for files over 256 MB on a terminal.
+        """
+        dtype = parse_dtype(dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise StateError("device 'cuda' was asked for, but this torch build sees no CUDA device")
+        tensors, config = load_checkpoint(path, tokenizer)
+        return cls.from_tensors(tensors, config, device, dtype, path, progress)
+
+    @classmethod
+    def from_tensors(cls, tensors, config, device="cpu", dtype=torch.float32, path=None, progress=None):
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        bar = _progress_bar(total, progress, Path(path).name if path else "weights")
+        try:
+            weights = build_weights(tensors, config, dtype, device, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return cls(config, weights, dtype, device, path)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from ..tokenizer import get_tokenizer
+
+            self._tokenizer = get_tokenizer(self.config.tokenizer)
+        return self._tokenizer
+
+    @property
+    def state_layout(self) -> StateLayout:
+        c = self.config
+        return StateLayout(c.n_layer, c.n_embd, c.head_size)
+
+    def num_params(self) -> int:
+        return self.weights.num_params()
+
+    def new_pool(self, slots: int = 8, state_dtype=torch.float32, layout: str = "contiguous") -> StatePool:
+        return new_pool(self.state_layout, slots, parse_dtype(state_dtype), layout, self.device)
+
+    # ---- forward ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, pool: StatePool, slots: Sequence[int], tokens: Sequence, output: str = "last"):
+        """Feeds tokens[i] into pool slot slots[i], all sequences in one packed pass.
+
+        output="last": float32 [len(slots), vocab], logits after each sequence's last token
+                       (rows of empty sequences are NaN: they fed nothing);
+        output="all":  list of float32 [len_i, vocab]; output="none": None.
+        Validates everything before touching the pool.
+        """
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self._check_pool(pool)
+        slots = pool.check_slots(list(slots))
+        packed = pack(slots, tokens, self.config.vocab_size, self.device)
+        x = self._layers(pool, packed)
+        return self._output(x, packed, output)
+
+    __call__ = forward
+
+    def _check_pool(self, pool: StatePool) -> None:
+        if not isinstance(pool, StatePool):
+            raise StateError(f"expected a StatePool, got {type(pool).__name__}")
+        if pool.layout != self.state_layout:
+            raise StateError(f"pool holds states of {pool.layout}, but the model needs {self.state_layout}")
+        if pool.device != self.device and not (pool.device.type == self.device.type == "cuda"):
+            raise StateError(f"pool is on {pool.device}, model on {self.device}")
+
+    def _layers(self, pool: StatePool, packed: Packed) -> torch.Tensor:
+        x = self.weights.emb[packed.tokens]
+        if packed.num_tokens == 0:
+            return x
+        v_first = None
+        for index, lw in enumerate(self.weights.layers):
+            att_shift, wkv_state, ffn_shift = pool.layer(index)
+            xx = F.layer_norm(x, (x.shape[-1],), *lw.ln1)
+            dx, v_first = self._time_mix(lw, xx, packed, att_shift, wkv_state, v_first)
+            x = x + dx
+            xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
+            x = x + self._channel_mix(lw, xx, packed, ffn_shift)
+        return x
+
+    def _time_mix(self, lw: LayerWeights, x, packed, att_shift, wkv_state, v_first):
+        T, C = x.shape
+        H, N = self.config.n_head, self.config.head_size
+        delta = token_shift(x, att_shift, packed) - x
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x.unsqueeze(0), delta.unsqueeze(0), lw.mix.unsqueeze(1)).unbind(0)
+        r = F.linear(xr, lw.receptance)
+        w = F.linear(torch.tanh(F.linear(xw, lw.w1)), lw.w2)
+        k = F.linear(xk, lw.key)
+        v = F.linear(xv, lw.value)
+        a = torch.sigmoid(lw.a0 + F.linear(F.linear(xa, lw.a1), lw.a2))
+        g = F.linear(torch.sigmoid(F.linear(xg, lw.g1)), lw.g2)
+        kk = F.normalize((k * lw.k_k).view(T, H, N), dim=-1, p=2.0).view(T, C)
+        k = k * (1 + (a - 1) * lw.k_a)
+        if lw.v0 is None:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(lw.v0 + F.linear(F.linear(xv, lw.v1), lw.v2))
+        decay = torch.exp(-DECAY_SCALE * torch.sigmoid((lw.w0 + w).float()))
+        heads = [t.view(T, H, N) for t in (r, decay, k, v, -kk, kk * a)]
+        y = wkv7(wkv_state, packed, *heads).view(T, C).to(x.dtype)
+        y = F.group_norm(y, H, *lw.ln_x, eps=GROUP_NORM_EPS)
+        bonus = (r * k * lw.r_k.view(C)).view(T, H, N).sum(-1, keepdim=True) * v.view(T, H, N)
+        return F.linear((y + bonus.view(T, C)) * g, lw.output), v_first
+
+    def _channel_mix(self, lw: LayerWeights, x, packed, ffn_shift):
+        prev = token_shift(x, ffn_shift, packed)
+        k = torch.addcmul(x, prev - x, lw.ffn_x_k)
+        return F.linear(torch.relu(F.linear(k, lw.ffn_key)).square(), lw.ffn_value)
+
+    def _output(self, x: torch.Tensor, packed: Packed, output: str):
+        if output == "none":
+            return None
+        V = self.config.vocab_size
+        if output == "all":
+            logits = self._head(x)
+            return list(logits.split(packed.lengths))
+        out = torch.full((len(packed.lengths), V), float("nan"), dtype=torch.float32, device=self.device)
+        if packed.live:
+            rows = torch.tensor(packed.live, device=self.device)
+            out[rows] = self._head(x[packed.last_rows])
+        return out
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, (x.shape[-1],), *self.weights.ln_out)
+        return F.linear(x, self.weights.head).float()
+
+    def __repr__(self):
+        c = self.config
+        return (
+            f"Model(n_layer={c.n_layer}, n_embd={c.n_embd}, head_size={c.head_size}, vocab={c.vocab_size}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _progress_bar(total_bytes: int, progress, name: str):
+    if progress is None:
+        progress = total_bytes > 256 * 2**20 and os.isatty(2)
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {name}", leave=False)

@@ -1,0 +1,107 @@
+"""Checkpoint tensors turned into the compute layout: dtype, device, squeezed vectors,
+LoRA matrices transposed to [out, in] so every projection is one F.linear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    mix: torch.Tensor  # [6, C]: x_r, x_w, x_k, x_v, x_a, x_g
+    w0: torch.Tensor
+    w1: torch.Tensor  # [D, C] (transposed from the file's [C, D])
+    w2: torch.Tensor  # [C, D]
+    a0: torch.Tensor
+    a1: torch.Tensor
+    a2: torch.Tensor
+    v0: torch.Tensor | None  # None in layer 0, which takes v as the value residual
+    v1: torch.Tensor | None
+    v2: torch.Tensor | None
+    g1: torch.Tensor
+    g2: torch.Tensor
+    k_k: torch.Tensor
+    k_a: torch.Tensor
+    r_k: torch.Tensor  # [H, N]
+    receptance: torch.Tensor  # [C, C] as F.linear weights
+    key: torch.Tensor
+    value: torch.Tensor
+    output: torch.Tensor
+    ln_x: tuple[torch.Tensor, torch.Tensor]
+    ffn_x_k: torch.Tensor
+    ffn_key: torch.Tensor  # [F, C]
+    ffn_value: torch.Tensor  # [C, F]
+
+
+@dataclass
+class Weights:
+    emb: torch.Tensor  # [V, C], already passed through blocks.0.ln0
+    layers: list[LayerWeights]
+    ln_out: tuple[torch.Tensor, torch.Tensor]
+    head: torch.Tensor  # [V, C]
+
+    def num_params(self) -> int:
+        def count(obj):
+            if torch.is_tensor(obj):
+                return obj.numel()
+            if isinstance(obj, (tuple, list)):
+                return sum(count(o) for o in obj)
+            if obj is None:
+                return 0
+            return sum(count(v) for v in vars(obj).values())
+
+        # ln0 was folded into emb; count its two vectors as the checkpoint does
+        return count(self) + 2 * self.emb.shape[1]
+
+
+def build_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, dtype, device, progress=None) -> Weights:
+    """Converts checkpoint tensors (validated) to `dtype` on `device`."""
+
+    def get(key: str, transpose: bool = False, squeeze: bool = False) -> torch.Tensor:
+        t = tensors[key]
+        t = t.squeeze() if squeeze else t
+        t = t.t() if transpose else t
+        if progress is not None:
+            progress.update(t.numel() * t.element_size())
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    emb = F.layer_norm(
+        tensors["emb.weight"].float(), (cfg.n_embd,),
+        tensors["blocks.0.ln0.weight"].float().squeeze(), tensors["blocks.0.ln0.bias"].float().squeeze(),
+    ).to(device=device, dtype=dtype)  # fmt: skip
+    if progress is not None:
+        progress.update(tensors["emb.weight"].numel() * tensors["emb.weight"].element_size())
+    layers = [_layer(get, l) for l in range(cfg.n_layer)]
+    ln_out = (get("ln_out.weight", squeeze=True), get("ln_out.bias", squeeze=True))
+    return Weights(emb=emb, layers=layers, ln_out=ln_out, head=get("head.weight"))
+
+
+def _layer(get, l: int) -> LayerWeights:
+    p = f"blocks.{l}."
+
+    def vec(name):
+        return get(p + name, squeeze=True)
+
+    def lora(name):
+        return get(p + name, transpose=True)
+
+    mix = torch.stack([vec(f"att.x_{c}") for c in "rwkvag"])
+    return LayerWeights(
+        ln1=(vec("ln1.weight"), vec("ln1.bias")), ln2=(vec("ln2.weight"), vec("ln2.bias")), mix=mix,
+        w0=vec("att.w0"), w1=lora("att.w1"), w2=lora("att.w2"),
+        a0=vec("att.a0"), a1=lora("att.a1"), a2=lora("att.a2"),
+        v0=vec("att.v0") if l else None, v1=lora("att.v1") if l else None, v2=lora("att.v2") if l else None,
+        g1=lora("att.g1"), g2=lora("att.g2"),
+        k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=get(p + "att.r_k"),
+        receptance=get(p + "att.receptance.weight"), key=get(p + "att.key.weight"),
+        value=get(p + "att.value.weight"), output=get(p + "att.output.weight"),
+        ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
+        ffn_x_k=vec("ffn.x_k"), ffn_key=get(p + "ffn.key.weight"), ffn_value=get(p + "ffn.value.weight"),
+    )  # fmt: skip
