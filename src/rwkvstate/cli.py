@@ -1,0 +1,175 @@
+"""The `rwkvstate` command line: generate, chat, inspect.
+
+Errors are printed as one line on stderr with a non-zero exit, never a traceback
+(set RWKVSTATE_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import dtype_name, parse_dtype
+from .errors import RwkvStateError
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "default.safetensors"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="RWKV-7 checkpoint (.pth or .safetensors)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, help="compute dtype: fp32, fp16, bf16 (default: fp32 on cpu, fp16 on cuda)")
+    p.add_argument("--state-dtype", default="fp32", help="state storage dtype: fp32, fp16, bf16 (default: fp32)")
+    p.add_argument("--tokenizer", choices=("world", "bytes"), default=None, help="override the tokenizer kind")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling mass (default: 0.85)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwkvstate", description="RWKV-7 inference built around the recurrent state")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="continue a prompt, streamed to stdout")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    _add_sampling_args(gen, max_tokens=200)
+
+    chat = sub.add_parser("chat", help="interactive chat that keeps the session state between turns")
+    _add_model_args(chat)
+    _add_sampling_args(chat, max_tokens=500)
+
+    inspect = sub.add_parser("inspect", help="model config, parameter count and state bytes per sequence")
+    _add_model_args(inspect)
+    return parser
+
+
+def load_model(args):
+    from .model.rwkv7 import Model
+
+    path = args.model
+    if path is None:
+        if not BUNDLED_MODEL.exists():
+            raise RwkvStateError("no model given: pass --model PATH to an RWKV-7 .pth or .safetensors file")
+        path = BUNDLED_MODEL
+    device = torch.device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    return Model.load(path, device=device, dtype=dtype, tokenizer=args.tokenizer)
+
+
+def _sampling(args):
+    from .runtime.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed,
+    )  # fmt: skip
+
+
+def _engine(args, model):
+    from .runtime.engine import Engine
+
+    return Engine(model, slots=1, state_dtype=parse_dtype(args.state_dtype))
+
+
+def cmd_generate(args) -> int:
+    sampling = _sampling(args)
+    model = load_model(args)
+    session = _engine(args, model).session()
+    session.feed(args.prompt)
+    out = sys.stdout
+    out.write(args.prompt)
+    for piece in session.generate(max_tokens=args.max_tokens, sampling=sampling):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .runtime.chat import ASSISTANT_STOP, format_user_turn
+
+    sampling = _sampling(args)
+    sampling.stop = (ASSISTANT_STOP,)
+    model = load_model(args)
+    session = _engine(args, model).session()
+    print("chat: type a message; /reset clears the conversation, /quit or Ctrl-D leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("User: ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/quit", "/exit"):
+            return 0
+        if line.strip() == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        session.feed(format_user_turn(line))
+        sys.stdout.write("Assistant:")
+        for piece in session.generate(max_tokens=args.max_tokens, sampling=sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n\n")
+
+
+def cmd_inspect(args) -> int:
+    from .state.layout import StateLayout
+
+    model = load_model(args)
+    c = model.config
+    layout = StateLayout(c.n_layer, c.n_embd, c.head_size)
+    rows = [
+        ("file", str(model.path)),
+        ("layers", c.n_layer), ("n_embd", c.n_embd), ("head_size", c.head_size), ("heads", c.n_head),
+        ("vocab", c.vocab_size), ("tokenizer", c.tokenizer), ("ffn_dim", c.ffn_dim),
+        ("lora ranks (decay, iclr, value, gate)", f"{c.decay_rank}, {c.aaa_rank}, {c.mv_rank}, {c.gate_rank}"),
+        ("parameters", f"{model.num_params():,}"),
+        ("state elements per sequence", f"{layout.slot_numel:,}"),
+    ]  # fmt: skip
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        rows.append((f"state bytes per sequence ({dtype_name(dtype)})", f"{layout.slot_nbytes(dtype):,}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (RwkvStateError, ValueError, OSError, RuntimeError) as e:
+        if os.environ.get("RWKVSTATE_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"rwkvstate: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
