@@ -51,10 +51,6 @@ class StateLayout:
     def slot_nbytes(self, dtype: torch.dtype) -> int:
         return self.slot_numel * torch.empty((), dtype=dtype).element_size()
 
-    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        L, C, H, N = self.n_layer, self.n_embd, self.n_head, self.head_size
-        return {"att_shift": (L, C), "wkv": (L, H, N, N), "ffn_shift": (L, C)}
-
     def split_layer(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views (att_shift [.., C], wkv [.., H, N, N], ffn_shift [.., C]) of layer blocks [.., (N+2)*C]."""
         C, H, N = self.n_embd, self.n_head, self.head_size

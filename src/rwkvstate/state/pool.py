@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SlotError, StateError
+from .convert import validate_canonical
 from .layout import StateLayout
 
 STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,7 +123,8 @@ class StatePool:
     def load(self, slot: int, state: dict[str, torch.Tensor]) -> None:
         """Writes a canonical-format state into a slot. Checks everything before writing anything."""
         self.check_slot(slot)
-        checked = check_canonical(state, self.layout)
+        lay = self.layout
+        checked = validate_canonical(state, lay.n_layer, lay.n_embd, lay.head_size)
         limit = torch.finfo(self.dtype).max
         for name, value in checked.items():
             if value.abs().max() > limit:
@@ -185,33 +187,3 @@ def new_pool(layout: StateLayout, num_slots: int, dtype=torch.float32, kind="con
     if kind not in pools:
         raise StateError(f"pool layout must be 'contiguous' or 'fragmented', got {kind!r}")
     return pools[kind](layout, num_slots, dtype, device)
-
-
-def check_canonical(state: dict, layout: StateLayout) -> dict[str, torch.Tensor]:
-    """Validates a canonical-format state against a layout; returns float32 tensors.
-
-    Raises StateError naming the first problem: not a dict, missing or unknown
-    key, wrong shape (expected and found), non-finite values.
-    """
-    if not isinstance(state, dict):
-        raise StateError(f"a state must be a dict of tensors, got {type(state).__name__}")
-    shapes = layout.canonical_shapes()
-    unknown = sorted(set(state) - set(shapes))
-    if unknown:
-        raise StateError(f"unknown state entries {unknown}; expected {sorted(shapes)}")
-    out = {}
-    for name, shape in shapes.items():
-        if name not in state:
-            raise StateError(f"state is missing '{name}' (expected shape {list(shape)})")
-        value = state[name]
-        if not torch.is_tensor(value):
-            raise StateError(f"state '{name}' must be a tensor, got {type(value).__name__}")
-        if tuple(value.shape) != shape:
-            raise StateError(f"state '{name}': expected shape {list(shape)}, found {list(value.shape)}")
-        if not value.is_floating_point():
-            raise StateError(f"state '{name}' must be floating point, got {value.dtype}")
-        value = value.detach().to(torch.float32)
-        if not torch.isfinite(value).all():
-            raise StateError(f"state '{name}' contains NaN or infinite values")
-        out[name] = value
-    return out
