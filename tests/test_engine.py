@@ -1,0 +1,187 @@
+"""Engine and sessions: feed, generate (streamed, batched), fork, reset, snapshot/restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rel_err
+from rwkvstate import Engine, Model, SamplingParams
+from rwkvstate.errors import RwkvStateError, SlotError
+from rwkvstate.model.synthetic import random_checkpoint, tiny_config
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_config(n_layer=2, n_embd=64, head_size=16, ffn_dim=128)
+    return Model.from_tensors(random_checkpoint(cfg, seed=7), cfg)
+
+
+@pytest.fixture
+def engine(model):
+    return Engine(model, slots=6)
+
+
+def test_feed_matches_model_forward(engine, model):
+    s = engine.session()
+    ids = s.feed("hello, world")
+    assert ids == list(b"hello, world") and s.tokens == ids
+    expected = model.forward(model.new_pool(1), [0], [ids])[0]
+    assert torch.equal(s.logits, expected)
+    s.feed([1, 2, 3])
+    assert s.tokens == ids + [1, 2, 3]
+
+
+def test_long_prompt_is_chunked_without_changing_results(model):
+    ids = list(range(200))
+    chunked = Engine(model, slots=1, max_prefill_chunk=17).session()
+    chunked.feed(ids)
+    whole = Engine(model, slots=1).session()
+    whole.feed(ids)
+    assert rel_err(chunked.logits, whole.logits) < 1e-6
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with the bare model, one sequence at a time."""
+    pool = model.new_pool(1)
+    logits = model.forward(pool, [0], [prompt])[0]
+    out = []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = model.forward(pool, [0], [[out[-1]]])[0]
+    return out
+
+
+def test_greedy_generation_streams_and_matches_reference(engine, model):
+    s = engine.session()
+    s.feed("abc")
+    stream = s.generate(max_tokens=25, sampling=GREEDY)
+    pieces = list(stream)
+    assert stream.finish_reason == "length" and len(stream.token_ids) == 25
+    assert stream.token_ids == greedy_reference(model, list(b"abc"), 25)
+    assert "".join(pieces) == stream.text == model.tokenizer.decode(stream.token_ids)
+    assert s.tokens == list(b"abc") + stream.token_ids  # every generated token is in the state
+
+
+def test_concurrent_streams_are_batched_and_equal_each_alone(engine, model):
+    prompts = [b"first", b"a much longer second prompt", b"3"]
+    sessions = [engine.session() for _ in prompts]
+    for s, p in zip(sessions, prompts):
+        s.feed(list(p))
+    streams = [s.generate(max_tokens=n, sampling=GREEDY) for s, n in zip(sessions, (12, 20, 5))]
+    steps_before = engine.steps
+    engine.run(streams)
+    assert engine.steps - steps_before == 20  # one packed forward per step for all three
+    for stream, p in zip(streams, prompts):
+        assert stream.token_ids == greedy_reference(model, list(p), len(stream.token_ids))
+
+
+def test_seeded_sampling_is_reproducible_across_batching(model):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
+    alone = Engine(model, slots=2).session()
+    alone.feed("xyz")
+    expected = alone.generate(30, params)
+    expected_text = "".join(expected)
+    engine = Engine(model, slots=3)
+    noise = engine.session()
+    noise.feed("other")
+    s = engine.session()
+    s.feed("xyz")
+    streams = [noise.generate(10, SamplingParams(seed=9)), s.generate(30, params)]
+    texts = engine.run(streams)
+    assert texts[1] == expected_text and streams[1].token_ids == expected.token_ids
+
+
+def test_stop_strings_end_generation_and_are_not_emitted(engine, model):
+    s = engine.session()
+    s.feed("abc")
+    full = greedy_reference(model, list(b"abc"), 40)
+    text = model.tokenizer.decode(full)
+    stop = text[10:13]
+    stream = s.generate(max_tokens=40, sampling=SamplingParams(temperature=0, stop=[stop]))
+    out = "".join(stream)
+    assert stream.finish_reason == "stop"
+    assert out == text[: text.find(stop)]
+
+
+def test_stop_token_is_not_fed(engine, model):
+    s = engine.session()
+    s.feed("abc")
+    first = greedy_reference(model, list(b"abc"), 1)[0]
+    stream = s.generate(max_tokens=5, sampling=SamplingParams(temperature=0, stop_token_ids=[first]))
+    assert list(stream) == [] and stream.finish_reason == "stop" and stream.token_ids == []
+    assert s.tokens == list(b"abc")
+
+
+def test_fork_continues_identically_and_independently(engine):
+    parent = engine.session()
+    parent.feed("shared prefix ")
+    child = parent.fork()
+    assert child.slot != parent.slot and child.tokens == parent.tokens
+    assert torch.equal(child.logits, parent.logits)
+    a, b = parent.generate(15, GREEDY), child.generate(15, GREEDY)
+    engine.run([a, b])
+    assert a.token_ids == b.token_ids
+    child.feed("diverge")
+    assert not torch.equal(child.logits, parent.logits)
+
+
+def test_snapshot_restore_and_reset(engine, model):
+    s = engine.session()
+    s.feed("state to keep")
+    snap = s.snapshot()
+    first = list(s.generate(10, GREEDY))
+    s.restore(snap)
+    assert s.tokens == list(b"state to keep")
+    assert list(s.generate(10, GREEDY)) == first
+    s.reset()
+    assert s.tokens == []
+    with pytest.raises(RwkvStateError, match="feed at least one token"):
+        _ = s.logits
+    with pytest.raises(RwkvStateError, match="feed a prompt"):
+        s.generate(5)
+    other = Engine(model, slots=1).session()
+    other.restore(snap)
+    assert torch.equal(other.logits, snap.logits)
+
+
+def test_restore_rejects_bad_snapshot_and_keeps_state(engine):
+    s = engine.session()
+    s.feed("keep me")
+    snap = s.snapshot()
+    before = s.logits
+    bad = type(snap)({**snap.state, "wkv": snap.state["wkv"][:1]}, [1], snap.logits)
+    with pytest.raises(ValueError, match="wkv"):
+        s.restore(bad)
+    assert torch.equal(s.logits, before) and s.tokens == list(b"keep me")
+
+
+def test_slots_run_out_and_come_back(model):
+    engine = Engine(model, slots=2)
+    a, b = engine.session(), engine.session()
+    with pytest.raises(SlotError, match="all 2 slots are in use"):
+        engine.session()
+    a.close()
+    with pytest.raises(RwkvStateError, match="closed"):
+        a.feed("x")
+    c = engine.session()
+    assert c.slot == a.slot
+    with b:
+        b.feed("y")
+    assert engine.pool.free_slots == 1
+
+
+def test_session_is_busy_while_generating(engine):
+    s = engine.session()
+    s.feed("go")
+    stream = s.generate(5, GREEDY)
+    next(stream)
+    with pytest.raises(RwkvStateError, match="is generating"):
+        s.feed("more")
+    stream.close()
+    assert stream.finish_reason == "cancelled"
+    s.feed("more")  # usable again
+    with pytest.raises(ValueError, match="max_tokens"):
+        s.generate(0)
