@@ -185,3 +185,17 @@ def test_session_is_busy_while_generating(engine):
     s.feed("more")  # usable again
     with pytest.raises(ValueError, match="max_tokens"):
         s.generate(0)
+
+
+def test_ids_beyond_the_tokenizer_are_never_sampled():
+    cfg = tiny_config(n_layer=1, n_embd=32, head_size=16, ffn_dim=64, vocab_size=400)  # 256-byte tokenizer
+    tensors = random_checkpoint(cfg, seed=8)
+    tensors["head.weight"][256:] = 0
+    tensors["head.weight"][256:, :] += 50.0  # make the undecodable ids by far the most likely
+    engine = Engine(Model.from_tensors(tensors, cfg), slots=1)
+    s = engine.session()
+    s.feed("abc")
+    assert int(s.logits.argmax()) >= 256
+    stream = s.generate(20, SamplingParams(temperature=1.0, seed=0))
+    list(stream)
+    assert len(stream.token_ids) == 20 and max(stream.token_ids) < 256

@@ -27,8 +27,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", choices=("world", "bytes"), default=None, help="override the tokenizer kind")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
+    p.add_argument("--max-tokens", type=_positive_int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling mass (default: 0.85)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: 0)")
@@ -59,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model(args):
     from .model.rwkv7 import Model
 
+    parse_dtype(args.state_dtype)  # fail on a bad value before the (slow) load
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise RwkvStateError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N")
     path = args.model
     if path is None:
         if not BUNDLED_MODEL.exists():
             raise RwkvStateError("no model given: pass --model PATH to an RWKV-7 .pth or .safetensors file")
         path = BUNDLED_MODEL
-    device = torch.device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     return Model.load(path, device=device, dtype=dtype, tokenizer=args.tokenizer)
 

@@ -114,18 +114,31 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path.name} holds Python objects other than plain tensors, refused by the safe loader "
-            f"(weights_only=True): {_first_line(e).removeprefix('Weights only load failed. ')[:200]}"
+            f"(weights_only=True){_refused_global(e)}"
         )
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path.name} could not be read as a PyTorch checkpoint (truncated?): {_first_line(e)}")
     return _flat_tensor_dict(data, path.name)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _refused_global(e: BaseException) -> str:
+    """The line of torch's refusal that names the offending global, without its advice."""
+    for line in _ANSI.sub("", str(e)).splitlines():
+        if "global" in line.lower() and ("unsupported" in line.lower() or "GLOBAL" in line):
+            return ": " + line.strip()[:200]
+    return ""
+
+
 def _flat_tensor_dict(data, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{name} does not hold a dict of tensors (found {type(data).__name__})")
     for key, value in data.items():
-        if not isinstance(key, str) or not torch.is_tensor(value):
+        if not isinstance(key, str):
+            raise CheckpointError(f"{name} is not a flat dict of tensors: key {key!r} is not a string")
+        if not torch.is_tensor(value):
             kind = type(value).__name__
             raise CheckpointError(f"{name} is not a flat dict of tensors: entry {key!r} is a {kind}")
     return data
@@ -173,7 +186,9 @@ def infer_config(tensors: dict[str, torch.Tensor], tokenizer: str | None = None)
         raise CheckpointError(
             f"'blocks.0.att.r_k' has shape {[n_head, head_size]}, but n_head * head_size must equal n_embd {n_embd}"
         )
-    mv_rank = dim("blocks.1.att.v1", 1) if len(layers) > 1 else 1
+    # layer 0 takes no value-residual LoRA; its optional v1 (if any) still tells the rank
+    mv_key = "blocks.1.att.v1" if len(layers) > 1 else "blocks.0.att.v1"
+    mv_rank = dim(mv_key, 1) if len(layers) > 1 or mv_key in tensors else 1
     if tokenizer is None:
         from ..tokenizer import infer_tokenizer_kind
 

@@ -26,6 +26,9 @@ class Engine:
         self._logits = torch.zeros(self.config.num_slots, V, dtype=torch.float32, device=model.device)
         self._has_logits = [False] * self.config.num_slots
         self._streams: list[GenerationStream] = []
+        # a model whose vocabulary is larger than its tokenizer's must never sample
+        # an id the tokenizer cannot decode
+        self._sample_limit = min(V, model.tokenizer.vocab_size)
         self.steps = 0  # packed decode forwards run so far
 
     @property
@@ -112,7 +115,7 @@ class Engine:
         if not streams:
             return
         slots = [s.session.slot for s in streams]
-        rows = self._logits[slots].clone()
+        rows = self._logits[slots, : self._sample_limit].clone()
         for row, stream in zip(rows, streams):
             apply_penalties(row, stream.params, stream.counts)
         uniforms = [torch.rand((), generator=s.generator).item() for s in streams]
