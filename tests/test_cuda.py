@@ -1,0 +1,64 @@
+"""The reference forward on CUDA against the CPU reference (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SHAPES, rel_err, random_tokens
+from rwkvstate import Engine, Model, SamplingParams
+from rwkvstate.model.synthetic import random_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("name", ["L3-C192-N64-V300", "L4-C96-N32-V1000"])
+@pytest.mark.parametrize("layout", ["contiguous", "fragmented"])
+def test_cuda_fp32_matches_cpu(name, layout):
+    cfg = SHAPES[name]
+    tensors = random_checkpoint(cfg, seed=3)
+    cpu = Model.from_tensors(tensors, cfg)
+    gpu = Model.from_tensors(tensors, cfg, device="cuda")
+    seqs = [random_tokens(n, cfg.vocab_size, seed=n) for n in (13, 0, 1, 63)]
+    want = cpu.forward(cpu.new_pool(4, layout=layout), [2, 0, 3, 1], seqs)
+    pool = gpu.new_pool(4, layout=layout)
+    got = gpu.forward(pool, [2, 0, 3, 1], seqs)
+    assert got.device.type == "cuda"
+    live = [0, 2, 3]
+    assert rel_err(got[live].cpu(), want[live]) <= 1e-5
+    assert torch.isnan(got[1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_compute_and_state(dtype):
+    cfg = SHAPES["L3-C192-N64-V300"]
+    tensors = random_checkpoint(cfg, seed=4)
+    ref = Model.from_tensors(tensors, cfg)
+    gpu = Model.from_tensors(tensors, cfg, device="cuda", dtype=dtype)
+    tokens = random_tokens(40, cfg.vocab_size, seed=5)
+    want = ref.forward(ref.new_pool(1), [0], [tokens])[0]
+    got = gpu.forward(gpu.new_pool(1, state_dtype=dtype), [0], [tokens])[0].cpu()
+    assert rel_err(got, want) <= (5e-3 if dtype == torch.float16 else 3e-2)
+
+
+def test_cuda_engine_generation_matches_cpu():
+    cfg = SHAPES["L2-C128-N64"]
+    tensors = random_checkpoint(cfg, seed=5)
+    outs = []
+    for device in ("cpu", "cuda"):
+        engine = Engine(Model.from_tensors(tensors, cfg, device=device), slots=3)
+        sessions = [engine.session() for _ in range(3)]
+        for i, s in enumerate(sessions):
+            s.feed(random_tokens(5 + 7 * i, cfg.vocab_size, seed=i))
+        streams = [s.generate(16, SamplingParams(temperature=0)) for s in sessions]
+        engine.run(streams)
+        outs.append([st.token_ids for st in streams])
+    assert outs[0] == outs[1]
