@@ -335,3 +335,32 @@ def test_console_script(byte_model, tmp_path):
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert_clean_error(bad.returncode, bad.stderr, "model file not found: ")
+
+
+def test_generate_from_a_state_tuning_file(capsys, byte_model, tmp_path):
+    c = BYTE_CFG
+    g = torch.Generator().manual_seed(11)
+    tuned = {f"blocks.{l}.att.time_state": torch.randn(c.n_head, c.head_size, c.head_size, generator=g)
+             for l in range(c.n_layer)}  # fmt: skip
+    path = tmp_path / "tuned.pth"
+    torch.save(tuned, path)
+    argv = ["generate", "--model", byte_model, "--prompt", "abc", "--max-tokens", 12, "--temperature", 0]
+    rc, plain, _ = run(capsys, *argv)
+    rc2, with_state, _ = run(capsys, *argv, "--state", path)
+    assert rc == rc2 == 0 and plain != with_state
+    # the same state through the Python API gives the same text
+    model = rwkvstate.Model.load(byte_model)
+    session = rwkvstate.Engine(model, slots=1).session()
+    session.load_state({"att_shift": torch.zeros(c.n_layer, c.n_embd), "ffn_shift": torch.zeros(c.n_layer, c.n_embd),
+                        "wkv": torch.stack([tuned[f"blocks.{l}.att.time_state"] for l in range(c.n_layer)])})  # fmt: skip
+    session.feed("abc")
+    stream = session.generate(12, rwkvstate.SamplingParams(temperature=0))
+    assert with_state.rstrip("\n") == "abc" + "".join(stream)
+
+
+def test_bad_state_file_is_one_clean_line(capsys, byte_model, tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save({"blocks.0.att.time_state": torch.zeros(3, 3, 3)}, path)
+    rc, out, err = run(capsys, "generate", "--model", byte_model, "--prompt", "x", "--state", path)
+    assert_clean_error(rc, err, "time_state")
+    assert out == ""

@@ -27,6 +27,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", choices=("world", "bytes"), default=None, help="override the tokenizer kind")
 
 
+def _add_state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state", type=Path, default=None,
+        help="start from a state-tuning file (.pth/.safetensors with blocks.N.att.time_state, or web-rwkv .st)",
+    )  # fmt: skip
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -55,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue a prompt, streamed to stdout")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True, help="text to continue")
+    _add_state_arg(gen)
     _add_sampling_args(gen, max_tokens=200)
 
     chat = sub.add_parser("chat", help="interactive chat that keeps the session state between turns")
     _add_model_args(chat)
+    _add_state_arg(chat)
     _add_sampling_args(chat, max_tokens=500)
 
     inspect = sub.add_parser("inspect", help="model config, parameter count and state bytes per sequence")
@@ -93,16 +102,22 @@ def _sampling(args):
     )  # fmt: skip
 
 
-def _engine(args, model):
+def _session(args, model):
+    """A one-slot engine's session, started from --state when given."""
     from .runtime.engine import Engine
+    from .state.convert import load_state_tuning_file
 
-    return Engine(model, slots=1, state_dtype=parse_dtype(args.state_dtype))
+    session = Engine(model, slots=1, state_dtype=parse_dtype(args.state_dtype)).session()
+    if args.state is not None:
+        c = model.config
+        session.load_state(load_state_tuning_file(args.state, c.n_layer, c.n_embd, c.head_size))
+    return session
 
 
 def cmd_generate(args) -> int:
     sampling = _sampling(args)
     model = load_model(args)
-    session = _engine(args, model).session()
+    session = _session(args, model)
     session.feed(args.prompt)
     out = sys.stdout
     out.write(args.prompt)
@@ -119,7 +134,8 @@ def cmd_chat(args) -> int:
     sampling = _sampling(args)
     sampling.stop = (ASSISTANT_STOP,)
     model = load_model(args)
-    session = _engine(args, model).session()
+    session = _session(args, model)
+    start = session.snapshot()  # /reset returns here: the zero state or the --state file
     print("chat: type a message; /reset clears the conversation, /quit or Ctrl-D leaves", file=sys.stderr)
     while True:
         try:
@@ -130,7 +146,7 @@ def cmd_chat(args) -> int:
         if line.strip() in ("/quit", "/exit"):
             return 0
         if line.strip() == "/reset":
-            session.reset()
+            session.restore(start)
             print("(conversation cleared)", file=sys.stderr)
             continue
         if not line.strip():

@@ -64,6 +64,9 @@ class Engine:
 
     def reset_slot(self, slot: int) -> None:
         self.pool.reset(slot)
+        self.forget_logits(slot)
+
+    def forget_logits(self, slot: int) -> None:
         self._has_logits[slot] = False
 
     def snapshot(self, session: Session) -> SessionSnapshot:

@@ -85,6 +85,15 @@ class Session:
         self._check_usable()
         self.engine.restore(self, snap)
 
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Starts the session from a canonical state (e.g. a state-tuning file) with no tokens.
+
+        Feed a prompt afterwards: a bare state has no next-token logits."""
+        self._check_usable()
+        self.engine.pool.load(self.slot, state)  # validates before writing
+        self.engine.forget_logits(self.slot)
+        self.tokens = []
+
     def close(self) -> None:
         """Gives the slot back. The session cannot be used afterwards."""
         if not self._closed:
@@ -146,6 +155,15 @@ class GenerationStream:
             self.text += piece
             return piece
         raise StopIteration
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Starts the session from a canonical state (e.g. a state-tuning file) with no tokens.
+
+        Feed a prompt afterwards: a bare state has no next-token logits."""
+        self._check_usable()
+        self.engine.pool.load(self.slot, state)  # validates before writing
+        self.engine.forget_logits(self.slot)
+        self.tokens = []
 
     def close(self) -> None:
         """Stops generating (the state keeps every token fed so far)."""
