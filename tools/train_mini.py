@@ -20,30 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sysconfig
 import time
-import zlib
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SEPARATOR = "\f\n"
-HELD_OUT_MODULUS = 20
+from rwkvstate.stdlib_corpus import SEPARATOR, is_held_out, stdlib_files
 
-
-# ---- corpus -------------------------------------------------------------------------------
-
-
-def stdlib_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-    return root, files
-
-
-def is_held_out(relative_path: str) -> bool:
-    return zlib.crc32(relative_path.encode("utf-8")) % HELD_OUT_MODULUS == 0
+# ---- corpus (split rule in rwkvstate.stdlib_corpus) -----------------------------------------
 
 
 def build_corpus(out: Path) -> dict:
@@ -336,6 +322,25 @@ def save(model, args, log, seconds) -> None:
     (out / f"{args.name}.log.json").write_text(json.dumps(log))
 
 
+def plot(log_path: Path, out: Path) -> None:
+    """Loss curve (bits per byte) of a training log written by `train`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = json.loads(log_path.read_text())
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot([e["tokens"] / 1e6 for e in log], [e["train_bpb"] for e in log], lw=1, label="train (batch)")
+    held = [e for e in log if "heldout_bpb" in e]
+    ax.plot([e["tokens"] / 1e6 for e in held], [e["heldout_bpb"] for e in held], "o-", label="held-out")
+    ax.set(xlabel="tokens (millions of bytes)", ylabel="bits per byte", ylim=(0.4, 3.0), title="bundled model training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,8 +358,13 @@ def main(argv=None) -> None:
         t.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--time-budget", type=float, default=0, help="seconds; fixes --steps after 20 steps")
+    pl = sub.add_parser("plot")
+    pl.add_argument("--log", type=Path, required=True)
+    pl.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.command == "corpus":
+    if args.command == "plot":
+        plot(args.log, args.out)
+    elif args.command == "corpus":
         print(json.dumps(build_corpus(args.out), indent=2))
     else:
         train(args)

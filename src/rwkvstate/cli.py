@@ -16,11 +16,16 @@ import torch
 from .config import dtype_name, parse_dtype
 from .errors import RwkvStateError
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "default.safetensors"
+# The small byte-level model trained on the CPython stdlib (docs/model.md), found in a
+# source checkout (pip install -e .).
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "models" / "stdlib-byte-l8-c256.safetensors"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, help="RWKV-7 checkpoint (.pth or .safetensors)")
+    p.add_argument(
+        "--model", type=Path, default=None,
+        help="RWKV-7 checkpoint (.pth or .safetensors); default: the bundled models/stdlib-byte-l8-c256",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="compute dtype: fp32, fp16, bf16 (default: fp32 on cpu, fp16 on cuda)")
     p.add_argument("--state-dtype", default="fp32", help="state storage dtype: fp32, fp16, bf16 (default: fp32)")
@@ -69,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_state_arg(chat)
     _add_sampling_args(chat, max_tokens=500)
+
+    ev = sub.add_parser(
+        "eval-state", help="quality cost of fp16/bf16 state storage and snapshots, on held-out stdlib text"
+    )
+    _add_model_args(ev)
+    ev.add_argument("--docs", type=_positive_int, default=16, help="held-out documents (default: 16)")
+    ev.add_argument("--tokens", type=_positive_int, default=4096, help="tokens per document (default: 4096)")
+    ev.add_argument("--prompt", type=_positive_int, default=2048, help="greedy continuation prompt (default: 2048)")
+    ev.add_argument("--generate", type=_positive_int, default=256, help="greedy tokens compared (default: 256)")
+    ev.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
 
     inspect = sub.add_parser("inspect", help="model config, parameter count and state bytes per sequence")
     _add_model_args(inspect)
@@ -181,7 +196,33 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect}
+def cmd_eval_state(args) -> int:
+    import datetime
+    import platform
+
+    from .evaluation import evaluate_state_precision, held_out_token_docs, results_json, results_markdown
+
+    model = load_model(args)
+    docs = held_out_token_docs(model.tokenizer, args.tokens, args.docs)
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    results, info = evaluate_state_precision(model, docs, prompt_len=args.prompt, gen_len=args.generate, log=log)
+    if model.device.type == "cuda":
+        where = torch.cuda.get_device_name(model.device)
+    else:
+        where = f"CPU ({platform.processor() or platform.machine()})"
+    meta = {"model": str(model.path), "compute_dtype": dtype_name(model.dtype), "device": where,
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__}  # fmt: skip
+    header = f"State precision of {Path(str(model.path)).name}, {where}, {meta['date']}, compute {meta['compute_dtype']}"
+    table = results_markdown(results, info, header)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(table)
+        args.out.with_suffix(".json").write_text(results_json(results, info, meta))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "eval-state": cmd_eval_state}
 
 
 def main(argv=None) -> int:

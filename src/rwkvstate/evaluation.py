@@ -1,0 +1,196 @@
+"""State-precision harness: what storing or snapshotting the state costs in quality.
+
+Every variant runs the same documents in lock-step with an fp32 reference, one token
+per forward call, so the state passes through its storage format after every token
+(the decode regime, the worst case for rounding). Per variant:
+
+- mean NLL difference to the reference (nats/token) over all teacher-forced positions;
+- KL(reference || variant) of the next-token distributions, mean and max;
+- greedy continuation after a prompt: position-wise agreement with the reference's
+  greedy tokens, and the mean position of the first disagreement;
+- the largest absolute state element seen (overflow headroom: fp16 tops out at 65504).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .config import dtype_name
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the state is kept between tokens: a storage dtype, optionally a snapshot round trip."""
+
+    name: str
+    state_dtype: torch.dtype = torch.float32
+    snapshot_every: int = 0  # export + load through the canonical snapshot every k tokens; 0 = never
+
+
+def default_variants() -> list[Variant]:
+    return [
+        Variant("fp32 (reference)"),
+        Variant("fp16 storage", torch.float16),
+        Variant("bf16 storage", torch.bfloat16),
+        Variant("fp32 snapshot/restore every 64 tokens", torch.float32, snapshot_every=64),
+    ]
+
+
+@dataclass
+class VariantResult:
+    name: str
+    state_dtype: str
+    nll_diff_nats: float = 0.0
+    kl_mean: float = 0.0
+    kl_max: float = 0.0
+    greedy_agreement: float = 1.0
+    first_divergence_mean: float = 0.0
+    max_abs_state: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class _Runner:
+    """One variant's pool and running statistics."""
+
+    def __init__(self, model, variant: Variant, num_docs: int):
+        self.variant = variant
+        self.model = model
+        self.pool = model.new_pool(num_docs, state_dtype=variant.state_dtype)
+        self.slots = list(range(num_docs))
+        self.result = VariantResult(variant.name, dtype_name(variant.state_dtype))
+        self.nll_sum = 0.0
+        self.kl_sum = 0.0
+        self.count = 0
+
+    def step(self, tokens: list[int], position: int) -> torch.Tensor:
+        logits = self.model.forward(self.pool, self.slots, [[t] for t in tokens])
+        self._track_state()
+        every = self.variant.snapshot_every
+        if every and (position + 1) % every == 0:
+            for slot in self.slots:
+                self.pool.load(slot, self.pool.export(slot))
+        return logits.log_softmax(-1)
+
+    def _track_state(self) -> None:
+        for layer in range(self.pool.layout.n_layer):
+            for part in self.pool.layer(layer):
+                peak = part[: len(self.slots)].abs().max().item()
+                self.result.max_abs_state = max(self.result.max_abs_state, peak)
+
+
+def _teacher_forced(runners, docs: torch.Tensor, prompt_len: int) -> list[torch.Tensor]:
+    """Feeds every document through every variant; returns each variant's states after the
+    first prompt_len - 1 tokens."""
+    num_docs, num_tokens = docs.shape
+    saved = []
+    for t in range(num_tokens - 1):
+        tokens = docs[:, t].tolist()
+        logps = [r.step(tokens, t) for r in runners]
+        target = docs[:, t + 1].to(logps[0].device)
+        ref = logps[0]
+        ref_nll = -ref.gather(1, target[:, None]).squeeze(1)
+        for r, lp in zip(runners, logps):
+            nll = -lp.gather(1, target[:, None]).squeeze(1)
+            kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
+            r.nll_sum += (nll - ref_nll).sum().item()
+            r.kl_sum += kl.sum().item()
+            r.result.kl_max = max(r.result.kl_max, kl.max().item())
+            r.count += num_docs
+            if r is runners[0]:
+                r.result.extra["ref_nll_sum"] = r.result.extra.get("ref_nll_sum", 0.0) + ref_nll.sum().item()
+        if t == prompt_len - 2:  # all but the prompt's last token: greedy starts by feeding it
+            saved = [_pool_copy(r.pool) for r in runners]
+    return saved
+
+
+def _pool_copy(pool) -> list[dict]:
+    return [pool.export(slot) for slot in range(pool.num_slots)]
+
+
+def _greedy(runners, docs: torch.Tensor, prompt_len: int, saved, gen_len: int) -> None:
+    """Greedy continuation of each document's prompt; compares tokens with the reference's."""
+    outputs = []
+    for r, states in zip(runners, saved):
+        for slot, state in enumerate(states):
+            r.pool.load(slot, state)
+        tokens = docs[:, prompt_len - 1].tolist()
+        generated = []
+        for i in range(gen_len):
+            logits = r.step(tokens, prompt_len - 1 + i)
+            tokens = logits.argmax(-1).tolist()
+            generated.append(tokens)
+        outputs.append(torch.tensor(generated).T)  # [docs, gen_len]
+    ref = outputs[0]
+    for r, out in zip(runners, outputs):
+        same = out == ref
+        r.result.greedy_agreement = same.float().mean().item()
+        first = torch.where(same.all(1), gen_len, (~same).int().argmax(1))
+        r.result.first_divergence_mean = first.float().mean().item()
+
+
+def evaluate_state_precision(model, docs: list[list[int]], variants=None, prompt_len=2048, gen_len=256, log=print):
+    """Runs the harness; returns (results, info). docs must all have the same length > prompt_len."""
+    variants = variants or default_variants()
+    lengths = {len(d) for d in docs}
+    if prompt_len < 2 or len(lengths) != 1 or min(lengths) <= prompt_len:
+        raise ValueError(f"documents must share one length greater than prompt_len {prompt_len}, got {sorted(lengths)}")
+    data = torch.tensor(docs, dtype=torch.int64)
+    runners = [_Runner(model, v, len(docs)) for v in variants]
+    start = time.time()
+    saved = _teacher_forced(runners, data, prompt_len)
+    log(f"teacher-forced {data.shape[1]} tokens x {len(docs)} docs x {len(variants)} variants: {time.time() - start:.0f} s")
+    _greedy(runners, data, prompt_len, saved, gen_len)
+    log(f"greedy {gen_len} tokens: {time.time() - start:.0f} s")
+    for r in runners:
+        r.result.nll_diff_nats = r.nll_sum / r.count
+        r.result.kl_mean = r.kl_sum / r.count
+    ref = runners[0].result
+    info = {
+        "docs": len(docs), "tokens_per_doc": data.shape[1], "prompt_len": prompt_len, "gen_len": gen_len,
+        "reference_nll_nats": ref.extra.pop("ref_nll_sum") / runners[0].count, "seconds": time.time() - start,
+    }  # fmt: skip
+    return [r.result for r in runners], info
+
+
+def held_out_token_docs(tokenizer, num_tokens: int, max_docs: int) -> list[list[int]]:
+    """The first num_tokens tokens of up to max_docs held-out stdlib files that are long enough."""
+    from .stdlib_corpus import held_out_files
+
+    docs = []
+    for path in held_out_files():
+        ids = tokenizer.encode(path.read_bytes().decode("utf-8", errors="replace"))
+        if len(ids) >= num_tokens:
+            docs.append(ids[:num_tokens])
+        if len(docs) == max_docs:
+            return docs
+    if not docs:
+        raise ValueError(f"no held-out stdlib file has {num_tokens} tokens")
+    return docs
+
+
+def results_markdown(results, info, header: str) -> str:
+    lines = [
+        header,
+        "",
+        f"{info['docs']} held-out documents x {info['tokens_per_doc']} tokens, one token per forward call "
+        f"(the state is stored after every token); greedy continuation of {info['gen_len']} tokens after a "
+        f"{info['prompt_len']}-token prompt. Reference NLL {info['reference_nll_nats']:.4f} nats/token.",
+        "",
+        "| variant | storage | mean NLL diff (nats/token) | KL mean | KL max | greedy agreement | "
+        "first divergence (mean position) | max abs state element |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.state_dtype} | {r.nll_diff_nats:+.2e} | {r.kl_mean:.2e} | {r.kl_max:.2e} | "
+            f"{r.greedy_agreement:.4f} | {r.first_divergence_mean:.1f} | {r.max_abs_state:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def results_json(results, info, meta: dict) -> str:
+    return json.dumps({"meta": meta, "info": info, "results": [asdict(r) for r in results]}, indent=2)
