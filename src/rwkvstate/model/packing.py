@@ -24,6 +24,9 @@ class Packed:
     first_rows: torch.Tensor  # [B'] row of each live sequence's first token
     last_rows: torch.Tensor  # [B'] row of each live sequence's last token
     pad_rows: torch.Tensor  # [B', max_len] row of step t of each live sequence, T for padding
+    cu_seqlens: torch.Tensor  # [B' + 1] int32: live sequence i owns rows cu_seqlens[i] .. cu_seqlens[i+1]-1
+    token_seq: torch.Tensor  # [T] int32: index (into live) of each row's sequence
+    is_decode: bool  # every live sequence feeds exactly one token
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +72,11 @@ def pack(slots: Sequence[int], tokens: Sequence, vocab_size: int, device) -> Pac
         t = torch.tensor(values, dtype=torch.int64)
         return (t.view(shape) if shape else t).to(device, non_blocking=True)
 
+    live_lengths = [lengths[i] for i in live]
+    cu = [0]
+    for n in live_lengths:
+        cu.append(cu[-1] + n)
+    token_seq = [j for j, n in enumerate(live_lengths) for _ in range(n)]
     return Packed(
         tokens=tensor(flat),
         lengths=lengths,
@@ -77,4 +85,7 @@ def pack(slots: Sequence[int], tokens: Sequence, vocab_size: int, device) -> Pac
         first_rows=tensor([starts[i] for i in live]),
         last_rows=tensor([starts[i] + lengths[i] - 1 for i in live]),
         pad_rows=tensor(pad, (len(live), max_len)),
+        cu_seqlens=tensor(cu).int(),
+        token_seq=tensor(token_seq).int(),
+        is_decode=max_len == 1,
     )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, parse_dtype
 from ..errors import StateError
-from ..ops.token_shift import token_shift
+from ..ops.token_shift import token_shift_mix
 from ..ops.wkv7 import wkv7
 from ..state.layout import StateLayout
 from ..state.pool import StatePool, new_pool
@@ -129,8 +129,7 @@ class Model:
     def _time_mix(self, lw: LayerWeights, x, packed, att_shift, wkv_state, v_first):
         T, C = x.shape
         H, N = self.config.n_head, self.config.head_size
-        delta = token_shift(x, att_shift, packed) - x
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x.unsqueeze(0), delta.unsqueeze(0), lw.mix.unsqueeze(1)).unbind(0)
+        xr, xw, xk, xv, xa, xg = token_shift_mix(x, att_shift, packed, lw.mix).unbind(0)
         r = F.linear(xr, lw.receptance)
         w = F.linear(torch.tanh(F.linear(xw, lw.w1)), lw.w2)
         k = F.linear(xk, lw.key)
@@ -151,8 +150,7 @@ class Model:
         return F.linear((y + bonus.view(T, C)) * g, lw.output), v_first
 
     def _channel_mix(self, lw: LayerWeights, x, packed, ffn_shift):
-        prev = token_shift(x, ffn_shift, packed)
-        k = torch.addcmul(x, prev - x, lw.ffn_x_k)
+        k = token_shift_mix(x, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0))[0]
         return F.linear(torch.relu(F.linear(k, lw.ffn_key)).square(), lw.ffn_value)
 
     def _output(self, x: torch.Tensor, packed: Packed, output: str):
