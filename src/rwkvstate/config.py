@@ -78,6 +78,8 @@ class EngineConfig:
     layout: str = "contiguous"
     max_batch_tokens: int = 4096  # tokens fed per forward; long prompts are chunked
     max_prefill_chunk: int = 1024
+    enforce_eager: bool = False  # True: no CUDA graphs for decode
+    max_decode_batch: int = 256  # largest captured decode batch; larger steps run eagerly
 
     def __post_init__(self):
         if self.num_slots < 1:

@@ -89,3 +89,22 @@ def pack(slots: Sequence[int], tokens: Sequence, vocab_size: int, device) -> Pac
         token_seq=tensor(token_seq).int(),
         is_decode=max_len == 1,
     )
+
+
+def pack_decode(slots: torch.Tensor, tokens: torch.Tensor) -> Packed:
+    """A decode batch (one token per sequence) from device tensors, with no host work:
+    the form a CUDA graph can capture. slots [B] int64 may repeat only the scratch slot."""
+    B = slots.numel()
+    rows = torch.arange(B, device=slots.device)
+    return Packed(
+        tokens=tokens,
+        lengths=[1] * B,
+        live=list(range(B)),
+        live_slots=slots,
+        first_rows=rows,
+        last_rows=rows,
+        pad_rows=rows.unsqueeze(1),
+        cu_seqlens=torch.arange(B + 1, device=slots.device, dtype=torch.int32),
+        token_seq=rows.int(),
+        is_decode=True,
+    )

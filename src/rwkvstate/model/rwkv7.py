@@ -21,7 +21,7 @@ from ..ops.wkv7 import wkv7
 from ..state.layout import StateLayout
 from ..state.pool import StatePool, new_pool
 from .checkpoint import load_checkpoint
-from .packing import Packed, pack
+from .packing import Packed, pack, pack_decode
 from .weights import LayerWeights, Weights, build_weights
 
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-exp(-0.5) * sigmoid(w0 + lora_w(x))) lies in (0.545, 1)
@@ -103,6 +103,14 @@ class Model:
         return self._output(x, packed, output)
 
     __call__ = forward
+
+    @torch.inference_mode()
+    def decode_step(self, pool: StatePool, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each of B sequences, from device tensors slots [B] and tokens [B] (int64);
+        returns float32 logits [B, vocab]. No validation and no host synchronisation: this is the
+        step the runner captures in a CUDA graph. Padding rows must point at pool.scratch_slot."""
+        packed = pack_decode(slots, tokens)
+        return self._head(self._layers(pool, packed))
 
     def _check_pool(self, pool: StatePool) -> None:
         if not isinstance(pool, StatePool):

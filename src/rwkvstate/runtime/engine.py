@@ -12,6 +12,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import RwkvStateError, SlotError
+from .runner import ModelRunner
 from .sampling import apply_penalties, sample
 from .session import GenerationStream, Session, SessionSnapshot
 
@@ -21,6 +22,8 @@ class Engine:
         self.config = EngineConfig(num_slots=slots, state_dtype=state_dtype, layout=layout, **options)
         self.model = model
         self.pool = model.new_pool(self.config.num_slots, self.config.state_dtype, self.config.layout)
+        max_batch = min(self.config.max_decode_batch, self.config.num_slots)
+        self.runner = ModelRunner(model, self.pool, max_batch=max_batch, enforce_eager=self.config.enforce_eager)
         V = model.config.vocab_size
         # next-token logits of every slot; rows are valid once the slot has been fed
         self._logits = torch.zeros(self.config.num_slots, V, dtype=torch.float32, device=model.device)
@@ -127,7 +130,7 @@ class Engine:
         if not fed:
             return
         fed_slots = [s.session.slot for s, _ in fed]
-        logits = self.model.forward(self.pool, fed_slots, [[t] for _, t in fed], output="last")
+        logits = self.runner.decode(fed_slots, [t for _, t in fed])
         self._logits[fed_slots] = logits
         for stream, token in fed:
             stream.session.tokens.append(token)

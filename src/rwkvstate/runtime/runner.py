@@ -1,0 +1,83 @@
+"""ModelRunner: decode steps through captured CUDA graphs.
+
+A decode step of B sequences is padded to the next captured batch size; padding rows
+feed token 0 into the pool's scratch slot, so they can never touch a live session.
+The slot indices and tokens live in static device tensors that every graph reads, so
+a replay is: copy B slots and tokens in, replay, read B rows of logits out. Graphs
+are captured largest first and share one memory pool; sampling stays outside.
+The contiguous pool pays here: its addresses never change, so a graph captured
+once serves every later step.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ModelRunner:
+    def __init__(self, model, pool, max_batch: int = 256, enforce_eager: bool = False, batch_sizes=None):
+        self.model = model
+        self.pool = pool
+        self.device = model.device
+        sizes = batch_sizes or DEFAULT_BATCH_SIZES
+        self.batch_sizes = sorted(b for b in sizes if b <= max_batch) or [max_batch]
+        self.max_batch = self.batch_sizes[-1]
+        self.use_graphs = not enforce_eager and self.device.type == "cuda"
+        self._slots = torch.full((self.max_batch,), pool.scratch_slot, dtype=torch.int64, device=self.device)
+        self._tokens = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._captured = False
+        self.replays = 0
+        self.eager_steps = 0
+
+    def capture(self) -> None:
+        """Captures one graph per batch size, largest first, sharing one memory pool.
+
+        The captured step runs once per size beforehand (kernel compilation and warm-up
+        allocations stay out of the graph); it writes only the scratch slot."""
+        if not self.use_graphs or self._captured:
+            return
+        self._slots.fill_(self.pool.scratch_slot)
+        self._tokens.zero_()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for size in self.batch_sizes:
+                self.model.decode_step(self.pool, self._slots[:size], self._tokens[:size])
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        mempool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.batch_sizes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mempool):
+                out = self.model.decode_step(self.pool, self._slots[:size], self._tokens[:size])
+            self._graphs[size] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        self._captured = True
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """float32 logits [B, vocab] after feeding tokens[i] into slots[i].
+
+        With graphs the result is a view of the graph's output, valid until the next call."""
+        B = len(slots)
+        self.pool.check_slots(slots)
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in tokens):
+            raise ValueError(f"decode tokens must lie in [0, {vocab}), got {list(tokens)}")
+        if not self.use_graphs or B > self.max_batch:
+            self.eager_steps += 1
+            return self.model.forward(self.pool, slots, [[t] for t in tokens], output="last")
+        if not self._captured:
+            self.capture()
+        size = next(s for s in self.batch_sizes if s >= B)
+        host = torch.tensor([list(slots), list(tokens)], dtype=torch.int64).pin_memory()
+        self._slots[:B].copy_(host[0], non_blocking=True)
+        self._tokens[:B].copy_(host[1], non_blocking=True)
+        self._slots[B:size].fill_(self.pool.scratch_slot)
+        graph, out = self._graphs[size]
+        graph.replay()
+        self.replays += 1
+        return out[:B]
