@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. The variable is read when a
+# kernel is decorated, i.e. when rwkvstate is imported, so it must be set before that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from rwkvstate.model.synthetic import random_checkpoint, save_checkpoint, tiny_config
 
 # Shapes that differ in every inferred size: layers, width, head size/count, vocab, all four LoRA ranks.

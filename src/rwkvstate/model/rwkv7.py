@@ -39,6 +39,9 @@ class Model:
         self.device = torch.device(device)
         self.path = Path(path) if path else None
         self._tokenizer = None
+        # op backends: None picks Triton kernels for CUDA tensors and the torch reference
+        # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one
+        self.backends: dict[str, str | None] = {"token_shift": None, "wkv": None}
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -137,7 +140,8 @@ class Model:
     def _time_mix(self, lw: LayerWeights, x, packed, att_shift, wkv_state, v_first):
         T, C = x.shape
         H, N = self.config.n_head, self.config.head_size
-        xr, xw, xk, xv, xa, xg = token_shift_mix(x, att_shift, packed, lw.mix).unbind(0)
+        mixed = token_shift_mix(x, att_shift, packed, lw.mix, backend=self.backends["token_shift"])
+        xr, xw, xk, xv, xa, xg = mixed.unbind(0)
         r = F.linear(xr, lw.receptance)
         w = F.linear(torch.tanh(F.linear(xw, lw.w1)), lw.w2)
         k = F.linear(xk, lw.key)
@@ -158,7 +162,7 @@ class Model:
         return F.linear((y + bonus.view(T, C)) * g, lw.output), v_first
 
     def _channel_mix(self, lw: LayerWeights, x, packed, ffn_shift):
-        k = token_shift_mix(x, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0))[0]
+        k = token_shift_mix(x, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0), backend=self.backends["token_shift"])[0]
         return F.linear(torch.relu(F.linear(k, lw.ffn_key)).square(), lw.ffn_value)
 
     def _output(self, x: torch.Tensor, packed: Packed, output: str):

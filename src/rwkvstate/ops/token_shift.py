@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import HAS_TRITON, pick_backend, tl, triton
+
 
 def token_shift_reference(x: torch.Tensor, shift_state: torch.Tensor, packed) -> torch.Tensor:
     """x [T, C]; shift_state [S, C] (a view into the pool). Returns prev [T, C] in x's dtype."""
@@ -29,5 +31,155 @@ def token_shift_mix_reference(x: torch.Tensor, shift_state: torch.Tensor, packed
     return torch.addcmul(x.unsqueeze(0), delta.unsqueeze(0), mix.unsqueeze(1))
 
 
-def token_shift_mix(x: torch.Tensor, shift_state: torch.Tensor, packed, mix: torch.Tensor) -> torch.Tensor:
-    return token_shift_mix_reference(x, shift_state, packed, mix)
+# ---- Triton ------------------------------------------------------------------------------------
+# Grid (channel blocks, row blocks) over the packed token axis: a program owns rows
+# o_t = i_t*BLOCK_T .. +BLOCK_T-1 and channels o_c = i_c*BLOCK_C .. +BLOCK_C-1. It reads x once
+# (plus the row above its first row), the state row of every sequence whose FIRST row it owns,
+# and each mix row once, and writes all K outputs of its rows.
+#
+# Race: the program reading slot s's old shift row (the sequence's first row) and the one that
+# would write its new row (the last row) differ as soon as a sequence spans two row blocks. So
+# - decode (every sequence is one row, first == last): the program that reads a slot's row is the
+#   only one touching it, and it stores through the same pointers after loading them (same
+#   layout, so the same thread owns each element): one launch, the state row is read and written
+#   once. Padding rows may all point at the scratch slot; only padding outputs can see that.
+# - prefill: the mixes kernel only reads the state, and a second small launch, ordered after it
+#   on the stream, copies each live sequence's last row into its slot.
+if HAS_TRITON:
+
+    @triton.jit
+    def _token_shift_mix_kernel(
+        x, state, slots, token_seq, cu_seqlens, mix, out,
+        T, C, stride_x, stride_s, stride_m, stride_ok, stride_ot,
+        K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_DECODE: tl.constexpr,
+    ):  # fmt: skip
+        i_c, i_t = tl.program_id(0), tl.program_id(1)
+        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_t, m_c = o_t < T, o_c < C
+        m_tc = m_t[:, None] & m_c[None, :]
+        b_seq = tl.load(token_seq + o_t, mask=m_t, other=0)
+        b_first = m_t & (tl.load(cu_seqlens + b_seq, mask=m_t, other=0) == o_t)
+        b_slot = tl.load(slots + b_seq, mask=b_first, other=0).to(tl.int64)
+        o_x = o_t.to(tl.int64)[:, None] * stride_x + o_c[None, :]
+        p_s = state + b_slot[:, None] * stride_s + o_c[None, :]
+        b_x = tl.load(x + o_x, mask=m_tc, other=0).to(tl.float32)
+        b_above = tl.load(x + o_x - stride_x, mask=m_tc & ~b_first[:, None], other=0).to(tl.float32)
+        b_old = tl.load(p_s, mask=m_tc & b_first[:, None], other=0).to(tl.float32)
+        b_d = tl.where(b_first[:, None], b_old, b_above) - b_x
+        o_o = o_t.to(tl.int64)[:, None] * stride_ot + o_c[None, :]
+        for i_m in tl.static_range(K):
+            b_mix = tl.load(mix + i_m * stride_m + o_c, mask=m_c, other=0).to(tl.float32)
+            b_o = b_x + b_d * b_mix[None, :]
+            tl.store(out + i_m * stride_ok + o_o, b_o.to(out.dtype.element_ty), mask=m_tc)
+        if IS_DECODE:  # every row is first and last of its sequence; see the race note above
+            tl.store(p_s, b_x.to(state.dtype.element_ty), mask=m_tc)
+
+    # state[slots[i]] = x[cu_seqlens[i+1] - 1] for the B live sequences; grid (channel blocks, sequence blocks).
+    @triton.jit
+    def _token_shift_store_kernel(
+        x, state, slots, cu_seqlens, B, C, stride_x, stride_s, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
+        i_c, i_b = tl.program_id(0), tl.program_id(1)
+        o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_b, m_c = o_b < B, o_c < C
+        m_bc = m_b[:, None] & m_c[None, :]
+        b_last = tl.load(cu_seqlens + o_b + 1, mask=m_b, other=1).to(tl.int64) - 1
+        b_slot = tl.load(slots + o_b, mask=m_b, other=0).to(tl.int64)
+        b_x = tl.load(x + b_last[:, None] * stride_x + o_c[None, :], mask=m_bc, other=0)
+        tl.store(state + b_slot[:, None] * stride_s + o_c[None, :], b_x.to(state.dtype.element_ty), mask=m_bc)
+
+
+def _block_sizes(num_rows: int, C: int) -> tuple[int, int]:
+    """BLOCK_C up to 512 channels, BLOCK_T rows so that a program holds about 2048 elements
+    (16 per thread at 4 warps); tiny T gets a tiny BLOCK_T so decode spreads over channels."""
+    block_c = min(triton.next_power_of_2(C), 512)
+    block_t = min(max(2048 // block_c, 1), triton.next_power_of_2(max(num_rows, 1)))
+    return block_t, block_c
+
+
+def _check(x: torch.Tensor, shift_state: torch.Tensor, mix: torch.Tensor) -> None:
+    if x.dim() != 2 or mix.dim() != 2 or shift_state.dim() != 2:
+        raise ValueError(f"expected x [T, C], shift_state [S, C], mix [K, C]; got {list(x.shape)}, "
+                         f"{list(shift_state.shape)}, {list(mix.shape)}")  # fmt: skip
+    if not x.shape[1] == shift_state.shape[1] == mix.shape[1]:
+        raise ValueError(f"channel counts differ: x {x.shape[1]}, shift_state {shift_state.shape[1]}, "
+                         f"mix {mix.shape[1]}")  # fmt: skip
+    if shift_state.stride(1) != 1:
+        raise ValueError("shift_state must have unit stride along channels (it is written in place)")
+
+
+def _launch_mixes(x, shift_state, packed, mix, out, is_decode, block_t=None, block_c=None) -> None:
+    """One launch computing out[k] = mix k for all K rows of `mix`; writes the state iff is_decode."""
+    (T, C), K = x.shape, mix.shape[0]
+    bt, bc = _block_sizes(T, C)
+    block_t, block_c = block_t or bt, block_c or bc
+    grid = (triton.cdiv(C, block_c), triton.cdiv(T, block_t))
+    _token_shift_mix_kernel[grid](
+        x, shift_state, packed.live_slots, packed.token_seq, packed.cu_seqlens, mix, out,
+        T, C, x.stride(0), shift_state.stride(0), mix.stride(0), out.stride(0), out.stride(1),
+        K=K, BLOCK_T=block_t, BLOCK_C=block_c, IS_DECODE=is_decode, num_warps=4,
+    )  # fmt: skip
+
+
+def _launch_store(x, shift_state, packed, block_c=None) -> None:
+    """The prefill state update: each live slot gets its sequence's last row of x."""
+    B, C = packed.live_slots.numel(), x.shape[1]
+    block_b, bc = _block_sizes(B, C)
+    block_c = block_c or bc
+    grid = (triton.cdiv(C, block_c), triton.cdiv(B, block_b))
+    _token_shift_store_kernel[grid](
+        x, shift_state, packed.live_slots, packed.cu_seqlens, B, C, x.stride(0), shift_state.stride(0),
+        BLOCK_B=block_b, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+
+
+def _prepare(x, shift_state, mix, out):
+    """Checks shapes; x and mix get unit channel stride; out [K, T, C] is allocated unless given."""
+    _check(x, shift_state, mix)
+    x, mix = x.contiguous(), mix.contiguous()
+    if out is None:
+        return x, mix, torch.empty(mix.shape[0], *x.shape, dtype=x.dtype, device=x.device)
+    if out.shape != (mix.shape[0], *x.shape) or out.dtype != x.dtype or out.stride(2) != 1:
+        raise ValueError(f"out must be [K, T, C] = {[mix.shape[0], *x.shape]} {x.dtype} with unit channel stride")
+    return x, mix, out
+
+
+def token_shift_mix_triton(x, shift_state, packed, mix, *, out=None, block_t=None, block_c=None) -> torch.Tensor:
+    """Fused: one launch for decode, two (mixes, then state rows) for prefill; see the race note.
+    out: optional [K, T, C] destination (rows may be strided). block_t / block_c override the
+    heuristic block sizes (tests use them to cover many blocks)."""
+    x, mix, out = _prepare(x, shift_state, mix, out)
+    if x.shape[0] == 0:
+        return out
+    _launch_mixes(x, shift_state, packed, mix, out, packed.is_decode, block_t, block_c)
+    if not packed.is_decode:
+        _launch_store(x, shift_state, packed, block_c)
+    return out
+
+
+def token_shift_mix_per_mix(x, shift_state, packed, mix, *, out=None, block_t=None, block_c=None) -> torch.Tensor:
+    """The seed's design, kept as the benchmark baseline: one launch per mix, each re-reading x
+    and the state rows, then one launch writing the new state rows (K + 1 launches)."""
+    x, mix, out = _prepare(x, shift_state, mix, out)
+    if x.shape[0] == 0:
+        return out
+    for k in range(mix.shape[0]):
+        _launch_mixes(x, shift_state, packed, mix[k : k + 1], out[k : k + 1], False, block_t, block_c)
+    _launch_store(x, shift_state, packed, block_c)
+    return out
+
+
+_BACKENDS = {
+    "torch": token_shift_mix_reference,
+    "triton": token_shift_mix_triton,
+    "triton-per-mix": token_shift_mix_per_mix,
+}
+
+
+def token_shift_mix(x: torch.Tensor, shift_state: torch.Tensor, packed, mix: torch.Tensor, backend=None):
+    """x [T, C], shift_state [S, C] pool view, mix [K, C] -> [K, T, C] in x's dtype; updates shift_state.
+    backend: None ("triton" for CUDA tensors when triton imports, else "torch"), "torch", "triton",
+    "triton-per-mix"."""
+    return _BACKENDS[pick_backend(backend, x, tuple(_BACKENDS))](x, shift_state, packed, mix)
