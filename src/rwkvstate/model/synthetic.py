@@ -27,20 +27,27 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def random_checkpoint(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+def random_checkpoint(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+    """Official key names and shapes; device="cuda" draws the numbers on the GPU (fast for 7B shapes)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for key, shape in expected_shapes(cfg).items():
-        value = _init(key, shape, gen)
+        value = _init(key, shape, gen, dtype)
         if len(shape) == 1 and not any(f".{n}." in key or key.startswith(f"{n}.") for n in _PLAIN_VECTORS):
             value = value.view(*OFFICIAL_VECTOR_SHAPE, -1)
         out[key] = value.to(dtype)
     return out
 
 
-def _init(key: str, shape, gen) -> torch.Tensor:
+def _init(key: str, shape, gen, dtype) -> torch.Tensor:
+    device = gen.device
+
     def uniform(lo, hi):
-        return torch.rand(shape, generator=gen) * (hi - lo) + lo
+        return torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo
+
+    def normal(scale):
+        # drawn in the target dtype so that 7B-sized matrices never exist in float32
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(scale)
 
     name = key.rsplit(".", 1)[-1]
     if key.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_x.weight", "ln_out.weight")):
@@ -58,10 +65,9 @@ def _init(key: str, shape, gen) -> torch.Tensor:
     if name == "k_a":
         return uniform(0.0, 1.0)
     if name == "r_k":
-        return torch.randn(shape, generator=gen) * 0.3
+        return normal(0.3)
     fan_in = shape[-1] if key.endswith("weight") else shape[0]
-    scale = 1.0 if key == "emb.weight" else fan_in**-0.5
-    return torch.randn(shape, generator=gen) * scale
+    return normal(1.0 if key == "emb.weight" else fan_in**-0.5)
 
 
 def save_checkpoint(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:

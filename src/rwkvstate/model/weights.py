@@ -47,18 +47,24 @@ class Weights:
     ln_out: tuple[torch.Tensor, torch.Tensor]
     head: torch.Tensor  # [V, C]
 
-    def num_params(self) -> int:
-        def count(obj):
+    def tensors(self) -> list[torch.Tensor]:
+        def walk(obj):
             if torch.is_tensor(obj):
-                return obj.numel()
+                return [obj]
             if isinstance(obj, (tuple, list)):
-                return sum(count(o) for o in obj)
+                return [t for o in obj for t in walk(o)]
             if obj is None:
-                return 0
-            return sum(count(v) for v in vars(obj).values())
+                return []
+            return [t for v in vars(obj).values() for t in walk(v)]
 
+        return walk(self)
+
+    def num_params(self) -> int:
         # ln0 was folded into emb; count its two vectors as the checkpoint does
-        return count(self) + 2 * self.emb.shape[1]
+        return sum(t.numel() for t in self.tensors()) + 2 * self.emb.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def build_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, dtype, device, progress=None) -> Weights:

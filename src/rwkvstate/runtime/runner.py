@@ -67,7 +67,8 @@ class ModelRunner:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in tokens):
             raise ValueError(f"decode tokens must lie in [0, {vocab}), got {list(tokens)}")
-        if not self.use_graphs or B > self.max_batch:
+        # stochastic rounding draws a new seed per call, which a replayed graph would freeze
+        if not self.use_graphs or B > self.max_batch or self.model.state_rounding != "nearest":
             self.eager_steps += 1
             return self.model.forward(self.pool, slots, [[t] for t in tokens], output="last")
         if not self._captured:
