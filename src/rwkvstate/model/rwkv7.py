@@ -42,6 +42,9 @@ class Model:
         # op backends: None picks Triton kernels for CUDA tensors and the torch reference
         # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one
         self.backends: dict[str, str | None] = {"token_shift": None, "wkv": None}
+        # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
+        self.state_rounding = "nearest"
+        self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -156,7 +159,9 @@ class Model:
             v = v + (v_first - v) * torch.sigmoid(lw.v0 + F.linear(F.linear(xv, lw.v1), lw.v2))
         decay = torch.exp(-DECAY_SCALE * torch.sigmoid((lw.w0 + w).float()))
         heads = [t.view(T, H, N) for t in (r, decay, k, v, -kk, kk * a)]
-        y = wkv7(wkv_state, packed, *heads).view(T, C).to(x.dtype)
+        self._round_calls += 1
+        y = wkv7(wkv_state, packed, *heads, backend=self.backends["wkv"], rounding=self.state_rounding,
+                 seed=self._round_calls).view(T, C).to(x.dtype)  # fmt: skip
         y = F.group_norm(y, H, *lw.ln_x, eps=GROUP_NORM_EPS)
         bonus = (r * k * lw.r_k.view(C)).view(T, H, N).sum(-1, keepdim=True) * v.view(T, H, N)
         return F.linear((y + bonus.view(T, C)) * g, lw.output), v_first
