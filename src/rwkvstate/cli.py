@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokens", type=_positive_int, default=4096, help="tokens per document (default: 4096)")
     ev.add_argument("--prompt", type=_positive_int, default=2048, help="greedy continuation prompt (default: 2048)")
     ev.add_argument("--generate", type=_positive_int, default=256, help="greedy tokens compared (default: 256)")
+    ev.add_argument("--stdlib", type=Path, default=None, help="a copy of a Python stdlib to take held-out files from")
     ev.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
 
     inspect = sub.add_parser("inspect", help="model config, parameter count and state bytes per sequence")
@@ -203,7 +204,7 @@ def cmd_eval_state(args) -> int:
     from .evaluation import evaluate_state_precision, held_out_token_docs, results_json, results_markdown
 
     model = load_model(args)
-    docs = held_out_token_docs(model.tokenizer, args.tokens, args.docs)
+    docs = held_out_token_docs(model.tokenizer, args.tokens, args.docs, args.stdlib)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     results, info = evaluate_state_precision(model, docs, prompt_len=args.prompt, gen_len=args.generate, log=log)
     if model.device.type == "cuda":

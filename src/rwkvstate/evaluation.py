@@ -29,6 +29,7 @@ class Variant:
     name: str
     state_dtype: torch.dtype = torch.float32
     snapshot_every: int = 0  # export + load through the canonical snapshot every k tokens; 0 = never
+    rounding: str = "nearest"  # how fp16/bf16 storage rounds the WKV state: "nearest" or "stochastic"
 
 
 def default_variants() -> list[Variant]:
@@ -36,6 +37,8 @@ def default_variants() -> list[Variant]:
         Variant("fp32 (reference)"),
         Variant("fp16 storage", torch.float16),
         Variant("bf16 storage", torch.bfloat16),
+        Variant("fp16 storage, stochastic rounding", torch.float16, rounding="stochastic"),
+        Variant("bf16 storage, stochastic rounding", torch.bfloat16, rounding="stochastic"),
         Variant("fp32 snapshot/restore every 64 tokens", torch.float32, snapshot_every=64),
     ]
 
@@ -67,7 +70,11 @@ class _Runner:
         self.count = 0
 
     def step(self, tokens: list[int], position: int) -> torch.Tensor:
-        logits = self.model.forward(self.pool, self.slots, [[t] for t in tokens])
+        self.model.state_rounding = self.variant.rounding
+        try:
+            logits = self.model.forward(self.pool, self.slots, [[t] for t in tokens])
+        finally:
+            self.model.state_rounding = "nearest"
         self._track_state()
         every = self.variant.snapshot_every
         if every and (position + 1) % every == 0:
@@ -156,12 +163,13 @@ def evaluate_state_precision(model, docs: list[list[int]], variants=None, prompt
     return [r.result for r in runners], info
 
 
-def held_out_token_docs(tokenizer, num_tokens: int, max_docs: int) -> list[list[int]]:
-    """The first num_tokens tokens of up to max_docs held-out stdlib files that are long enough."""
+def held_out_token_docs(tokenizer, num_tokens: int, max_docs: int, stdlib_root=None) -> list[list[int]]:
+    """The first num_tokens tokens of up to max_docs held-out stdlib files that are long enough
+    (from the running interpreter's stdlib, or a copy of one at stdlib_root)."""
     from .stdlib_corpus import held_out_files
 
     docs = []
-    for path in held_out_files():
+    for path in held_out_files(stdlib_root):
         ids = tokenizer.encode(path.read_bytes().decode("utf-8", errors="replace"))
         if len(ids) >= num_tokens:
             docs.append(ids[:num_tokens])

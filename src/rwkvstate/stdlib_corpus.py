@@ -16,8 +16,9 @@ HELD_OUT_MODULUS = 20
 SEPARATOR = "\f\n"  # between files in the training text
 
 
-def stdlib_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+def stdlib_files(root: Path | None = None) -> tuple[Path, list[Path]]:
+    """(root, files): the running interpreter's stdlib, or a copy of one at `root`."""
+    root = Path(root) if root else Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
     return root, files
 
@@ -26,6 +27,6 @@ def is_held_out(relative_path: str) -> bool:
     return zlib.crc32(relative_path.encode("utf-8")) % HELD_OUT_MODULUS == 0
 
 
-def held_out_files() -> list[Path]:
-    root, files = stdlib_files()
+def held_out_files(root: Path | None = None) -> list[Path]:
+    root, files = stdlib_files(root)
     return [p for p in files if is_held_out(p.relative_to(root).as_posix())]
