@@ -156,15 +156,6 @@ class GenerationStream:
             return piece
         raise StopIteration
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Starts the session from a canonical state (e.g. a state-tuning file) with no tokens.
-
-        Feed a prompt afterwards: a bare state has no next-token logits."""
-        self._check_usable()
-        self.engine.pool.load(self.slot, state)  # validates before writing
-        self.engine.forget_logits(self.slot)
-        self.tokens = []
-
     def close(self) -> None:
         """Stops generating (the state keeps every token fed so far)."""
         if not self.done:
