@@ -37,17 +37,19 @@ class Variant:
     state_dtype: torch.dtype
     token_shift: str  # backend of token_shift_mix
     wkv: str = "triton"
+    time_mix: str = "triton"  # "triton": fused elementwise prologue/epilogue around the WKV kernel
 
 
 VARIANTS = [
-    Variant("seed: fragmented f32, per-mix shift", "fragmented", torch.float32, "triton-per-mix"),
+    Variant("seed: fragmented f32, per-mix shift", "fragmented", torch.float32, "triton-per-mix", time_mix="torch"),
     Variant("fragmented f32, fused shift", "fragmented", torch.float32, "triton"),
     Variant("contiguous f32, per-mix shift", "contiguous", torch.float32, "triton-per-mix"),
     Variant("contiguous f32, fused shift", "contiguous", torch.float32, "triton"),
     Variant("contiguous f16, per-mix shift", "contiguous", torch.float16, "triton-per-mix"),
+    Variant("contiguous f16, fused shift, unfused time mix", "contiguous", torch.float16, "triton", time_mix="torch"),
     Variant("contiguous f16, fused shift", "contiguous", torch.float16, "triton"),
 ]
-REFERENCE = Variant("pytorch reference, contiguous f32", "contiguous", torch.float32, "torch", "torch")
+REFERENCE = Variant("pytorch reference, contiguous f32", "contiguous", torch.float32, "torch", "torch", "torch")
 
 
 def config_for(shape: str) -> ModelConfig:
@@ -83,7 +85,7 @@ def weight_bytes(model: Model, batch: int) -> int:
 
 
 def decode_time(model, variant: Variant, batch: int, graphs: bool, steps: int) -> float:
-    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv)
+    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, time_mix=variant.time_mix)
     pool = model.new_pool(batch, state_dtype=variant.state_dtype, layout=variant.layout)
     for layer in range(model.config.n_layer):  # realistic, non-zero states
         for part in pool.layer(layer):
@@ -98,7 +100,7 @@ def decode_time(model, variant: Variant, batch: int, graphs: bool, steps: int) -
 
 
 def prefill_time(model, variant: Variant, batch: int, length: int, repeats: int) -> float:
-    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv)
+    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, time_mix=variant.time_mix)
     pool = model.new_pool(batch, state_dtype=variant.state_dtype, layout=variant.layout)
     prompts = torch.randint(0, model.config.vocab_size, (batch, length)).tolist()
     seconds = median_seconds(lambda: model.forward(pool, list(range(batch)), prompts, output="last"), repeats, 1)

@@ -6,7 +6,6 @@ fp32, fp16 or bf16 compute; state arithmetic is always float32 (ops/README.md).
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +15,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, parse_dtype
 from ..errors import StateError
+from ..ops._triton import pick_backend
+from ..ops.time_mix import DECAY_SCALE, GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import token_shift_mix
 from ..ops.wkv7 import wkv7
 from ..state.layout import StateLayout
@@ -24,8 +25,6 @@ from .checkpoint import load_checkpoint
 from .packing import Packed, pack, pack_decode
 from .weights import LayerWeights, Weights, build_weights
 
-DECAY_SCALE = math.exp(-0.5)  # w = exp(-exp(-0.5) * sigmoid(w0 + lora_w(x))) lies in (0.545, 1)
-GROUP_NORM_EPS = 64e-5
 OUTPUTS = ("last", "all", "none")
 
 
@@ -40,8 +39,9 @@ class Model:
         self.path = Path(path) if path else None
         self._tokenizer = None
         # op backends: None picks Triton kernels for CUDA tensors and the torch reference
-        # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one
-        self.backends: dict[str, str | None] = {"token_shift": None, "wkv": None}
+        # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one.
+        # time_mix: "torch" is the reference below, "triton" the fused prologue/epilogue kernels
+        self.backends: dict[str, str | None] = {"token_shift": None, "wkv": None, "time_mix": None}
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
         self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
@@ -141,30 +141,59 @@ class Model:
         return x
 
     def _time_mix(self, lw: LayerWeights, x, packed, att_shift, wkv_state, v_first):
-        T, C = x.shape
-        H, N = self.config.n_head, self.config.head_size
         mixed = token_shift_mix(x, att_shift, packed, lw.mix, backend=self.backends["token_shift"])
         xr, xw, xk, xv, xa, xg = mixed.unbind(0)
         r = F.linear(xr, lw.receptance)
         w = F.linear(torch.tanh(F.linear(xw, lw.w1)), lw.w2)
         k = F.linear(xk, lw.key)
         v = F.linear(xv, lw.value)
-        a = torch.sigmoid(lw.a0 + F.linear(F.linear(xa, lw.a1), lw.a2))
+        a_lora = F.linear(F.linear(xa, lw.a1), lw.a2)  # a0 and v0 are added after the LoRAs
         g = F.linear(torch.sigmoid(F.linear(xg, lw.g1)), lw.g2)
+        if lw.v0 is None:
+            v_first, v_lora = v, None
+        else:
+            v_lora = F.linear(F.linear(xv, lw.v1), lw.v2)
+        if pick_backend(self.backends["time_mix"], x) == "torch":
+            out = self._time_mix_torch(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
+        else:
+            out = self._time_mix_fused(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
+        return F.linear(out, lw.output), v_first
+
+    def _time_mix_torch(self, lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first):
+        """The reference: everything between the GEMMs in torch ops, in the compute dtype."""
+        T, C = r.shape
+        H, N = self.config.n_head, self.config.head_size
+        a = torch.sigmoid(lw.a0 + a_lora)
         kk = F.normalize((k * lw.k_k).view(T, H, N), dim=-1, p=2.0).view(T, C)
         k = k * (1 + (a - 1) * lw.k_a)
-        if lw.v0 is None:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(lw.v0 + F.linear(F.linear(xv, lw.v1), lw.v2))
+        if v_lora is not None:
+            v = v + (v_first - v) * torch.sigmoid(lw.v0 + v_lora)
         decay = torch.exp(-DECAY_SCALE * torch.sigmoid((lw.w0 + w).float()))
-        heads = [t.view(T, H, N) for t in (r, decay, k, v, -kk, kk * a)]
-        self._round_calls += 1
-        y = wkv7(wkv_state, packed, *heads, backend=self.backends["wkv"], rounding=self.state_rounding,
-                 seed=self._round_calls).view(T, C).to(x.dtype)  # fmt: skip
+        y = self._wkv(wkv_state, packed, r, decay, k, v, -kk, kk * a).to(r.dtype)
         y = F.group_norm(y, H, *lw.ln_x, eps=GROUP_NORM_EPS)
         bonus = (r * k * lw.r_k.view(C)).view(T, H, N).sum(-1, keepdim=True) * v.view(T, H, N)
-        return F.linear((y + bonus.view(T, C)) * g, lw.output), v_first
+        return (y + bonus.view(T, C)) * g
+
+    def _time_mix_fused(self, lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first):
+        """Three launches: the prologue kernel, WKV-7, the epilogue kernel (ops/time_mix.py)."""
+        H, N = self.config.n_head, self.config.head_size
+        backend = self.backends["time_mix"]
+        v_first = None if v_lora is None else v_first  # layer 0 takes v as it is
+        decay, k, v, a_in, b_in = time_mix_prologue(
+            k, v, w, a_lora, v_lora, v_first, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H, N, backend=backend
+        )
+        y = self._wkv(wkv_state, packed, r, decay, k, v, a_in, b_in)
+        return time_mix_epilogue(y, r, k, v, g, lw.r_k, *lw.ln_x, H, N, eps=GROUP_NORM_EPS, backend=backend)
+
+    def _wkv(self, wkv_state, packed, r, w, k, v, a, b) -> torch.Tensor:
+        """WKV-7 on [T, C] inputs viewed as [T, H, N]; returns y [T, C] float32."""
+        T, C = r.shape
+        H, N = self.config.n_head, self.config.head_size
+        heads = [t.view(T, H, N) for t in (r, w, k, v, a, b)]
+        self._round_calls += 1  # a fresh stochastic-rounding seed per layer call
+        y = wkv7(wkv_state, packed, *heads, backend=self.backends["wkv"], rounding=self.state_rounding,
+                 seed=self._round_calls)  # fmt: skip
+        return y.view(T, C)
 
     def _channel_mix(self, lw: LayerWeights, x, packed, ffn_shift):
         k = token_shift_mix(x, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0), backend=self.backends["token_shift"])[0]

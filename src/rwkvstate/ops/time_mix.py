@@ -1,0 +1,209 @@
+"""The elementwise work of the time mix between its GEMMs, fused into two ops (ops/README.md).
+
+Rows are the T packed tokens, columns the C = H * N channels; inputs come in the compute dtype
+(fp32, fp16 or bf16), all math is float32, results are rounded once when stored.
+
+    time_mix_prologue: the LoRA outputs and k, v -> the WKV-7 inputs
+        a = sigmoid(a0 + a_lora)
+        kk = normalize_per_head(k * k_k)                  L2 over each head's N channels
+        k2 = k * (1 + (a - 1) * k_a)
+        v2 = v + (v_first - v) * sigmoid(v0 + v_lora)    layers >= 1; layer 0: v2 = v
+        decay = exp(-exp(-0.5) * sigmoid(w0 + w_lora))    float32
+        -> decay, k2, v2, a_in = -kk, b_in = kk * a
+    time_mix_epilogue: the WKV-7 output y (float32) -> the input of the output GEMM
+        out = (GroupNorm(y, H groups, ln_w, ln_b, eps) + sum_head(r * k2 * r_k) * v2) * g
+
+The model's torch path (Model._time_mix_torch) rounds to the compute dtype after every step and
+casts y to it before the group norm; these ops do not, so in fp16/bf16 they differ from it by a
+few ulps of the compute dtype (and are closer to the float32 result). In fp32 both agree to
+float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import HAS_TRITON, pick_backend, tl, triton
+
+DECAY_SCALE = math.exp(-0.5)  # decay = exp(-exp(-0.5) * sigmoid(.)) lies in (0.545, 1)
+GROUP_NORM_EPS = 64e-5
+NORMALIZE_EPS = 1e-12  # as F.normalize: x / max(||x||, eps)
+
+
+# ---- torch references (float32 math, one rounding per output) ---------------------------------
+def time_mix_prologue_reference(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, H, N):
+    """k, v, w_lora, a_lora, v_lora, v_first [T, C]; w0, a0, v0, k_k, k_a [C]; v_lora, v_first, v0
+    are None in layer 0. Returns (decay float32, k2, v2, a_in, b_in), [T, C] each, the last four in
+    k's dtype (v2 is v itself in layer 0)."""
+    T, C = k.shape
+    dtype = k.dtype
+    kf = k.float()
+    a = torch.sigmoid(a0.float() + a_lora.float())
+    kk = F.normalize((kf * k_k.float()).view(T, H, N), dim=-1, p=2.0, eps=NORMALIZE_EPS).view(T, C)
+    k2 = kf * (1 + (a - 1) * k_a.float())
+    if v_lora is None:
+        v2 = v
+    else:
+        vf = v.float()
+        v2 = (vf + (v_first.float() - vf) * torch.sigmoid(v0.float() + v_lora.float())).to(dtype)
+    decay = torch.exp(-DECAY_SCALE * torch.sigmoid(w0.float() + w_lora.float()))
+    return decay, k2.to(dtype), v2, (-kk).to(dtype), (kk * a).to(dtype)
+
+
+def time_mix_epilogue_reference(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=GROUP_NORM_EPS):
+    """y [T, C] float32 (the WKV output); r, k2, v2, g [T, C]; r_k [H, N]; ln_w, ln_b [C].
+    Returns (GroupNorm(y) + sum_head(r * k2 * r_k) * v2) * g, [T, C] in r's dtype."""
+    T, C = y.shape
+    yn = F.group_norm(y.float(), H, ln_w.float(), ln_b.float(), eps=eps)
+    rk = (r.float() * k2.float() * r_k.float().reshape(C)).view(T, H, N).sum(-1, keepdim=True)
+    bonus = (rk * v2.float().view(T, H, N)).view(T, C)
+    return ((yn + bonus) * g.float()).to(r.dtype)
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+# Both kernels: grid (row blocks, heads). A program owns rows o_t = i_t*BLOCK_T .. +BLOCK_T-1 and
+# the N channels o_n of head i_h, a [BLOCK_T, N] tile per tensor: the per-head reductions (the L2
+# norm of kk, the group-norm moments, sum_head(r * k2 * r_k)) stay inside the program. Every
+# input element is read once and every output element written once; no two programs share one.
+if HAS_TRITON:
+    from .wkv7 import _round_nearest  # float32 -> fp16/bf16 to nearest, also in the interpreter
+
+    @triton.jit
+    def _tile(p, o_x, m_x):
+        return tl.load(p + o_x, mask=m_x, other=0).to(tl.float32)
+
+    @triton.jit
+    def _vec(p, o_c):
+        return tl.load(p + o_c).to(tl.float32)[None, :]
+
+    @triton.jit
+    def _time_mix_prologue_kernel(
+        k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a,
+        decay, k2, v2, a_in, b_in, T,
+        H: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, HAS_V: tl.constexpr,
+    ):  # fmt: skip
+        i_t, i_h = tl.program_id(0), tl.program_id(1)
+        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        o_c = i_h * N + tl.arange(0, N)
+        m_x = (o_t < T)[:, None]
+        o_x = o_t.to(tl.int64)[:, None] * (H * N) + o_c[None, :]
+        b_k = _tile(k, o_x, m_x)
+        b_a = tl.sigmoid(_vec(a0, o_c) + _tile(a_lora, o_x, m_x))
+        b_kk = b_k * _vec(k_k, o_c)
+        b_norm = tl.sqrt(tl.sum(b_kk * b_kk, axis=1))
+        b_kk = b_kk / tl.maximum(b_norm, 1e-12)[:, None]
+        b_k2 = b_k * (1 + (b_a - 1) * _vec(k_a, o_c))
+        b_w = tl.sigmoid(_vec(w0, o_c) + _tile(w_lora, o_x, m_x))
+        tl.store(decay + o_x, tl.exp(-0.6065306597126334 * b_w), mask=m_x)  # exp(-exp(-0.5) * w)
+        tl.store(k2 + o_x, _round_nearest(b_k2, k2.dtype.element_ty), mask=m_x)
+        tl.store(a_in + o_x, _round_nearest(-b_kk, a_in.dtype.element_ty), mask=m_x)
+        tl.store(b_in + o_x, _round_nearest(b_kk * b_a, b_in.dtype.element_ty), mask=m_x)
+        if HAS_V:
+            b_v = _tile(v, o_x, m_x)
+            b_mv = tl.sigmoid(_vec(v0, o_c) + _tile(v_lora, o_x, m_x))
+            b_v2 = b_v + (_tile(v_first, o_x, m_x) - b_v) * b_mv
+            tl.store(v2 + o_x, _round_nearest(b_v2, v2.dtype.element_ty), mask=m_x)
+
+    @triton.jit
+    def _time_mix_epilogue_kernel(
+        y, r, k2, v2, g, r_k, ln_w, ln_b, out, T, eps,
+        H: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):  # fmt: skip
+        i_t, i_h = tl.program_id(0), tl.program_id(1)
+        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        o_c = i_h * N + tl.arange(0, N)
+        m_x = (o_t < T)[:, None]
+        o_x = o_t.to(tl.int64)[:, None] * (H * N) + o_c[None, :]
+        b_y = _tile(y, o_x, m_x)
+        b_mean = tl.sum(b_y, axis=1) / N
+        b_d = b_y - b_mean[:, None]
+        b_rstd = 1 / tl.sqrt(tl.sum(b_d * b_d, axis=1) / N + eps)
+        b_o = b_d * b_rstd[:, None] * _vec(ln_w, o_c) + _vec(ln_b, o_c)
+        b_rk = tl.sum(_tile(r, o_x, m_x) * _tile(k2, o_x, m_x) * _vec(r_k, o_c), axis=1)
+        b_o += b_rk[:, None] * _tile(v2, o_x, m_x)
+        b_o *= _tile(g, o_x, m_x)
+        tl.store(out + o_x, _round_nearest(b_o, out.dtype.element_ty), mask=m_x)
+
+
+def _launch_config(T: int, N: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps): tiles of up to 1024 elements (8 per thread at 4 warps per tensor;
+    the prologue holds about eight such tiles), one warp for a decode row of one head."""
+    block_t = min(max(1024 // N, 1), triton.next_power_of_2(max(T, 1)))
+    return block_t, max(1, min(4, block_t * N // 256))
+
+
+def _check(H: int, N: int, tensors: dict) -> torch.Tensor:
+    """Every named [T, C] tensor (None skipped) has the same shape as the first one, C = H * N."""
+    (name0, first), *_ = tensors.items()
+    if N < 1 or N & (N - 1):
+        raise ValueError(f"the Triton time-mix kernels need a power-of-two head size, got N = {N}")
+    if first.dim() != 2 or first.shape[1] != H * N:
+        raise ValueError(f"{name0} must be [T, {H * N}] (H = {H}, N = {N}), got {list(first.shape)}")
+    for name, t in tensors.items():
+        if t is not None and (t.shape != first.shape or t.device != first.device):
+            raise ValueError(f"{name} is {list(t.shape)} on {t.device}, expected {list(first.shape)} on {first.device}")
+    return first
+
+
+def _flat(*vectors):
+    """Per-channel parameters as contiguous [C] tensors (r_k is [H, N]); None stays None."""
+    return [None if t is None else t.reshape(-1).contiguous() for t in vectors]
+
+
+def time_mix_prologue_triton(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, H, N):
+    """One launch; same arguments and results as time_mix_prologue_reference."""
+    has_v = v_lora is not None
+    if has_v != (v_first is not None) or has_v != (v0 is not None):
+        raise ValueError("v_lora, v_first and v0 are all given (layers >= 1) or all None (layer 0)")
+    _check(H, N, {"k": k, "v": v, "w_lora": w_lora, "a_lora": a_lora, "v_lora": v_lora, "v_first": v_first})
+    T, C = k.shape
+    ins = [t.contiguous() for t in (k, v, w_lora, a_lora)]
+    ins += [t.contiguous() for t in (v_lora, v_first)] if has_v else [ins[0], ins[0]]  # unread if not has_v
+    vecs = _flat(w0, a0, v0 if has_v else w0, k_k, k_a)
+    decay = torch.empty(T, C, dtype=torch.float32, device=k.device)
+    out = torch.empty(4 if has_v else 3, T, C, dtype=k.dtype, device=k.device)
+    k2, a_in, b_in = out[0], out[1], out[2]
+    v2 = out[3] if has_v else v
+    if T:
+        block_t, num_warps = _launch_config(T, N)
+        _time_mix_prologue_kernel[(triton.cdiv(T, block_t), H)](
+            *ins, *vecs, decay, k2, v2, a_in, b_in, T,
+            H=H, N=N, BLOCK_T=block_t, HAS_V=has_v, num_warps=num_warps,
+        )  # fmt: skip
+    return decay, k2, v2, a_in, b_in
+
+
+def time_mix_epilogue_triton(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=GROUP_NORM_EPS):
+    """One launch; same arguments and result as time_mix_epilogue_reference."""
+    _check(H, N, {"y": y, "r": r, "k2": k2, "v2": v2, "g": g})
+    T, C = y.shape
+    out = torch.empty(T, C, dtype=r.dtype, device=r.device)
+    if T:
+        block_t, num_warps = _launch_config(T, N)
+        _time_mix_epilogue_kernel[(triton.cdiv(T, block_t), H)](
+            *(t.contiguous() for t in (y, r, k2, v2, g)), *_flat(r_k, ln_w, ln_b), out, T, float(eps),
+            H=H, N=N, BLOCK_T=block_t, num_warps=num_warps,
+        )  # fmt: skip
+    return out
+
+
+_PROLOGUES = {"torch": time_mix_prologue_reference, "triton": time_mix_prologue_triton}
+_EPILOGUES = {"torch": time_mix_epilogue_reference, "triton": time_mix_epilogue_triton}
+
+
+def time_mix_prologue(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, H, N, backend=None):
+    """-> (decay [T, C] float32, k2, v2, a_in, b_in) in k's dtype: the WKV-7 inputs (k2, v2 also
+    feed the epilogue). v_lora, v_first, v0 are None in layer 0 (then v2 is v). backend: None
+    ("triton" for CUDA tensors when triton imports, else "torch"), "torch", "triton"."""
+    fn = _PROLOGUES[pick_backend(backend, k, tuple(_PROLOGUES))]
+    return fn(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, H, N)
+
+
+def time_mix_epilogue(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=GROUP_NORM_EPS, backend=None):
+    """y [T, C] float32 WKV output -> (GroupNorm(y) + sum_head(r * k2 * r_k) * v2) * g in r's
+    dtype, the input of the output projection. backend as for time_mix_prologue."""
+    fn = _EPILOGUES[pick_backend(backend, y, tuple(_EPILOGUES))]
+    return fn(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=eps)

@@ -1,0 +1,162 @@
+"""The fused time-mix prologue and epilogue kernels against their torch references, and the model
+with every Triton kernel against the all-torch model (interpreted on CPU, tiny shapes)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+# tests/conftest.py sets TRITON_INTERPRET=1 before rwkvstate is imported when there is no GPU
+from conftest import random_tokens, rel_err  # noqa: E402
+from rwkvstate import Model  # noqa: E402
+from rwkvstate.model.synthetic import random_checkpoint, tiny_config  # noqa: E402
+from rwkvstate.ops import time_mix as tm  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 1, 16), (7, 3, 16), (1, 3, 64), (7, 1, 64)]  # (T, H, N)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _tol(dtype):
+    """fp32: float32 rounding; bf16: one rounding of the output (both sides round to nearest, but
+    float32 intermediates that differ in the last bit can round to neighbouring bf16 values)."""
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+
+
+class _Draw:
+    def __init__(self, seed, dtype):
+        self.gen, self.dtype = torch.Generator().manual_seed(seed), dtype
+
+    def normal(self, *shape, scale=1.0, dtype=None):
+        return (torch.randn(shape, generator=self.gen) * scale).to(DEVICE, dtype or self.dtype)
+
+    def uniform(self, lo, hi, *shape):
+        return (torch.rand(shape, generator=self.gen) * (hi - lo) + lo).to(DEVICE, self.dtype)
+
+
+def _prologue_args(T, H, N, dtype, layer0, seed):
+    """RWKV-7-like ranges: the parameter vectors as random_checkpoint draws them, LoRA outputs of
+    order one, k and v a bit larger."""
+    d, C = _Draw(seed, dtype), H * N
+    k, v, v_first = d.normal(T, C, scale=2.0), d.normal(T, C, scale=2.0), d.normal(T, C, scale=2.0)
+    w_lora, a_lora, v_lora = d.normal(T, C), d.normal(T, C), d.normal(T, C)
+    w0, a0, v0 = d.uniform(-3, 2, C), d.uniform(-1, 1, C), d.uniform(-1, 1, C)
+    k_k, k_a = d.uniform(0.5, 1.5, C), d.uniform(0, 1, C)
+    if layer0:
+        v_lora = v_first = v0 = None
+    return (k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, H, N)
+
+
+def _epilogue_args(T, H, N, dtype, seed):
+    d, C = _Draw(seed, dtype), H * N
+    y = d.normal(T, C, scale=3.0, dtype=torch.float32) + d.normal(1, C, dtype=torch.float32)
+    r, k2, v2, g = (d.normal(T, C) for _ in range(4))
+    r_k, ln_w, ln_b = d.normal(H, N, scale=0.3), d.uniform(0.7, 1.3, C), d.uniform(-0.1, 0.1, C)
+    return (y, r, k2, v2, g, r_k, ln_w, ln_b, H, N)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty inside the ops returns NaN-filled memory, so unwritten outputs show."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(tm.torch, "empty", empty)
+
+
+@pytest.mark.parametrize("layer0", [True, False], ids=["layer0", "layer1"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T,H,N", SHAPES)
+def test_prologue_matches_reference(T, H, N, dtype, layer0, poisoned_empty):
+    args = _prologue_args(T, H, N, dtype, layer0, seed=T * 100 + H * 10 + N)
+    want = tm.time_mix_prologue(*args, backend="torch")
+    got = tm.time_mix_prologue(*args, backend="triton")
+    for name, g, w in zip(("decay", "k2", "v2", "a_in", "b_in"), got, want):
+        assert g.dtype == w.dtype == (torch.float32 if name == "decay" else dtype), name
+        assert not g.isnan().any(), f"{name}: elements left unwritten"
+        torch.testing.assert_close(g, w, **_tol(dtype), msg=name)
+    if layer0:
+        assert got[2] is args[1], "layer 0 passes v through"
+    assert 0.545 < got[0].min() and got[0].max() < 1
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T,H,N", SHAPES)
+def test_epilogue_matches_reference(T, H, N, dtype, poisoned_empty):
+    args = _epilogue_args(T, H, N, dtype, seed=T * 100 + H * 10 + N + 1)
+    want = tm.time_mix_epilogue(*args, backend="torch")
+    got = tm.time_mix_epilogue(*args, backend="triton")
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    assert not got.isnan().any(), "elements left unwritten"
+    torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+def _model_epilogue(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N):
+    """The model's torch path (Model._time_mix_torch): y cast to the compute dtype before the
+    group norm, every step rounded to the compute dtype."""
+    T, C = y.shape
+    yn = F.group_norm(y.to(r.dtype), H, ln_w, ln_b, eps=tm.GROUP_NORM_EPS)
+    bonus = (r * k2 * r_k.view(C)).view(T, H, N).sum(-1, keepdim=True) * v2.view(T, H, N)
+    return (yn + bonus.view(T, C)) * g
+
+
+def test_epilogue_bf16_differs_from_model_path_by_rounding_only():
+    """The documented difference: in bf16 the fused op (float32 throughout) is at least as close to
+    the float32 result as the model's torch path, and both are within bf16 rounding of it."""
+    args = _epilogue_args(7, 3, 64, torch.bfloat16, seed=5)
+    exact = tm.time_mix_epilogue_reference(args[0], *(t.float() for t in args[1:8]), *args[8:])
+    fused = tm.time_mix_epilogue(*args, backend="triton")
+    model = _model_epilogue(*args)
+    assert rel_err(fused, exact) <= rel_err(model, exact) and rel_err(model, exact) < 2e-2
+    assert rel_err(fused, exact) < 4e-3  # one bf16 rounding
+
+
+def test_rejects_bad_shapes():
+    args = list(_prologue_args(2, 2, 12, torch.float32, False, seed=0))
+    with pytest.raises(ValueError, match="power-of-two"):
+        tm.time_mix_prologue(*args, backend="triton")
+    args = list(_prologue_args(2, 2, 16, torch.float32, False, seed=0))
+    args[5] = None  # v_first missing in a later layer
+    with pytest.raises(ValueError, match="all given"):
+        tm.time_mix_prologue(*args, backend="triton")
+    y, *rest = _epilogue_args(2, 2, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match=r"must be \[T, 32\]"):
+        tm.time_mix_epilogue(y[:, :16], *rest, backend="triton")
+
+
+# ---- end to end --------------------------------------------------------------------------------
+CFG = tiny_config(n_layer=3, n_embd=48, head_size=16, vocab_size=61, ffn_dim=96, decay_rank=4, aaa_rank=4,
+                  mv_rank=4, gate_rank=8)  # fmt: skip
+TRITON = {"token_shift": "triton", "wkv": "triton", "time_mix": "triton"}
+TORCH = {"token_shift": "torch", "wkv": "torch", "time_mix": "torch"}
+
+
+def test_model_with_fused_time_mix_matches_torch():
+    tensors = random_checkpoint(CFG, seed=33)
+    seqs = [random_tokens(n, CFG.vocab_size, seed=10 + n) for n in (4, 0, 1, 6)]
+    slots = [2, 0, 3, 1]
+    outs = []
+    for backends in (TORCH, TRITON):
+        model = Model.from_tensors(tensors, CFG, device=DEVICE)
+        model.backends.update(backends)
+        pool = model.new_pool(4)
+        prefill = model.forward(pool, slots, seqs, output="all")
+        decode = model.forward(pool, [3, 1, 2], [[5], [6], [7]])
+        outs.append((torch.cat(prefill), decode, [pool.export(s) for s in range(4)]))
+    (a1, a2, sa), (b1, b2, sb) = outs
+    assert rel_err(b1, a1) <= 1e-5 and rel_err(b2, a2) <= 1e-5
+    for x, y in zip(sa, sb):
+        for key in x:
+            assert rel_err(y[key], x[key]) <= 1e-5 or not x[key].any(), key
+
+
+def test_time_mix_backend_defaults_to_torch_off_cuda():
+    model = Model.from_tensors(random_checkpoint(CFG, seed=1), CFG, device="cpu")
+    assert model.backends["time_mix"] is None
+    model.backends["time_mix"] = "bogus"
+    with pytest.raises(ValueError, match="unknown backend"):
+        model.forward(model.new_pool(1), [0], [[1]])
