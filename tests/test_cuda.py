@@ -95,3 +95,19 @@ def test_cuda_graph_padding_touches_only_the_scratch_slot():
     engine.runner.decode([5, 2, 7], [1, 2, 3])  # padded to a graph of 4 rows
     changed = (pool.data[: pool.num_slots] != before).flatten(1).any(1).nonzero().flatten().tolist()
     assert changed == [2, 5, 7]
+
+
+def test_cuda_fla_prefill_backend_agrees():
+    pytest.importorskip("fla.ops.rwkv7")
+    cfg = SHAPES["L3-C192-N64-V300"]
+    tensors = random_checkpoint(cfg, seed=9)
+    seqs = [random_tokens(n, cfg.vocab_size, seed=n) for n in (200, 0, 1, 77)]
+    outs = []
+    for prefill in (None, "fla"):
+        model = Model.from_tensors(tensors, cfg, device="cuda", dtype=torch.float16)
+        model.backends["wkv_prefill"] = prefill
+        pool = model.new_pool(4)
+        logits = model.forward(pool, [0, 1, 2, 3], seqs)[[0, 2, 3]]
+        outs.append((logits, pool.export(3)["wkv"]))
+    assert rel_err(outs[1][0], outs[0][0]) <= 1e-2
+    assert rel_err(outs[1][1], outs[0][1]) <= 1e-2

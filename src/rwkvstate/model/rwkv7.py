@@ -41,7 +41,9 @@ class Model:
         # op backends: None picks Triton kernels for CUDA tensors and the torch reference
         # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one.
         # time_mix: "torch" is the reference below, "triton" the fused prologue/epilogue kernels
-        self.backends: dict[str, str | None] = {"token_shift": None, "wkv": None, "time_mix": None}
+        # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
+        # sequence, e.g. "fla" for the chunked-parallel kernel of fla-core on long prompts
+        self.backends: dict[str, str | None] = {"token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None}
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
         self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
@@ -191,8 +193,10 @@ class Model:
         H, N = self.config.n_head, self.config.head_size
         heads = [t.view(T, H, N) for t in (r, w, k, v, a, b)]
         self._round_calls += 1  # a fresh stochastic-rounding seed per layer call
-        y = wkv7(wkv_state, packed, *heads, backend=self.backends["wkv"], rounding=self.state_rounding,
-                 seed=self._round_calls)  # fmt: skip
+        backend = self.backends["wkv"]
+        if not packed.is_decode and self.backends["wkv_prefill"] is not None:
+            backend = self.backends["wkv_prefill"]
+        y = wkv7(wkv_state, packed, *heads, backend=backend, rounding=self.state_rounding, seed=self._round_calls)
         return y.view(T, C)
 
     def _channel_mix(self, lw: LayerWeights, x, packed, ffn_shift):

@@ -224,7 +224,34 @@ def _wkv7_torch(state, packed, r, w, k, v, a, b, rounding="nearest", seed=0) -> 
     return y
 
 
-_BACKENDS = {"torch": _wkv7_torch, "triton": wkv7_triton}
+def wkv7_fla(state, packed, r, w, k, v, a, b, rounding="nearest", seed=0) -> torch.Tensor:
+    """Chunked-parallel prefill through fla-core's `chunk_rwkv7` (optional, CUDA only).
+
+    fla keeps its state key-major ([N, H, K, V], the transpose of ours) in separate tensors, so
+    the live slots are gathered and transposed before the call and transposed and scattered back
+    after it: the layout adaptation that the in-place kernel does not need (its cost is measured in
+    benchmarks/bench_prefill.py). fla takes the log decay and computes in chunks, so it agrees
+    with the recurrence to about 1e-3, not to float32 rounding."""
+    if rounding != "nearest":
+        raise ValueError("the fla backend stores the state with nearest rounding only")
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except ImportError as e:
+        raise RuntimeError("backend 'fla' needs fla-core (pip install fla-core==0.6.0)") from e
+    slots = packed.live_slots
+    if r.shape[0] == 0 or slots.numel() == 0:
+        return torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    s0 = state.index_select(0, slots).float().transpose(-1, -2).contiguous()
+    inputs = [t.unsqueeze(0).contiguous() for t in (r, k, v, a, b)]
+    y, s1 = chunk_rwkv7(
+        inputs[0], w.float().log().unsqueeze(0), *inputs[1:], scale=1.0, initial_state=s0,
+        output_final_state=True, cu_seqlens=packed.cu_seqlens.long(),
+    )  # fmt: skip
+    state.index_copy_(0, slots, s1.transpose(-1, -2).to(state.dtype))
+    return y[0].float()
+
+
+_BACKENDS = {"torch": _wkv7_torch, "triton": wkv7_triton, "fla": wkv7_fla}
 
 
 def wkv7(state, packed, r, w, k, v, a, b, backend=None, rounding="nearest", seed=0) -> torch.Tensor:
