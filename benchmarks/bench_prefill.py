@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_decode import median_seconds  # benchmarks/ is on sys.path when run as a script
 from rwkvstate.model.packing import pack
 from rwkvstate.ops.wkv7 import wkv7, wkv7_reference
 from rwkvstate.state.layout import StateLayout
@@ -22,17 +23,7 @@ from rwkvstate.state.pool import new_pool
 
 
 def median_ms(fn, repeats=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return median_seconds(fn, repeats, warmup) * 1e3
 
 
 def inputs(T, H, N, dtype, gen):
