@@ -176,11 +176,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .state.layout import StateLayout
-
     model = load_model(args)
     c = model.config
-    layout = StateLayout(c.n_layer, c.n_embd, c.head_size)
+    layout = model.state_layout
     rows = [
         ("file", str(model.path)),
         ("layers", c.n_layer), ("n_embd", c.n_embd), ("head_size", c.head_size), ("heads", c.n_head),

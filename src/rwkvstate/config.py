@@ -64,10 +64,6 @@ class ModelConfig:
     def n_head(self) -> int:
         return self.n_embd // self.head_size
 
-    def state_numel(self) -> int:
-        """Elements of one sequence's state: per layer two shift vectors and H matrices N x N."""
-        return self.n_layer * (self.head_size + 2) * self.n_embd
-
 
 @dataclass
 class EngineConfig:
@@ -76,8 +72,7 @@ class EngineConfig:
     num_slots: int = 8
     state_dtype: torch.dtype = torch.float32
     layout: str = "contiguous"
-    max_batch_tokens: int = 4096  # tokens fed per forward; long prompts are chunked
-    max_prefill_chunk: int = 1024
+    max_prefill_chunk: int = 1024  # tokens fed per forward; longer prompts are chunked
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     max_decode_batch: int = 256  # largest captured decode batch; larger steps run eagerly
 
@@ -89,5 +84,5 @@ class EngineConfig:
             raise ValueError(f"layout must be 'contiguous' or 'fragmented', got {self.layout!r}")
         if self.layout == "fragmented" and self.state_dtype != torch.float32:
             raise ValueError("the fragmented layout stores float32 only")
-        if self.max_batch_tokens < 1 or self.max_prefill_chunk < 1:
-            raise ValueError("max_batch_tokens and max_prefill_chunk must be >= 1")
+        if self.max_prefill_chunk < 1:
+            raise ValueError(f"max_prefill_chunk must be >= 1, got {self.max_prefill_chunk}")

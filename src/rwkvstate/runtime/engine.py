@@ -50,12 +50,12 @@ class Engine:
                 f"all {self.pool.num_slots} slots are in use; close a session or create the Engine with more slots"
             )
         slot = self.pool.allocate()
-        self._has_logits[slot] = False
+        self.forget_logits(slot)
         return Session(self, slot)
 
     def release(self, session: Session) -> None:
         self.pool.free(session.slot)
-        self._has_logits[session.slot] = False
+        self.forget_logits(session.slot)
 
     def fork(self, session: Session) -> Session:
         child = self.session()
