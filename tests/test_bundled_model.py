@@ -65,3 +65,16 @@ def test_state_precision_harness_on_a_short_run(model):
     assert snap.kl_max == 0 and snap.greedy_agreement == 1  # the canonical snapshot is lossless
     assert 0 < fp16.kl_mean < bf16.kl_mean < 1e-3  # bf16 keeps 3 fewer mantissa bits than fp16
     assert 1 < ref.max_abs_state < 65504 and info["reference_nll_nats"] < 1.5
+
+
+def test_snapshot_formats_in_the_harness(model):
+    from rwkvstate.evaluation import snapshot_variants
+
+    docs = held_out_token_docs(model.tokenizer, 40, 1)
+    variants = [v for v in snapshot_variants() if v.snapshot_format is None or v.snapshot_once]
+    results, _ = evaluate_state_precision(model, docs, variants, prompt_len=30, gen_len=4, log=lambda _: None)
+    kl = {r.name.split()[0]: r.kl_mean for r in results}
+    assert kl["fp32"] == 0
+    for fmt in ("fp16", "bf16", "int8", "fp8"):
+        assert 0 < kl[fmt] < 0.05, fmt  # one round trip costs something, and little
+    assert kl["fp16"] < kl["bf16"] < kl["fp8"] and kl["fp16"] < kl["int8"]

@@ -300,6 +300,17 @@ def test_chat_keeps_state_between_turns(capsys, monkeypatch, world_model):
     assert replies[0] != replies[1]
 
 
+def test_chat_undo_and_retry(capsys, monkeypatch, world_model):
+    """/undo forgets an exchange (the next identical message gets the first reply again);
+    /retry redoes the last reply from the same state (greedy: the same reply)."""
+    rc, out, err = chat(capsys, monkeypatch, world_model, ["/undo", "/retry", "Hi", "/undo", "Hi", "/retry"],
+                        "--max-tokens", 6, "--temperature", 0)  # fmt: skip
+    assert rc == 0, err
+    assert "(nothing to undo)" in err and "(nothing to retry)" in err and "(last exchange removed)" in err
+    replies = [part.split("\n\n")[0] for part in out.split("Assistant:")[1:]]
+    assert len(replies) == 3 and replies[0] == replies[1] == replies[2]
+
+
 def test_chat_quit_and_blank_lines(capsys, monkeypatch, world_model):
     rc, out, err = chat(capsys, monkeypatch, world_model, ["", "   ", "/quit", "never read"], "--max-tokens", 3)
     assert rc == 0, err

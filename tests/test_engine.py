@@ -158,19 +158,29 @@ def test_restore_rejects_bad_snapshot_and_keeps_state(engine):
     assert torch.equal(s.logits, before) and s.tokens == list(b"keep me")
 
 
-def test_slots_run_out_and_come_back(model):
+def test_more_sessions_than_slots_until_every_slot_is_generating(model):
     engine = Engine(model, slots=2)
-    a, b = engine.session(), engine.session()
-    with pytest.raises(SlotError, match="all 2 slots are in use"):
-        engine.session()
+    a, b, c = engine.session(), engine.session(), engine.session()
+    for s, text in ((a, "first"), (b, "second"), (c, "third")):
+        s.feed(text)
+    assert not a.is_resident and b.is_resident and c.is_resident  # a was least recently used
+    alone = Engine(model, slots=1).session()
+    alone.feed("first")
+    assert torch.equal(a.logits, alone.logits)  # read from the host tier
+    streams = [b.generate(50, GREEDY), c.generate(50, GREEDY)]
+    next(streams[0])
+    with pytest.raises(SlotError, match="all 2 slots hold sessions that are generating"):
+        a.feed(" more")
+    assert a.tokens == list(b"first") and not a.is_resident  # nothing changed
+    for stream in streams:
+        stream.close()
+    a.feed(" more")
+    alone.feed(" more")
+    assert torch.equal(a.logits, alone.logits)
     a.close()
     with pytest.raises(RwkvStateError, match="closed"):
         a.feed("x")
-    c = engine.session()
-    assert c.slot == a.slot
-    with b:
-        b.feed("y")
-    assert engine.pool.free_slots == 1
+    assert engine.pool.free_slots == 1 and len(engine.sessions) == 2
 
 
 def test_session_is_busy_while_generating(engine):

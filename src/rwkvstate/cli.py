@@ -84,10 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompt", type=_positive_int, default=2048, help="greedy continuation prompt (default: 2048)")
     ev.add_argument("--generate", type=_positive_int, default=256, help="greedy tokens compared (default: 256)")
     ev.add_argument("--stdlib", type=Path, default=None, help="a copy of a Python stdlib to take held-out files from")
+    ev.add_argument("--variants", choices=("storage", "snapshots"), default="storage",
+                    help="storage: fp16/bf16 pool storage and rounding (default); snapshots: every snapshot format")
     ev.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
 
     inspect = sub.add_parser("inspect", help="model config, parameter count and state bytes per sequence")
     _add_model_args(inspect)
+    _add_state_file_parser(sub)
     return parser
 
 
@@ -144,6 +147,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_HELP = "chat: type a message; /undo takes back the last exchange, /retry redoes the last reply, /reset clears the conversation, /quit or Ctrl-D leaves"
+
+
 def cmd_chat(args) -> int:
     from .runtime.chat import ASSISTANT_STOP, format_user_turn
 
@@ -152,27 +158,45 @@ def cmd_chat(args) -> int:
     model = load_model(args)
     session = _session(args, model)
     start = session.snapshot()  # /reset returns here: the zero state or the --state file
-    print("chat: type a message; /reset clears the conversation, /quit or Ctrl-D leaves", file=sys.stderr)
+    print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
-            line = input("User: ")
+            line = input("User: ").strip()
         except EOFError:
             print(file=sys.stderr)
             return 0
-        if line.strip() in ("/quit", "/exit"):
+        if line in ("/quit", "/exit"):
             return 0
-        if line.strip() == "/reset":
+        if line == "/reset":
             session.restore(start)
             print("(conversation cleared)", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        session.feed(format_user_turn(line))
-        sys.stdout.write("Assistant:")
-        for piece in session.generate(max_tokens=args.max_tokens, sampling=sampling):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n\n")
+        elif line == "/undo":
+            _chat_undo(session)
+        elif line == "/retry":
+            _chat_reply(session.regenerate() if session._last_generation else None)
+        elif line:
+            session.feed(format_user_turn(line))
+            _chat_reply(session.generate(max_tokens=args.max_tokens, sampling=sampling))
+
+
+def _chat_undo(session) -> None:
+    """Takes back the last user message and its reply (two undo steps: the feed, the generation)."""
+    if len(session._marks) < 2:
+        print("(nothing to undo)", file=sys.stderr)
+        return
+    session.undo(2)
+    print("(last exchange removed)", file=sys.stderr)
+
+
+def _chat_reply(stream) -> None:
+    if stream is None:
+        print("(nothing to retry)", file=sys.stderr)
+        return
+    sys.stdout.write("Assistant:")
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n\n")
 
 
 def cmd_inspect(args) -> int:
@@ -199,12 +223,20 @@ def cmd_eval_state(args) -> int:
     import datetime
     import platform
 
-    from .evaluation import evaluate_state_precision, held_out_token_docs, results_json, results_markdown
+    from .evaluation import (
+        default_variants,
+        evaluate_state_precision,
+        held_out_token_docs,
+        results_json,
+        results_markdown,
+        snapshot_variants,
+    )
 
     model = load_model(args)
     docs = held_out_token_docs(model.tokenizer, args.tokens, args.docs, args.stdlib)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
-    results, info = evaluate_state_precision(model, docs, prompt_len=args.prompt, gen_len=args.generate, log=log)
+    variants = snapshot_variants() if args.variants == "snapshots" else default_variants()
+    results, info = evaluate_state_precision(model, docs, variants, args.prompt, args.generate, log=log)
     if model.device.type == "cuda":
         where = torch.cuda.get_device_name(model.device)
     else:
@@ -221,7 +253,73 @@ def cmd_eval_state(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "eval-state": cmd_eval_state}
+def _add_state_file_parser(sub) -> None:
+    """`rwkvstate state {save,load,inspect}`: session state files (docs/state-formats.md)."""
+    verbs = sub.add_parser("state", help="save, load and inspect session state files").add_subparsers(
+        dest="state_command", required=True
+    )
+    save = verbs.add_parser("save", help="feed a prompt into a new session and save it to a state file")
+    _add_model_args(save)
+    _add_state_arg(save)
+    text = save.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="text to feed")
+    text.add_argument("--prompt-file", type=Path, help="a UTF-8 text file to feed")
+    save.add_argument("-o", "--output", type=Path, required=True, help="state file to write")
+    load = verbs.add_parser("load", help="load a state file into a new session and continue it")
+    load.add_argument("file", type=Path, help="a file written by `rwkvstate state save`")
+    _add_model_args(load)
+    load.add_argument("--prompt", default=None, help="text to feed after loading, before generating")
+    _add_sampling_args(load, max_tokens=200)
+    load.set_defaults(state=None)
+    inspect = verbs.add_parser("inspect", help="print a state file's metadata and verify it (exit 1 if bad)")
+    inspect.add_argument("file", type=Path)
+
+
+def cmd_state(args) -> int:
+    from .state import files
+
+    if args.state_command == "inspect":
+        info = files.inspect_state_file(args.file)
+        meta = dict(info["metadata"])
+        checksum = meta.pop("checksum", "none")
+        rows = [("file", info["path"]), ("size", f"{info['file_size']:,} bytes"), *meta.items()]
+        for name, t in info["tensors"].items():
+            stat = "" if t["max_abs"] is None else f", max |x| {t['max_abs']:.4g}"
+            rows.append((f"tensor {name}", f"{t['dtype']} {t['shape']}{stat}"))
+        rows.append(("checksum", f"{checksum} ({'verified' if info['checksum_ok'] else 'MISMATCH'})"))
+        rows.append(("verdict", "OK" if info["problem"] is None else "BAD"))
+        width = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+        if info["problem"] is not None:
+            print(f"rwkvstate: error: {info['problem']}", file=sys.stderr)
+            return 1
+        return 0
+    sampling = _sampling(args) if args.state_command == "load" else None
+    model = load_model(args)
+    session = _session(args, model)
+    if args.state_command == "save":
+        session.feed(args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8"))
+        path = files.save_session(session, args.output)
+        dtype = dtype_name(session.engine.pool.dtype)
+        size = path.stat().st_size
+        print(f"saved {len(session.tokens)} tokens ({dtype} state, {size:,} bytes) to {path}", file=sys.stderr)
+        return 0
+    loaded = files.load_session(session, args.file)
+    print(f"loaded {args.file}: {len(loaded.tokens)} tokens, saved {loaded.meta['created']}", file=sys.stderr)
+    if args.prompt:
+        session.feed(args.prompt)
+        sys.stdout.write(args.prompt)
+    for piece in session.generate(max_tokens=args.max_tokens, sampling=sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "eval-state": cmd_eval_state,
+    "state": cmd_state,
+}  # fmt: skip
 
 
 def main(argv=None) -> int:

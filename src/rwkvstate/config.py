@@ -75,6 +75,17 @@ class EngineConfig:
     max_prefill_chunk: int = 1024  # tokens fed per forward; longer prompts are chunked
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     max_decode_batch: int = 256  # largest captured decode batch; larger steps run eagerly
+    # sessions beyond the pool's slots live on the host; None keeps them in the storage dtype (lossless)
+    host_format: str | None = None
+    cold_format: str | None = None  # host entries idle for cold_after_s are re-encoded into this format
+    cold_after_s: float = 300.0
+    # ring-buffer history for rollback/undo: a snapshot every history_every tokens, history_capacity per slot
+    history_every: int = 64
+    history_capacity: int | None = None  # None: 4 with the contiguous layout, 0 (off) with the fragmented one
+    history_format: str | None = None  # None: the storage dtype
+    prefix_cache_bytes: int = 0  # byte budget of the prefix cache; 0 turns it off
+    prefix_cache_every: int = 256  # prompts are cached at multiples of this many tokens and at their end
+    prefix_cache_format: str | None = None  # None: the storage dtype
 
     def __post_init__(self):
         if self.num_slots < 1:
@@ -86,3 +97,28 @@ class EngineConfig:
             raise ValueError("the fragmented layout stores float32 only")
         if self.max_prefill_chunk < 1:
             raise ValueError(f"max_prefill_chunk must be >= 1, got {self.max_prefill_chunk}")
+        if self.history_capacity is None:
+            self.history_capacity = 4 if self.layout == "contiguous" else 0
+        self._check_lifecycle()
+
+    def _check_lifecycle(self) -> None:
+        from .state.snapshot import check_format
+
+        storage = dtype_name(self.state_dtype)
+        for name in ("host_format", "cold_format", "history_format", "prefix_cache_format"):
+            if getattr(self, name) is not None:
+                check_format(getattr(self, name))
+        self.history_format = self.history_format or storage
+        self.prefix_cache_format = self.prefix_cache_format or storage
+        for name in ("history_every", "prefix_cache_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("history_capacity", "prefix_cache_bytes", "cold_after_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        needs_contiguous = self.history_capacity or self.prefix_cache_bytes or self.host_format or self.cold_format
+        if self.layout == "fragmented" and needs_contiguous:
+            raise ValueError(
+                "history, the prefix cache and encoded host formats need the contiguous layout; "
+                "the fragmented layout is the baseline without them"
+            )

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import dtype_name
+from .state.snapshot import decode, encode
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,18 @@ class Variant:
     state_dtype: torch.dtype = torch.float32
     snapshot_every: int = 0  # export + load through the canonical snapshot every k tokens; 0 = never
     rounding: str = "nearest"  # how fp16/bf16 storage rounds the WKV state: "nearest" or "stochastic"
+    snapshot_format: str | None = None  # None: the canonical float32 snapshot; else an encoded format
+    snapshot_once: bool = False  # one snapshot round trip, where the prompt ends (a rollback or a restore)
+
+
+def snapshot_variants() -> list[Variant]:
+    """The quality cost of each snapshot format: once (a session restored from the host tier or
+    rolled back once) and every 64 tokens (a session evicted and restored over and over)."""
+    out = [Variant("fp32 (reference)")]
+    for fmt in ("fp16", "bf16", "int8", "fp8"):
+        out.append(Variant(f"{fmt} snapshot once, at the prompt's end", snapshot_format=fmt, snapshot_once=True))
+        out.append(Variant(f"{fmt} snapshot every 64 tokens", snapshot_every=64, snapshot_format=fmt))
+    return out
 
 
 def default_variants() -> list[Variant]:
@@ -58,8 +71,9 @@ class VariantResult:
 class _Runner:
     """One variant's pool and running statistics."""
 
-    def __init__(self, model, variant: Variant, num_docs: int):
+    def __init__(self, model, variant: Variant, num_docs: int, prompt_len: int):
         self.variant = variant
+        self.prompt_len = prompt_len
         self.model = model
         self.pool = model.new_pool(num_docs, state_dtype=variant.state_dtype)
         self.slots = list(range(num_docs))
@@ -76,11 +90,21 @@ class _Runner:
         finally:
             self.model.state_rounding = "nearest"
         self._track_state()
-        every = self.variant.snapshot_every
-        if every and (position + 1) % every == 0:
-            for slot in self.slots:
-                self.pool.load(slot, self.pool.export(slot))
+        v = self.variant
+        if (v.snapshot_every and (position + 1) % v.snapshot_every == 0) or (
+            v.snapshot_once and position + 1 == self.prompt_len - 1
+        ):
+            self._round_trip()
         return logits.log_softmax(-1)
+
+    def _round_trip(self) -> None:
+        fmt = self.variant.snapshot_format
+        for slot in self.slots:
+            if fmt is None:
+                self.pool.load(slot, self.pool.export(slot))
+            else:
+                view = self.pool.slot_view(slot)
+                decode(encode(view, fmt, self.pool.layout.head_size), view)
 
     def _track_state(self) -> None:
         for layer in range(self.pool.layout.n_layer):
@@ -145,7 +169,7 @@ def evaluate_state_precision(model, docs: list[list[int]], variants=None, prompt
     if prompt_len < 2 or len(lengths) != 1 or min(lengths) <= prompt_len:
         raise ValueError(f"documents must share one length greater than prompt_len {prompt_len}, got {sorted(lengths)}")
     data = torch.tensor(docs, dtype=torch.int64)
-    runners = [_Runner(model, v, len(docs)) for v in variants]
+    runners = [_Runner(model, v, len(docs), prompt_len) for v in variants]
     start = time.time()
     saved = _teacher_forced(runners, data, prompt_len)
     log(f"teacher-forced {data.shape[1]} tokens x {len(docs)} docs x {len(variants)} variants: {time.time() - start:.0f} s")

@@ -1,38 +1,66 @@
-"""The Engine: hands out pool slots to sessions and batches generation.
+"""The Engine: sessions over a pool of state slots, and batched generation.
+
+Sessions are not tied to slots. A session takes a slot when it is touched; when every
+slot is taken, the least recently used idle session moves to the host tier and its
+slot is reused, and it comes back, unchanged, the next time it is touched. On top of
+the pool the engine keeps a ring-buffer history per slot (rollback, undo, regenerate
+without re-reading the prompt) and an optional prefix cache (prompts that share a
+prefix compute it once).
 
 Every generation stream alive at the same time advances in one packed forward per
-step (`step()`), so sessions generating together share each pass over the weights.
+step (`step()`): decode tokens and prompt chunks of streams still reading their
+prompts go through the same pass over the weights.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
 
 from ..config import EngineConfig
 from ..errors import RwkvStateError, SlotError
+from ..state.cache import PrefixCache
+from ..state.history import StateHistory
+from ..state.host import HostTier, TierEntry
+from ..state.snapshot import Encoded, check_format, decode, encode
 from .runner import ModelRunner
 from .sampling import apply_penalties, sample
-from .session import GenerationStream, Session, SessionSnapshot
+from .session import Base, GenerationStream, Session, SessionSnapshot
+
+MAINTAIN_EVERY = 64  # steps between host-tier maintenance passes
 
 
 class Engine:
-    def __init__(self, model, slots: int = 8, state_dtype=torch.float32, layout: str = "contiguous", **options):
-        self.config = EngineConfig(num_slots=slots, state_dtype=state_dtype, layout=layout, **options)
+    def __init__(self, model, slots: int = 8, state_dtype=torch.float32, layout: str = "contiguous",
+                 clock=time.monotonic, **options):  # fmt: skip
+        cfg = self.config = EngineConfig(num_slots=slots, state_dtype=state_dtype, layout=layout, **options)
         self.model = model
-        self.pool = model.new_pool(self.config.num_slots, self.config.state_dtype, self.config.layout)
-        max_batch = min(self.config.max_decode_batch, self.config.num_slots)
-        self.runner = ModelRunner(model, self.pool, max_batch=max_batch, enforce_eager=self.config.enforce_eager)
+        self.pool = model.new_pool(cfg.num_slots, cfg.state_dtype, cfg.layout)
+        max_batch = min(cfg.max_decode_batch, cfg.num_slots)
+        self.runner = ModelRunner(model, self.pool, max_batch=max_batch, enforce_eager=cfg.enforce_eager)
         V = model.config.vocab_size
         # next-token logits of every slot; rows are valid once the slot has been fed
-        self._logits = torch.zeros(self.config.num_slots, V, dtype=torch.float32, device=model.device)
-        self._has_logits = [False] * self.config.num_slots
+        self._logits = torch.zeros(cfg.num_slots, V, dtype=torch.float32, device=model.device)
+        self._has_logits = [False] * cfg.num_slots
+        self._owner: list[Session | None] = [None] * cfg.num_slots
         self._streams: list[GenerationStream] = []
+        self._pinned: set[int] = set()  # ids of sessions an operation in progress needs resident
         # a model whose vocabulary is larger than its tokenizer's must never sample
         # an id the tokenizer cannot decode
         self._sample_limit = min(V, model.tokenizer.vocab_size)
-        self.steps = 0  # packed decode forwards run so far
+        self.sessions: dict[int, Session] = {}
+        self._next_id = 0
+        self._tick = 0
+        self.steps = 0  # packed forwards run by step()
+        self.tokens_fed = 0
+        self.tokens_generated = 0
+        self.tier = HostTier(self.pool, cfg.host_format, cfg.cold_format, cfg.cold_after_s, clock)
+        self.history = None
+        if cfg.history_capacity:
+            self.history = StateHistory(self.pool, cfg.history_every, cfg.history_capacity, cfg.history_format, V)
+        self.prefix_cache = PrefixCache(cfg.prefix_cache_bytes) if cfg.prefix_cache_bytes else None
 
     @property
     def tokenizer(self):
@@ -43,69 +71,343 @@ class Engine:
         """Token ids that end a generation by default: the world vocab's end-of-text (0)."""
         return [0] if self.model.config.tokenizer == "world" else []
 
-    # ---- sessions ------------------------------------------------------------------------
+    # ---- sessions and slots -----------------------------------------------------------------
     def session(self) -> Session:
+        """A new, empty session. It takes a slot when first used."""
+        session = Session(self, self._next_id)
+        self.sessions[session.id] = session
+        self._next_id += 1
+        return session
+
+    def resident(self, session: Session) -> int:
+        """The session's slot, bringing the session back from the host tier (or giving it a
+        fresh slot) if it has none."""
+        if session._slot is None:
+            slot = self._acquire_slot()
+            if session.id in self.tier:
+                entry = self.tier.load(session.id, slot)
+                self._set_logits(slot, entry.logits)
+            session._slot = slot
+            self._owner[slot] = session
+        self._tick += 1
+        session.last_used = self._tick
+        return session._slot
+
+    def _acquire_slot(self) -> int:
         if not self.pool.can_allocate():
-            raise SlotError(
-                f"all {self.pool.num_slots} slots are in use; close a session or create the Engine with more slots"
-            )
+            self._evict(self._victim())
         slot = self.pool.allocate()
-        self.forget_logits(slot)
-        return Session(self, slot)
+        self._has_logits[slot] = False
+        return slot
+
+    def _victim(self) -> Session:
+        idle = [s for s in self._owner if s is not None and not s.is_generating and s.id not in self._pinned]
+        if not idle:
+            raise SlotError(
+                f"all {self.pool.num_slots} slots hold sessions that are generating; "
+                "wait for a generation to finish or create the Engine with more slots"
+            )
+        return min(idle, key=lambda s: s.last_used)
+
+    def _evict(self, session: Session) -> None:
+        """Moves a resident session's state and logits to the host tier and frees its slot."""
+        slot = session._slot
+        logits = self._logits[slot] if self._has_logits[slot] else None
+        self.tier.store(session.id, slot, logits)
+        self._free_slot(slot)
+        session._slot = None
+
+    def _free_slot(self, slot: int) -> None:
+        if self.history is not None:
+            self.history.clear(slot)
+        self.pool.free(slot)
+        self._owner[slot] = None
+        self._has_logits[slot] = False
 
     def release(self, session: Session) -> None:
-        self.pool.free(session.slot)
-        self.forget_logits(session.slot)
+        if session._slot is not None:
+            self._free_slot(session._slot)
+            session._slot = None
+        self.tier.drop(session.id)
+        self.sessions.pop(session.id, None)
 
-    def fork(self, session: Session) -> Session:
-        child = self.session()
-        self.pool.copy(session.slot, child.slot)
-        self._logits[child.slot] = self._logits[session.slot]
-        self._has_logits[child.slot] = self._has_logits[session.slot]
-        child.tokens = list(session.tokens)
-        return child
+    def _pin(self, *sessions: Session) -> list[int]:
+        """Makes sessions resident together (none evicts another) and pins them until _unpin."""
+        for s in sessions:
+            self._pinned.add(s.id)
+        return [self.resident(s) for s in sessions]
 
-    def reset_slot(self, slot: int) -> None:
-        self.pool.reset(slot)
-        self.forget_logits(slot)
+    def _unpin(self, *sessions: Session) -> None:
+        for s in sessions:
+            self._pinned.discard(s.id)
 
+    # ---- logits ------------------------------------------------------------------------------
     def forget_logits(self, slot: int) -> None:
         self._has_logits[slot] = False
 
-    def snapshot(self, session: Session) -> SessionSnapshot:
-        logits = self._logits[session.slot].cpu().clone() if self._has_logits[session.slot] else None
-        return SessionSnapshot(self.pool.export(session.slot), list(session.tokens), logits)
-
-    def restore(self, session: Session, snap: SessionSnapshot) -> None:
-        V = self.model.config.vocab_size
-        if snap.logits is not None and tuple(snap.logits.shape) != (V,):
-            raise RwkvStateError(f"snapshot logits have shape {list(snap.logits.shape)}, expected [{V}]")
-        self.pool.load(session.slot, snap.state)  # validates before writing
-        if snap.logits is not None:
-            self._logits[session.slot] = snap.logits.to(self._logits.device)
-        self._has_logits[session.slot] = snap.logits is not None
-        session.tokens = list(snap.tokens)
+    def _set_logits(self, slot: int, logits: torch.Tensor | None) -> None:
+        if logits is not None:
+            self._logits[slot].copy_(logits)
+        self._has_logits[slot] = logits is not None
 
     def slot_logits(self, slot: int) -> torch.Tensor:
         if not self._has_logits[slot]:
             raise RwkvStateError("no logits yet: feed at least one token first")
         return self._logits[slot]
 
-    # ---- feeding -------------------------------------------------------------------------
-    def feed(self, slot: int, ids: Sequence[int]) -> None:
-        """Feeds a prompt into one slot, in chunks of at most max_prefill_chunk tokens."""
-        chunk = self.config.max_prefill_chunk
-        for start in range(0, len(ids), chunk):
-            piece = ids[start : start + chunk]
-            is_last = start + chunk >= len(ids)
-            out = self.model.forward(self.pool, [slot], [piece], output="last" if is_last else "none")
-            if is_last:
-                self._logits[slot] = out[0]
-                self._has_logits[slot] = True
+    def session_logits(self, session: Session) -> torch.Tensor:
+        """The session's next-token logits, read from the host tier without bringing it back."""
+        entry = self.tier.entries.get(session.id) if session._slot is None else None
+        if entry is not None:
+            if entry.logits is None:
+                raise RwkvStateError("no logits yet: feed at least one token first")
+            return entry.logits
+        return self.slot_logits(self.resident(session))
 
-    # ---- batched generation ------------------------------------------------------------
+    # ---- state operations --------------------------------------------------------------------
+    def fork(self, session: Session) -> Session:
+        child = self.session()
+        entry = self.tier.entries.get(session.id) if session._slot is None else None
+        if entry is not None:  # fork on the host: no slot needed until the child is used
+            state = entry.state if isinstance(entry.state, Encoded) else entry.state.clone()
+            self.tier.put(child.id, TierEntry(state, entry.logits, entry.stored_at))
+        else:
+            try:
+                src, dst = self._pin(session, child)
+                self.pool.copy(src, dst)
+                self._logits[dst] = self._logits[src]
+                self._has_logits[dst] = self._has_logits[src]
+            finally:
+                self._unpin(session, child)
+        child.tokens = list(session.tokens)
+        child.from_zero, child._base = session.from_zero, session._base
+        child._marks = list(session._marks)
+        child._last_generation = session._last_generation
+        return child
+
+    def reset(self, session: Session) -> None:
+        slot = self.resident(session)
+        self.pool.reset(slot)
+        self._forget_history(slot)
+        self.forget_logits(slot)
+        session.tokens, session._marks, session._last_generation = [], [], None
+        session.from_zero, session._base = True, None
+
+    def _forget_history(self, slot: int) -> None:
+        if self.history is not None:
+            self.history.clear(slot)
+
+    def snapshot(self, session: Session, fmt: str | None = None, device=None) -> SessionSnapshot:
+        """The session's state, token log and logits. fmt None: the canonical float32 dict on the
+        host (from the lazy host copy); a format name: an encoded snapshot on `device` (default:
+        the pool's device)."""
+        if fmt is None:
+            state = self._canonical(session)
+            logits = self.session_logits(session).cpu().clone() if self._has_any_logits(session) else None
+        else:
+            check_format(fmt)
+            slot = self.resident(session)
+            state = encode(self.pool.slot_view(slot), fmt, self.pool.layout.head_size)
+            logits = self._logits[slot].clone() if self._has_logits[slot] else None
+            if device is not None:
+                state, logits = state.to(device), None if logits is None else logits.to(device)
+        return SessionSnapshot(state, list(session.tokens), logits, from_zero=session.from_zero)
+
+    def _has_any_logits(self, session: Session) -> bool:
+        entry = self.tier.entries.get(session.id) if session._slot is None else None
+        if entry is not None:
+            return entry.logits is not None
+        return self._has_logits[self.resident(session)]
+
+    def _canonical(self, session: Session) -> dict[str, torch.Tensor]:
+        entry = self.tier.entries.get(session.id) if session._slot is None else None
+        if entry is None:
+            return self.pool.export(self.resident(session))
+        lay = self.pool.layout
+        flat = torch.empty(lay.slot_numel, dtype=torch.float32)
+        if isinstance(entry.state, Encoded):
+            decode(entry.state, flat)
+        else:
+            flat.copy_(entry.state.reshape(-1))
+        att, wkv, ffn = lay.split_layer(flat.view(lay.n_layer, lay.layer_numel))
+        return {"att_shift": att.contiguous(), "wkv": wkv.contiguous(), "ffn_shift": ffn.contiguous()}
+
+    def restore(self, session: Session, snap: SessionSnapshot) -> None:
+        """Puts a snapshot back into the session. Checks everything before writing anything."""
+        V = self.model.config.vocab_size
+        if snap.logits is not None and tuple(snap.logits.shape) != (V,):
+            raise RwkvStateError(f"snapshot logits have shape {list(snap.logits.shape)}, expected [{V}]")
+        if isinstance(snap.state, Encoded) and snap.state.numel != self.pool.layout.slot_numel:
+            raise RwkvStateError(
+                f"snapshot holds {snap.state.numel} state elements, this pool's slots {self.pool.layout.slot_numel}"
+            )
+        slot = self.resident(session)
+        if isinstance(snap.state, Encoded):
+            decode(snap.state.to(self.pool.device), self.pool.slot_view(slot))
+            self.pool.mark_written([slot])
+        else:
+            self.pool.load(slot, snap.state)  # validates before writing
+        self._forget_history(slot)
+        self._set_logits(slot, snap.logits)
+        session.tokens = list(snap.tokens)
+        session._marks, session._last_generation = [], None
+        session.from_zero = snap.from_zero
+        session._base = None if snap.from_zero else Base(len(snap.tokens), snap)
+
+    def load_state(self, session: Session, state: dict[str, torch.Tensor]) -> None:
+        snap = SessionSnapshot({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, [], None)
+        self.restore(session, snap)
+
+    # ---- rollback ----------------------------------------------------------------------------
+    def rollback(self, session: Session, n_tokens: int) -> None:
+        """Takes back the session's last n_tokens tokens: restores the newest saved state at or
+        before the target position (ring history, prefix cache or loaded base) and re-feeds the
+        few tokens after it from the token log."""
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or not 0 <= n_tokens <= len(session.tokens):
+            raise ValueError(f"can roll back 0 to {len(session.tokens)} tokens, got {n_tokens!r}")
+        if n_tokens == 0:
+            return
+        target = len(session.tokens) - n_tokens
+        if not session.from_zero and target < session._base.position:
+            raise RwkvStateError(
+                f"cannot roll back to position {target}: the session starts from a loaded state at "
+                f"position {session._base.position}"
+            )
+        try:
+            slot = self._pin(session)[0]
+            self._rewind(session, slot, target)
+        finally:
+            self._unpin(session)
+        session._marks = [m for m in session._marks if m < target]
+        last = session._last_generation
+        if last is not None and (last.start_position is None or last.start_position > target):
+            session._last_generation = None
+
+    def _rewind(self, session: Session, slot: int, target: int) -> None:
+        tokens = session.tokens
+        start, logits = self._restore_nearest(session, slot, target)
+        if self.history is not None:
+            self.history.truncate(slot, target)
+        self._set_logits(slot, logits)  # copies: re-feeding may overwrite a ring entry
+        session.tokens = tokens[:start]
+        self._feed_ids(session, slot, tokens[start:target], cache=False)
+
+    def _restore_nearest(self, session: Session, slot: int, target: int):
+        """Restores the newest known state at or before target; returns (position, logits or None)."""
+        hit = self.history.find(slot, target) if self.history is not None else None
+        best = self.history.positions[slot][hit] if hit is not None else -1
+        cached = None
+        if self.prefix_cache is not None and session.from_zero:
+            cached = self.prefix_cache.lookup(session.tokens[:target], min_length=best + 1)
+        if cached is not None:
+            decode(cached.state, self.pool.slot_view(slot))
+            self.pool.mark_written([slot])
+            return cached.length, cached.logits
+        if hit is not None:
+            return self.history.restore(slot, hit)
+        if session._base is not None:
+            base = session._base.snapshot
+            self._write_state(slot, base.state)
+            return session._base.position, base.logits
+        self.pool.reset(slot)
+        return 0, None
+
+    def _write_state(self, slot: int, state) -> None:
+        if isinstance(state, Encoded):
+            decode(state.to(self.pool.device), self.pool.slot_view(slot))
+            self.pool.mark_written([slot])
+        else:
+            self.pool.load(slot, state)
+
+    def undo(self, session: Session, n: int = 1) -> int:
+        """Takes back the last n feeds or generations; returns the number of tokens removed."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(session._marks):
+            raise ValueError(f"can undo 1 to {len(session._marks)} steps, got {n!r}")
+        removed = len(session.tokens) - session._marks[-n]
+        self.rollback(session, removed)
+        return removed
+
+    # ---- feeding -----------------------------------------------------------------------------
+    def feed(self, session: Session, ids: Sequence[int]) -> None:
+        """Feeds a prompt into the session, in chunks of at most max_prefill_chunk tokens,
+        starting from the longest cached prefix when the prefix cache is on."""
+        try:
+            slot = self._pin(session)[0]
+            self._mark(session, slot)
+            ids = self._use_prefix_cache(session, slot, list(ids))
+            self._feed_ids(session, slot, ids, cache=True)
+        finally:
+            self._unpin(session)
+
+    def _mark(self, session: Session, slot: int) -> None:
+        """Remembers the session's position as an undo point (and may snapshot it)."""
+        position = len(session.tokens)
+        if not session._marks or session._marks[-1] != position:
+            session._marks.append(position)
+        # a mark is snapshotted only if the ring has nothing from the last `every` tokens, so a
+        # token-by-token feed cannot flood the ring, yet undo never re-feeds more than that
+        history = self.history
+        if history is not None and position - max(history.newest_position(slot), 0) >= history.every:
+            history.record(slot, position, self._logits[slot] if self._has_logits[slot] else None)
+
+    def _use_prefix_cache(self, session: Session, slot: int, ids: list[int]) -> list[int]:
+        """Restores the longest cached prefix that goes beyond the session's position; returns
+        the ids still to feed."""
+        if self.prefix_cache is None or not session.from_zero or not ids:
+            return ids
+        full = session.tokens + ids
+        entry = self.prefix_cache.lookup(full, min_length=len(session.tokens) + 1)
+        if entry is None:
+            return ids
+        decode(entry.state, self.pool.slot_view(slot))
+        self.pool.mark_written([slot])
+        self._set_logits(slot, entry.logits)
+        session.tokens = full[: entry.length]
+        return full[entry.length :]
+
+    def _feed_ids(self, session: Session, slot: int, ids: list[int], cache: bool) -> None:
+        while ids:
+            size = self._chunk_size(len(session.tokens), len(ids), cache)
+            old = len(session.tokens)
+            out = self.model.forward(self.pool, [slot], [ids[:size]], output="last")
+            session.tokens.extend(ids[:size])
+            ids = ids[size:]
+            self._set_logits(slot, out[0])
+            self.tokens_fed += size
+            self._after_forward(session, slot, old, cache_end=cache and not ids)
+
+    def _chunk_size(self, position: int, remaining: int, cache: bool) -> int:
+        """Tokens for the next prompt chunk; with the prefix cache on, chunks end at its
+        multiples so the cache can store the shared parts of prompts."""
+        size = min(remaining, self.config.max_prefill_chunk)
+        if cache and self.prefix_cache is not None:
+            every = self.config.prefix_cache_every
+            size = min(size, every - position % every)
+        return size
+
+    def _after_forward(self, session: Session, slot: int, old: int, cache_end: bool = False) -> None:
+        """History and prefix-cache bookkeeping after the slot moved from position old."""
+        new = len(session.tokens)
+        if self.history is not None and self.history.due(old, new):
+            self.history.record(slot, new, self._logits[slot])
+        cache = self.prefix_cache
+        at_cut = new % self.config.prefix_cache_every == 0 or cache_end
+        if cache is not None and session.from_zero and at_cut and not cache.contains(session.tokens):
+            state = encode(self.pool.slot_view(slot), self.config.prefix_cache_format, self.pool.layout.head_size)
+            cache.insert(list(session.tokens), state, self._logits[slot].clone())
+
+    # ---- batched generation ------------------------------------------------------------------
     def register(self, stream: GenerationStream) -> None:
-        self._streams.append(stream)
+        session = stream.session
+        try:
+            slot = self._pin(session)[0]
+            self._mark(session, slot)
+            stream.pending = self._use_prefix_cache(session, slot, stream.pending)
+        finally:
+            self._unpin(session)
+        self._streams.append(stream)  # a registered stream keeps its session resident
+        if not stream.pending:
+            stream.start_position = len(session.tokens)
 
     def unregister(self, stream: GenerationStream) -> None:
         if stream in self._streams:
@@ -116,25 +418,62 @@ class Engine:
         return len(self._streams)
 
     def step(self) -> None:
-        """Samples one token for every live stream and feeds them all in one packed forward."""
+        """One packed forward for every live stream: one sampled token for each stream that is
+        generating, and the next prompt chunk of each stream still reading its prompt."""
         streams = list(self._streams)
         if not streams:
             return
-        slots = [s.session.slot for s in streams]
+        items = self._sample_decode([s for s in streams if not s.pending])
+        items += self._prompt_chunks([s for s in streams if s.pending])
+        if items:
+            self._run_items(items)
+            self.steps += 1
+        if self.steps % MAINTAIN_EVERY == 0:
+            self.maintain()
+
+    def _sample_decode(self, streams: list[GenerationStream]) -> list[tuple[GenerationStream, list[int]]]:
+        if not streams:
+            return []
+        slots = [s.session._slot for s in streams]
         rows = self._logits[slots, : self._sample_limit].clone()
         for row, stream in zip(rows, streams):
             apply_penalties(row, stream.params, stream.counts)
         uniforms = [torch.rand((), generator=s.generator).item() for s in streams]
         tokens = sample(rows, [s.params for s in streams], uniforms)
-        fed = [(s, t) for s, t in zip(streams, tokens) if s.accept(t)]
-        if not fed:
-            return
-        fed_slots = [s.session.slot for s, _ in fed]
-        logits = self.runner.decode(fed_slots, [t for _, t in fed])
-        self._logits[fed_slots] = logits
-        for stream, token in fed:
-            stream.session.tokens.append(token)
-        self.steps += 1
+        return [(s, [t]) for s, t in zip(streams, tokens) if s.accept(t)]
+
+    def _prompt_chunks(self, streams: list[GenerationStream]) -> list[tuple[GenerationStream, list[int]]]:
+        """Prompt chunks for this step, max_prefill_chunk tokens in all."""
+        budget, items = self.config.max_prefill_chunk, []
+        for stream in streams:
+            if budget <= 0:
+                break
+            size = min(budget, self._chunk_size(len(stream.session.tokens), len(stream.pending), True))
+            items.append((stream, stream.pending[:size]))
+            del stream.pending[:size]
+            budget -= size
+        return items
+
+    def _run_items(self, items) -> None:
+        slots = [s.session._slot for s, _ in items]
+        if all(len(ids) == 1 for _, ids in items) and all(s.start_position is not None for s, _ in items):
+            logits = self.runner.decode(slots, [ids[0] for _, ids in items])
+        else:
+            logits = self.model.forward(self.pool, slots, [ids for _, ids in items], output="last")
+        self._logits[slots] = logits
+        for (stream, ids), slot in zip(items, slots):
+            session = stream.session
+            old = len(session.tokens)
+            session.tokens.extend(ids)
+            self._has_logits[slot] = True
+            if stream.start_position is None:  # a prompt chunk
+                self.tokens_fed += len(ids)
+                if not stream.pending:
+                    stream.start_position = len(session.tokens)
+                self._after_forward(session, slot, old, cache_end=not stream.pending)
+            else:
+                self.tokens_generated += 1
+                self._after_forward(session, slot, old)
 
     def run(self, streams: Sequence[GenerationStream]) -> list[str]:
         """Drives the given streams to the end; returns their texts.
@@ -143,3 +482,28 @@ class Engine:
         advance every live stream, whose pieces wait in their buffers.
         """
         return ["".join(stream) for stream in streams]
+
+    # ---- housekeeping --------------------------------------------------------------------------
+    def maintain(self) -> int:
+        """Re-compresses host-tier entries that have been idle for cold_after_s; returns how many."""
+        return self.tier.recompress_old()
+
+    def stats(self) -> dict:
+        """Counters for monitoring: slots, tiers, bytes, cache and history activity."""
+        resident = sum(s is not None for s in self._owner)
+        cache = self.prefix_cache
+        out = {
+            "sessions": len(self.sessions), "slots_total": self.pool.num_slots, "slots_in_use": resident,
+            "sessions_on_host": len(self.tier), "generating": len(self._streams), "steps": self.steps,
+            "tokens_fed": self.tokens_fed, "tokens_generated": self.tokens_generated,
+            "bytes_pool": self.pool.nbytes, "bytes_host_tier": self.tier.nbytes,
+            "bytes_history": 0 if self.history is None else self.history.nbytes,
+            "bytes_prefix_cache": 0 if cache is None else cache.nbytes,
+            "bytes_to_host": self.pool.bytes_to_host, "bytes_to_device": self.pool.bytes_to_device,
+            "evictions": self.tier.evictions, "host_restores": self.tier.restores,
+        }  # fmt: skip
+        if cache is not None:
+            s = cache.stats
+            out.update(prefix_cache_lookups=s.lookups, prefix_cache_hits=s.hits, prefix_cache_hit_tokens=s.hit_tokens,
+                       prefix_cache_hit_rate=s.hit_rate, prefix_cache_entries=cache.num_entries)  # fmt: skip
+        return out

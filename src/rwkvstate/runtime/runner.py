@@ -80,5 +80,6 @@ class ModelRunner:
         self._slots[B:size].fill_(self.pool.scratch_slot)
         graph, out = self._graphs[size]
         graph.replay()
+        self.pool.mark_written(slots)
         self.replays += 1
         return out[:B]

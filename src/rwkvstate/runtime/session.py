@@ -1,8 +1,8 @@
 """Sessions and generation streams.
 
-A Session owns one pool slot and holds plain Python data (slot id, token log);
-its state lives in the engine's pool and its next-token logits in the engine's
-logits table. A GenerationStream is one generate() call: it registers with the
+A Session holds plain Python data (id, token log, undo points); its state lives in
+the engine's pool (or, evicted, in the engine's host tier) and its next-token logits
+in the engine's logits table. A GenerationStream is one generate() call: it registers with the
 engine on creation, so all streams alive at the same time advance together, one
 packed forward per step, whichever stream the caller happens to iterate.
 """
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from ..errors import RwkvStateError
+from ..state.snapshot import Encoded
 from ..tokenizer import StreamDecoder
 from .sampling import SamplingParams
 
@@ -25,61 +26,142 @@ if TYPE_CHECKING:
 
 @dataclass
 class SessionSnapshot:
-    """A session's full resumable state: canonical state dict, token log, next-token logits."""
+    """A session's full resumable state: its state, token log and next-token logits.
 
-    state: dict[str, torch.Tensor]
+    `state` is the canonical float32 dict on the host, or an encoded snapshot (any format,
+    on the host or the GPU). from_zero says the state is the zero state fed with `tokens`
+    (so rolling back before the snapshot can re-feed from scratch)."""
+
+    state: dict[str, torch.Tensor] | Encoded
     tokens: list[int]
-    logits: torch.Tensor | None  # float32 [vocab] on CPU, None before the first token
+    logits: torch.Tensor | None  # float32 [vocab], None before the first token
+    from_zero: bool = False
+
+    @property
+    def fmt(self) -> str:
+        return self.state.fmt if isinstance(self.state, Encoded) else "canonical"
+
+    @property
+    def nbytes(self) -> int:
+        state = self.state.nbytes if isinstance(self.state, Encoded) else sum(
+            t.numel() * t.element_size() for t in self.state.values()
+        )
+        return state + (0 if self.logits is None else self.logits.numel() * self.logits.element_size())
+
+
+@dataclass(frozen=True)
+class Base:
+    """The state a session was loaded from, at a token position: rollbacks cannot go before it."""
+
+    position: int
+    snapshot: SessionSnapshot
 
 
 class Session:
-    def __init__(self, engine: "Engine", slot: int, tokens: Sequence[int] = ()):
+    """A conversation: a token log and a state that lives in a pool slot or, when the pool is
+    full and the session idle, on the host. `slot` brings it back."""
+
+    def __init__(self, engine: "Engine", session_id: int):
         self.engine = engine
-        self.slot = slot
-        self.tokens: list[int] = list(tokens)
+        self.id = session_id
+        self.tokens: list[int] = []
+        self.from_zero = True  # the state is the zero state fed with self.tokens
+        self.last_used = 0
+        self._slot: int | None = None
+        self._base: Base | None = None
+        self._marks: list[int] = []  # positions where each feed or generation started (undo points)
+        self._last_generation: GenerationStream | None = None
         self._stream: GenerationStream | None = None
         self._closed = False
+
+    @property
+    def slot(self) -> int:
+        """The pool slot holding the state (taking one, and bringing the state back, if needed)."""
+        self._check_open()
+        return self.engine.resident(self)
+
+    @property
+    def is_resident(self) -> bool:
+        return self._slot is not None
+
+    @property
+    def is_generating(self) -> bool:
+        return self._stream is not None and not self._stream.done
 
     # ---- feeding ----------------------------------------------------------------------
     def feed(self, data: str | Sequence[int]) -> list[int]:
         """Feeds text (tokenized with the model's tokenizer) or token ids; returns the ids."""
         self._check_usable()
+        ids = self._ids(data)
+        self.engine.feed(self, ids)
+        return ids
+
+    def _ids(self, data) -> list[int]:
         ids = self.engine.tokenizer.encode(data) if isinstance(data, str) else [int(t) for t in data]
-        self.engine.feed(self.slot, ids)
-        self.tokens.extend(ids)
+        vocab = self.engine.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids must lie in [0, {vocab}), got {bad[:5]}")
         return ids
 
     @property
     def logits(self) -> torch.Tensor:
         """float32 [vocab]: the next-token logits after the last fed token."""
         self._check_open()
-        return self.engine.slot_logits(self.slot).clone()
+        return self.engine.session_logits(self).clone()
 
     # ---- generation -------------------------------------------------------------------
-    def generate(self, max_tokens: int = 256, sampling: SamplingParams | None = None) -> "GenerationStream":
-        """A streaming iterator of text pieces; `.token_ids` and `.finish_reason` once done."""
+    def generate(self, max_tokens: int = 256, sampling: SamplingParams | None = None,
+                 prompt: str | Sequence[int] | None = None) -> "GenerationStream":  # fmt: skip
+        """A streaming iterator of text pieces; `.token_ids` and `.finish_reason` once done.
+
+        With `prompt`, the prompt is read inside the engine's batched steps, packed with
+        the tokens of other streams (continuous batching)."""
         self._check_usable()
-        if not self.tokens:
+        ids = self._ids(prompt) if prompt is not None else []
+        if not self.tokens and not ids:
             raise RwkvStateError("feed a prompt (at least one token) before generating")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        self._stream = GenerationStream(self, max_tokens, sampling or SamplingParams())
+        self._stream = GenerationStream(self, max_tokens, sampling or SamplingParams(), pending=ids)
+        self._last_generation = self._stream
         return self._stream
+
+    def regenerate(self, max_tokens: int | None = None, sampling: SamplingParams | None = None):
+        """Takes back the last generation's tokens and generates again from the same point
+        (same limits and sampling unless given); returns the new stream."""
+        self._check_usable()
+        last = self._last_generation
+        if last is None or last.start_position is None:
+            raise RwkvStateError("nothing to regenerate: this session has no finished generation to take back")
+        self.engine.rollback(self, len(self.tokens) - last.start_position)
+        return self.generate(max_tokens or last.max_tokens, sampling or last.params)
 
     # ---- state operations ---------------------------------------------------------------
     def fork(self) -> "Session":
-        """A new session (new slot) with a copy of this one's state, logits and token log."""
+        """A new session with a copy of this one's state, logits and token log."""
         self._check_usable()
         return self.engine.fork(self)
 
     def reset(self) -> None:
         self._check_usable()
-        self.engine.reset_slot(self.slot)
-        self.tokens = []
+        self.engine.reset(self)
 
-    def snapshot(self) -> SessionSnapshot:
+    def rollback(self, n_tokens: int) -> None:
+        """Takes back the last n_tokens tokens (state, logits and token log)."""
         self._check_usable()
-        return self.engine.snapshot(self)
+        self.engine.rollback(self, n_tokens)
+
+    def undo(self, n: int = 1) -> int:
+        """Takes back the last n feeds or generations; returns how many tokens were removed."""
+        self._check_usable()
+        return self.engine.undo(self, n)
+
+    def snapshot(self, fmt: str | None = None, device=None) -> SessionSnapshot:
+        """The session's state; fmt None gives the canonical float32 dict, else an encoded
+        snapshot ("fp32", "fp16", "bf16", "int8", "fp8") on `device` (default: the pool's)."""
+        self._check_usable()
+        return self.engine.snapshot(self, fmt, device)
 
     def restore(self, snap: SessionSnapshot) -> None:
         self._check_usable()
@@ -90,12 +172,24 @@ class Session:
 
         Feed a prompt afterwards: a bare state has no next-token logits."""
         self._check_usable()
-        self.engine.pool.load(self.slot, state)  # validates before writing
-        self.engine.forget_logits(self.slot)
-        self.tokens = []
+        self.engine.load_state(self, state)
+
+    def save(self, path) -> None:
+        """Writes the session (state, token log, logits) to a state file, atomically."""
+        from ..state.files import save_session
+
+        self._check_usable()
+        save_session(self, path)
+
+    def load(self, path) -> None:
+        """Replaces the session's state with a state file's; a bad file changes nothing."""
+        from ..state.files import load_session
+
+        self._check_usable()
+        load_session(self, path)
 
     def close(self) -> None:
-        """Gives the slot back. The session cannot be used afterwards."""
+        """Gives the slot (or host memory) back. The session cannot be used afterwards."""
         if not self._closed:
             if self._stream is not None:
                 self._stream.close()
@@ -114,11 +208,12 @@ class Session:
 
     def _check_usable(self):
         self._check_open()
-        if self._stream is not None and not self._stream.done:
+        if self.is_generating:
             raise RwkvStateError("this session is generating; finish or close its stream first")
 
     def __repr__(self):
-        return f"Session(slot={self.slot}, tokens={len(self.tokens)}, closed={self._closed})"
+        where = f"slot={self._slot}" if self._slot is not None else "on host" if self.id in self.engine.tier else "new"
+        return f"Session(id={self.id}, {where}, tokens={len(self.tokens)}, closed={self._closed})"
 
 
 @dataclass
@@ -129,6 +224,8 @@ class GenerationStream:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     text: str = ""  # everything yielded so far
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed
+    start_position: int | None = None  # the session's position when sampling began
 
     def __post_init__(self):
         engine = self.session.engine
@@ -136,7 +233,7 @@ class GenerationStream:
         self.counts: Counter = Counter()
         self.decoder = StreamDecoder(engine.tokenizer)
         self.stop_ids = set(engine.stop_token_ids if self.params.stop_token_ids is None else self.params.stop_token_ids)
-        self._pending = ""  # decoded text held back while it may be the start of a stop string
+        self._held_text = ""  # decoded text held back while it may be the start of a stop string
         self._out: deque[str] = deque()
         engine.register(self)
 
@@ -156,6 +253,14 @@ class GenerationStream:
             return piece
         raise StopIteration
 
+    def drain(self) -> list[str]:
+        """The text pieces produced so far and not yet taken, without stepping the engine (for a
+        loop that calls engine.step() itself, like the server's)."""
+        pieces = list(self._out)
+        self._out.clear()
+        self.text += "".join(pieces)
+        return pieces
+
     def close(self) -> None:
         """Stops generating (the state keeps every token fed so far)."""
         if not self.done:
@@ -169,7 +274,7 @@ class GenerationStream:
             return False
         self.token_ids.append(token)
         self.counts[token] += 1
-        self._pending += self.decoder.push(token)
+        self._held_text += self.decoder.push(token)
         self._emit_safe_text()
         if not self.done and len(self.token_ids) >= self.max_tokens:
             self.finish("length")
@@ -178,20 +283,20 @@ class GenerationStream:
     def _emit_safe_text(self) -> None:
         stops = self.params.stop
         for stop in stops:
-            at = self._pending.find(stop)
+            at = self._held_text.find(stop)
             if at >= 0:
-                self._push(self._pending[:at])
-                self._pending = ""
+                self._push(self._held_text[:at])
+                self._held_text = ""
                 self.finish("stop", flush=False)
                 return
-        hold = max((_overlap(self._pending, s) for s in stops), default=0)
-        self._push(self._pending[: len(self._pending) - hold])
-        self._pending = self._pending[len(self._pending) - hold :]
+        hold = max((_overlap(self._held_text, s) for s in stops), default=0)
+        self._push(self._held_text[: len(self._held_text) - hold])
+        self._held_text = self._held_text[len(self._held_text) - hold :]
 
     def finish(self, reason: str, flush: bool = True) -> None:
         if flush:
-            self._push(self._pending + self.decoder.flush())
-            self._pending = ""
+            self._push(self._held_text + self.decoder.flush())
+            self._held_text = ""
         self.finish_reason = reason
         self.session.engine.unregister(self)
 

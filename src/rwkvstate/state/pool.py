@@ -12,6 +12,12 @@ The forward reads a layer through `layer(l)`, which returns views
 (att_shift [S, C], wkv [S, H, N, N], ffn_shift [S, C]) over all slots; it reads
 rows by slot index and writes them back in place. All arithmetic on the state is
 float32 whatever the storage dtype.
+
+The pool is the single source of truth for every state. Each slot carries a write
+generation, bumped by everything that writes the slot (a forward, reset, copy, load);
+host copies (`host_copy`) are made lazily, in one contiguous copy into pinned memory,
+and reused while the slot's generation has not moved. `bytes_to_host` and
+`bytes_to_device` count every byte moved across the bus.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ..errors import SlotError, StateError
 from .convert import validate_canonical
 from .layout import StateLayout
 
+CANONICAL = ("att_shift", "wkv", "ffn_shift")
 STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -42,6 +49,10 @@ class StatePool:
         self.dtype = dtype
         self.device = torch.device(device)
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.generation = [0] * (num_slots + 1)  # per slot, bumped by every write
+        self.bytes_to_host = 0
+        self.bytes_to_device = 0
+        self._host: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (generation, host copy)
 
     # ---- allocator (like a block manager) -------------------------------------------------
     @property
@@ -80,6 +91,72 @@ class StatePool:
             raise SlotError(f"slots must be distinct within one forward, got {slots}")
         return slots
 
+    # ---- write generations and host copies ----------------------------------------------
+    def mark_written(self, slots) -> None:
+        """Records that slots were written (every forward calls this for the slots it fed)."""
+        for slot in slots:
+            self.generation[int(slot)] += 1
+
+    def new_host_buffer(self) -> torch.Tensor:
+        """An empty host buffer for one slot [L, (N + 2) * C] in the storage dtype; pinned
+        when the pool is on a GPU, so copies into it are asynchronous DMA transfers."""
+        lay = self.layout
+        pin = self.device.type == "cuda"
+        return torch.empty(lay.n_layer, lay.layer_numel, dtype=self.dtype, pin_memory=pin)
+
+    def host_copy(self, slot: int) -> torch.Tensor:
+        """The slot's state on the host [L, (N + 2) * C] in the storage dtype (read-only by
+        contract). Copied only if the slot was written since the last host copy."""
+        self.check_slot(slot)
+        cached = self._host.get(slot)
+        if cached is not None and cached[0] == self.generation[slot]:
+            return cached[1]
+        buffer = cached[1] if cached is not None else self.new_host_buffer()
+        self._copy_out(slot, buffer)
+        self._host[slot] = (self.generation[slot], buffer)
+        return buffer
+
+    def host_copy_is_current(self, slot: int) -> bool:
+        cached = self._host.get(slot)
+        return cached is not None and cached[0] == self.generation[slot]
+
+    def take_host_copy(self, slot: int) -> torch.Tensor:
+        """Hands the slot's current host copy over to the caller (who may keep it after the
+        slot is reused), copying first only if it is stale."""
+        buffer = self.host_copy(slot)
+        del self._host[slot]
+        return buffer
+
+    def load_host(self, slot: int, buffer: torch.Tensor, keep: bool = True) -> None:
+        """Writes a host buffer [L, (N + 2) * C] in the storage dtype into the slot. With keep,
+        the buffer becomes the slot's host copy (it equals the slot), so an unchanged slot
+        is never copied back."""
+        self.check_slot(slot)
+        lay = self.layout
+        if tuple(buffer.shape) != (lay.n_layer, lay.layer_numel) or buffer.dtype != self.dtype:
+            raise StateError(
+                f"host state has shape {list(buffer.shape)} {buffer.dtype}, expected "
+                f"[{lay.n_layer}, {lay.layer_numel}] {self.dtype}"
+            )
+        for block, part in self._host_pairs(slot, buffer):
+            block.copy_(part, non_blocking=buffer.is_pinned())
+        self.bytes_to_device += buffer.numel() * buffer.element_size()
+        self.mark_written([slot])
+        if keep:
+            self._host[slot] = (self.generation[slot], buffer)
+
+    def _copy_out(self, slot: int, buffer: torch.Tensor) -> None:
+        for block, part in self._host_pairs(slot, buffer):
+            part.copy_(block, non_blocking=buffer.is_pinned())
+        if buffer.is_pinned():
+            torch.cuda.current_stream(self.device).synchronize()
+        self.bytes_to_host += buffer.numel() * buffer.element_size()
+
+    def _host_pairs(self, slot: int, buffer: torch.Tensor):
+        """(device block, host part) copy units: one [L, (N+2)C] pair when contiguous, L when not."""
+        blocks = self._slot_blocks(slot)
+        return [(blocks[0], buffer)] if len(blocks) == 1 else list(zip(blocks, buffer))
+
     # ---- storage --------------------------------------------------------------------------
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views (att_shift [S+1, C], wkv [S+1, H, N, N], ffn_shift [S+1, C]) of one layer."""
@@ -104,21 +181,20 @@ class StatePool:
     def reset(self, slot: int) -> None:
         for block in self._slot_blocks(self.check_slot(slot)):
             block.zero_()
+        self.mark_written([slot])
 
     def copy(self, src: int, dst: int) -> None:
         """Copies slot src's whole state into slot dst (fork)."""
         pairs = zip(self._slot_blocks(self.check_slot(src)), self._slot_blocks(self.check_slot(dst)))
         for a, b in pairs:
             b.copy_(a)
+        self.mark_written([dst])
 
     def export(self, slot: int) -> dict[str, torch.Tensor]:
-        """The slot's state in the canonical format: CPU float32 tensors."""
-        self.check_slot(slot)
-        parts = [self.layer(l) for l in range(self.layout.n_layer)]
-        out = {}
-        for name, i in (("att_shift", 0), ("wkv", 1), ("ffn_shift", 2)):
-            out[name] = torch.stack([p[i][slot] for p in parts]).to("cpu", torch.float32)
-        return out
+        """The slot's state in the canonical format: new CPU float32 tensors (from the lazy
+        host copy, so exporting an unchanged slot moves no bytes)."""
+        att, wkv, ffn = self.layout.split_layer(self.host_copy(slot))
+        return {name: part.to(torch.float32, copy=True).contiguous() for name, part in zip(CANONICAL, (att, wkv, ffn))}
 
     def load(self, slot: int, state: dict[str, torch.Tensor]) -> None:
         """Writes a canonical-format state into a slot. Checks everything before writing anything."""
@@ -134,6 +210,8 @@ class StatePool:
             att[slot].copy_(checked["att_shift"][l])
             wkv[slot].copy_(checked["wkv"][l])
             ffn[slot].copy_(checked["ffn_shift"][l])
+        self.bytes_to_device += self.slot_nbytes
+        self.mark_written([slot])
 
     def __repr__(self):
         return (
@@ -151,6 +229,10 @@ class ContiguousPool(StatePool):
 
     def _layer_block(self, index):
         return self.data[:, index]
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """The slot's whole state as one flat view [L * (N + 2) * C] (snapshots encode from it)."""
+        return self.data[slot].view(-1)
 
     def _slot_blocks(self, slot):
         return [self.data[slot]]

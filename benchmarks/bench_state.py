@@ -1,0 +1,291 @@
+"""State lifecycle costs: snapshot / restore / fork / host copies against slot size, bytes per
+session by format, rollback against re-feeding, the prefix cache, lazy against eager host copies.
+
+    python benchmarks/bench_state.py --out docs/benchmarks/state          # on a GPU
+    python benchmarks/bench_state.py --tiny --out /tmp/state               # CPU smoke run
+
+Shapes of the released RWKV-7 0.1B / 1.5B / 7.2B models with random fp16 weights. Latencies
+are wall-clock medians with the device synchronised (host work included). On a CPU the
+figures describe the CPU, not a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import SHAPES, config_for  # noqa: E402
+
+from rwkvstate import Engine, Model  # noqa: E402
+from rwkvstate.config import ModelConfig, dtype_name  # noqa: E402
+from rwkvstate.model.synthetic import random_checkpoint, tiny_config  # noqa: E402
+from rwkvstate.ops.quantize import fp8_supported  # noqa: E402
+from rwkvstate.state.layout import StateLayout  # noqa: E402
+from rwkvstate.state.pool import ContiguousPool  # noqa: E402
+from rwkvstate.state.snapshot import FORMATS, decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
+
+TINY = tiny_config(n_layer=2, n_embd=64, head_size=16, ffn_dim=128, vocab_size=256)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall(fn, device, repeats: int, warmup: int = 2) -> dict:
+    """Median and spread (min, max) of wall-clock seconds of fn, device synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def copy_bandwidth(device, repeats: int) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    size = 2**30 if device.type == "cuda" else 2**26
+    src = torch.empty(size, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * size / wall(lambda: dst.copy_(src), device, repeats)["median_s"]
+
+
+def formats_for(device) -> list[str]:
+    return [f for f in FORMATS if f != "fp8" or fp8_supported(device)]
+
+
+# ---- 1. state operations against slot size ---------------------------------------------------
+def state_ops(cfg: ModelConfig, shape: str, state_dtype, device, bandwidth, repeats) -> list[dict]:
+    layout = StateLayout(cfg.n_layer, cfg.n_embd, cfg.head_size)
+    pool = ContiguousPool(layout, 4, state_dtype, device)
+    pool.data.normal_()
+    group, numel, slot_bytes = layout.head_size, layout.slot_numel, pool.slot_nbytes
+    rows = []
+
+    def add(op, fmt, moved, t):
+        rows.append({"shape": shape, "state_dtype": dtype_name(state_dtype), "op": op, "format": fmt,
+                     "slot_bytes": slot_bytes, "bytes_moved": moved, **t,
+                     "gb_per_s": moved / t["median_s"] / 1e9, "fraction_of_copy_bw": moved / t["median_s"] / bandwidth})  # fmt: skip
+
+    add("fork (slot copy)", dtype_name(state_dtype), 2 * slot_bytes, wall(lambda: pool.copy(0, 1), device, repeats))
+    for fmt in formats_for(device):
+        snap = empty_encoded(fmt, numel, group, device)
+        moved = slot_bytes + encoded_nbytes(fmt, numel, group)
+        add("snapshot (encode)", fmt, moved, wall(lambda: encode(pool.slot_view(0), fmt, group, out=snap), device, repeats))
+        add("restore (decode)", fmt, moved, wall(lambda: decode(snap, pool.slot_view(2)), device, repeats))
+
+    def to_host():
+        pool.mark_written([0])  # force the copy the lazy path would skip
+        pool.host_copy(0)
+
+    add("copy to host (pinned)", dtype_name(state_dtype), slot_bytes, wall(to_host, device, repeats))
+    buffer = pool.host_copy(0)
+    add("restore from host", dtype_name(state_dtype), slot_bytes,
+        wall(lambda: pool.load_host(1, buffer, keep=False), device, repeats))  # fmt: skip
+    return rows
+
+
+def bytes_per_session(cfg: ModelConfig, shape: str, device) -> list[dict]:
+    layout = StateLayout(cfg.n_layer, cfg.n_embd, cfg.head_size)
+    logits = cfg.vocab_size * 4
+    rows = []
+    for fmt in FORMATS:
+        state = encoded_nbytes(fmt, layout.slot_numel, layout.head_size)
+        rows.append({"shape": shape, "format": fmt, "state_bytes": state, "with_logits_bytes": state + logits,
+                     "sessions_per_gb": 1e9 / (state + logits)})  # fmt: skip
+    return rows
+
+
+# ---- 2. workloads on a model ------------------------------------------------------------------
+def build_model(cfg, device, dtype):
+    tensors = random_checkpoint(cfg, seed=0, dtype=dtype, device=device)
+    return Model.from_tensors(tensors, cfg, device=device, dtype=dtype)
+
+
+def timed(fn, setup, device, repeats: int) -> dict:
+    """Like wall(), with an untimed setup() before every call."""
+    times = []
+    for i in range(repeats + 1):
+        setup()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def rollback_rows(model, shape, device, context: int, backs: list[int], repeats: int) -> list[dict]:
+    """Rollback through the ring history against resetting and re-feeding the kept prompt."""
+    rng = random.Random(0)
+    ids = [rng.randrange(model.config.vocab_size) for _ in range(context)]
+    rows = []
+    for fmt in ("fp16", "int8"):
+        engine = Engine(model, slots=2, state_dtype=torch.float16, history_every=64, history_capacity=8,
+                        history_format=fmt, enforce_eager=True)  # fmt: skip
+        s = engine.session()
+        for i in range(0, context, 64):  # a conversation of 64-token turns: a ring entry every 64 tokens
+            s.feed(ids[i : i + 64])
+        for n in backs:
+            t = timed(lambda: s.rollback(n), lambda: s.feed(ids[len(s.tokens) :]), device, repeats)
+            rows.append({"shape": shape, "history_format": fmt, "context": context, "tokens_back": n,
+                         "method": "rollback (ring history)", **t})  # fmt: skip
+    s = Engine(model, slots=1, state_dtype=torch.float16, history_capacity=0, enforce_eager=True).session()
+    for n in backs:
+        t = timed(lambda: s.feed(ids[: context - n]), s.reset, device, max(3, repeats // 4))
+        rows.append({"shape": shape, "history_format": "-", "context": context, "tokens_back": n,
+                     "method": "reset and re-feed the prompt", **t})  # fmt: skip
+    return rows
+
+
+def prefix_cache_rows(model, shape, device, prefix: int, suffix: int, requests: int, every: int) -> list[dict]:
+    """Requests sharing a long prefix (a system prompt), fed one after another."""
+    rng = random.Random(1)
+    V = model.config.vocab_size
+    shared = [rng.randrange(V) for _ in range(prefix)]
+    prompts = [shared + [rng.randrange(V) for _ in range(suffix)] for _ in range(requests)]
+    rows = []
+    for budget in (0, 1 << 30):
+        engine = Engine(model, slots=2, state_dtype=torch.float16, prefix_cache_bytes=budget,
+                        prefix_cache_every=every, enforce_eager=True)  # fmt: skip
+        engine.session().feed(prompts[0])  # warm-up, and fills the cache with the shared prefix
+        times = []
+        for p in prompts[1:]:
+            s = engine.session()
+            sync(device)
+            start = time.perf_counter()
+            s.feed(p)
+            sync(device)
+            times.append(time.perf_counter() - start)
+            s.close()
+        rows.append({"shape": shape, "prefix": prefix, "suffix": suffix, "requests": requests - 1,
+                     "prefix_cache": budget > 0, "median_s": statistics.median(times), "min_s": min(times),
+                     "max_s": max(times), "stats": engine.stats()})  # fmt: skip
+    return rows
+
+
+def host_copy_rows(model, shape, device, sessions: int, turns: int, tokens: int) -> list[dict]:
+    """A chat server that saves every session's state to the host after every turn: the seed
+    design copies every state back eagerly; lazy copies only the slots that changed."""
+    rows = []
+    for policy in ("eager", "lazy"):
+        engine = Engine(model, slots=sessions, state_dtype=torch.float16, enforce_eager=True)
+        pool = engine.pool
+        chats = [engine.session() for _ in range(sessions)]
+        for c in chats:
+            c.feed([1, 2, 3])
+        rng = random.Random(2)
+        moved = pool.bytes_to_host
+        times = []
+        for _ in range(turns):
+            sync(device)
+            start = time.perf_counter()
+            rng.choice(chats).feed([rng.randrange(model.config.vocab_size) for _ in range(tokens)])
+            for c in chats:
+                if policy == "eager":
+                    pool.mark_written([c.slot])  # what an eager copy-back does: copy whatever happened
+                pool.host_copy(c.slot)
+            times.append(time.perf_counter() - start)
+        rows.append({"shape": shape, "policy": policy, "sessions": sessions, "turn_tokens": tokens,
+                     "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                     "bytes_to_host_per_turn": (pool.bytes_to_host - moved) / turns})  # fmt: skip
+    return rows
+
+
+# ---- driver -----------------------------------------------------------------------------------
+def run(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (not a GPU figure)"
+    bandwidth = copy_bandwidth(device, args.repeats)
+    print(f"{card}: device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
+    shapes = {"tiny": TINY} if args.tiny else {s: config_for(s) for s in args.shapes}
+    out = {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+           "copy_bandwidth_bytes_per_s": bandwidth, "ops": [], "bytes": [], "rollback": [], "prefix_cache": [],
+           "host_copies": []}  # fmt: skip
+    for shape, cfg in shapes.items():
+        for dt in (torch.float32, torch.float16):
+            out["ops"] += state_ops(cfg, shape, dt, device, bandwidth, args.repeats)
+        out["bytes"] += bytes_per_session(cfg, shape, device)
+        print(f"{shape}: state ops done", flush=True)
+    for shape, cfg in shapes.items():
+        if shape not in args.model_shapes and not args.tiny:
+            continue
+        model = build_model(cfg, device, torch.float16 if device.type == "cuda" else torch.float32)
+        context = 128 if args.tiny else 2048
+        out["rollback"] += rollback_rows(model, shape, device, context, [1, 16, 100], args.repeats)
+        out["prefix_cache"] += prefix_cache_rows(model, shape, device, 64 if args.tiny else 1024, 16, 9,
+                                                 32 if args.tiny else 256)  # fmt: skip
+        out["host_copies"] += host_copy_rows(model, shape, device, 4 if args.tiny else 32, 20, 16)
+        print(f"{shape}: workloads done", flush=True)
+        del model
+    return out
+
+
+def markdown(r: dict) -> str:
+    card = r["card"]
+    lines = [f"# State lifecycle costs, {card}, {r['date']}", "",
+             f"torch {r['torch']}; device copy bandwidth {r['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s "
+             "(read + write). Wall-clock medians with the device synchronised; min-max spread in brackets.", "",
+             f"## Snapshot, restore, fork, host copies of one slot ({card})", "",
+             "| shape | storage | op | format | slot MB | latency us | GB/s | of copy bw |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for o in r["ops"]:
+        lines.append(f"| {o['shape']} | {o['state_dtype']} | {o['op']} | {o['format']} | {o['slot_bytes'] / 1e6:.2f} | "
+                     f"{o['median_s'] * 1e6:.0f} ({o['min_s'] * 1e6:.0f}-{o['max_s'] * 1e6:.0f}) | {o['gb_per_s']:.0f} | "
+                     f"{o['fraction_of_copy_bw']:.0%} |")  # fmt: skip
+    lines += ["", "## Bytes per cached session by format", "",
+              "| shape | format | state MB | with fp32 logits MB | sessions per GB |", "|---|---|---|---|---|"]  # fmt: skip
+    for b in r["bytes"]:
+        lines.append(f"| {b['shape']} | {b['format']} | {b['state_bytes'] / 1e6:.2f} | {b['with_logits_bytes'] / 1e6:.2f} | "
+                     f"{b['sessions_per_gb']:.0f} |")  # fmt: skip
+    lines += ["", f"## Rollback against re-feeding ({card})", "",
+              "| shape | method | ring format | context | tokens back | ms |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for b in r["rollback"]:
+        lines.append(f"| {b['shape']} | {b['method']} | {b['history_format']} | {b['context']} | {b['tokens_back']} | "
+                     f"{b['median_s'] * 1e3:.2f} |")  # fmt: skip
+    lines += ["", f"## Prefix cache: requests sharing a prefix, one after another ({card})", "",
+              "| shape | shared prefix | own tokens | cache | ms per request (median) | hit rate |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for b in r["prefix_cache"]:
+        rate = b["stats"].get("prefix_cache_hit_rate", 0.0)
+        lines.append(f"| {b['shape']} | {b['prefix']} | {b['suffix']} | {'on' if b['prefix_cache'] else 'off'} | "
+                     f"{b['median_s'] * 1e3:.2f} | {rate:.0%} |")  # fmt: skip
+    lines += ["", f"## Saving every session to the host after every turn ({card})", "",
+              "| shape | sessions | policy | ms per turn | MB to host per turn |", "|---|---|---|---|---|"]  # fmt: skip
+    for b in r["host_copies"]:
+        lines.append(f"| {b['shape']} | {b['sessions']} | {b['policy']} | {b['median_s'] * 1e3:.2f} | "
+                     f"{b['bytes_to_host_per_turn'] / 1e6:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
+    parser.add_argument("--model-shapes", type=lambda s: s.split(","), default=["0.1B", "1.5B"],
+                        help="shapes whose workloads (rollback, prefix cache, host copies) run on a model")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a smoke run, not GPU figures)")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    result = run(args)
+    text = markdown(result)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Ring-buffer state history: per slot, the last few snapshots, for exact rollback.
+
+One preallocated buffer holds `capacity` entries for every slot, in any snapshot
+format, plus the float32 next-token logits of each entry. Recording writes the
+oldest entry in place (encode straight into the ring's memory), so it never
+allocates and never moves other entries. An entry remembers the token position
+(how many tokens the slot had been fed) its state belongs to.
+
+Rolling back restores the newest entry at or before the target position; the caller
+re-feeds the few tokens between that entry and the target from its token log, which
+makes the result equal the state at the target exactly (lossless formats) or within
+the format's measured error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import StateError
+from .snapshot import Encoded, decode, empty_encoded, encode
+
+
+@dataclass
+class HistoryEntry:
+    """A view of one ring entry: valid until the ring overwrites it."""
+
+    position: int
+    state: Encoded
+    logits: torch.Tensor | None  # float32 [vocab] view, None when the slot had no logits yet
+
+
+class StateHistory:
+    def __init__(self, pool, every: int, capacity: int, fmt: str, vocab_size: int, group: int | None = None):
+        if capacity < 1 or every < 1:
+            raise ValueError(f"history needs capacity >= 1 and every >= 1, got {capacity} and {every}")
+        if not hasattr(pool, "slot_view"):
+            raise StateError("a state history needs the contiguous pool layout")
+        self.pool = pool
+        self.every = every
+        self.capacity = capacity
+        self.fmt = fmt
+        self.group = group or pool.layout.head_size
+        count = pool.num_slots * capacity
+        self.states = empty_encoded(fmt, pool.layout.slot_numel, self.group, pool.device, count=count)
+        self.logits = torch.zeros(count, vocab_size, dtype=torch.float32, device=pool.device)
+        # host-side bookkeeping: positions[slot][i] is entry i's position, -1 when empty
+        self.positions = [[-1] * capacity for _ in range(pool.num_slots)]
+        self.has_logits = [[False] * capacity for _ in range(pool.num_slots)]
+        self.head = [0] * pool.num_slots  # next entry to write
+        self.records = 0
+        self.restores = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.states.nbytes + self.logits.numel() * self.logits.element_size()
+
+    def _index(self, slot: int, i: int) -> int:
+        return slot * self.capacity + i
+
+    def due(self, old_position: int, new_position: int) -> bool:
+        """Whether a forward from old to new position crossed a multiple of `every`."""
+        return new_position // self.every > old_position // self.every
+
+    def newest_position(self, slot: int) -> int:
+        return max(self.positions[slot])
+
+    def record(self, slot: int, position: int, logits: torch.Tensor | None) -> None:
+        """Snapshots the slot's current state, which belongs to `position`, into the ring."""
+        if position in self.positions[slot]:  # already recorded (e.g. a mark right after a boundary)
+            return
+        i = self.head[slot]
+        index = self._index(slot, i)
+        encode(self.pool.slot_view(slot), self.fmt, self.group, out=self.states[index])
+        if logits is not None:
+            self.logits[index].copy_(logits)
+        self.positions[slot][i] = position
+        self.has_logits[slot][i] = logits is not None
+        self.head[slot] = (i + 1) % self.capacity
+        self.records += 1
+
+    def find(self, slot: int, position: int) -> int | None:
+        """Entry number of the newest entry at or before position, or None."""
+        best = None
+        for i, p in enumerate(self.positions[slot]):
+            if 0 <= p <= position and (best is None or p > self.positions[slot][best]):
+                best = i
+        return best
+
+    def restore(self, slot: int, i: int) -> tuple[int, torch.Tensor | None]:
+        """Writes entry i back into the slot; returns (position, logits view or None)."""
+        index = self._index(slot, i)
+        decode(self.states[index], self.pool.slot_view(slot))
+        self.pool.mark_written([slot])
+        self.restores += 1
+        logits = self.logits[index] if self.has_logits[slot][i] else None
+        return self.positions[slot][i], logits
+
+    def truncate(self, slot: int, position: int) -> None:
+        """Forgets entries after position (they belong to a future that was rolled back)."""
+        for i, p in enumerate(self.positions[slot]):
+            if p > position:
+                self.positions[slot][i] = -1
+
+    def clear(self, slot: int) -> None:
+        self.positions[slot] = [-1] * self.capacity
+        self.head[slot] = 0
+
+    def get_recent(self, slot: int, n: int | None = None) -> list[HistoryEntry]:
+        """Views of the slot's newest n entries (all when n is None), newest first."""
+        order = sorted((p, i) for i, p in enumerate(self.positions[slot]) if p >= 0)[::-1]
+        out = []
+        for p, i in order[:n]:
+            index = self._index(slot, i)
+            logits = self.logits[index] if self.has_logits[slot][i] else None
+            out.append(HistoryEntry(p, self.states[index], logits))
+        return out

@@ -1,0 +1,116 @@
+"""The host tier: states of sessions that were moved out of the GPU pool.
+
+When every slot is taken, the least recently used idle session is written to host
+memory and its slot reused; touching the session again brings it back. An entry
+holds either the slot's lossless host copy (the pool's storage dtype, handed over by
+the pool's lazy host copy, so an unchanged slot is never copied twice) or an encoded
+snapshot (int8, fp8, a narrower float). Entries older than a configurable age are
+re-compressed into a colder format.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .snapshot import Encoded, decode, encode
+
+
+@dataclass
+class TierEntry:
+    state: torch.Tensor | Encoded  # host copy [L, (N+2)C] in the storage dtype, or an encoded snapshot
+    logits: torch.Tensor | None  # float32 [vocab] on the host, None before the first token
+    stored_at: float
+
+    @property
+    def fmt(self) -> str:
+        return self.state.fmt if isinstance(self.state, Encoded) else "storage"
+
+    @property
+    def nbytes(self) -> int:
+        size = self.state.nbytes if isinstance(self.state, Encoded) else self.state.numel() * self.state.element_size()
+        return size + (0 if self.logits is None else self.logits.numel() * 4)
+
+
+class HostTier:
+    def __init__(self, pool, fmt: str | None = None, cold_format: str | None = None, cold_after_s: float = 0.0,
+                 clock=time.monotonic):  # fmt: skip
+        self.pool = pool
+        self.fmt = fmt  # None: the pool's storage dtype, lossless
+        self.cold_format = cold_format
+        self.cold_after_s = cold_after_s
+        self.clock = clock
+        self.entries: dict[int, TierEntry] = {}
+        self.evictions = 0
+        self.restores = 0
+        self.recompressions = 0
+        self.logits_bytes_moved = 0  # next-token logits copied to the host (state bytes: the pool counts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def store(self, key, slot: int, logits: torch.Tensor | None) -> TierEntry:
+        """Writes the slot's state (and logits) to the host under key."""
+        if self.fmt is None:
+            state = self.pool.take_host_copy(slot)
+        else:
+            state = encode(self.pool.slot_view(slot), self.fmt, self.pool.layout.head_size)
+            state = state.to("cpu")
+            self.pool.bytes_to_host += state.nbytes
+        host_logits = None
+        if logits is not None:
+            host_logits = logits.to("cpu", copy=True)
+            self.logits_bytes_moved += host_logits.numel() * 4
+        entry = self.entries[key] = TierEntry(state, host_logits, self.clock())
+        self.evictions += 1
+        return entry
+
+    def load(self, key, slot: int) -> TierEntry:
+        """Writes key's state back into the slot and removes the entry; returns it."""
+        entry = self.entries.pop(key)
+        if isinstance(entry.state, Encoded):
+            device_copy = entry.state.to(self.pool.device)
+            self.pool.bytes_to_device += entry.state.nbytes
+            decode(device_copy, self.pool.slot_view(slot))
+            self.pool.mark_written([slot])
+        else:
+            self.pool.load_host(slot, entry.state, keep=True)
+        self.restores += 1
+        return entry
+
+    def put(self, key, entry: TierEntry) -> None:
+        self.entries[key] = entry
+
+    def drop(self, key) -> None:
+        self.entries.pop(key, None)
+
+    def recompress_old(self, now: float | None = None) -> int:
+        """Re-encodes entries older than cold_after_s into cold_format (on the host); returns how many."""
+        if self.cold_format is None:
+            return 0
+        now = self.clock() if now is None else now
+        count = 0
+        for key, entry in self.entries.items():
+            if entry.fmt != self.cold_format and now - entry.stored_at >= self.cold_after_s:
+                entry.state = self._recode(entry.state)
+                count += 1
+        self.recompressions += count
+        return count
+
+    def _recode(self, state) -> Encoded:
+        group = self.pool.layout.head_size
+        if isinstance(state, Encoded):
+            flat = torch.empty(self.pool.layout.slot_numel, dtype=torch.float32)
+            decode(state, flat)
+        else:
+            flat = state.reshape(-1)
+        return encode(flat, self.cold_format, group)
