@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, pick_backend, tl, triton
+from ._triton import HAS_TRITON, is_interpreting, pick_backend, tl, triton
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
 QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -43,7 +43,9 @@ def fp8_supported(device) -> bool:
 # ---- torch reference ---------------------------------------------------------------------------
 def _scale_reference(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """float32 amax [G] -> float16 scales [G]: the smallest float16 >= min(amax / qmax, fp16 max)."""
-    s = (amax / qmax).clamp_(max=FP16_MAX)
+    # a tensor divisor: CUDA torch multiplies by the reciprocal of a Python-scalar divisor, which
+    # is not the correctly rounded quotient the kernel computes
+    s = (amax / torch.full_like(amax, qmax)).clamp_(max=FP16_MAX)
     h = s.half()
     up = (h.view(torch.int16) + 1).view(torch.float16)
     return torch.where(h.float() < s, up, h)
@@ -102,7 +104,7 @@ if HAS_TRITON:
     def _quantize_kernel(
         x, q, scales, num_groups,
         GROUP_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, QMAX: tl.constexpr,
-        IS_FP8: tl.constexpr,
+        IS_FP8: tl.constexpr, INTERPRET: tl.constexpr,
     ):  # fmt: skip
         i_g = tl.program_id(0)
         o_g = i_g * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -116,7 +118,11 @@ if HAS_TRITON:
         b_s = b_h.to(tl.float32)[:, None]
         b_y = tl.where(b_s > 0, tl.math.div_rn(b_x, tl.where(b_s > 0, b_s, 1.0)), 0.0)
         if IS_FP8:
-            b_q = _round_e4m3(tl.minimum(tl.maximum(b_y, -QMAX), QMAX)).to(tl.float8e4nv)
+            b_y = tl.minimum(tl.maximum(b_y, -QMAX), QMAX)
+            if INTERPRET:  # the interpreter's fp8 cast does not round to nearest: round first
+                b_q = _round_e4m3(b_y).to(tl.float8e4nv)
+            else:  # the hardware conversion rounds to nearest even
+                b_q = b_y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
         else:
             b_q = tl.minimum(tl.maximum(tl.floor(b_y + 0.5), -QMAX), QMAX).to(tl.int8)
         tl.store(q + o_x, b_q, mask=m_x)
@@ -151,7 +157,8 @@ def quantize_groups_triton(src, group, kind, q, scales, block_g=None) -> None:
     group_p2, block_g = _launch_config(group, block_g)
     _quantize_kernel[(triton.cdiv(num_groups, block_g),)](
         src, q, scales, num_groups,
-        GROUP_SIZE=group, GROUP=group_p2, BLOCK_G=block_g, QMAX=QMAX[kind], IS_FP8=kind == "fp8", num_warps=4,
+        GROUP_SIZE=group, GROUP=group_p2, BLOCK_G=block_g, QMAX=QMAX[kind], IS_FP8=kind == "fp8", INTERPRET=is_interpreting(),
+        num_warps=4,
     )  # fmt: skip
 
 
