@@ -111,3 +111,28 @@ def test_cuda_fla_prefill_backend_agrees():
         outs.append((logits, pool.export(3)["wkv"]))
     assert rel_err(outs[1][0], outs[0][0]) <= 1e-2
     assert rel_err(outs[1][1], outs[0][1]) <= 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "fp8"])
+def test_cuda_lifecycle_matches_cpu(fmt):
+    """On the GPU: compressed ring history, host tier, prefix cache and CUDA-graph decode together,
+    against a CPU fp32 run of the same tokens."""
+    cfg = SHAPES["L3-C192-N64-V300"]
+    tensors = random_checkpoint(cfg, seed=6)
+    cpu = Model.from_tensors(tensors, cfg)
+    gpu = Model.from_tensors(tensors, cfg, device="cuda")
+    engine = Engine(gpu, slots=2, history_every=8, history_capacity=3, history_format=fmt, host_format=fmt,
+                    prefix_cache_bytes=1 << 24, prefix_cache_every=16)  # fmt: skip
+    tol = {"fp16": 1e-3, "int8": 3e-2, "fp8": 1e-1}[fmt]
+    shared = random_tokens(40, cfg.vocab_size, seed=7)
+    sessions = [engine.session() for _ in range(5)]
+    for i, s in enumerate(sessions):  # 5 sessions over 2 slots, all sharing a 32-token cached prefix
+        s.feed(shared + [i])
+    streams = [s.generate(12, SamplingParams(temperature=0)) for s in sessions[:2]]
+    engine.run(streams)
+    for s in sessions:
+        s.rollback(5)
+        s.feed([7, 8])
+        want = cpu.forward(cpu.new_pool(1), [0], [s.tokens])[0]
+        assert rel_err(s.logits.cpu(), want) < tol, (fmt, s)
+    assert engine.prefix_cache.stats.hits >= 4 and engine.tier.evictions > 0 and engine.runner.replays > 0
