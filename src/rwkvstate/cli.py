@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="model config, parameter count and state bytes per sequence")
     _add_model_args(inspect)
     _add_state_file_parser(sub)
+    _add_serve_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
@@ -316,9 +318,85 @@ def cmd_state(args) -> int:
     return 0
 
 
+def _add_serve_parser(sub) -> None:
+    """`rwkvstate serve`: the OpenAI-compatible HTTP server (docs/server.md)."""
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and sessions")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--slots", type=_positive_int, default=8,
+                   help="pool slots = requests generating at once (default: 8)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="directory for persistent sessions, state files to load, and snapshots")
+    p.add_argument("--api-key", default=os.environ.get("RWKVSTATE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $RWKVSTATE_API_KEY; none if unset)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the model file's stem)")
+    p.add_argument("--max-tokens-cap", type=_positive_int, default=4096,
+                   help="largest max_tokens a request may ask for (default: 4096)")
+    p.add_argument("--max-request-bytes", type=_positive_int, default=1 << 20,
+                   help="largest request body (default: 1 MiB)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a slot; more are refused with 429 (default: 256)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds from arrival to the last token, 0 = none (default: 300)")
+    p.add_argument("--prefix-cache-mb", type=float, default=64.0,
+                   help="prefix-cache budget in MiB, 0 = off (default: 64)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:
+        raise RwkvStateError(
+            f"rwkvstate serve needs the server extra ({e.name} is not installed): pip install 'rwkvstate[server]'"
+        )
+    config = ServerConfig(
+        host=args.host, port=args.port, model_name=args.model_name, slots=args.slots,
+        state_dtype=parse_dtype(args.state_dtype), prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
+        state_dir=args.state_dir, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
+        max_request_bytes=args.max_request_bytes, max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout or None,
+    )  # fmt: skip
+    serve(load_model(args), config, log_level=args.log_level)
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    """`rwkvstate bench impact`: benchmarks/bench_impact.py, which needs a source checkout."""
+    kinds = sub.add_parser("bench", help="benchmarks (from a source checkout)").add_subparsers(
+        dest="bench_command", required=True
+    )
+    p = kinds.add_parser("impact", help="the seed design's Estimated Impact table, measured (docs/impact.md)")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT-*.png charts")
+    p.add_argument("--doc", type=Path, default=None, help="also write the markdown here (e.g. docs/impact.md)")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated, of 0.1B,1.5B,7.2B (default: all; none with --merge)")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated batch sizes (default: 1,64,256; 1,4,16 with --tiny)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="repeats of each measurement (default: 5; 3 with --tiny)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="timed decode steps per repeat (default: 20; 5 with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke run, not GPU figures")
+    p.add_argument("--merge", type=Path, nargs="+", default=[], help="earlier JSON results to merge with this run")
+
+
+def cmd_bench(args) -> int:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_impact.py"
+    if not path.exists():
+        raise RwkvStateError(f"rwkvstate bench needs a source checkout: {path} does not exist")
+    spec = importlib.util.spec_from_file_location("bench_impact", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run_from_args(args)
+
+
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "eval-state": cmd_eval_state,
-    "state": cmd_state,
+    "state": cmd_state, "serve": cmd_serve, "bench": cmd_bench,
 }  # fmt: skip
 
 

@@ -1,0 +1,462 @@
+"""The FastAPI application: OpenAI-compatible endpoints, sessions, health and metrics.
+
+Handlers run on the event loop and never touch the engine: generation requests become Jobs
+for the engine worker, session operations become commands run on its thread
+(ServerState.call). docs/server.md describes the API.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..runtime.chat import ASSISTANT_STOP
+from ..runtime.sampling import SamplingParams
+from . import metrics
+from .config import ServerConfig
+from .protocol import (
+    MAX_STOP_STRINGS,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    CreateSessionRequest,
+    GenerationRequest,
+    RollbackRequest,
+    SnapshotRequest,
+)
+from .state import ServerState
+from .template import render_messages
+from .worker import Done, Failed, Job, Text
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def create_app(model, config: ServerConfig | None = None) -> FastAPI:
+    """The server for a loaded model. The engine is built (on its worker thread) and persisted
+    sessions are loaded when the app starts (ASGI lifespan), and saved when it stops."""
+    state = ServerState(model, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="rwkvstate", version=__version__, lifespan=lifespan)
+    app.state.rwkv = state
+    app.add_middleware(Guard, state=state)
+    _add_error_handlers(app)
+    _add_info_routes(app, state)
+    _add_generation_routes(app, state)
+    _add_session_routes(app, state)
+    return app
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def _error_response(error: APIError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return _error_response(_validation_api_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return _error_response(APIError(exc.status_code, message, code=_slug(str(exc.detail))))
+
+
+def _validation_api_error(errors) -> APIError:
+    """The first pydantic error as a 400 naming the offending parameter."""
+    if not errors:
+        return APIError(400, "invalid request")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    if first.get("type") == "missing" and not loc:
+        return APIError(400, "a JSON request body is required", code="missing_body")
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg')}" if param else f"request body: {first.get('msg')}"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return APIError(400, message + more, param=param, code="invalid_value")
+
+
+def _slug(text: str) -> str:
+    return "_".join(text.lower().split())
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` when a body without Content-Length grows past the limit; FastAPI
+    re-raises HTTPExceptions from body reading, so the 413 handler answers it."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class Guard:
+    """ASGI middleware: bearer-token check, request body cap, request counts for /metrics."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+        self.limit = state.config.max_request_bytes
+        key = state.config.api_key
+        self.expected = None if key is None else f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            error = self._refuse(scope)
+            if error is not None:
+                return await _error_response(error)(scope, receive, send_counted)
+            await self.app(scope, self._capped(receive), send_counted)
+        finally:
+            self.state.requests.add(metrics.endpoint_label(scope["path"]), status[0])
+
+    def _refuse(self, scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        if self.expected is not None and (path.startswith("/v1/") or path == "/metrics"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                code="invalid_api_key")  # fmt: skip
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return APIError(413, f"request body larger than this server's limit of {self.limit} bytes",
+                            code="request_too_large")  # fmt: skip
+        return None
+
+    def _capped(self, receive):
+        seen = [0]
+
+        async def wrapped():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        return wrapped
+
+
+# ---- health, models, metrics ---------------------------------------------------------------------
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        stats = state.worker.stats
+        body = {"status": "ok" if state.worker.alive else "stopped", "model": state.model_name,
+                "running": stats.get("running", 0), "queued": stats.get("queued", 0)}  # fmt: skip
+        return JSONResponse(body, status_code=200 if state.worker.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        text = metrics.render(state.worker.stats, state.requests, len(state.store.records))
+        return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE)
+
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "rwkvstate"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        _check_model(state, model_id)
+        return model_card()
+
+
+def _check_model(state: ServerState, name: str) -> None:
+    if name != state.model_name:
+        raise APIError(404, f"model {name!r} is not served here; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")  # fmt: skip
+
+
+# ---- completions --------------------------------------------------------------------------------
+def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompt = body.single_prompt()
+        _check_prompt(state, prompt, body.session)
+        job = Job(prompt=prompt, max_tokens=_max_tokens(state.config, body.max_tokens), sampling=_sampling(body))
+        return await _respond(state, body, job, Reply(False, state.model_name, body.session), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        prefix, prompt = render_messages([(m.role, m.text()) for m in body.messages])
+        max_tokens = _max_tokens(state.config, body.max_completion_tokens or body.max_tokens)
+        sampling = _sampling(body, extra_stop=(ASSISTANT_STOP,))
+        job = Job(prompt=prompt, prefix=prefix, max_tokens=max_tokens, sampling=sampling, chat=True)
+        return await _respond(state, body, job, Reply(True, state.model_name, body.session), request)
+
+
+def _check_prompt(state: ServerState, prompt, session: str | None) -> None:
+    if not prompt and session is None:
+        raise APIError(400, "prompt is empty (a request without a session needs at least one token)", param="prompt")
+    if isinstance(prompt, list):
+        vocab = state.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids must lie in [0, {vocab}), got {bad[:5]}", param="prompt")
+
+
+def _max_tokens(config: ServerConfig, requested: int | None) -> int:
+    cap = config.max_tokens_cap
+    if requested is None:
+        return min(config.default_max_tokens, cap)
+    if requested > cap:
+        raise APIError(400, f"max_tokens is {requested}, more than this server's limit of {cap}",
+                       param="max_tokens", code="max_tokens_too_large")  # fmt: skip
+    return requested
+
+
+def _sampling(body: GenerationRequest, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+    stops = body.stop_list()
+    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    try:
+        return SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            seed=body.seed, stop=tuple(extra_stop) + tuple(stops), stop_token_ids=body.stop_token_ids,
+        )  # fmt: skip
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+async def _respond(state: ServerState, body: GenerationRequest, job: Job, reply: "Reply", request: Request):
+    _check_model(state, body.model)
+    unsupported = body.unsupported()
+    if unsupported is not None:
+        param, message = unsupported
+        raise APIError(400, message, param=param, code="unsupported_parameter")
+    state.submit(job, body.session)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventStreamResponse(_sse(state, job, reply, usage), headers={"cache-control": "no-cache"})
+    return await _collect(state, job, reply, request)
+
+
+class Reply:
+    """Builds the OpenAI objects (chunks, final response, usage) of one request."""
+
+    def __init__(self, chat: bool, model: str, session: str | None):
+        self.chat, self.model, self.session = chat, model, session
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self._strip = chat  # the template ends "Assistant:" and the reply starts with a space
+
+    def text(self, piece: str) -> str:
+        if self._strip and piece:
+            self._strip = False
+            piece = piece[1:] if piece.startswith(" ") else piece
+        return piece
+
+    def _object(self, kind: str, choices: list) -> dict:
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        if self.session is not None:
+            out["session"] = self.session
+        return out
+
+    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+        if not self.chat:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return self._object("text_completion", [choice])
+        delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+        return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
+                                                        "finish_reason": finish}])  # fmt: skip
+
+    def usage_chunk(self, done: Done) -> dict:
+        out = self._object("chat.completion.chunk" if self.chat else "text_completion", [])
+        out["usage"] = usage(done)
+        return out
+
+    def full(self, text: str, done: Done) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": done.finish_reason}  # fmt: skip
+            out = self._object("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+            out = self._object("text_completion", [choice])
+        out["usage"] = usage(done)
+        return out
+
+
+def usage(done: Done) -> dict:
+    total = done.prompt_tokens + done.completion_tokens
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens, "total_tokens": total}
+
+
+async def _collect(state: ServerState, job: Job, reply: Reply, request: Request) -> JSONResponse:
+    pieces, done = [], None
+    async for event in state.events(job, request):
+        if isinstance(event, Text):
+            pieces.append(reply.text(event.text))
+        elif isinstance(event, Done):
+            done = event
+        elif isinstance(event, Failed):
+            raise event.error
+    return JSONResponse(reply.full("".join(pieces), done))
+
+
+def _sse_data(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _sse(state: ServerState, job: Job, reply: Reply, include_usage: bool):
+    """Server-sent events: `data: {chunk}` per piece of text, a last chunk with the finish
+    reason, an optional usage chunk, then `data: [DONE]`. An error after the stream began is
+    sent as `data: {"error": ...}` before [DONE]."""
+    try:
+        if reply.chat:
+            yield _sse_data(reply.chunk(role=True))
+        async for event in state.events(job):
+            if isinstance(event, Text):
+                text = reply.text(event.text)
+                if text:
+                    yield _sse_data(reply.chunk(text=text))
+            elif isinstance(event, Done):
+                yield _sse_data(reply.chunk(finish=event.finish_reason))
+                if include_usage:
+                    yield _sse_data(reply.usage_chunk(event))
+            elif isinstance(event, Failed):
+                yield _sse_data(event.error.body())
+        yield DONE_EVENT
+    finally:
+        if not job.ended:
+            state.worker.cancel(job)
+
+
+class EventStreamResponse(StreamingResponse):
+    """A text/event-stream response that always watches for the client going away (whatever
+    ASGI spec version the server speaks) and always closes its iterator, so a disconnect
+    cancels the request's stream and frees its slot at once."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send):
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def stream():
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away mid-write
+                        pass
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tasks.cancel_scope.cancel()
+        finally:
+            await self.body_iterator.aclose()
+
+
+# ---- sessions -------------------------------------------------------------------------------------
+def _add_session_routes(app: FastAPI, state: ServerState) -> None:
+    store = state.store
+
+    def info(engine, record) -> dict:
+        return dict(store.info(engine, record), busy=record.busy, persistent=store.persistent)
+
+    @app.post("/v1/sessions")
+    async def create_session(body: CreateSessionRequest | None = None):
+        name = body.state_file if body is not None else None
+        path = None if name is None else store.resolve(name, "state_file")
+
+        def create(engine):
+            record = store.create(engine, path, name)
+            return record, info(engine, record)
+
+        record, out = await state.call(create, slots=0 if path is None else 1)
+        store.records[record.id] = record
+        return out
+
+    @app.get("/v1/sessions")
+    async def list_sessions():
+        records = list(store.records.values())
+        data = await state.call(lambda engine: [info(engine, r) for r in records])
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str):
+        record = store.get(session_id)
+        return await state.call(lambda engine: info(engine, record))
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str):
+        record = store.acquire(session_id)
+        try:
+            await state.call(lambda engine: store.delete(record))
+        except BaseException:
+            store.release(record)
+            raise
+        store.records.pop(session_id, None)
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    @app.post("/v1/sessions/{session_id}/fork")
+    async def fork_session(session_id: str):
+        def fork(engine, record):
+            child = store.fork(engine, record)
+            return child, info(engine, child)
+
+        child, out = await state.with_session(session_id, fork, slots=2)
+        store.records[child.id] = child
+        return out
+
+    @app.post("/v1/sessions/{session_id}/rollback")
+    async def rollback_session(session_id: str, body: RollbackRequest):
+        if (body.tokens is None) == (body.turns is None):
+            raise APIError(400, 'give exactly one of "tokens" and "turns"', param="tokens")
+
+        def rollback(engine, record):
+            session = record.session
+            before = len(session.tokens)
+            if body.tokens is not None:
+                session.rollback(body.tokens)
+            else:
+                session.undo(body.turns)
+            store.persist(record)
+            return dict(info(engine, record), busy=False, removed=before - len(session.tokens))
+
+        return await state.with_session(session_id, rollback, slots=1)
+
+    @app.post("/v1/sessions/{session_id}/snapshot")
+    async def snapshot_session(session_id: str, body: SnapshotRequest | None = None):
+        name = body.name if body is not None else None
+        if name is not None:
+            store.resolve(name, "name", must_exist=False)  # refuse a bad name before queueing
+        out = await state.with_session(session_id, lambda engine, record: store.snapshot(record, name), slots=1)
+        return dict(out, object="session.snapshot", session=session_id)

@@ -1,0 +1,48 @@
+"""ServerConfig: everything `rwkvstate serve` and `create_app` need besides the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import parse_dtype
+
+
+@dataclass
+class ServerConfig:
+    """Limits and resources of one server. The CLI builds this; tests and benchmarks too."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None  # the id clients pass as `model`; None: the model file's stem
+    slots: int = 8  # pool slots = the most requests generating at once
+    state_dtype: torch.dtype = torch.float32
+    prefix_cache_bytes: int = 64 << 20  # 0 turns the prefix cache off
+    state_dir: Path | None = None  # persistent sessions, state files to load, snapshots
+    api_key: str | None = None  # None: no authentication
+    max_tokens_cap: int = 4096  # a request asking for more is refused (400)
+    default_max_tokens: int = 256  # when a request does not say (capped by max_tokens_cap)
+    max_request_bytes: int = 1 << 20  # larger bodies are refused (413)
+    max_queue: int = 256  # requests waiting for a slot beyond `slots` running; more get 429
+    request_timeout_s: float | None = 300.0  # from arrival to the last token; None: no limit
+    engine_options: dict = field(default_factory=dict)  # further Engine(...) keyword arguments
+
+    def __post_init__(self):
+        self.state_dtype = parse_dtype(self.state_dtype)
+        positive = ("slots", "max_tokens_cap", "default_max_tokens", "max_request_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queue", "prefix_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"ServerConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port}")
+        if self.state_dir is not None:
+            self.state_dir = Path(self.state_dir)
+        if self.api_key == "":
+            self.api_key = None
