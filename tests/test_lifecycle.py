@@ -9,7 +9,7 @@ import torch
 
 from conftest import rel_err
 from rwkvstate import Engine, Model, SamplingParams
-from rwkvstate.errors import RwkvStateError
+from rwkvstate.errors import RwkvStateError, SlotError
 from rwkvstate.model.synthetic import random_checkpoint, tiny_config
 
 GREEDY = SamplingParams(temperature=0)
@@ -273,3 +273,32 @@ def test_prefix_cache_ignores_sessions_from_loaded_states(model):
     s.load_state(donor.snapshot().state)
     s.feed([1, 2, 3, 4, 5, 6])
     assert engine.prefix_cache.stats.hits == 0
+
+
+def test_fork_with_one_slot_goes_through_the_host(model):
+    engine = Engine(model, slots=1)
+    a = engine.session()
+    a.feed([1, 2, 3])
+    child = a.fork()  # the only slot holds a: a moves to the host and both share its state there
+    assert child.location == "host" and a.location == "host"
+    child.feed([4])
+    a.feed([5])
+    assert rel_err(child.logits, fresh_logits(model, [1, 2, 3, 4])) < TOL
+    assert rel_err(a.logits, fresh_logits(model, [1, 2, 3, 5])) < TOL
+    stream = a.generate(3, GREEDY)
+    next(stream)
+    with pytest.raises(SlotError, match="cannot fork"):
+        engine.fork(a)  # (Session.fork refuses earlier: a is generating)
+    assert len(engine.sessions) == 2  # the failed fork left nothing behind
+
+
+def test_undo_survives_a_state_file(model, tmp_path):
+    engine = Engine(model, slots=2)
+    s = engine.session()
+    s.feed([1, 2])
+    s.feed([3, 4, 5])
+    s.save(tmp_path / "s.safetensors")
+    t = engine.session()
+    t.load(tmp_path / "s.safetensors")
+    assert t.undo() == 3 and t.tokens == [1, 2]
+    assert rel_err(t.logits, fresh_logits(model, [1, 2])) < TOL

@@ -146,7 +146,7 @@ def test_round_trip_continues_exactly(model, tmp_path, state_dtype):
     sf = load_session(loaded, path)
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     assert sf.meta["storage_dtype"] == names[state_dtype]
-    assert sf.extra == {"from_zero": True, "note": "hi"} and sf.meta["token_count"] == str(len(PROMPT))
+    assert sf.extra["note"] == "hi" and sf.extra["from_zero"] is True and sf.meta["token_count"] == str(len(PROMPT))
     assert loaded.tokens == original.tokens == PROMPT
     assert torch.equal(loaded.logits, original.logits)
     exp_a, exp_b = original.snapshot().state, loaded.snapshot().state

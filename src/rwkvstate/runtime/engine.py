@@ -166,24 +166,45 @@ class Engine:
 
     # ---- state operations --------------------------------------------------------------------
     def fork(self, session: Session) -> Session:
+        """A new session with a copy of the state: slot to slot when a second slot can be had,
+        else on the host (the parent moves to the host tier first, if it is idle)."""
+        if session._slot is not None and not self._second_slot_available(session):
+            if session.is_generating:
+                raise SlotError(f"cannot fork: the other {self.pool.num_slots - 1} slots hold generating sessions")
+            self._evict(session)
         child = self.session()
-        entry = self.tier.entries.get(session.id) if session._slot is None else None
-        if entry is not None:  # fork on the host: no slot needed until the child is used
-            state = entry.state if isinstance(entry.state, Encoded) else entry.state.clone()
-            self.tier.put(child.id, TierEntry(state, entry.logits, entry.stored_at))
+        if session._slot is None:
+            if session.id in self.tier:  # else the session was never used, and the child starts empty too
+                self._fork_on_host(session, child)
         else:
             try:
                 src, dst = self._pin(session, child)
-                self.pool.copy(src, dst)
-                self._logits[dst] = self._logits[src]
-                self._has_logits[dst] = self._has_logits[src]
+            except SlotError:
+                self.release(child)
+                raise
             finally:
                 self._unpin(session, child)
+            self.pool.copy(src, dst)
+            self._logits[dst] = self._logits[src]
+            self._has_logits[dst] = self._has_logits[src]
         child.tokens = list(session.tokens)
         child.from_zero, child._base = session.from_zero, session._base
         child._marks = list(session._marks)
         child._last_generation = session._last_generation
         return child
+
+    def _second_slot_available(self, session: Session) -> bool:
+        """Whether a slot other than session's can be had (free, or held by an idle session)."""
+        if self.pool.can_allocate():
+            return True
+        return any(s is not None and s is not session and not s.is_generating and s.id not in self._pinned
+                   for s in self._owner)  # fmt: skip
+
+    def _fork_on_host(self, session: Session, child: Session) -> None:
+        """No slot needed until the child is used: it gets its own copy of the host entry."""
+        entry = self.tier.entries[session.id]
+        state = entry.state if isinstance(entry.state, Encoded) else entry.state.clone()
+        self.tier.put(child.id, TierEntry(state, entry.logits, entry.stored_at))
 
     def reset(self, session: Session) -> None:
         slot = self.resident(session)

@@ -85,6 +85,13 @@ class Session:
         return self._slot is not None
 
     @property
+    def location(self) -> str:
+        """"pool" (in a slot), "host" (in the engine's host tier) or "none" (never used)."""
+        if self._slot is not None:
+            return "pool"
+        return "host" if self.id in self.engine.tier else "none"
+
+    @property
     def is_generating(self) -> bool:
         return self._stream is not None and not self._stream.done
 
@@ -212,8 +219,7 @@ class Session:
             raise RwkvStateError("this session is generating; finish or close its stream first")
 
     def __repr__(self):
-        where = f"slot={self._slot}" if self._slot is not None else "on host" if self.id in self.engine.tier else "new"
-        return f"Session(id={self.id}, {where}, tokens={len(self.tokens)}, closed={self._closed})"
+        return f"Session(id={self.id}, {self.location}, tokens={len(self.tokens)}, closed={self._closed})"
 
 
 @dataclass

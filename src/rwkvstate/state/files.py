@@ -433,7 +433,7 @@ def save_session(session, path, *, extra: Mapping | None = None) -> Path:
     return save_state_file(
         path, snap.state, fingerprint=model_fingerprint(model), model_info=model_description(model),
         storage_dtype=session.engine.pool.dtype, tokens=snap.tokens, logits=snap.logits,
-        extra={"from_zero": snap.from_zero, **(extra or {})},
+        extra={"from_zero": snap.from_zero, "undo_points": list(session._marks), **(extra or {})},
     )  # fmt: skip
 
 
@@ -456,4 +456,7 @@ def load_session(session, path) -> StateFile:
     # it lets the loaded session roll back before the loaded point by re-feeding
     from_zero = bool((sf.extra or {}).get("from_zero", False))
     session.restore(SessionSnapshot(sf.state, sf.tokens, sf.logits, from_zero=from_zero))
+    marks = (sf.extra or {}).get("undo_points", [])
+    if from_zero and isinstance(marks, list) and all(isinstance(m, int) and 0 <= m < len(sf.tokens) for m in marks):
+        session._marks = sorted(set(marks))  # undo works across a save and load
     return sf
