@@ -10,13 +10,13 @@ Every figure in one run names the card; compare only within a run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from common import write_results  # noqa: E402  (benchmarks/ is the script's directory)
 from rwkvstate import Model
 from rwkvstate.config import ModelConfig, dtype_name
 from rwkvstate.model.synthetic import random_checkpoint
@@ -227,12 +227,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        args.out.with_suffix(".md").write_text(text)
+    write_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import SHAPES, config_for  # noqa: E402
+from common import write_results  # noqa: E402
 
 from rwkvstate import Model  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
@@ -163,12 +164,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        args.out.with_suffix(".md").write_text(text)
+    write_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

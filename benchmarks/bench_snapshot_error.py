@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import rwkvstate as rs
-from rwkvstate.evaluation import held_out_token_docs
-from rwkvstate.ops.quantize import dequantize_groups, quantize_groups
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_results  # noqa: E402
+
+import rwkvstate as rs  # noqa: E402
+from rwkvstate.evaluation import held_out_token_docs  # noqa: E402
+from rwkvstate.ops.quantize import dequantize_groups, quantize_groups  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("att_shift", "wkv", "ffn_shift")
@@ -261,12 +265,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+    write_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":
