@@ -302,3 +302,19 @@ def test_undo_survives_a_state_file(model, tmp_path):
     t.load(tmp_path / "s.safetensors")
     assert t.undo() == 3 and t.tokens == [1, 2]
     assert rel_err(t.logits, fresh_logits(model, [1, 2])) < TOL
+
+
+def test_repeated_undo_and_refeed_keeps_the_ring(model):
+    """A rollback frees the entries after its target; later records reuse those first, so
+    undo/retry cycles never wear the older entries away."""
+    engine = Engine(model, slots=1, history_every=8, history_capacity=4)
+    s = engine.session()
+    ids = random_ids(random.Random(9), 32)
+    for i in range(0, 32, 8):
+        s.feed(ids[i : i + 8])
+    for _ in range(6):
+        fed = engine.tokens_fed
+        s.rollback(4)  # from 32 back to 28: the entry at 24 serves, 4 tokens are re-fed
+        assert engine.tokens_fed - fed == 4
+        s.feed(ids[28:])
+    assert sorted(engine.history.positions[s.slot]) == [8, 16, 24, 32]

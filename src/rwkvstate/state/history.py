@@ -1,8 +1,8 @@
 """Ring-buffer state history: per slot, the last few snapshots, for exact rollback.
 
 One preallocated buffer holds `capacity` entries for every slot, in any snapshot
-format, plus the float32 next-token logits of each entry. Recording writes the
-oldest entry in place (encode straight into the ring's memory), so it never
+format, plus the float32 next-token logits of each entry. Recording writes a free
+entry (or, when none is free, the oldest) in place (encode straight into the ring's memory), so it never
 allocates and never moves other entries. An entry remembers the token position
 (how many tokens the slot had been fed) its state belongs to.
 
@@ -48,7 +48,6 @@ class StateHistory:
         # host-side bookkeeping: positions[slot][i] is entry i's position, -1 when empty
         self.positions = [[-1] * capacity for _ in range(pool.num_slots)]
         self.has_logits = [[False] * capacity for _ in range(pool.num_slots)]
-        self.head = [0] * pool.num_slots  # next entry to write
         self.records = 0
         self.restores = 0
 
@@ -70,15 +69,20 @@ class StateHistory:
         """Snapshots the slot's current state, which belongs to `position`, into the ring."""
         if position in self.positions[slot]:  # already recorded (e.g. a mark right after a boundary)
             return
-        i = self.head[slot]
+        i = self._victim(slot)
         index = self._index(slot, i)
         encode(self.pool.slot_view(slot), self.fmt, self.group, out=self.states[index])
         if logits is not None:
             self.logits[index].copy_(logits)
         self.positions[slot][i] = position
         self.has_logits[slot][i] = logits is not None
-        self.head[slot] = (i + 1) % self.capacity
         self.records += 1
+
+    def _victim(self, slot: int) -> int:
+        """The entry a record overwrites: a free one (never used, or freed by a rollback), else
+        the oldest position."""
+        positions = self.positions[slot]
+        return min(range(self.capacity), key=lambda i: (positions[i] >= 0, positions[i]))
 
     def find(self, slot: int, position: int) -> int | None:
         """Entry number of the newest entry at or before position, or None."""
@@ -105,7 +109,6 @@ class StateHistory:
 
     def clear(self, slot: int) -> None:
         self.positions[slot] = [-1] * self.capacity
-        self.head[slot] = 0
 
     def get_recent(self, slot: int, n: int | None = None) -> list[HistoryEntry]:
         """Views of the slot's newest n entries (all when n is None), newest first."""
