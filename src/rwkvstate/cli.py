@@ -368,8 +368,8 @@ def _add_bench_parser(sub) -> None:
         dest="bench_command", required=True
     )
     p = kinds.add_parser("impact", help="the seed design's Estimated Impact table, measured (docs/impact.md)")
-    p.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT-*.png charts")
-    p.add_argument("--doc", type=Path, default=None, help="also write the markdown here (e.g. docs/impact.md)")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT-*.png charts and (without --doc) OUT.md")
+    p.add_argument("--doc", type=Path, default=None, help="write the markdown here instead (e.g. docs/impact.md)")
     p.add_argument("--shapes", default=None,
                    help="comma-separated, of 0.1B,1.5B,7.2B (default: all; none with --merge)")
     p.add_argument("--batches", default=None,
