@@ -140,14 +140,21 @@ def rollback_rows(model, shape, device, context: int, backs: list[int], repeats:
         for i in range(0, context, 64):  # a conversation of 64-token turns: a ring entry every 64 tokens
             s.feed(ids[i : i + 64])
         for n in backs:
-            t = timed(lambda: s.rollback(n), lambda: s.feed(ids[len(s.tokens) :]), device, repeats)
+            refed = []
+
+            def rollback():
+                before = engine.tokens_fed
+                s.rollback(n)
+                refed.append(engine.tokens_fed - before)
+
+            t = timed(rollback, lambda: s.feed(ids[len(s.tokens) :]), device, repeats)
             rows.append({"shape": shape, "history_format": fmt, "context": context, "tokens_back": n,
-                         "method": "rollback (ring history)", **t})  # fmt: skip
+                         "method": "rollback (ring history)", "tokens_refed": statistics.median(refed), **t})  # fmt: skip
     s = Engine(model, slots=1, state_dtype=torch.float16, history_capacity=0, enforce_eager=True).session()
     for n in backs:
         t = timed(lambda: s.feed(ids[: context - n]), s.reset, device, max(3, repeats // 4))
         rows.append({"shape": shape, "history_format": "-", "context": context, "tokens_back": n,
-                     "method": "reset and re-feed the prompt", **t})  # fmt: skip
+                     "method": "reset and re-feed the prompt", "tokens_refed": context - n, **t})  # fmt: skip
     return rows
 
 
@@ -251,10 +258,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {b['shape']} | {b['format']} | {b['state_bytes'] / 1e6:.2f} | {b['with_logits_bytes'] / 1e6:.2f} | "
                      f"{b['sessions_per_gb']:.0f} |")  # fmt: skip
     lines += ["", f"## Rollback against re-feeding ({card})", "",
-              "| shape | method | ring format | context | tokens back | ms |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| shape | method | ring format | context | tokens back | tokens re-fed | ms |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for b in r["rollback"]:
         lines.append(f"| {b['shape']} | {b['method']} | {b['history_format']} | {b['context']} | {b['tokens_back']} | "
-                     f"{b['median_s'] * 1e3:.2f} |")  # fmt: skip
+                     f"{b.get('tokens_refed', '?')} | {b['median_s'] * 1e3:.2f} |")  # fmt: skip
     lines += ["", f"## Prefix cache: requests sharing a prefix, one after another ({card})", "",
               "| shape | shared prefix | own tokens | cache | ms per request (median) | hit rate |", "|---|---|---|---|---|---|"]  # fmt: skip
     for b in r["prefix_cache"]:
