@@ -139,8 +139,13 @@ def classify(cells: list[dict], estimate: tuple[float, float]) -> str:
     if slower:
         return "mixed"
     best = max(c["speedup"] for c in faster) - 1
+    worst = min(c["speedup"] for c in cells) - 1
     lo, hi = estimate[0] / 100, estimate[1] / 100
-    return "below" if best < lo else "within" if best <= hi else "above"
+    if best < lo:
+        return "below"
+    if best > hi:
+        return "above"
+    return "within" if worst >= lo else "reaching"
 
 
 def render(result: dict, doc_path: Path | None = None, charts: dict | None = None) -> str:
@@ -312,6 +317,7 @@ def _verdict(cls: str, estimate: str) -> str:
             "slower": f"slower, not the estimated {estimate} faster",
             "mixed": f"faster in some cells and slower in others, not a uniform {estimate}",
             "below": f"below the estimated {estimate}", "within": f"inside the estimated {estimate}",
+            "reaching": f"reaching the estimated {estimate} only in the best cells",
             "above": f"above the estimated {estimate}", "unmeasured": "not measured"}[cls]  # fmt: skip
 
 
