@@ -110,6 +110,32 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+def engine_only(model, level: int, n: int, max_tokens: int, slots: int, state_dtype) -> dict:
+    """The same requests straight through an Engine on this thread (no HTTP, no event loop):
+    the ceiling the server can reach, `level` streams at a time."""
+    from rwkvstate import Engine, SamplingParams
+
+    engine = Engine(model, slots=slots, state_dtype=state_dtype)
+    warm = engine.session()  # captures the CUDA graphs outside the timing
+    engine.run([warm.generate(2, SamplingParams(temperature=0), prompt=PROMPT)])
+    warm.close()
+    done = 0
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for first in range(0, n, level):
+        streams = []
+        for i in range(first, min(first + level, n)):
+            params = SamplingParams(temperature=1.0, top_p=0.9, seed=i, stop_token_ids=[])
+            streams.append(engine.session().generate(max_tokens, params, prompt=f"# request {i}\n{PROMPT}"))
+        engine.run(streams)
+        done += sum(len(st.token_ids) for st in streams)
+        for st in streams:
+            st.session.close()
+    sync()
+    return {"concurrency": level, "tokens_per_s": done / (time.perf_counter() - start)}
+
+
 def run(args) -> dict:
     model = load(args)
     slots = args.slots or max(args.levels)
@@ -124,6 +150,10 @@ def run(args) -> dict:
         for i, level in enumerate(args.levels):
             rows.append(asyncio.run(run_level(server.url, name, level, args.requests, args.max_tokens, 1000 * i)))
             print(f"concurrency {level}: {rows[-1]['tokens_per_s']:,.1f} tokens/s", file=sys.stderr)
+    for row in rows:  # in waves of `level` requests: a lower bound of the engine's continuous batching
+        alone = engine_only(model, row["concurrency"], args.requests, args.max_tokens, slots, config.state_dtype)
+        row["engine_only_tokens_per_s"] = alone["tokens_per_s"]
+        print(f"engine alone, {row['concurrency']} at a time: {alone['tokens_per_s']:,.1f} tokens/s", file=sys.stderr)
     return {
         "device": device_name(model), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "model": args.shape and f"random {args.shape} shape" or Path(str(model.path)).name,
@@ -139,13 +169,15 @@ def markdown(result: dict) -> str:
            f"Model {r['model']} (compute {r['compute_dtype']}, state {r['state_dtype']}), {r['slots']} slots, "
            f"prompts of about {r['prompt_tokens']} tokens, {r['max_tokens']} tokens generated per request, "
            f"streaming /v1/completions; client in the same process; torch {r['torch']}.", "",
-           "| concurrency | requests | tokens/s | requests/s | TTFT p50/p90/p99 ms | end-to-end p50/p90/p99 ms |",
-           "|---|---|---|---|---|---|"]  # fmt: skip
+           "The last column runs the same requests through the Engine directly on one thread, in waves of "
+           "`concurrency` requests (no HTTP, no event loop): what the engine alone sustains.", "",
+           "| concurrency | requests | tokens/s | requests/s | TTFT p50/p90/p99 ms | end-to-end p50/p90/p99 ms | engine alone tokens/s |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["rows"]:
         ttft = " / ".join(f"{row[f'ttft_p{q}_ms']:.0f}" for q in (50, 90, 99))
         e2e = " / ".join(f"{row[f'e2e_p{q}_ms']:.0f}" for q in (50, 90, 99))
         out.append(f"| {row['concurrency']} | {row['requests']} | {row['tokens_per_s']:,.1f} | "
-                   f"{row['requests_per_s']:.2f} | {ttft} | {e2e} |")  # fmt: skip
+                   f"{row['requests_per_s']:.2f} | {ttft} | {e2e} | {row.get('engine_only_tokens_per_s', 0):,.1f} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
