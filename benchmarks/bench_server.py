@@ -8,8 +8,8 @@ if there is one, else on the CPU (the report says which), and fires streaming
 /v1/completions requests at each concurrency level: `--requests` requests per level, at most
 `level` in flight at once. Per request it records the time to the first text chunk and to
 the last one; per level, completion tokens per second over the level's wall time and the
-p50/p90/p99 of both latencies. The client runs in the same process as the server (one GIL),
-so the figures are a lower bound for a separate client. With `--shape`, random weights of a
+p50/p90/p99 of both latencies. The load generator runs in a process of its own (`--client
+inprocess` puts it beside the server, sharing its interpreter lock). With `--shape`, random weights of a
 released model shape (world vocabulary) replace the bundled model; generations never stop
 early (`stop_token_ids: []`), so every request produces exactly --max-tokens tokens.
 """
@@ -104,6 +104,25 @@ async def run_level(base_url: str, model_name: str, level: int, n: int, max_toke
     return row
 
 
+def _client_main(args: tuple, results) -> None:
+    """A load generator in its own process (spawned): the client's parsing does not share the
+    server's interpreter lock."""
+    results.put(asyncio.run(run_level(*args)))
+
+
+def run_level_elsewhere(*args) -> dict:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    client = ctx.Process(target=_client_main, args=(args, results))
+    client.start()
+    try:
+        return results.get(timeout=1800)
+    finally:
+        client.join(30)
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile."""
     rank = max(1, math.ceil(q / 100 * len(sorted_values)))
@@ -148,7 +167,11 @@ def run(args) -> dict:
         name = app.state.rwkv.model_name
         asyncio.run(run_level(server.url, name, 1, 2, min(args.max_tokens, 8), offset=-2))  # warm-up
         for i, level in enumerate(args.levels):
-            rows.append(asyncio.run(run_level(server.url, name, level, args.requests, args.max_tokens, 1000 * i)))
+            level_args = (server.url, name, level, args.requests, args.max_tokens, 1000 * i)
+            if args.client == "process":
+                rows.append(run_level_elsewhere(*level_args))
+            else:
+                rows.append(asyncio.run(run_level(*level_args)))
             print(f"concurrency {level}: {rows[-1]['tokens_per_s']:,.1f} tokens/s", file=sys.stderr)
     for row in rows:  # in waves of `level` requests: a lower bound of the engine's continuous batching
         alone = engine_only(model, row["concurrency"], args.requests, args.max_tokens, slots, config.state_dtype)
@@ -159,7 +182,7 @@ def run(args) -> dict:
         "model": args.shape and f"random {args.shape} shape" or Path(str(model.path)).name,
         "compute_dtype": dtype_name(model.dtype), "state_dtype": dtype_name(config.state_dtype), "slots": slots,
         "max_tokens": args.max_tokens, "prompt_tokens": len(model.tokenizer.encode(PROMPT)) + 4,
-        "prefix_cache_mb": args.prefix_cache_mb, "rows": rows,
+        "prefix_cache_mb": args.prefix_cache_mb, "client": args.client, "rows": rows,
     }  # fmt: skip
 
 
@@ -168,7 +191,8 @@ def markdown(result: dict) -> str:
     out = [f"# HTTP serving, {r['device']}, {r['date']}", "",
            f"Model {r['model']} (compute {r['compute_dtype']}, state {r['state_dtype']}), {r['slots']} slots, "
            f"prompts of about {r['prompt_tokens']} tokens, {r['max_tokens']} tokens generated per request, "
-           f"streaming /v1/completions; client in the same process; torch {r['torch']}.", "",
+           f"streaming /v1/completions; client {'in its own process' if r.get('client') == 'process' else 'in the same process'}; "
+           f"torch {r['torch']}.", "",
            "The last column runs the same requests through the Engine directly on one thread, in waves of "
            "`concurrency` requests (no HTTP, no event loop): what the engine alone sustains.", "",
            "| concurrency | requests | tokens/s | requests/s | TTFT p50/p90/p99 ms | end-to-end p50/p90/p99 ms | engine alone tokens/s |",
@@ -193,6 +217,8 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--slots", type=int, default=None, help="pool slots (default: the largest level)")
     parser.add_argument("--prefix-cache-mb", type=float, default=64.0)
+    parser.add_argument("--client", choices=("process", "inprocess"), default="process",
+                        help="run the load generator in its own process (default) or in the server's")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
     result = run(args)
