@@ -147,9 +147,17 @@ def rollback_rows(model, shape, device, context: int, backs: list[int], repeats:
                 s.rollback(n)
                 refed.append(engine.tokens_fed - before)
 
-            t = timed(rollback, lambda: s.feed(ids[len(s.tokens) :]), device, repeats)
+            def back_to_full_context():  # the target must lie inside a feed, not at an undo point
+                s.rollback(min(5, len(s.tokens)))
+                s.feed(ids[len(s.tokens) :])
+
+            t = timed(rollback, back_to_full_context, device, repeats)
             rows.append({"shape": shape, "history_format": fmt, "context": context, "tokens_back": n,
-                         "method": "rollback (ring history)", "tokens_refed": statistics.median(refed), **t})  # fmt: skip
+                         "method": "rollback inside a turn (ring entry + re-feed)", "tokens_refed": statistics.median(refed), **t})  # fmt: skip
+        turn = ids[:32]  # undo of a whole turn (a reply, a message): it starts at an undo point
+        t = timed(lambda: s.undo(), lambda: s.feed(turn), device, repeats)
+        rows.append({"shape": shape, "history_format": fmt, "context": context, "tokens_back": len(turn),
+                     "method": "undo a turn (ring undo point)", "tokens_refed": 0, **t})  # fmt: skip
     s = Engine(model, slots=1, state_dtype=torch.float16, history_capacity=0, enforce_eager=True).session()
     for n in backs:
         t = timed(lambda: s.feed(ids[: context - n]), s.reset, device, max(3, repeats // 4))

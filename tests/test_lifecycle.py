@@ -312,9 +312,32 @@ def test_repeated_undo_and_refeed_keeps_the_ring(model):
     ids = random_ids(random.Random(9), 32)
     for i in range(0, 32, 8):
         s.feed(ids[i : i + 8])
-    for _ in range(6):
+    for i in range(6):
         fed = engine.tokens_fed
-        s.rollback(4)  # from 32 back to 28: the entry at 24 serves, 4 tokens are re-fed
-        assert engine.tokens_fed - fed == 4
+        s.rollback(4)  # 32 -> 28: first from the entry at 24 (4 tokens re-fed), then from the undo
+        assert engine.tokens_fed - fed == (4 if i == 0 else 0)  # point the re-feed of 28: recorded
         s.feed(ids[28:])
-    assert sorted(engine.history.positions[s.slot]) == [8, 16, 24, 32]
+    assert sorted(engine.history.positions[s.slot][:4]) == [8, 16, 24, 32]  # the periodic entries
+
+
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_regenerate_and_undo_restore_without_refeeding(model, with_prompt):
+    """Undo points have ring entries of their own: regenerate and undo of a turn re-feed nothing,
+    even after a token-by-token feed that recorded many undo points."""
+    engine = Engine(model, slots=1, history_every=64, history_capacity=2)
+    s = engine.session()
+    for t in range(30):
+        s.feed([t % 97])  # 30 undo points: they churn the 2 undo-point entries only
+    if with_prompt:
+        first = s.generate(5, GREEDY, prompt=[1, 2, 3])
+    else:
+        s.feed([1, 2, 3])
+        first = s.generate(5, GREEDY)
+    list(first)
+    fed = engine.tokens_fed
+    again = s.regenerate()
+    list(again)
+    assert engine.tokens_fed == fed and again.token_ids == first.token_ids
+    s.undo()  # the reply
+    assert engine.tokens_fed == fed and s.tokens == list(range(30)) + [1, 2, 3]
+    assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL

@@ -83,6 +83,7 @@ class EngineConfig:
     history_every: int = 64
     history_capacity: int | None = None  # None: 4 with the contiguous layout, 0 (off) with the fragmented one
     history_format: str | None = None  # None: the storage dtype
+    history_marks: int = 2  # more ring entries per slot for the latest undo points (feed and reply starts)
     prefix_cache_bytes: int = 0  # byte budget of the prefix cache; 0 turns it off
     prefix_cache_every: int = 256  # prompts are cached at multiples of this many tokens and at their end
     prefix_cache_format: str | None = None  # None: the storage dtype
@@ -113,7 +114,7 @@ class EngineConfig:
         for name in ("history_every", "prefix_cache_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("history_capacity", "prefix_cache_bytes", "cold_after_s"):
+        for name in ("history_capacity", "history_marks", "prefix_cache_bytes", "cold_after_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         needs_contiguous = self.history_capacity or self.prefix_cache_bytes or self.host_format or self.cold_format

@@ -59,7 +59,8 @@ class Engine:
         self.tier = HostTier(self.pool, cfg.host_format, cfg.cold_format, cfg.cold_after_s, clock)
         self.history = None
         if cfg.history_capacity:
-            self.history = StateHistory(self.pool, cfg.history_every, cfg.history_capacity, cfg.history_format, V)
+            self.history = StateHistory(self.pool, cfg.history_every, cfg.history_capacity, cfg.history_format, V,
+                                        marks=cfg.history_marks)  # fmt: skip
         self.prefix_cache = PrefixCache(cfg.prefix_cache_bytes) if cfg.prefix_cache_bytes else None
 
     @property
@@ -365,11 +366,20 @@ class Engine:
         position = len(session.tokens)
         if not session._marks or session._marks[-1] != position:
             session._marks.append(position)
-        # a mark is snapshotted only if the ring has nothing from the last `every` tokens, so a
-        # token-by-token feed cannot flood the ring, yet undo never re-feeds more than that
-        history = self.history
-        if history is not None and position - max(history.newest_position(slot), 0) >= history.every:
-            history.record(slot, position, self._logits[slot] if self._has_logits[slot] else None)
+        self._record_mark(session, slot)
+
+    def _record_mark(self, session: Session, slot: int) -> None:
+        """Snapshots an undo point: into the ring's own entries for undo points when it has them;
+        else only if the ring has nothing from the last `every` tokens (so a token-by-token feed
+        cannot flood the periodic entries, yet undo never re-feeds more than that)."""
+        history, position = self.history, len(session.tokens)
+        if history is None or (position == 0 and session.from_zero):
+            return
+        logits = self._logits[slot] if self._has_logits[slot] else None
+        if history.marks:
+            history.record(slot, position, logits, mark=True)
+        elif position - max(history.newest_position(slot), 0) >= history.every:
+            history.record(slot, position, logits)
 
     def _use_prefix_cache(self, session: Session, slot: int, ids: list[int]) -> list[int]:
         """Restores the longest cached prefix that goes beyond the session's position; returns
@@ -429,6 +439,7 @@ class Engine:
         self._streams.append(stream)  # a registered stream keeps its session resident
         if not stream.pending:
             stream.start_position = len(session.tokens)
+            self._record_mark(session, session._slot)
 
     def unregister(self, stream: GenerationStream) -> None:
         if stream in self._streams:
@@ -489,9 +500,10 @@ class Engine:
             self._has_logits[slot] = True
             if stream.start_position is None:  # a prompt chunk
                 self.tokens_fed += len(ids)
-                if not stream.pending:
-                    stream.start_position = len(session.tokens)
                 self._after_forward(session, slot, old, cache_end=not stream.pending)
+                if not stream.pending:  # the reply starts here: what regenerate() returns to
+                    stream.start_position = len(session.tokens)
+                    self._record_mark(session, slot)
             else:
                 self.tokens_generated += 1
                 self._after_forward(session, slot, old)

@@ -1,7 +1,10 @@
 """Ring-buffer state history: per slot, the last few snapshots, for exact rollback.
 
-One preallocated buffer holds `capacity` entries for every slot, in any snapshot
-format, plus the float32 next-token logits of each entry. Recording writes a free
+One preallocated buffer holds `capacity` periodic entries and `marks` undo-point
+entries for every slot, in any snapshot format, plus the float32 next-token logits of
+each entry. Undo points (where a feed or a reply starts) have entries of their own, so a
+token-by-token feed cannot push the periodic ones out, and undo/regenerate land exactly
+on an entry. Recording writes a free
 entry (or, when none is free, the oldest) in place (encode straight into the ring's memory), so it never
 allocates and never moves other entries. An entry remembers the token position
 (how many tokens the slot had been fed) its state belongs to.
@@ -32,22 +35,25 @@ class HistoryEntry:
 
 
 class StateHistory:
-    def __init__(self, pool, every: int, capacity: int, fmt: str, vocab_size: int, group: int | None = None):
-        if capacity < 1 or every < 1:
-            raise ValueError(f"history needs capacity >= 1 and every >= 1, got {capacity} and {every}")
+    def __init__(self, pool, every: int, capacity: int, fmt: str, vocab_size: int, group: int | None = None,
+                 marks: int = 0):  # fmt: skip
+        if capacity < 1 or every < 1 or marks < 0:
+            raise ValueError(f"history needs capacity >= 1, every >= 1, marks >= 0, got {capacity}, {every}, {marks}")
         if not hasattr(pool, "slot_view"):
             raise StateError("a state history needs the contiguous pool layout")
         self.pool = pool
         self.every = every
-        self.capacity = capacity
+        self.capacity = capacity  # entries recorded every `every` tokens
+        self.marks = marks  # further entries for undo points (the starts of feeds and replies)
+        self.entries = capacity + marks
         self.fmt = fmt
         self.group = group or pool.layout.head_size
-        count = pool.num_slots * capacity
+        count = pool.num_slots * self.entries
         self.states = empty_encoded(fmt, pool.layout.slot_numel, self.group, pool.device, count=count)
         self.logits = torch.zeros(count, vocab_size, dtype=torch.float32, device=pool.device)
         # host-side bookkeeping: positions[slot][i] is entry i's position, -1 when empty
-        self.positions = [[-1] * capacity for _ in range(pool.num_slots)]
-        self.has_logits = [[False] * capacity for _ in range(pool.num_slots)]
+        self.positions = [[-1] * self.entries for _ in range(pool.num_slots)]
+        self.has_logits = [[False] * self.entries for _ in range(pool.num_slots)]
         self.records = 0
         self.restores = 0
 
@@ -56,7 +62,7 @@ class StateHistory:
         return self.states.nbytes + self.logits.numel() * self.logits.element_size()
 
     def _index(self, slot: int, i: int) -> int:
-        return slot * self.capacity + i
+        return slot * self.entries + i
 
     def due(self, old_position: int, new_position: int) -> bool:
         """Whether a forward from old to new position crossed a multiple of `every`."""
@@ -65,11 +71,13 @@ class StateHistory:
     def newest_position(self, slot: int) -> int:
         return max(self.positions[slot])
 
-    def record(self, slot: int, position: int, logits: torch.Tensor | None) -> None:
-        """Snapshots the slot's current state, which belongs to `position`, into the ring."""
+    def record(self, slot: int, position: int, logits: torch.Tensor | None, mark: bool = False) -> None:
+        """Snapshots the slot's current state, which belongs to `position`, into the ring: into
+        the undo-point entries with mark (when there are any), else into the periodic ones."""
         if position in self.positions[slot]:  # already recorded (e.g. a mark right after a boundary)
             return
-        i = self._victim(slot)
+        own = range(self.capacity, self.entries) if mark and self.marks else range(self.capacity)
+        i = self._victim(slot, own)
         index = self._index(slot, i)
         encode(self.pool.slot_view(slot), self.fmt, self.group, out=self.states[index])
         if logits is not None:
@@ -78,11 +86,11 @@ class StateHistory:
         self.has_logits[slot][i] = logits is not None
         self.records += 1
 
-    def _victim(self, slot: int) -> int:
-        """The entry a record overwrites: a free one (never used, or freed by a rollback), else
-        the oldest position."""
+    def _victim(self, slot: int, own: range) -> int:
+        """The entry of `own` a record overwrites: a free one (never used, or freed by a
+        rollback), else the oldest position."""
         positions = self.positions[slot]
-        return min(range(self.capacity), key=lambda i: (positions[i] >= 0, positions[i]))
+        return min(own, key=lambda i: (positions[i] >= 0, positions[i]))
 
     def find(self, slot: int, position: int) -> int | None:
         """Entry number of the newest entry at or before position, or None."""
@@ -108,7 +116,7 @@ class StateHistory:
                 self.positions[slot][i] = -1
 
     def clear(self, slot: int) -> None:
-        self.positions[slot] = [-1] * self.capacity
+        self.positions[slot] = [-1] * self.entries
 
     def get_recent(self, slot: int, n: int | None = None) -> list[HistoryEntry]:
         """Views of the slot's newest n entries (all when n is None), newest first."""
