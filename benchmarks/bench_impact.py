@@ -43,6 +43,7 @@ from bench_state import TINY, build_model, formats_for, sync, wall  # noqa: E402
 from impact_report import CPU_NOTE, render, write_charts  # noqa: E402
 
 from rwkvstate import Engine  # noqa: E402
+from rwkvstate.config import EngineConfig  # noqa: E402
 from rwkvstate.config import dtype_name  # noqa: E402
 from rwkvstate.model.checkpoint import expected_shapes  # noqa: E402
 from rwkvstate.runtime.runner import ModelRunner  # noqa: E402
@@ -268,10 +269,11 @@ def ring_rows(model, shape: str, device, opts) -> tuple[list[dict], list[dict]]:
     of the slot before each draft (needs no ring, only whole-slot copies).
 
     Every case starts from a fresh session whose ring holds an entry every `every` tokens, with
-    room for every timed cycle: a rollback frees its newest entries, but the ring writes the next
-    entry at its head, over the oldest live one, so a small ring rolled back and re-fed many
-    times forgets its history. The time of one rollback does not depend on the ring's size;
-    the memory rows give the bytes of the default ring (opts.ring_capacity entries)."""
+    room for every timed cycle. An undo takes back a turn fed as one piece, so it lands on the
+    undo point where that turn began (a restore); a speculative rollback lands inside the draft
+    and re-feeds the accepted tokens after the nearest entry. The time of one rollback does not
+    depend on the ring's size; the memory rows give the bytes of the default ring
+    (opts.ring_capacity periodic entries plus the undo-point entries)."""
     set_backends(model, OURS, device)
     every, context = (16, 128) if opts.tiny else (64, 2048)
     k, rejects, backs = 8, (1, 4), (1, every // 4, every + every // 2 + 4)
@@ -356,6 +358,7 @@ def ring_memory(model, shape: str, every: int, capacity: int) -> list[dict]:
     lay, V = model.state_layout, model.config.vocab_size
     slot = lay.slot_nbytes(F16)
     rows = []
+    capacity += EngineConfig().history_marks  # the undo-point entries come with every ring
     for fmt in ("fp16", "int8"):
         ring = capacity * (encoded_nbytes(fmt, lay.slot_numel, lay.head_size) + 4 * V)
         rows.append({"shape": shape, "format": fmt, "capacity": capacity, "every": every, "slot_bytes": slot,

@@ -413,11 +413,15 @@ def why_ring(result: dict, s: dict) -> str:
     m = next(x for x in mem if x["shape"] == big["shape"])
     int8 = next((x for x in result["ring_memory"] if x["shape"] == big["shape"] and x["format"] == "int8"), None)
     alt = f" ({int8['ring_bytes_per_slot'] / int8['slot_bytes']:.0%} with an int8 ring)" if int8 else ""
-    return (f"Rolling back restores the nearest ring entry and re-feeds at most {m['every'] - 1} tokens instead of "
-            f"the whole kept context (at {big['shape']}, taking back {big['tokens']} tokens: "
+    spec = [c for c in s["rollback"] if c["case"] == "speculative" and c["method"] == "ring rollback"]
+    spec_text = (f"; a rollback inside a draft restores the nearest entry and re-feeds the accepted tokens, one "
+                 f"short forward: {min(c['speedup'] for c in spec):.1f}-{max(c['speedup'] for c in spec):.1f}x"
+                 if spec else "")  # fmt: skip
+    return (f"Undo restores the ring entry kept where the undone turn began, with nothing to re-feed, instead of "
+            f"re-feeding the whole kept context (at {big['shape']}, taking back {big['tokens']} tokens: "
             f"{big['ours_s'] * 1e3:.1f} ms against {big['base_s'] * 1e3:.1f} ms to re-feed "
-            f"{big['context'] - big['tokens']} tokens), {lo['speedup']:.0f}-{hi['speedup']:.0f}x rather than 5% "
-            f"because the seed design has no rollback at all; the price is memory the estimate left out: a "
+            f"{big['context'] - big['tokens']} tokens), {lo['speedup']:.0f}-{hi['speedup']:.0f}x{spec_text}; far "
+            f"above 5% because the seed design has no rollback at all; the price is memory the estimate left out: a "
             f"{m['capacity']}-entry {m['format']} ring with its logits adds {m['ring_bytes_per_slot'] / m['slot_bytes']:.0%} "
             f"of an fp16 slot{alt}.")  # fmt: skip
 
