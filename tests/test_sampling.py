@@ -76,10 +76,10 @@ def test_seeded_generation_is_reproducible_and_batch_independent():
     rows = torch.stack([logits_row(i) for i in range(4)])
     params = [SamplingParams(seed=s, temperature=1.3) for s in range(4)]
     gens = [p.make_generator() for p in params]
-    together = [sample(rows, params, [torch.rand((), generator=g).item() for g in gens]) for _ in range(5)]
+    together = [sample(rows, params, [g.random() for g in gens]) for _ in range(5)]
     gens = [p.make_generator() for p in params]
     for i in range(4):
-        alone = [sample(rows[i : i + 1], params[i : i + 1], [torch.rand((), generator=gens[i]).item()])[0] for _ in range(5)]
+        alone = [sample(rows[i : i + 1], params[i : i + 1], [gens[i].random()])[0] for _ in range(5)]
         assert alone == [step[i] for step in together]
 
 

@@ -470,7 +470,7 @@ class Engine:
         rows = self._logits[slots, : self._sample_limit].clone()
         for row, stream in zip(rows, streams):
             apply_penalties(row, stream.params, stream.counts)
-        uniforms = [torch.rand((), generator=s.generator).item() for s in streams]
+        uniforms = [s.generator.random() for s in streams]
         tokens = sample(rows, [s.params for s in streams], uniforms)
         return [(s, [t]) for s, t in zip(streams, tokens) if s.accept(t)]
 

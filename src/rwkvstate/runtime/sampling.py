@@ -9,6 +9,8 @@ share the batch.
 
 from __future__ import annotations
 
+import random
+
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,13 +63,11 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
-    def make_generator(self) -> torch.Generator:
-        gen = torch.Generator()
-        if self.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(self.seed)
-        return gen
+    def make_generator(self) -> random.Random:
+        """The stream's own uniform source (one draw per sampled token): seeded, it makes the
+        stream's tokens independent of whatever else is in the batch. A Python RNG: one draw is
+        ~0.1 us, against several for a torch generator and .item()."""
+        return random.Random(self.seed)  # None: seeded from the OS
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: Counter) -> None:
@@ -87,11 +87,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: Seq
     """logits [B, V] float32 (penalties already applied); one uniform in [0, 1) per row."""
     B, V = logits.shape
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
+    # one host-to-device copy for the four per-row parameters (top_k is exact in float32: V < 2^24)
+    rows = [[p.temperature for p in params], [p.top_k if 0 < p.top_k < V else V for p in params],
+            [p.top_p for p in params], list(uniforms)]  # fmt: skip
+    temperature, top_k, top_p, u = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
     greedy = temperature == 0
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
-    u = torch.tensor(list(uniforms), device=device, dtype=torch.float32)
 
     scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
