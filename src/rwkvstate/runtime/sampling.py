@@ -9,9 +9,8 @@ share the batch.
 
 from __future__ import annotations
 
-import random
-
 import math
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
