@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import dtype_name
-from .state.snapshot import decode, encode
+from .state.snapshot import encode
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,7 @@ class _Runner:
             if fmt is None:
                 self.pool.load(slot, self.pool.export(slot))
             else:
-                view = self.pool.slot_view(slot)
-                decode(encode(view, fmt, self.pool.layout.head_size), view)
+                self.pool.load_encoded(slot, encode(self.pool.slot_view(slot), fmt, self.pool.layout.head_size))
 
     def _track_state(self) -> None:
         for layer in range(self.pool.layout.n_layer):

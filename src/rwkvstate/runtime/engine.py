@@ -23,8 +23,9 @@ from ..config import EngineConfig
 from ..errors import RwkvStateError, SlotError
 from ..state.cache import PrefixCache
 from ..state.history import StateHistory
-from ..state.host import HostTier, TierEntry
-from ..state.snapshot import Encoded, check_format, decode, encode
+from ..state.pool import CANONICAL
+from ..state.host import HostTier, TierEntry, to_float32
+from ..state.snapshot import Encoded, check_format, encode
 from .runner import ModelRunner
 from .sampling import apply_penalties, sample
 from .session import Base, GenerationStream, Session, SessionSnapshot
@@ -156,9 +157,13 @@ class Engine:
             raise RwkvStateError("no logits yet: feed at least one token first")
         return self._logits[slot]
 
+    def _host_entry(self, session: Session) -> TierEntry | None:
+        """The session's host-tier entry while it has no slot, else None."""
+        return self.tier.entries.get(session.id) if session._slot is None else None
+
     def session_logits(self, session: Session) -> torch.Tensor:
         """The session's next-token logits, read from the host tier without bringing it back."""
-        entry = self.tier.entries.get(session.id) if session._slot is None else None
+        entry = self._host_entry(session)
         if entry is not None:
             if entry.logits is None:
                 raise RwkvStateError("no logits yet: feed at least one token first")
@@ -236,23 +241,18 @@ class Engine:
         return SessionSnapshot(state, list(session.tokens), logits, from_zero=session.from_zero)
 
     def _has_any_logits(self, session: Session) -> bool:
-        entry = self.tier.entries.get(session.id) if session._slot is None else None
+        entry = self._host_entry(session)
         if entry is not None:
             return entry.logits is not None
         return self._has_logits[self.resident(session)]
 
     def _canonical(self, session: Session) -> dict[str, torch.Tensor]:
-        entry = self.tier.entries.get(session.id) if session._slot is None else None
+        entry = self._host_entry(session)
         if entry is None:
             return self.pool.export(self.resident(session))
         lay = self.pool.layout
-        flat = torch.empty(lay.slot_numel, dtype=torch.float32)
-        if isinstance(entry.state, Encoded):
-            decode(entry.state, flat)
-        else:
-            flat.copy_(entry.state.reshape(-1))
-        att, wkv, ffn = lay.split_layer(flat.view(lay.n_layer, lay.layer_numel))
-        return {"att_shift": att.contiguous(), "wkv": wkv.contiguous(), "ffn_shift": ffn.contiguous()}
+        parts = lay.split_layer(to_float32(entry.state).view(lay.n_layer, lay.layer_numel))
+        return {name: part.clone(memory_format=torch.contiguous_format) for name, part in zip(CANONICAL, parts)}
 
     def restore(self, session: Session, snap: SessionSnapshot) -> None:
         """Puts a snapshot back into the session. Checks everything before writing anything."""
@@ -264,11 +264,7 @@ class Engine:
                 f"snapshot holds {snap.state.numel} state elements, this pool's slots {self.pool.layout.slot_numel}"
             )
         slot = self.resident(session)
-        if isinstance(snap.state, Encoded):
-            decode(snap.state.to(self.pool.device), self.pool.slot_view(slot))
-            self.pool.mark_written([slot])
-        else:
-            self.pool.load(slot, snap.state)  # validates before writing
+        self._write_state(slot, snap.state)  # a canonical dict is validated before it is written
         self._forget_history(slot)
         self._set_logits(slot, snap.logits)
         session.tokens = list(snap.tokens)
@@ -322,8 +318,7 @@ class Engine:
         if self.prefix_cache is not None and session.from_zero:
             cached = self.prefix_cache.lookup(session.tokens[:target], min_length=best + 1)
         if cached is not None:
-            decode(cached.state, self.pool.slot_view(slot))
-            self.pool.mark_written([slot])
+            self.pool.load_encoded(slot, cached.state)
             return cached.length, cached.logits
         if hit is not None:
             return self.history.restore(slot, hit)
@@ -334,10 +329,9 @@ class Engine:
         self.pool.reset(slot)
         return 0, None
 
-    def _write_state(self, slot: int, state) -> None:
+    def _write_state(self, slot: int, state: dict[str, torch.Tensor] | Encoded) -> None:
         if isinstance(state, Encoded):
-            decode(state.to(self.pool.device), self.pool.slot_view(slot))
-            self.pool.mark_written([slot])
+            self.pool.load_encoded(slot, state)
         else:
             self.pool.load(slot, state)
 
@@ -390,8 +384,7 @@ class Engine:
         entry = self.prefix_cache.lookup(full, min_length=len(session.tokens) + 1)
         if entry is None:
             return ids
-        decode(entry.state, self.pool.slot_view(slot))
-        self.pool.mark_written([slot])
+        self.pool.load_encoded(slot, entry.state)
         self._set_logits(slot, entry.logits)
         session.tokens = full[: entry.length]
         return full[entry.length :]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import StateError
-from .snapshot import Encoded, decode, empty_encoded, encode
+from .snapshot import Encoded, empty_encoded, encode
 
 
 @dataclass
@@ -103,8 +103,7 @@ class StateHistory:
     def restore(self, slot: int, i: int) -> tuple[int, torch.Tensor | None]:
         """Writes entry i back into the slot; returns (position, logits view or None)."""
         index = self._index(slot, i)
-        decode(self.states[index], self.pool.slot_view(slot))
-        self.pool.mark_written([slot])
+        self.pool.load_encoded(slot, self.states[index])
         self.restores += 1
         logits = self.logits[index] if self.has_logits[slot][i] else None
         return self.positions[slot][i], logits

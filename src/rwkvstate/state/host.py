@@ -78,10 +78,7 @@ class HostTier:
         """Writes key's state back into the slot and removes the entry; returns it."""
         entry = self.entries.pop(key)
         if isinstance(entry.state, Encoded):
-            device_copy = entry.state.to(self.pool.device)
-            self.pool.bytes_to_device += entry.state.nbytes
-            decode(device_copy, self.pool.slot_view(slot))
-            self.pool.mark_written([slot])
+            self.pool.load_encoded(slot, entry.state)
         else:
             self.pool.load_host(slot, entry.state, keep=True)
         self.restores += 1
@@ -107,10 +104,13 @@ class HostTier:
         return count
 
     def _recode(self, state) -> Encoded:
-        group = self.pool.layout.head_size
-        if isinstance(state, Encoded):
-            flat = torch.empty(self.pool.layout.slot_numel, dtype=torch.float32)
-            decode(state, flat)
-        else:
-            flat = state.reshape(-1)
-        return encode(flat, self.cold_format, group)
+        return encode(to_float32(state), self.cold_format, self.pool.layout.head_size)
+
+
+def to_float32(state: torch.Tensor | Encoded) -> torch.Tensor:
+    """A host entry's state as a flat float32 CPU tensor (a view of the entry when it already is one)."""
+    if isinstance(state, Encoded):
+        flat = torch.empty(state.numel, dtype=torch.float32)
+        decode(state, flat)
+        return flat
+    return state.reshape(-1).float()

@@ -29,6 +29,7 @@ import torch
 from ..errors import SlotError, StateError
 from .convert import validate_canonical
 from .layout import StateLayout
+from .snapshot import Encoded, decode
 
 CANONICAL = ("att_shift", "wkv", "ffn_shift")
 STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -233,6 +234,15 @@ class ContiguousPool(StatePool):
     def slot_view(self, slot: int) -> torch.Tensor:
         """The slot's whole state as one flat view [L * (N + 2) * C] (snapshots encode from it)."""
         return self.data[slot].view(-1)
+
+    def load_encoded(self, slot: int, enc: Encoded) -> None:
+        """Writes an encoded snapshot (any format, on the host or this device) into the slot."""
+        self.check_slot(slot)
+        if enc.device != self.device:
+            enc = enc.to(self.device)
+            self.bytes_to_device += enc.nbytes
+        decode(enc, self.slot_view(slot))
+        self.mark_written([slot])
 
     def _slot_blocks(self, slot):
         return [self.data[slot]]
