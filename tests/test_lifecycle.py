@@ -341,3 +341,65 @@ def test_regenerate_and_undo_restore_without_refeeding(model, with_prompt):
     s.undo()  # the reply
     assert engine.tokens_fed == fed and s.tokens == list(range(30)) + [1, 2, 3]
     assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+
+
+def test_undo_skips_steps_that_added_nothing(model):
+    engine = Engine(model, slots=1)
+    s = engine.session()
+    s.feed([1, 2, 3])
+    s.feed([4, 5])
+    s.feed([])  # an empty feed, and a reply stopped before its first token: nothing to undo
+    stream = s.generate(5, SamplingParams(temperature=0, stop_token_ids=list(range(97))))
+    list(stream)
+    assert stream.token_ids == [] and s.tokens == [1, 2, 3, 4, 5]
+    assert s.undo() == 2 and s.tokens == [1, 2, 3]
+
+
+def test_a_never_used_session_takes_no_slot_to_be_read(model):
+    engine = Engine(model, slots=1)
+    busy = engine.session()
+    busy.feed([1])
+    stream = busy.generate(50, GREEDY)
+    next(stream)
+    fresh = engine.session()
+    snap = fresh.snapshot()  # the zero state, although the only slot is generating
+    assert snap.logits is None and snap.state["wkv"].abs().max() == 0 and fresh.location == "none"
+    with pytest.raises(RwkvStateError, match="no logits"):
+        fresh.logits
+    stream.close()
+
+
+def test_a_failed_restore_from_the_host_keeps_the_session(model, monkeypatch):
+    engine = Engine(model, slots=1)
+    a, b = engine.session(), engine.session()
+    a.feed([1, 2])
+    b.feed([3])  # a moves to the host
+    calls = []
+
+    def broken(slot, buffer, keep=True):
+        calls.append(slot)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.pool, "load_host", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        a.feed([4])
+    monkeypatch.undo()
+    assert calls and a.location == "host" and engine.pool.free_slots == 1
+    a.feed([4])
+    assert rel_err(a.logits, fresh_logits(model, [1, 2, 4])) < TOL
+
+
+def test_the_rollback_base_is_a_copy_of_the_loaded_state(model):
+    engine = Engine(model, slots=2)
+    donor = engine.session()
+    donor.feed([1, 2, 3])
+    state = donor.snapshot().state
+    s = engine.session()
+    s.load_state(state)
+    s.feed([5, 6])
+    before = s.logits
+    for t in state.values():
+        t.zero_()  # the caller changes its tensors afterwards
+    s.rollback(1)
+    s.feed([6])
+    assert rel_err(s.logits, before) < TOL

@@ -22,6 +22,7 @@ import torch
 from ..config import EngineConfig
 from ..errors import RwkvStateError, SlotError
 from ..state.cache import PrefixCache
+from ..state.convert import zero_state
 from ..state.history import StateHistory
 from ..state.pool import CANONICAL
 from ..state.host import HostTier, TierEntry, to_float32
@@ -87,7 +88,11 @@ class Engine:
         if session._slot is None:
             slot = self._acquire_slot()
             if session.id in self.tier:
-                entry = self.tier.load(session.id, slot)
+                try:
+                    entry = self.tier.load(session.id, slot)  # the entry stays if the write fails
+                except BaseException:
+                    self.pool.free(slot)
+                    raise
                 self._set_logits(slot, entry.logits)
             session._slot = slot
             self._owner[slot] = session
@@ -164,6 +169,8 @@ class Engine:
     def session_logits(self, session: Session) -> torch.Tensor:
         """The session's next-token logits, read from the host tier without bringing it back."""
         entry = self._host_entry(session)
+        if session.location == "none" or (entry is not None and entry.logits is None):
+            raise RwkvStateError("no logits yet: feed at least one token first")
         if entry is not None:
             if entry.logits is None:
                 raise RwkvStateError("no logits yet: feed at least one token first")
@@ -241,12 +248,16 @@ class Engine:
         return SessionSnapshot(state, list(session.tokens), logits, from_zero=session.from_zero)
 
     def _has_any_logits(self, session: Session) -> bool:
+        if session.location == "none":
+            return False
         entry = self._host_entry(session)
         if entry is not None:
             return entry.logits is not None
         return self._has_logits[self.resident(session)]
 
     def _canonical(self, session: Session) -> dict[str, torch.Tensor]:
+        if session.location == "none":  # never used: the zero state, without taking a slot
+            return zero_state(self.pool.layout.n_layer, self.pool.layout.n_embd, self.pool.layout.head_size)
         entry = self._host_entry(session)
         if entry is None:
             return self.pool.export(self.resident(session))
@@ -270,10 +281,10 @@ class Engine:
         session.tokens = list(snap.tokens)
         session._marks, session._last_generation = [], None
         session.from_zero = snap.from_zero
-        session._base = None if snap.from_zero else Base(len(snap.tokens), snap)
+        session._base = None if snap.from_zero else Base(len(snap.tokens), _own_copy(snap))
 
     def load_state(self, session: Session, state: dict[str, torch.Tensor]) -> None:
-        snap = SessionSnapshot({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, [], None)
+        snap = SessionSnapshot({k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}, [], None)
         self.restore(session, snap)
 
     # ---- rollback ----------------------------------------------------------------------------
@@ -337,6 +348,8 @@ class Engine:
 
     def undo(self, session: Session, n: int = 1) -> int:
         """Takes back the last n feeds or generations; returns the number of tokens removed."""
+        # an undo point at the end marks a feed or a reply that added nothing: nothing to take back
+        session._marks = [m for m in session._marks if m < len(session.tokens)]
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(session._marks):
             raise ValueError(f"can undo 1 to {len(session._marks)} steps, got {n!r}")
         removed = len(session.tokens) - session._marks[-n]
@@ -533,3 +546,10 @@ class Engine:
             out.update(prefix_cache_lookups=s.lookups, prefix_cache_hits=s.hits, prefix_cache_hit_tokens=s.hit_tokens,
                        prefix_cache_hit_rate=s.hit_rate, prefix_cache_entries=cache.num_entries)  # fmt: skip
         return out
+
+
+def _own_copy(snap: SessionSnapshot) -> SessionSnapshot:
+    """A snapshot sharing no tensor with the caller's (who may change theirs afterwards)."""
+    state = snap.state.clone() if isinstance(snap.state, Encoded) else {k: v.clone() for k, v in snap.state.items()}
+    logits = None if snap.logits is None else snap.logits.clone()
+    return SessionSnapshot(state, list(snap.tokens), logits, from_zero=snap.from_zero)

@@ -76,11 +76,12 @@ class HostTier:
 
     def load(self, key, slot: int) -> TierEntry:
         """Writes key's state back into the slot and removes the entry; returns it."""
-        entry = self.entries.pop(key)
+        entry = self.entries[key]
         if isinstance(entry.state, Encoded):
             self.pool.load_encoded(slot, entry.state)
         else:
             self.pool.load_host(slot, entry.state, keep=True)
+        del self.entries[key]  # only once the state is back in the pool
         self.restores += 1
         return entry
 

@@ -101,6 +101,11 @@ class Encoded:
         scales = None if self.scales is None else self.scales.to(device, non_blocking=non_blocking)
         return Encoded(self.fmt, self.data.to(device, non_blocking=non_blocking), scales, self.group)
 
+    def clone(self) -> "Encoded":
+        """A copy in new buffers on the same device."""
+        scales = None if self.scales is None else self.scales.clone()
+        return Encoded(self.fmt, self.data.clone(), scales, self.group)
+
     def copy_(self, other: "Encoded", non_blocking: bool = False) -> "Encoded":
         """Copies other into this snapshot's buffers (same format, group and shape; any device)."""
         same_group = self.scales is None or self.group == other.group
