@@ -403,3 +403,24 @@ def test_the_rollback_base_is_a_copy_of_the_loaded_state(model):
     s.rollback(1)
     s.feed([6])
     assert rel_err(s.logits, before) < TOL
+
+
+def test_a_marked_prompt_prefix_is_cached_inside_batched_steps(model):
+    engine = Engine(model, slots=2, prefix_cache_bytes=1 << 20, prefix_cache_every=1000)
+    rng = random.Random(12)
+    system = random_ids(rng, 23)
+    first = engine.session()
+    list(first.generate(3, GREEDY, prompt=system + [5, 6], cache_prefix=len(system)))
+    assert engine.prefix_cache.contains(system)  # a chunk ended there, inside step()
+    second = engine.session()
+    fed = engine.tokens_fed
+    stream = second.generate(3, GREEDY, prompt=system + [7, 8, 9], cache_prefix=len(system))
+    list(stream)
+    assert engine.tokens_fed - fed == 3 and engine.prefix_cache.stats.hits == 1
+    alone = Engine(model, slots=1).session()
+    alone.feed(system + [7, 8, 9])
+    expected = alone.generate(3, GREEDY)
+    list(expected)
+    assert stream.token_ids == expected.token_ids
+    with pytest.raises(ValueError, match="cache_prefix must be 0 to 2"):
+        engine.session().generate(3, GREEDY, prompt=[1, 2], cache_prefix=3)

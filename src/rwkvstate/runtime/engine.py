@@ -413,13 +413,15 @@ class Engine:
             self.tokens_fed += size
             self._after_forward(session, slot, old, cache_end=cache and not ids)
 
-    def _chunk_size(self, position: int, remaining: int, cache: bool) -> int:
+    def _chunk_size(self, position: int, remaining: int, cache: bool, cut: int | None = None) -> int:
         """Tokens for the next prompt chunk; with the prefix cache on, chunks end at its
-        multiples so the cache can store the shared parts of prompts."""
+        multiples, and at `cut`, so the cache can store the shared parts of prompts."""
         size = min(remaining, self.config.max_prefill_chunk)
         if cache and self.prefix_cache is not None:
             every = self.config.prefix_cache_every
             size = min(size, every - position % every)
+            if cut is not None and position < cut:
+                size = min(size, cut - position)
         return size
 
     def _after_forward(self, session: Session, slot: int, old: int, cache_end: bool = False) -> None:
@@ -486,7 +488,8 @@ class Engine:
         for stream in streams:
             if budget <= 0:
                 break
-            size = min(budget, self._chunk_size(len(stream.session.tokens), len(stream.pending), True))
+            position = len(stream.session.tokens)
+            size = min(budget, self._chunk_size(position, len(stream.pending), True, stream.cut_at))
             items.append((stream, stream.pending[:size]))
             del stream.pending[:size]
             budget -= size
@@ -506,7 +509,7 @@ class Engine:
             self._has_logits[slot] = True
             if stream.start_position is None:  # a prompt chunk
                 self.tokens_fed += len(ids)
-                self._after_forward(session, slot, old, cache_end=not stream.pending)
+                self._after_forward(session, slot, old, cache_end=not stream.pending or len(session.tokens) == stream.cut_at)
                 if not stream.pending:  # the reply starts here: what regenerate() returns to
                     stream.start_position = len(session.tokens)
                     self._record_mark(session, slot)

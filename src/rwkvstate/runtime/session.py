@@ -119,18 +119,23 @@ class Session:
 
     # ---- generation -------------------------------------------------------------------
     def generate(self, max_tokens: int = 256, sampling: SamplingParams | None = None,
-                 prompt: str | Sequence[int] | None = None) -> "GenerationStream":  # fmt: skip
+                 prompt: str | Sequence[int] | None = None, cache_prefix: int = 0) -> "GenerationStream":  # fmt: skip
         """A streaming iterator of text pieces; `.token_ids` and `.finish_reason` once done.
 
         With `prompt`, the prompt is read inside the engine's batched steps, packed with
-        the tokens of other streams (continuous batching)."""
+        the tokens of other streams (continuous batching). `cache_prefix`: the prompt's first
+        tokens are a prefix other prompts share (a system prompt): a chunk ends there, and the
+        prefix cache keeps the state at that point."""
         self._check_usable()
         ids = self._ids(prompt) if prompt is not None else []
+        if isinstance(cache_prefix, bool) or not isinstance(cache_prefix, int) or not 0 <= cache_prefix <= len(ids):
+            raise ValueError(f"cache_prefix must be 0 to {len(ids)} (the prompt's length), got {cache_prefix!r}")
         if not self.tokens and not ids:
             raise RwkvStateError("feed a prompt (at least one token) before generating")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        self._stream = GenerationStream(self, max_tokens, sampling or SamplingParams(), pending=ids)
+        cut = len(self.tokens) + cache_prefix if cache_prefix else None
+        self._stream = GenerationStream(self, max_tokens, sampling or SamplingParams(), pending=ids, cut_at=cut)
         self._last_generation = self._stream
         return self._stream
 
@@ -232,6 +237,7 @@ class GenerationStream:
     text: str = ""  # everything yielded so far
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed
     start_position: int | None = None  # the session's position when sampling began
+    cut_at: int | None = None  # a position where a prompt chunk must end and the prefix cache keeps the state
 
     def __post_init__(self):
         engine = self.session.engine

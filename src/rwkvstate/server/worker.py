@@ -244,31 +244,35 @@ class EngineWorker:
         engine = self.engine
         job.session = job.record.session if job.record is not None else engine.session()
         try:
-            ids = self._prompt_ids(job)
-            job.stream = job.session.generate(job.max_tokens, job.sampling, prompt=ids)
+            ids, shared = self._prompt_ids(job)
+            job.stream = job.session.generate(job.max_tokens, job.sampling, prompt=ids, cache_prefix=shared)
         except Exception as e:
             self._end_session(job)
             self._emit(job, Failed(api_error(e)))
             return
         self._active.append(job)
 
-    def _prompt_ids(self, job: Job) -> list[int]:
-        """The prompt's token ids. A chat turn after text that did not end its turn (a reply cut
-        by max_tokens, say) starts after a blank line; a system prompt on an empty session is
-        fed first, on its own, so the prefix cache keeps its state for other requests."""
+    def _prompt_ids(self, job: Job) -> tuple[list[int], int]:
+        """The prompt's token ids, and how many of them are a shared prefix. A chat turn after
+        text that did not end its turn (a reply cut by max_tokens, say) starts after a blank
+        line. A system prompt on an empty session is tokenized on its own and marked as a
+        prefix, so the prefix cache keeps its state for other requests; like the rest of the
+        prompt it is read inside the batched steps."""
         session, tokenizer = job.session, self.engine.tokenizer
         if isinstance(job.prompt, list):
-            return list(job.prompt)
-        text = job.prompt
+            job.prompt_tokens += len(job.prompt)
+            return list(job.prompt), 0
+        text, prefix_ids = job.prompt, []
         if job.prefix and self._can_share(session):
-            job.prompt_tokens += len(session.feed(job.prefix))
+            prefix_ids = tokenizer.encode(job.prefix)
         else:
             text = job.prefix + text
-        if job.chat and session.tokens and not tokenizer.decode_bytes(session.tokens[-4:]).endswith(b"\n\n"):
+        before = session.tokens + prefix_ids
+        if job.chat and before and not tokenizer.decode_bytes(before[-4:]).endswith(b"\n\n"):
             text = "\n\n" + text
-        ids = tokenizer.encode(text)
+        ids = prefix_ids + tokenizer.encode(text)
         job.prompt_tokens += len(ids)
-        return ids
+        return ids, len(prefix_ids)
 
     def _can_share(self, session) -> bool:
         return self.engine.prefix_cache is not None and session.from_zero and not session.tokens
