@@ -11,6 +11,7 @@ from conftest import rel_err
 from rwkvstate import Engine, Model, SamplingParams
 from rwkvstate.errors import RwkvStateError, SlotError
 from rwkvstate.model.synthetic import random_checkpoint, tiny_config
+from rwkvstate.state.cache import NODE_BYTES
 
 GREEDY = SamplingParams(temperature=0)
 TOL = 1e-5  # fp32 results of different chunkings of the same tokens agree to rounding
@@ -248,7 +249,7 @@ def test_prefix_cache_hits_equal_a_cold_run(model):
 
 def test_prefix_cache_exact_prompt_repeat_and_budget(model):
     slot_bytes = model.new_pool(1).slot_nbytes
-    budget = 3 * (slot_bytes + 97 * 4)  # room for three entries
+    budget = 3 * (slot_bytes + 97 * 4 + 3 * NODE_BYTES)  # room for three entries of 3-token prompts
     engine = Engine(model, slots=1, prefix_cache_bytes=budget, prefix_cache_every=1000)
     prompts = [[i, i + 1, i + 2] for i in range(5)]
     for p in prompts:

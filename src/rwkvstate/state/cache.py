@@ -4,8 +4,9 @@ A trie over token ids; a node may hold a snapshot of the state after its prefix 
 any snapshot format, on the pool's device) and the next-token logits there. A lookup
 returns the longest cached prefix of a prompt; the caller restores it and feeds only
 the rest. A byte budget bounds the snapshots; the least recently used ones are
-evicted first. Only states computed from the zero state may enter: the key is the
-whole token history.
+evicted first; the trie's own nodes count against the budget too (an estimate per
+node), so long prompts cannot grow host memory past it. Only states computed from the
+zero state may enter: the key is the whole token history.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Sequence
 import torch
 
 from .snapshot import Encoded
+
+NODE_BYTES = 240  # host memory of one trie node (object, dict slot, entry in its parent), counted in the budget
 
 
 @dataclass
@@ -92,13 +95,14 @@ class PrefixCache:
         """Stores a snapshot (owned by the cache from now on) of the state after tokens.
         Returns False when it cannot fit the budget at all."""
         entry = CacheEntry(state, logits, len(tokens), self._tick())
-        if not tokens or entry.nbytes > self.max_bytes:
+        if not tokens or entry.nbytes + NODE_BYTES * len(tokens) > self.max_bytes:
             return False
         node = self.root
         for token in tokens:
             child = node.children.get(token)
             if child is None:
                 child = node.children[token] = _Node(parent=node, token=token)
+                self.nbytes += NODE_BYTES
             node = child
         if node.entry is not None:
             self._drop(node)
@@ -147,9 +151,9 @@ class PrefixCache:
         self.num_entries -= 1
         node.entry = None
 
-    @staticmethod
-    def _prune(node: _Node) -> None:
+    def _prune(self, node: _Node) -> None:
         """Removes a branch's nodes that hold neither an entry nor children."""
         while node.parent is not None and node.entry is None and not node.children:
             del node.parent.children[node.token]
+            self.nbytes -= NODE_BYTES
             node = node.parent
