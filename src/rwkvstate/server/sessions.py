@@ -93,9 +93,10 @@ class SessionStore:
         return new
 
     def delete(self, record: SessionRecord) -> None:
-        record.session.close()
+        """Removes the file first: if that fails, the session is still there, in memory and on disk."""
         if self.persistent:
             self._file(record.id).unlink(missing_ok=True)
+        record.session.close()
 
     def persist(self, record: SessionRecord) -> None:
         if self.persistent:
