@@ -425,3 +425,54 @@ def test_a_marked_prompt_prefix_is_cached_inside_batched_steps(model):
     assert stream.token_ids == expected.token_ids
     with pytest.raises(ValueError, match="cache_prefix must be 0 to 2"):
         engine.session().generate(3, GREEDY, prompt=[1, 2], cache_prefix=3)
+
+
+def test_a_failed_step_rebuilds_every_state_it_touched(model, monkeypatch):
+    engine = Engine(model, slots=2)
+    a, b = engine.session(), engine.session()
+    a.feed([1, 2, 3])
+    b.feed([4])
+    streams = [a.generate(5, GREEDY), b.generate(5, GREEDY, prompt=[5, 6, 7])]
+    engine.step()  # b reads its prompt, a decodes
+    real_decode = engine.runner.decode
+    failures = []
+
+    def half_written(slots, tokens):
+        if failures:  # fails once: the rebuild's forwards go through
+            return real_decode(slots, tokens)
+        failures.append(slots)
+        engine.pool.data[list(slots)] += 1.0  # some layers were written before the failure
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.runner, "decode", half_written)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    monkeypatch.undo()
+    assert all(st.finish_reason == "error" for st in streams) and len(failures[0]) == 2
+    for s in (a, b):
+        assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+        s.feed([9])  # and the session goes on
+        assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+
+
+def test_a_session_whose_rebuild_fails_is_marked_lost(model, monkeypatch):
+    engine = Engine(model, slots=1, history_marks=0)  # no undo-point entry: the rebuild must re-feed
+    s = engine.session()
+    s.feed([1, 2, 3])
+    stream = s.generate(5, GREEDY)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.runner, "decode", broken)
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(RuntimeError):
+        engine.step()
+    monkeypatch.undo()
+    assert stream.finish_reason == "error"
+    with pytest.raises(RwkvStateError, match="lost in a failed forward"):
+        s.feed([4])
+    s.reset()  # usable again from a known state
+    s.feed([4])
+    assert rel_err(s.logits, fresh_logits(model, [4])) < TOL
+

@@ -466,7 +466,11 @@ class Engine:
         items = self._sample_decode([s for s in streams if not s.pending])
         items += self._prompt_chunks([s for s in streams if s.pending])
         if items:
-            self._run_items(items)
+            try:
+                self._run_items(items)
+            except BaseException:
+                self._recover_failed_step(items)
+                raise
             self.steps += 1
         if self.steps % MAINTAIN_EVERY == 0:
             self.maintain()
@@ -516,6 +520,20 @@ class Engine:
             else:
                 self.tokens_generated += 1
                 self._after_forward(session, slot, old)
+
+    def _recover_failed_step(self, items) -> None:
+        """A forward that raised may have written part of its slots. Its streams end ("error"),
+        and each session's state is rebuilt from its token log, which holds only what was fed
+        successfully; a session whose rebuild fails too is marked lost, so it is never used with
+        a half-written state."""
+        for stream, _ in items:
+            if not stream.done:
+                stream.finish("error")
+            session = stream.session
+            try:
+                self._rewind(session, session._slot, len(session.tokens))
+            except Exception:
+                session._lost = True
 
     def run(self, streams: Sequence[GenerationStream]) -> list[str]:
         """Drives the given streams to the end; returns their texts.

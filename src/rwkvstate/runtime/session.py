@@ -73,6 +73,7 @@ class Session:
         self._last_generation: GenerationStream | None = None
         self._stream: GenerationStream | None = None
         self._closed = False
+        self._lost = False  # a failed forward left the state half-written and it could not be rebuilt
 
     @property
     def slot(self) -> int:
@@ -156,6 +157,7 @@ class Session:
         return self.engine.fork(self)
 
     def reset(self) -> None:
+        self._lost = False
         self._check_usable()
         self.engine.reset(self)
 
@@ -176,8 +178,13 @@ class Session:
         return self.engine.snapshot(self, fmt, device)
 
     def restore(self, snap: SessionSnapshot) -> None:
-        self._check_usable()
-        self.engine.restore(self, snap)
+        lost, self._lost = self._lost, False
+        try:
+            self._check_usable()
+            self.engine.restore(self, snap)
+        except BaseException:
+            self._lost = lost
+            raise
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Starts the session from a canonical state (e.g. a state-tuning file) with no tokens.
@@ -220,6 +227,8 @@ class Session:
 
     def _check_usable(self):
         self._check_open()
+        if self._lost:
+            raise RwkvStateError("this session's state was lost in a failed forward; reset or restore it")
         if self.is_generating:
             raise RwkvStateError("this session is generating; finish or close its stream first")
 
@@ -233,7 +242,7 @@ class GenerationStream:
     max_tokens: int
     params: SamplingParams
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (a failed forward)
     text: str = ""  # everything yielded so far
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed
     start_position: int | None = None  # the session's position when sampling began
