@@ -157,9 +157,9 @@ class Session:
         return self.engine.fork(self)
 
     def reset(self) -> None:
-        self._lost = False
-        self._check_usable()
+        self._check_usable(replacing=True)
         self.engine.reset(self)
+        self._lost = False
 
     def rollback(self, n_tokens: int) -> None:
         """Takes back the last n_tokens tokens (state, logits and token log)."""
@@ -178,20 +178,17 @@ class Session:
         return self.engine.snapshot(self, fmt, device)
 
     def restore(self, snap: SessionSnapshot) -> None:
-        lost, self._lost = self._lost, False
-        try:
-            self._check_usable()
-            self.engine.restore(self, snap)
-        except BaseException:
-            self._lost = lost
-            raise
+        self._check_usable(replacing=True)
+        self.engine.restore(self, snap)
+        self._lost = False
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Starts the session from a canonical state (e.g. a state-tuning file) with no tokens.
 
         Feed a prompt afterwards: a bare state has no next-token logits."""
-        self._check_usable()
+        self._check_usable(replacing=True)
         self.engine.load_state(self, state)
+        self._lost = False
 
     def save(self, path) -> None:
         """Writes the session (state, token log, logits) to a state file, atomically."""
@@ -204,8 +201,9 @@ class Session:
         """Replaces the session's state with a state file's; a bad file changes nothing."""
         from ..state.files import load_session
 
-        self._check_usable()
+        self._check_usable(replacing=True)
         load_session(self, path)
+        self._lost = False
 
     def close(self) -> None:
         """Gives the slot (or host memory) back. The session cannot be used afterwards."""
@@ -225,9 +223,10 @@ class Session:
         if self._closed:
             raise RwkvStateError("this session is closed")
 
-    def _check_usable(self):
+    def _check_usable(self, replacing: bool = False):
+        """Open and not generating; and, unless the call replaces the whole state, not lost."""
         self._check_open()
-        if self._lost:
+        if self._lost and not replacing:
             raise RwkvStateError("this session's state was lost in a failed forward; reset or restore it")
         if self.is_generating:
             raise RwkvStateError("this session is generating; finish or close its stream first")
