@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import dtype_name
-from .state.snapshot import encode
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class _Runner:
             if fmt is None:
                 self.pool.load(slot, self.pool.export(slot))
             else:
-                self.pool.load_encoded(slot, encode(self.pool.slot_view(slot), fmt, self.pool.layout.head_size))
+                self.pool.load_encoded(slot, self.pool.encode_slot(slot, fmt))
 
     def _track_state(self) -> None:
         for layer in range(self.pool.layout.n_layer):

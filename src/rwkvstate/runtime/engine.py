@@ -26,7 +26,7 @@ from ..state.convert import zero_state
 from ..state.history import StateHistory
 from ..state.pool import CANONICAL
 from ..state.host import HostTier, TierEntry, to_float32
-from ..state.snapshot import Encoded, check_format, encode
+from ..state.snapshot import Encoded, check_format
 from .runner import ModelRunner
 from .sampling import apply_penalties, sample
 from .session import Base, GenerationStream, Session, SessionSnapshot
@@ -168,14 +168,19 @@ class Engine:
 
     def session_logits(self, session: Session) -> torch.Tensor:
         """The session's next-token logits, read from the host tier without bringing it back."""
-        entry = self._host_entry(session)
-        if session.location == "none" or (entry is not None and entry.logits is None):
+        logits = self._logits_or_none(session)
+        if logits is None:
             raise RwkvStateError("no logits yet: feed at least one token first")
+        return logits
+
+    def _logits_or_none(self, session: Session) -> torch.Tensor | None:
+        if session.location == "none":  # never used: no logits, and no slot taken to say so
+            return None
+        entry = self._host_entry(session)
         if entry is not None:
-            if entry.logits is None:
-                raise RwkvStateError("no logits yet: feed at least one token first")
             return entry.logits
-        return self.slot_logits(self.resident(session))
+        slot = self.resident(session)
+        return self._logits[slot] if self._has_logits[slot] else None
 
     # ---- state operations --------------------------------------------------------------------
     def fork(self, session: Session) -> Session:
@@ -237,23 +242,16 @@ class Engine:
         the pool's device)."""
         if fmt is None:
             state = self._canonical(session)
-            logits = self.session_logits(session).cpu().clone() if self._has_any_logits(session) else None
+            logits = self._logits_or_none(session)
+            logits = None if logits is None else logits.cpu().clone()
         else:
             check_format(fmt)
             slot = self.resident(session)
-            state = encode(self.pool.slot_view(slot), fmt, self.pool.layout.head_size)
+            state = self.pool.encode_slot(slot, fmt)
             logits = self._logits[slot].clone() if self._has_logits[slot] else None
             if device is not None:
                 state, logits = state.to(device), None if logits is None else logits.to(device)
         return SessionSnapshot(state, list(session.tokens), logits, from_zero=session.from_zero)
-
-    def _has_any_logits(self, session: Session) -> bool:
-        if session.location == "none":
-            return False
-        entry = self._host_entry(session)
-        if entry is not None:
-            return entry.logits is not None
-        return self._has_logits[self.resident(session)]
 
     def _canonical(self, session: Session) -> dict[str, torch.Tensor]:
         if session.location == "none":  # never used: the zero state, without taking a slot
@@ -432,7 +430,7 @@ class Engine:
         cache = self.prefix_cache
         at_cut = new % self.config.prefix_cache_every == 0 or cache_end
         if cache is not None and session.from_zero and at_cut and not cache.contains(session.tokens):
-            state = encode(self.pool.slot_view(slot), self.config.prefix_cache_format, self.pool.layout.head_size)
+            state = self.pool.encode_slot(slot, self.config.prefix_cache_format)
             cache.insert(list(session.tokens), state, self._logits[slot].clone())
 
     # ---- batched generation ------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import StateError
-from .snapshot import Encoded, empty_encoded, encode
+from .snapshot import Encoded, default_group, empty_encoded
 
 
 @dataclass
@@ -35,8 +35,7 @@ class HistoryEntry:
 
 
 class StateHistory:
-    def __init__(self, pool, every: int, capacity: int, fmt: str, vocab_size: int, group: int | None = None,
-                 marks: int = 0):  # fmt: skip
+    def __init__(self, pool, every: int, capacity: int, fmt: str, vocab_size: int, marks: int = 0):
         if capacity < 1 or every < 1 or marks < 0:
             raise ValueError(f"history needs capacity >= 1, every >= 1, marks >= 0, got {capacity}, {every}, {marks}")
         if not hasattr(pool, "slot_view"):
@@ -47,9 +46,8 @@ class StateHistory:
         self.marks = marks  # further entries for undo points (the starts of feeds and replies)
         self.entries = capacity + marks
         self.fmt = fmt
-        self.group = group or pool.layout.head_size
         count = pool.num_slots * self.entries
-        self.states = empty_encoded(fmt, pool.layout.slot_numel, self.group, pool.device, count=count)
+        self.states = empty_encoded(fmt, pool.layout.slot_numel, default_group(pool.layout), pool.device, count=count)
         self.logits = torch.zeros(count, vocab_size, dtype=torch.float32, device=pool.device)
         # host-side bookkeeping: positions[slot][i] is entry i's position, -1 when empty
         self.positions = [[-1] * self.entries for _ in range(pool.num_slots)]
@@ -79,7 +77,7 @@ class StateHistory:
         own = range(self.capacity, self.entries) if mark and self.marks else range(self.capacity)
         i = self._victim(slot, own)
         index = self._index(slot, i)
-        encode(self.pool.slot_view(slot), self.fmt, self.group, out=self.states[index])
+        self.pool.encode_slot(slot, self.fmt, out=self.states[index])
         if logits is not None:
             self.logits[index].copy_(logits)
         self.positions[slot][i] = position

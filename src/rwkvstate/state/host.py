@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .snapshot import Encoded, decode, encode
+from .snapshot import Encoded, decode, default_group, encode
 
 
 @dataclass
@@ -63,8 +63,7 @@ class HostTier:
         if self.fmt is None:
             state = self.pool.take_host_copy(slot)
         else:
-            state = encode(self.pool.slot_view(slot), self.fmt, self.pool.layout.head_size)
-            state = state.to("cpu")
+            state = self.pool.encode_slot(slot, self.fmt).to("cpu")
             self.pool.bytes_to_host += state.nbytes
         host_logits = None
         if logits is not None:
@@ -105,7 +104,7 @@ class HostTier:
         return count
 
     def _recode(self, state) -> Encoded:
-        return encode(to_float32(state), self.cold_format, self.pool.layout.head_size)
+        return encode(to_float32(state), self.cold_format, default_group(self.pool.layout))
 
 
 def to_float32(state: torch.Tensor | Encoded) -> torch.Tensor:

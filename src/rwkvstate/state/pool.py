@@ -29,7 +29,7 @@ import torch
 from ..errors import SlotError, StateError
 from .convert import validate_canonical
 from .layout import StateLayout
-from .snapshot import Encoded, decode
+from .snapshot import Encoded, decode, default_group, encode
 
 CANONICAL = ("att_shift", "wkv", "ffn_shift")
 STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -116,10 +116,6 @@ class StatePool:
         self._copy_out(slot, buffer)
         self._host[slot] = (self.generation[slot], buffer)
         return buffer
-
-    def host_copy_is_current(self, slot: int) -> bool:
-        cached = self._host.get(slot)
-        return cached is not None and cached[0] == self.generation[slot]
 
     def take_host_copy(self, slot: int) -> torch.Tensor:
         """Hands the slot's current host copy over to the caller (who may keep it after the
@@ -234,6 +230,11 @@ class ContiguousPool(StatePool):
     def slot_view(self, slot: int) -> torch.Tensor:
         """The slot's whole state as one flat view [L * (N + 2) * C] (snapshots encode from it)."""
         return self.data[slot].view(-1)
+
+    def encode_slot(self, slot: int, fmt: str, out: Encoded | None = None) -> Encoded:
+        """A snapshot of the slot in any format (into out's buffers when given), grouped by rows
+        of head_size elements (`default_group`)."""
+        return encode(self.slot_view(self.check_slot(slot)), fmt, default_group(self.layout), out=out)
 
     def load_encoded(self, slot: int, enc: Encoded) -> None:
         """Writes an encoded snapshot (any format, on the host or this device) into the slot."""
