@@ -18,7 +18,8 @@ import torch
 
 from common import write_results  # noqa: E402  (benchmarks/ is the script's directory)
 from rwkvstate import Model
-from rwkvstate.config import ModelConfig, dtype_name
+from rwkvstate.config import ModelConfig
+from rwkvstate.state.layout import dtype_name
 from rwkvstate.model.synthetic import random_checkpoint
 from rwkvstate.runtime.runner import ModelRunner
 

@@ -44,12 +44,13 @@ from impact_report import CPU_NOTE, render, write_charts  # noqa: E402
 
 from rwkvstate import Engine  # noqa: E402
 from rwkvstate.config import EngineConfig  # noqa: E402
-from rwkvstate.config import dtype_name  # noqa: E402
-from rwkvstate.model.checkpoint import expected_shapes  # noqa: E402
+from rwkvstate.state.layout import dtype_name  # noqa: E402
+from rwkvstate.model.checkpoint import weight_shapes  # noqa: E402
 from rwkvstate.runtime.runner import ModelRunner  # noqa: E402
 from rwkvstate.state.layout import StateLayout  # noqa: E402
 from rwkvstate.state.pool import ContiguousPool  # noqa: E402
-from rwkvstate.state.snapshot import FORMATS, decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
+from rwkvstate.state.layout import SNAPSHOT_FORMATS  # noqa: E402
+from rwkvstate.state.snapshot import decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
@@ -232,7 +233,7 @@ def compression_rows(cfg, shape: str, device, opts) -> list[dict]:
             dec[f].append(step_seconds(lambda: decode(snaps[f], pool.slot_view(2)), device, opts.steps))
     logits = cfg.vocab_size * 4
     rows = []
-    for f in FORMATS:
+    for f in SNAPSHOT_FORMATS:
         size = encoded_nbytes(f, numel, group)
         row = {"shape": shape, "format": f, "group": group, "state_bytes": size, "logits_bytes": logits,
                "sessions_per_gb": 1e9 / size, "sessions_per_gb_with_logits": 1e9 / (size + logits)}  # fmt: skip
@@ -417,7 +418,7 @@ def shape_fits(cfg, batches: list[int], device) -> tuple[bool, str]:
     """Whether the shape's weights (twice, while they are built) and its largest pools fit."""
     if device.type != "cuda":
         return True, ""
-    weights = 2 * sum(math.prod(s) for s in expected_shapes(cfg).values())
+    weights = 2 * sum(math.prod(s) for s in weight_shapes(cfg).values())
     slot = StateLayout(cfg.n_layer, cfg.n_embd, cfg.head_size).slot_nbytes(F32)
     pools = 2.5 * (max(batches) + 1) * slot  # fragmented fp32 + contiguous fp32 + contiguous fp16
     need = max(2 * weights, weights + pools) + 3 * 2**30

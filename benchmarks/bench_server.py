@@ -34,7 +34,7 @@ from common import write_results  # noqa: E402
 
 from rwkvstate import Model  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
-from rwkvstate.config import dtype_name, parse_dtype  # noqa: E402
+from rwkvstate.state.layout import dtype_name, parse_dtype  # noqa: E402
 from rwkvstate.model.synthetic import random_checkpoint  # noqa: E402
 from rwkvstate.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
 

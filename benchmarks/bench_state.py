@@ -25,12 +25,14 @@ from bench_decode import SHAPES, config_for  # noqa: E402
 from common import write_results  # noqa: E402
 
 from rwkvstate import Engine, Model  # noqa: E402
-from rwkvstate.config import ModelConfig, dtype_name  # noqa: E402
+from rwkvstate.config import ModelConfig  # noqa: E402
+from rwkvstate.state.layout import dtype_name  # noqa: E402
 from rwkvstate.model.synthetic import random_checkpoint, tiny_config  # noqa: E402
 from rwkvstate.ops.quantize import fp8_supported  # noqa: E402
 from rwkvstate.state.layout import StateLayout  # noqa: E402
 from rwkvstate.state.pool import ContiguousPool  # noqa: E402
-from rwkvstate.state.snapshot import FORMATS, decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
+from rwkvstate.state.layout import SNAPSHOT_FORMATS  # noqa: E402
+from rwkvstate.state.snapshot import decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
 
 TINY = tiny_config(n_layer=2, n_embd=64, head_size=16, ffn_dim=128, vocab_size=256)
 
@@ -63,7 +65,7 @@ def copy_bandwidth(device, repeats: int) -> float:
 
 
 def formats_for(device) -> list[str]:
-    return [f for f in FORMATS if f != "fp8" or fp8_supported(device)]
+    return [f for f in SNAPSHOT_FORMATS if f != "fp8" or fp8_supported(device)]
 
 
 # ---- 1. state operations against slot size ---------------------------------------------------
@@ -101,7 +103,7 @@ def bytes_per_session(cfg: ModelConfig, shape: str, device) -> list[dict]:
     layout = StateLayout(cfg.n_layer, cfg.n_embd, cfg.head_size)
     logits = cfg.vocab_size * 4
     rows = []
-    for fmt in FORMATS:
+    for fmt in SNAPSHOT_FORMATS:
         state = encoded_nbytes(fmt, layout.slot_numel, layout.head_size)
         rows.append({"shape": shape, "format": fmt, "state_bytes": state, "with_logits_bytes": state + logits,
                      "sessions_per_gb": 1e9 / (state + logits)})  # fmt: skip

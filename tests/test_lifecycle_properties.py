@@ -86,7 +86,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(s=sessions)
     def undo(self, s):
-        if s._marks:
+        if s.undo_points:
             removed = s.undo()
             self.tokens[s.id] = self.tokens[s.id][: len(self.tokens[s.id]) - removed]
             self._check(s)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import dtype_name, parse_dtype
+from .state.layout import dtype_name, parse_dtype
 from .errors import RwkvStateError
 
 # The small byte-level model trained on the CPython stdlib (docs/model.md), found in a
@@ -175,7 +175,7 @@ def cmd_chat(args) -> int:
         elif line == "/undo":
             _chat_undo(session)
         elif line == "/retry":
-            _chat_reply(session.regenerate() if session._last_generation else None)
+            _chat_reply(session.regenerate() if session.can_regenerate else None)
         elif line:
             session.feed(format_user_turn(line))
             _chat_reply(session.generate(max_tokens=args.max_tokens, sampling=sampling))
@@ -183,7 +183,7 @@ def cmd_chat(args) -> int:
 
 def _chat_undo(session) -> None:
     """Takes back the last user message and its reply (two undo steps: the feed, the generation)."""
-    if len(session._marks) < 2:
+    if len(session.undo_points) < 2:
         print("(nothing to undo)", file=sys.stderr)
         return
     session.undo(2)
@@ -278,6 +278,7 @@ def _add_state_file_parser(sub) -> None:
 
 
 def cmd_state(args) -> int:
+    from .runtime.persist import load_session, save_session
     from .state import files
 
     if args.state_command == "inspect":
@@ -301,12 +302,12 @@ def cmd_state(args) -> int:
     session = _session(args, model)
     if args.state_command == "save":
         session.feed(args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8"))
-        path = files.save_session(session, args.output)
+        path = save_session(session, args.output)
         dtype = dtype_name(session.engine.pool.dtype)
         size = path.stat().st_size
         print(f"saved {len(session.tokens)} tokens ({dtype} state, {size:,} bytes) to {path}", file=sys.stderr)
         return 0
-    loaded = files.load_session(session, args.file)
+    loaded = load_session(session, args.file)
     print(f"loaded {args.file}: {len(loaded.tokens)} tokens, saved {loaded.meta['created']}", file=sys.stderr)
     if args.prompt:
         session.feed(args.prompt)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import dtype_name
+from .state.layout import dtype_name
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, parse_dtype
+from ..config import ModelConfig
 from ..errors import StateError
 from ..ops._triton import pick_backend
 from ..ops.time_mix import DECAY_SCALE, GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import token_shift_mix
 from ..ops.wkv7 import wkv7
-from ..state.layout import StateLayout
+from ..state.layout import StateLayout, parse_dtype
 from ..state.pool import StatePool, new_pool
-from .checkpoint import load_checkpoint
+from .checkpoint import fingerprint, load_checkpoint
 from .packing import Packed, pack, pack_decode
 from .weights import LayerWeights, Weights, build_weights
 
@@ -85,6 +85,20 @@ class Model:
     def state_layout(self) -> StateLayout:
         c = self.config
         return StateLayout(c.n_layer, c.n_embd, c.head_size)
+
+    @property
+    def fingerprint(self) -> str:
+        """32 hex digits naming the architecture (config sizes, weight names and shapes), stored in
+        state files so a state is never loaded into another model; dtype- and device-independent,
+        and the same for two checkpoints of identical shapes (checkpoint.fingerprint)."""
+        return fingerprint(self.config)
+
+    @property
+    def description(self) -> str:
+        """One line naming the model's sizes (and file), for error messages and state files."""
+        c = self.config
+        text = f"{c.n_layer} layers, n_embd {c.n_embd}, head_size {c.head_size}, vocab {c.vocab_size}"
+        return f"{text} ({self.path.name})" if self.path else text
 
     def num_params(self) -> int:
         return self.weights.num_params()

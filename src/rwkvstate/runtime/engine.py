@@ -24,7 +24,7 @@ from ..errors import RwkvStateError, SlotError
 from ..state.cache import PrefixCache
 from ..state.convert import zero_state
 from ..state.history import StateHistory
-from ..state.pool import CANONICAL
+from ..state.layout import CANONICAL_KEYS
 from ..state.host import HostTier, TierEntry, to_float32
 from ..state.snapshot import Encoded, check_format
 from .runner import ModelRunner
@@ -261,7 +261,7 @@ class Engine:
             return self.pool.export(self.resident(session))
         lay = self.pool.layout
         parts = lay.split_layer(to_float32(entry.state).view(lay.n_layer, lay.layer_numel))
-        return {name: part.clone(memory_format=torch.contiguous_format) for name, part in zip(CANONICAL, parts)}
+        return {name: part.clone(memory_format=torch.contiguous_format) for name, part in zip(CANONICAL_KEYS, parts)}
 
     def restore(self, session: Session, snap: SessionSnapshot) -> None:
         """Puts a snapshot back into the session. Checks everything before writing anything."""

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from ..tokenizer import check_token_ids
+
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -64,9 +66,7 @@ class ModelRunner:
         With graphs the result is a view of the graph's output, valid until the next call."""
         B = len(slots)
         self.pool.check_slots(slots)
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in tokens):
-            raise ValueError(f"decode tokens must lie in [0, {vocab}), got {list(tokens)}")
+        check_token_ids(tokens, self.model.config.vocab_size)
         # stochastic rounding draws a new seed per call, which a replayed graph would freeze
         if not self.use_graphs or B > self.max_batch or self.model.state_rounding != "nearest":
             self.eager_steps += 1

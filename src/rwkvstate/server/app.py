@@ -19,9 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
 from ..runtime.chat import ASSISTANT_STOP
 from ..runtime.sampling import SamplingParams
+from ..tokenizer import check_token_ids
+from ..version import __version__
 from . import metrics
 from .config import ServerConfig
 from .protocol import (
@@ -223,10 +224,10 @@ def _check_prompt(state: ServerState, prompt, session: str | None) -> None:
     if not prompt and session is None:
         raise APIError(400, "prompt is empty (a request without a session needs at least one token)", param="prompt")
     if isinstance(prompt, list):
-        vocab = state.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token ids must lie in [0, {vocab}), got {bad[:5]}", param="prompt")
+        try:
+            check_token_ids(prompt, state.model.config.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
 
 
 def _max_tokens(config: ServerConfig, requested: int | None) -> int:

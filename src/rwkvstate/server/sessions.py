@@ -100,7 +100,7 @@ class SessionStore:
 
     def persist(self, record: SessionRecord) -> None:
         if self.persistent:
-            from ..state.files import save_session
+            from ..runtime.persist import save_session
 
             path = self._file(record.id)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ class SessionStore:
 
     def snapshot(self, record: SessionRecord, name: str | None) -> dict:
         """Saves the session to a state file in the state directory; returns its name and size."""
-        from ..state.files import save_session
+        from ..runtime.persist import save_session
 
         if name is None:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -126,7 +126,7 @@ class SessionStore:
     def load_all(self, engine) -> int:
         """Loads every saved session of the state directory; returns how many. A bad file is
         logged and left where it is."""
-        from ..state.files import load_session
+        from ..runtime.persist import load_session
 
         if not self.persistent:
             return 0
@@ -207,7 +207,8 @@ def _load_file(session, path: Path, name: str) -> None:
     """Loads an rwkvstate state file or a state-tuning file (told apart by the safetensors
     metadata) into a fresh session. Error messages name the file as the client did."""
     from ..state.convert import load_state_tuning_file
-    from ..state.files import FORMAT_NAME, load_session
+    from ..runtime.persist import load_session
+    from ..state.files import FORMAT_NAME
 
     try:
         if _format(path) == FORMAT_NAME:

@@ -28,11 +28,8 @@ import torch
 
 from ..errors import SlotError, StateError
 from .convert import validate_canonical
-from .layout import StateLayout
+from .layout import CANONICAL_KEYS, STORAGE_DTYPES, StateLayout
 from .snapshot import Encoded, decode, default_group, encode
-
-CANONICAL = ("att_shift", "wkv", "ffn_shift")
-STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class StatePool:
@@ -43,7 +40,7 @@ class StatePool:
     def __init__(self, layout: StateLayout, num_slots: int, dtype: torch.dtype, device):
         if num_slots < 1:
             raise SlotError(f"a pool needs at least one slot, got {num_slots}")
-        if dtype not in STATE_DTYPES:
+        if dtype not in STORAGE_DTYPES.values():
             raise StateError(f"state storage dtype must be float32, float16 or bfloat16, got {dtype}")
         self.layout = layout
         self.num_slots = num_slots
@@ -191,17 +188,14 @@ class StatePool:
         """The slot's state in the canonical format: new CPU float32 tensors (from the lazy
         host copy, so exporting an unchanged slot moves no bytes)."""
         att, wkv, ffn = self.layout.split_layer(self.host_copy(slot))
-        return {name: part.to(torch.float32, copy=True).contiguous() for name, part in zip(CANONICAL, (att, wkv, ffn))}
+        return {name: part.to(torch.float32, copy=True).contiguous() for name, part in zip(CANONICAL_KEYS, (att, wkv, ffn))}
 
     def load(self, slot: int, state: dict[str, torch.Tensor]) -> None:
         """Writes a canonical-format state into a slot. Checks everything before writing anything."""
         self.check_slot(slot)
         lay = self.layout
         checked = validate_canonical(state, lay.n_layer, lay.n_embd, lay.head_size)
-        limit = torch.finfo(self.dtype).max
-        for name, value in checked.items():
-            if value.abs().max() > limit:
-                raise StateError(f"state '{name}' has values beyond the range of the pool's {self.dtype} storage")
+        self.check_fits(checked)
         for l in range(self.layout.n_layer):
             att, wkv, ffn = self.layer(l)
             att[slot].copy_(checked["att_shift"][l])
@@ -209,6 +203,13 @@ class StatePool:
             ffn[slot].copy_(checked["ffn_shift"][l])
         self.bytes_to_device += self.slot_nbytes
         self.mark_written([slot])
+
+    def check_fits(self, state: dict[str, torch.Tensor]) -> None:
+        """A StateError if a (validated) canonical state holds values the storage dtype cannot."""
+        limit = torch.finfo(self.dtype).max
+        for name, value in state.items():
+            if value.abs().max() > limit:
+                raise StateError(f"state '{name}' has values beyond the range of the pool's {self.dtype} storage")
 
     def __repr__(self):
         return (
