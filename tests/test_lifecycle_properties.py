@@ -94,7 +94,7 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(s=sessions)
     def evict(self, s):
         if s.is_resident:
-            self.engine._evict(s)
+            self.engine.residency.evict(s)
             self._check(s)
 
     @rule(s=sessions, other=sessions)

@@ -51,5 +51,5 @@ def load_session(session: Session, path: str | Path) -> StateFile:
     session.restore(SessionSnapshot(sf.state, sf.tokens, sf.logits, from_zero=from_zero))
     marks = (sf.extra or {}).get("undo_points", [])
     if from_zero and isinstance(marks, list) and all(isinstance(m, int) and 0 <= m < len(sf.tokens) for m in marks):
-        session._marks = sorted(set(marks))  # undo works across a save and load
+        engine.timeline.set_undo_points(session, marks)  # undo works across a save and load
     return sf

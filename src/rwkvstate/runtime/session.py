@@ -50,8 +50,9 @@ class SessionSnapshot:
 
 
 @dataclass(frozen=True)
-class Base:
-    """The state a session was loaded from, at a token position: rollbacks cannot go before it."""
+class Origin:
+    """The state a session was loaded from (a snapshot or file whose state is not the zero state
+    fed with its token log), at a token position: rollbacks cannot go before it."""
 
     position: int
     snapshot: SessionSnapshot
@@ -68,7 +69,7 @@ class Session:
         self.from_zero = True  # the state is the zero state fed with self.tokens
         self.last_used = 0
         self._slot: int | None = None
-        self._base: Base | None = None
+        self._origin: Origin | None = None
         self._marks: list[int] = []  # positions where each feed or generation started (undo points)
         self._last_generation: GenerationStream | None = None
         self._stream: GenerationStream | None = None
@@ -145,7 +146,6 @@ class Session:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         cut = len(self.tokens) + cache_prefix if cache_prefix else None
         self._stream = GenerationStream(self, max_tokens, sampling or SamplingParams(), pending=ids, cut_at=cut)
-        self._last_generation = self._stream
         return self._stream
 
     def regenerate(self, max_tokens: int | None = None, sampling: SamplingParams | None = None):
