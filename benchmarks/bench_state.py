@@ -89,7 +89,7 @@ def state_ops(cfg: ModelConfig, shape: str, state_dtype, device, bandwidth, repe
         add("restore (decode)", fmt, moved, wall(lambda: decode(snap, pool.slot_view(2)), device, repeats))
 
     def to_host():
-        pool.mark_written([0])  # force the copy the lazy path would skip
+        pool.begin_write([0])  # force the copy the lazy path would skip
         pool.host_copy(0)
 
     add("copy to host (pinned)", dtype_name(state_dtype), slot_bytes, wall(to_host, device, repeats))
@@ -213,7 +213,7 @@ def host_copy_rows(model, shape, device, sessions: int, turns: int, tokens: int)
             start = time.perf_counter()  # the save step alone: the turn's forward is the same for both
             for c in chats:
                 if policy == "eager":
-                    pool.mark_written([c.slot])  # what an eager copy-back does: copy whatever happened
+                    pool.begin_write([c.slot])  # what an eager copy-back does: copy whatever happened
                 pool.host_copy(c.slot)
             times.append(time.perf_counter() - start)
         rows.append({"shape": shape, "policy": policy, "sessions": sessions, "turn_tokens": tokens,

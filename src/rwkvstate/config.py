@@ -96,6 +96,6 @@ class EngineConfig:
         needs_contiguous = self.history_capacity or self.prefix_cache_bytes or self.host_format or self.cold_format
         if self.layout == "fragmented" and needs_contiguous:
             raise ValueError(
-                "history, the prefix cache and encoded host formats need the contiguous layout; "
-                "the fragmented layout is the baseline without them"
+                "the fragmented layout is the seed design's baseline and runs without history, the prefix "
+                "cache and encoded host formats; use the contiguous layout for them"
             )

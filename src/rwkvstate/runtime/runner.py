@@ -65,7 +65,7 @@ class ModelRunner:
 
         With graphs the result is a view of the graph's output, valid until the next call."""
         B = len(slots)
-        self.pool.check_slots(slots)
+        self.pool.check_slots(slots)  # the eager path writes through Model.forward, the graph below
         check_token_ids(tokens, self.model.config.vocab_size)
         # stochastic rounding draws a new seed per call, which a replayed graph would freeze
         if not self.use_graphs or B > self.max_batch or self.model.state_rounding != "nearest":
@@ -79,7 +79,7 @@ class ModelRunner:
         self._tokens[:B].copy_(host[1], non_blocking=True)
         self._slots[B:size].fill_(self.pool.scratch_slot)
         graph, out = self._graphs[size]
+        self.pool.begin_write(slots)
         graph.replay()
-        self.pool.mark_written(slots)
         self.replays += 1
         return out[:B]
