@@ -21,7 +21,7 @@ from rwkvstate import Model
 from rwkvstate.config import ModelConfig
 from rwkvstate.state.layout import dtype_name
 from rwkvstate.model.synthetic import random_checkpoint
-from rwkvstate.runtime.runner import ModelRunner
+from rwkvstate.runtime.graphs import DecodeGraphs
 
 # n_layer, n_embd, and LoRA ranks close to the released checkpoints (world vocab, FFN 4x)
 SHAPES = {
@@ -91,7 +91,7 @@ def decode_time(model, variant: Variant, batch: int, graphs: bool, steps: int) -
     for layer in range(model.config.n_layer):  # realistic, non-zero states
         for part in pool.layer(layer):
             part.normal_().mul_(0.5)
-    runner = ModelRunner(model, pool, batch_sizes=[batch], enforce_eager=not graphs)
+    runner = DecodeGraphs(model, pool, batch_sizes=[batch], enforce_eager=not graphs)
     slots = list(range(batch))
     tokens = torch.randint(0, model.config.vocab_size, (batch,)).tolist()
     seconds = median_seconds(lambda: runner.decode(slots, tokens), steps)

@@ -46,7 +46,7 @@ from rwkvstate import Engine  # noqa: E402
 from rwkvstate.config import EngineConfig  # noqa: E402
 from rwkvstate.state.layout import dtype_name  # noqa: E402
 from rwkvstate.model.checkpoint import weight_shapes  # noqa: E402
-from rwkvstate.runtime.runner import ModelRunner  # noqa: E402
+from rwkvstate.runtime.graphs import DecodeGraphs  # noqa: E402
 from rwkvstate.state.layout import StateLayout  # noqa: E402
 from rwkvstate.state.pool import ContiguousPool  # noqa: E402
 from rwkvstate.state.layout import SNAPSHOT_FORMATS  # noqa: E402
@@ -117,7 +117,7 @@ def speed_rows(model, shape: str, batch: int, device, opts) -> list[dict]:
                 for part in pools[key].layer(layer):
                     part.normal_().mul_(0.5)
         set_backends(model, v, device)  # a graph freezes the backends it was captured with
-        runners[v.name] = ModelRunner(model, pools[key], max_batch=batch, batch_sizes=[batch])
+        runners[v.name] = DecodeGraphs(model, pools[key], max_batch=batch, batch_sizes=[batch])
         runners[v.name].capture()
     slots = list(range(batch))
     tokens = random_ids(batch, model.config.vocab_size, 0)

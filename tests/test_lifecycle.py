@@ -434,7 +434,7 @@ def test_a_failed_step_rebuilds_every_state_it_touched(model, monkeypatch):
     b.feed([4])
     streams = [a.generate(5, GREEDY), b.generate(5, GREEDY, prompt=[5, 6, 7])]
     engine.step()  # b reads its prompt, a decodes
-    real_decode = engine.runner.decode
+    real_decode = engine.graphs.decode
     failures = []
 
     def half_written(slots, tokens):
@@ -444,7 +444,7 @@ def test_a_failed_step_rebuilds_every_state_it_touched(model, monkeypatch):
         engine.pool.data[list(slots)] += 1.0  # some layers were written before the failure
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine.runner, "decode", half_written)
+    monkeypatch.setattr(engine.graphs, "decode", half_written)
     with pytest.raises(RuntimeError, match="out of memory"):
         engine.step()
     monkeypatch.undo()
@@ -464,7 +464,7 @@ def test_a_session_whose_rebuild_fails_is_marked_lost(model, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine.runner, "decode", broken)
+    monkeypatch.setattr(engine.graphs, "decode", broken)
     monkeypatch.setattr(model, "forward", broken)
     with pytest.raises(RuntimeError):
         engine.step()

@@ -29,7 +29,7 @@ from ..state.host import HostTier
 from ..state.pool import StatePool
 from ..state.snapshot import Encoded, check_format
 from .residency import Residency
-from .runner import ModelRunner
+from .graphs import DecodeGraphs
 from .session import GenerationStream, Session, SessionSnapshot
 from .stepper import Stepper
 from .timeline import Timeline
@@ -65,8 +65,8 @@ class Engine:
         return [0] if self.model.config.tokenizer == "world" else []
 
     @property
-    def runner(self) -> ModelRunner:
-        return self.stepper.runner
+    def graphs(self) -> DecodeGraphs:
+        return self.stepper.graphs
 
     @property
     def history(self) -> StateHistory | None:

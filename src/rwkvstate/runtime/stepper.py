@@ -20,7 +20,7 @@ import torch
 from ..config import EngineConfig
 from ..state.pool import StatePool
 from .residency import Residency
-from .runner import ModelRunner
+from .graphs import DecodeGraphs
 from .sampling import apply_penalties, sample
 from .timeline import Timeline
 
@@ -40,7 +40,7 @@ class Stepper:
         self.timeline = timeline
         self.config = config
         max_batch = min(config.max_decode_batch, config.num_slots)
-        self.runner = ModelRunner(model, pool, max_batch=max_batch, enforce_eager=config.enforce_eager)
+        self.graphs = DecodeGraphs(model, pool, max_batch=max_batch, enforce_eager=config.enforce_eager)
         self.streams: list[GenerationStream] = []  # a live stream keeps its session resident
         # a model whose vocabulary is larger than its tokenizer's must never sample
         # an id the tokenizer cannot decode
@@ -125,7 +125,7 @@ class Stepper:
     def _run(self, items: list[StepItem]) -> None:
         slots = [self._slot(s) for s, _ in items]
         if all(len(ids) == 1 for _, ids in items) and all(s.start_position is not None for s, _ in items):
-            logits = self.runner.decode(slots, [ids[0] for _, ids in items])
+            logits = self.graphs.decode(slots, [ids[0] for _, ids in items])
         else:
             logits = self.model.forward(self.pool, slots, [ids for _, ids in items], output="last")
         self.residency.logits[slots] = logits

@@ -82,8 +82,9 @@ class SessionStore:
         return record
 
     def fork(self, engine, record: SessionRecord) -> SessionRecord:
-        """A new session with a copy of the record's state and token log."""
-        child = _fork(engine, record.session)
+        """A new session with a copy of the record's state, token log and undo points (through
+        the host tier when no second slot can be had, e.g. on a one-slot server)."""
+        child = record.session.fork()
         new = SessionRecord(_new_id(self.records), int(time.time()), child)
         try:
             self.persist(new)
@@ -187,20 +188,6 @@ def _new_id(taken) -> str:
         session_id = f"sess_{secrets.token_hex(8)}"
         if session_id not in taken:
             return session_id
-
-
-def _fork(engine, session):
-    """session.fork(), except on a one-slot engine, where the copy goes through a snapshot (a
-    fork needs the source and the copy resident together)."""
-    if engine.pool.num_slots >= 2 or not session.is_resident:
-        return session.fork()
-    child = engine.session()
-    try:
-        child.restore(session.snapshot())
-    except BaseException:
-        child.close()
-        raise
-    return child
 
 
 def _load_file(session, path: Path, name: str) -> None:

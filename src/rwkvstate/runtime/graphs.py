@@ -1,4 +1,4 @@
-"""ModelRunner: decode steps through captured CUDA graphs.
+"""DecodeGraphs: decode steps through captured CUDA graphs (eager where graphs cannot run).
 
 A decode step of B sequences is padded to the next captured batch size; padding rows
 feed token 0 into the pool's scratch slot, so they can never touch a live session.
@@ -20,7 +20,7 @@ from ..tokenizer import check_token_ids
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class ModelRunner:
+class DecodeGraphs:
     def __init__(self, model, pool, max_batch: int = 256, enforce_eager: bool = False, batch_sizes=None):
         self.model = model
         self.pool = pool
