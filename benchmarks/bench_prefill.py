@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_decode import median_seconds  # benchmarks/ is on sys.path when run as a script
+from common import call_seconds  # benchmarks/ is on sys.path when run as a script
 from rwkvstate.model.packing import pack
 from rwkvstate.ops.wkv7 import wkv7, wkv7_reference
 from rwkvstate.state.layout import StateLayout
@@ -23,7 +24,7 @@ from rwkvstate.state.pool import new_pool
 
 
 def median_ms(fn, repeats=20, warmup=3) -> float:
-    return median_seconds(fn, repeats, warmup) * 1e3
+    return statistics.median(call_seconds(fn, "cuda", repeats, warmup)) * 1e3
 
 
 def inputs(T, H, N, dtype, gen):
