@@ -223,14 +223,15 @@ def cmd_inspect(args) -> int:
 
 def cmd_eval_state(args) -> int:
     import datetime
+    import json
     import platform
 
     from .evaluation import (
         default_variants,
         evaluate_state_precision,
         held_out_token_docs,
+        precision_markdown,
         results_json,
-        results_markdown,
         snapshot_variants,
     )
 
@@ -245,13 +246,13 @@ def cmd_eval_state(args) -> int:
         where = f"CPU ({platform.processor() or platform.machine()})"
     meta = {"model": str(model.path), "compute_dtype": dtype_name(model.dtype), "device": where,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__}  # fmt: skip
-    header = f"State precision of {Path(str(model.path)).name}, {where}, {meta['date']}, compute {meta['compute_dtype']}"
-    table = results_markdown(results, info, header)
+    stored = results_json(results, info, meta)
+    table = precision_markdown(json.loads(stored))  # the markdown is a rendering of the stored JSON
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(table)
-        args.out.with_suffix(".json").write_text(results_json(results, info, meta))
+        args.out.with_suffix(".json").write_text(stored)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -218,6 +219,16 @@ def results_markdown(results, info, header: str) -> str:
             f"{r.greedy_agreement:.4f} | {r.first_divergence_mean:.1f} | {r.max_abs_state:.3g} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def precision_markdown(data: dict) -> str:
+    """The markdown of a stored result (results_json's content): what `eval-state` printed."""
+    from types import SimpleNamespace
+
+    meta = data["meta"]
+    header = (f"State precision of {Path(meta['model']).name}, {meta['device']}, {meta['date']}, "
+              f"compute {meta['compute_dtype']}")  # fmt: skip
+    return results_markdown([SimpleNamespace(**r) for r in data["results"]], data["info"], header)
 
 
 def results_json(results, info, meta: dict) -> str:

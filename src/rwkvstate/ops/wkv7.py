@@ -138,7 +138,7 @@ if HAS_TRITON:
             b_r, b_w, b_k = n_r.to(tl.float32), n_w.to(tl.float32), n_k.to(tl.float32)
             b_v, b_a, b_b = n_v.to(tl.float32), n_a.to(tl.float32), n_b.to(tl.float32)
             # Issue token t+1's loads before token t's arithmetic: the chain through b_s is serial,
-            # the inputs are not, so their latency hides behind it (halves long prefill on an H200).
+            # the inputs are not, so their latency hides behind it.
             # The last token reloads itself instead of masking (always in bounds, value unused).
             o_next = (tl.minimum(t + 1, eos - 1) * H + i_h) * N
             n_r, n_w, n_k, n_v, n_a, n_b = _load_token(r, w, k, v, a, b, o_next, o_k, o_v)
