@@ -66,18 +66,25 @@ class SamplingRows(NamedTuple):
 
 def philox_uniform(seed: torch.Tensor, position: torch.Tensor, rnd: int | torch.Tensor) -> torch.Tensor:
     """One float32 uniform in [0, 1) per element (int64 seed, int64 position, round); the bits
-    the kernel draws. uint32 arithmetic in int64 lanes: products are split in 16-bit halves so no
-    intermediate reaches 2^63."""
-    c0, c1 = position & _MASK32, (position >> 32) & _MASK32
+    the kernel draws."""
     c2 = torch.zeros_like(position) + rnd
-    c3 = torch.zeros_like(position)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
+    words = philox4x32((position & _MASK32, (position >> 32) & _MASK32, c2, torch.zeros_like(position)),
+                       (seed & _MASK32, (seed >> 32) & _MASK32))  # fmt: skip
+    return (words[0] >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def philox4x32(counter, key, rounds: int = 10):
+    """Philox-4x32 (Salmon et al., SC'11) on int64 tensors holding uint32 values: four counter
+    words and two key words in, four words out. Products are split in 16-bit halves so no
+    intermediate reaches 2^63."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
         hi0, lo0 = _mulhilo(c0, _PHILOX_M0)
         hi1, lo1 = _mulhilo(c2, _PHILOX_M1)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
-    return (c0 >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return c0, c1, c2, c3
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,9 +304,7 @@ def sample_triton(logits: torch.Tensor, rows: SamplingRows, counts: torch.Tensor
     if B == 0:
         return out
     apply_logit_bias(logits, rows.bias)
-    if counts is None:  # never read: every count row must then be -1
-        if bool((rows.ints[I_COUNT_ROW] >= 0).any()):
-            raise ValueError("rows with a count row need the counts tensor")
+    if counts is None:  # never read (sample() checks that no row has a count row)
         counts = torch.zeros(1, 1, dtype=torch.int32, device=logits.device)
     block = block or min(4096, triton.next_power_of_2(V))
     _sample_kernel[(B,)](
@@ -318,6 +323,8 @@ def sample(logits: torch.Tensor, rows: SamplingRows, counts: torch.Tensor | None
     if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be a [B, V] float32 tensor with unit stride in V, got {tuple(logits.shape)} "
                          f"{logits.dtype}")  # fmt: skip
+    if counts is None and bool((rows.ints[I_COUNT_ROW] >= 0).any()):
+        raise ValueError("rows with a count row (penalties) need the counts tensor")
     if pick_backend(backend, logits) == "triton":
         return sample_triton(logits, rows, counts)
     return sample_reference(logits, rows, counts)

@@ -232,11 +232,12 @@ class Engine:
         """Adds a new stream to the live ones (called by the stream itself): its start is an
         undo point, and its prompt starts from the longest cached prefix."""
         session = stream.session
+        stream.params.check_vocab(self.stepper.sample_limit)
         with self.residency.pinned_slots(session) as (slot,):
             self.timeline.mark(session, slot)
             stream.pending = self.timeline.use_prefix_cache(session, slot, stream.pending)
         self.timeline.generation_started(session, stream)
-        self.stepper.add(stream)  # a live stream keeps its session resident
+        self.stepper.add(stream, slot)  # a live stream keeps its session resident
         if not stream.pending:
             self.timeline.reply_started(session, slot, stream)
 

@@ -9,7 +9,7 @@ packed forward per step, whichever stream the caller happens to iterate.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -249,7 +249,7 @@ class GenerationStream:
     max_tokens: int
     params: SamplingParams
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (a failed forward)
+    finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (a failed forward or sample)
     text: str = ""  # everything yielded so far
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed
     start_position: int | None = None  # the session's position when sampling began
@@ -257,8 +257,7 @@ class GenerationStream:
 
     def __post_init__(self):
         engine = self.session.engine
-        self.generator = self.params.make_generator()
-        self.counts: Counter = Counter()
+        self.seed = self.params.stream_seed()  # keys the stream's uniforms with its position
         self.decoder = StreamDecoder(engine.tokenizer)
         self.stop_ids = set(engine.stop_token_ids if self.params.stop_token_ids is None else self.params.stop_token_ids)
         self._held_text = ""  # decoded text held back while it may be the start of a stop string
@@ -301,7 +300,6 @@ class GenerationStream:
             self.finish("stop")
             return False
         self.token_ids.append(token)
-        self.counts[token] += 1
         self._held_text += self.decoder.push(token)
         self._emit_safe_text()
         if not self.done and len(self.token_ids) >= self.max_tokens:
