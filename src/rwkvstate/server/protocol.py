@@ -47,6 +47,8 @@ class GenerationRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # extension: 0 = off
+    min_p: float | None = Field(None, ge=0, le=1)  # extension: 0 = off
+    logit_bias: dict[int, float] | None = None  # token id (a string in JSON) -> bias in [-100, 100]
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100)  # extension: 1 = off
@@ -64,8 +66,6 @@ class GenerationRequest(BaseModel):
             return "n", "n must be 1: each request produces one choice"
         if getattr(self, "logprobs", None) not in (None, False, 0):
             return "logprobs", "logprobs are not supported"
-        if getattr(self, "logit_bias", None):
-            return "logit_bias", "logit_bias is not supported"
         if getattr(self, "tools", None) or getattr(self, "functions", None):
             return "tools", "tools and functions are not supported"
         return None
