@@ -55,6 +55,9 @@ def sort_sample(logits: torch.Tensor, params, uniforms: torch.Tensor) -> torch.T
 
 
 def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    """Median device time of fn (CUDA events); wall time on CPU (a smoke run only)."""
+    if not torch.cuda.is_available():
+        return wall_seconds(fn, repeats, warmup)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -81,15 +84,15 @@ def wall_seconds(fn, repeats: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def copy_bandwidth(device) -> float:
+def copy_bandwidth(device, nbytes: int = 2**30) -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy (median of 20)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), 20)
 
 
-def measure(B: int, V: int, name: str, params: SamplingParams, scale: float, repeats: int, bandwidth: float) -> dict:
-    device = torch.device("cuda")
+def measure(B: int, V: int, name: str, params: SamplingParams, scale: float, repeats: int, bandwidth: float,
+            device: torch.device) -> dict:  # fmt: skip
     gen = torch.Generator(device).manual_seed(B)
     logits = torch.randn(B, V, generator=gen, device=device) * scale
     counts = TokenCounts(B, V, device)
@@ -144,15 +147,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_sampling needs a CUDA device")
     import triton
 
-    bandwidth = copy_bandwidth("cuda")
-    runs = [measure(B, args.vocab, name, params, scale, args.repeats, bandwidth)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run (TRITON_INTERPRET=1)
+    bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**24)
+    runs = [measure(B, args.vocab, name, params, scale, args.repeats, bandwidth, device)
             for scale in map(float, args.scales.split(",")) for name, params in CASES.items()
             for B in map(int, args.rows.split(","))]  # fmt: skip
-    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    result = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)", "torch": torch.__version__, "triton": triton.__version__,
               "vocab": args.vocab, "copy_bandwidth_bytes_per_s": bandwidth, "runs": runs}  # fmt: skip
     write_results(args.out, result, markdown(result))
 

@@ -56,8 +56,12 @@ def test_philox_uniforms_are_uniform_and_keyed_by_seed_and_position():
     other_seed = ops.philox_uniform(torch.full((n,), 12346), torch.arange(n), 0)
     other_round = ops.philox_uniform(torch.full((n,), 12345), torch.arange(n), 1)
     assert (u == other_seed).float().mean() < 0.01 and (u == other_round).float().mean() < 0.01
-    big = torch.tensor([-1, 2**63 - 1, -(2**63)])  # any 64-bit seed, two's complement
-    assert torch.equal(ops.philox_uniform(big, torch.tensor([7, 7, 7]), 3), ops.philox_uniform(big, torch.tensor([7, 7, 7]), 3))
+
+    seeds = torch.tensor([-1, 2**63 - 1, -(2**63), 0, 12345] * 20)  # any 64-bit seed, two's complement
+    positions = torch.tensor([7, 2**40 + 3, 0, 2**33, 99] * 20)
+    few = ops.philox_uniform(seeds[:5], positions[:5], 3)  # Python integers
+    many = ops.philox_uniform(seeds, positions, 3)  # tensor ops
+    assert torch.equal(few, many[:5])
 
 
 # ---- greedy -----------------------------------------------------------------------------------------

@@ -64,13 +64,27 @@ class SamplingRows(NamedTuple):
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-def philox_uniform(seed: torch.Tensor, position: torch.Tensor, rnd: int | torch.Tensor) -> torch.Tensor:
+def philox_uniform(seed: torch.Tensor, position: torch.Tensor, rnd: int) -> torch.Tensor:
     """One float32 uniform in [0, 1) per element (int64 seed, int64 position, round); the bits
-    the kernel draws."""
-    c2 = torch.zeros_like(position) + rnd
-    words = philox4x32((position & _MASK32, (position >> 32) & _MASK32, c2, torch.zeros_like(position)),
-                       (seed & _MASK32, (seed >> 32) & _MASK32))  # fmt: skip
+    the kernel draws. A few CPU rows take Python integers (a tensor op per step of Philox costs
+    more than the whole draw there); the results are identical."""
+    if seed.device.type == "cpu" and seed.numel() <= 64:
+        words = [_philox_int(s, q, rnd) for s, q in zip(seed.tolist(), position.tolist())]
+        return torch.tensor(words, dtype=torch.int64).reshape(seed.shape).to(torch.float32) * (1.0 / (1 << 24))
+    words = philox4x32((position & _MASK32, (position >> 32) & _MASK32, torch.zeros_like(position) + rnd,
+                        torch.zeros_like(position)), (seed & _MASK32, (seed >> 32) & _MASK32))  # fmt: skip
     return (words[0] >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _philox_int(seed: int, position: int, rnd: int) -> int:
+    """The top 24 bits of Philox-4x32-10's first word, in Python integers."""
+    c0, c1, c2, c3 = position & _MASK32, (position >> 32) & _MASK32, rnd, 0
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        p0, p1 = c0 * _PHILOX_M0, c2 * _PHILOX_M1
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+    return c0 >> 8
 
 
 def philox4x32(counter, key, rounds: int = 10):
