@@ -42,7 +42,7 @@ class Text:
 
 @dataclass
 class Done:
-    finish_reason: str  # stop, length, timeout, cancelled
+    finish_reason: str  # stop, length, timeout, cancelled, error
     prompt_tokens: int
     completion_tokens: int
 
