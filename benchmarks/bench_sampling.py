@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from common import write_results  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_decode import median_seconds  # noqa: E402  (benchmarks/ is the script's directory)
+from common import write_results  # noqa: E402
 from rwkvstate.ops import sampling as ops
 from rwkvstate.runtime.sampling import SamplingParams, TokenCounts, sample, sampling_rows
 
@@ -54,22 +55,9 @@ def sort_sample(logits: torch.Tensor, params, uniforms: torch.Tensor) -> torch.T
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
-def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
-    """Median device time of fn (CUDA events); wall time on CPU (a smoke run only)."""
-    if not torch.cuda.is_available():
-        return wall_seconds(fn, repeats, warmup)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+def device_seconds(fn, repeats: int) -> float:
+    """Median device time of fn on CUDA; wall time on CPU (a smoke run only)."""
+    return median_seconds(fn, repeats) if torch.cuda.is_available() else wall_seconds(fn, repeats)
 
 
 def wall_seconds(fn, repeats: int, warmup: int = 3) -> float:
@@ -88,7 +76,7 @@ def copy_bandwidth(device, nbytes: int = 2**30) -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy (median of 20)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), 20)
+    return 2 * src.numel() / device_seconds(lambda: dst.copy_(src), 20)
 
 
 def measure(B: int, V: int, name: str, params: SamplingParams, scale: float, repeats: int, bandwidth: float,
@@ -102,9 +90,9 @@ def measure(B: int, V: int, name: str, params: SamplingParams, scale: float, rep
     count_rows = rows_idx if params.has_penalties() else [-1] * B
     rows = sampling_rows(plist, seeds, positions, count_rows, device)
     uniforms = torch.rand(B, generator=gen, device=device)
-    kernel = median_seconds(lambda: ops.sample(logits, rows, counts.data), repeats)
+    kernel = device_seconds(lambda: ops.sample(logits, rows, counts.data), repeats)
     call = wall_seconds(lambda: sample(logits, plist, seeds, positions, counts, rows_idx), repeats)
-    baseline = median_seconds(lambda: sort_sample(logits, plist, uniforms), repeats)
+    baseline = device_seconds(lambda: sort_sample(logits, plist, uniforms), repeats)
     base_call = wall_seconds(lambda: sort_sample(logits, plist, uniforms).tolist(), repeats)
     fresh = TokenCounts(B, V, device)
     for row in range(B):
