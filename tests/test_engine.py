@@ -225,7 +225,7 @@ def test_a_stream_with_non_finite_logits_fails_alone_among_32(model):
     clean_engine.run(clean)
     engine = Engine(model, slots=32)
     sessions, streams = _streams(engine, 32, params_of)
-    engine._logits[sessions[13]._slot, 5] = float("nan")  # as a poisoned state would give
+    engine.residency.logits[sessions[13]._slot, 5] = float("nan")  # as a poisoned state would give
     engine.run(streams)
     assert streams[13].finish_reason == "error" and streams[13].token_ids == []
     others = [i for i in range(32) if i != 13]
@@ -254,8 +254,8 @@ def test_penalty_counts_follow_each_stream(engine):
     first = s.generate(12, SamplingParams(temperature=0, frequency_penalty=0.5, stop_token_ids=[]))
     list(first)
     slot = s._slot
-    expected = torch.bincount(torch.tensor(first.token_ids), minlength=engine.counts.shape[1])
-    assert torch.equal(engine.counts.row(slot), expected.to(torch.int32))
+    expected = torch.bincount(torch.tensor(first.token_ids), minlength=engine.stepper.counts.shape[1])
+    assert torch.equal(engine.stepper.counts.row(slot), expected.to(torch.int32))
     s.reset()
     s.feed("abc")
     again = s.generate(12, SamplingParams(temperature=0, frequency_penalty=0.5, stop_token_ids=[]))
