@@ -366,8 +366,9 @@ def cmd_serve(args) -> int:
 
 
 def _add_bench_parser(sub) -> None:
-    """`rwkvstate bench impact`: benchmarks/bench_impact.py, which needs a source checkout."""
-    kinds = sub.add_parser("bench", help="benchmarks (from a source checkout)").add_subparsers(
+    """`rwkvstate bench impact`: benchmarks/bench_impact.py of the source checkout (not installed with
+    the package: the benchmarks live beside it, with their results under docs/)."""
+    kinds = sub.add_parser("bench", help="benchmarks (a source-checkout command: pip install -e . from a clone)").add_subparsers(
         dest="bench_command", required=True
     )
     p = kinds.add_parser("impact", help="the seed design's Estimated Impact table, measured (docs/impact.md)")
@@ -390,8 +391,13 @@ def cmd_bench(args) -> int:
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_impact.py"
     if not path.exists():
-        raise RwkvStateError(f"rwkvstate bench needs a source checkout: {path} does not exist")
+        raise RwkvStateError(
+            f"rwkvstate bench needs a source checkout: it runs benchmarks/bench_impact.py of the clone the "
+            f"package is installed from (pip install -e .), and this installation has none ({path} does not exist)"
+        )
     spec = importlib.util.spec_from_file_location("bench_impact", path)
+    if spec is None or spec.loader is None:
+        raise RwkvStateError(f"rwkvstate bench cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.run_from_args(args)

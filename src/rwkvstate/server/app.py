@@ -326,6 +326,7 @@ async def _collect(ctx: ServerContext, job: Job, reply: Reply, request: Request)
             done = event
         elif isinstance(event, Failed):
             raise event.error
+    assert done is not None  # the events end with Done, or Failed raised above
     return JSONResponse(reply.full("".join(pieces), done))
 
 

@@ -7,7 +7,7 @@ ignored (`extra="allow"`), except the few whose silent omission would change the
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -97,7 +97,7 @@ class CompletionRequest(GenerationRequest):
             if len(p) != 1:
                 raise APIError(400, f"one prompt per request, got {len(p)}", param="prompt")
             p = p[0]
-        return p
+        return cast(Union[str, list[int]], p)  # pydantic checked the element type
 
 
 class TextPart(BaseModel):
