@@ -2,7 +2,10 @@
 
 A Session holds plain Python data (id, token log, undo points); its state lives in
 the engine's pool (or, evicted, in the engine's host tier) and its next-token logits
-in the engine's logits table. A GenerationStream is one generate() call: it registers with the
+in the engine's logits table. Its private fields (`_slot`, `_marks`, `_origin`,
+`_last_generation`, ...) belong to runtime/ (Residency sets the slot, Timeline the undo
+points, origin and last generation); everything else reads a session through its public
+methods and properties (`undo_points`, `can_regenerate`, `location`, `is_resident`, ...). A GenerationStream is one generate() call: it registers with the
 engine on creation, so all streams alive at the same time advance together, one
 packed forward per step, whichever stream the caller happens to iterate.
 """
