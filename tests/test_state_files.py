@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 
 from rwkvstate import Engine, Model, SamplingParams
 from rwkvstate.cli import BUNDLED_MODEL, main
-from rwkvstate.errors import StateError
+from rwkvstate.errors import StateError, StorageError
 from rwkvstate.model.synthetic import random_checkpoint, save_checkpoint, tiny_config
 from rwkvstate.state import files
 from rwkvstate.runtime.persist import load_session, save_session
@@ -176,9 +176,10 @@ def test_fingerprint_is_dtype_independent_and_architecture_specific(model, other
     half = Model.from_tensors(random_checkpoint(CFG, seed=7), CFG, dtype=torch.float16)
     assert half.fingerprint == model.fingerprint
     reseeded = Model.from_tensors(random_checkpoint(CFG, seed=99), CFG)
-    assert reseeded.fingerprint == model.fingerprint  # metadata only, by design
-    prints = {m.fingerprint for m in (model, *other_models.values())}
-    assert len(prints) == 3 and all(len(p) == 32 for p in prints)
+    arch, _, weights = model.fingerprint.partition(":")
+    assert reseeded.fingerprint.startswith(arch + ":") and not reseeded.fingerprint.endswith(weights)
+    prints = {m.fingerprint.partition(":")[0] for m in (model, *other_models.values())}
+    assert len(prints) == 3 and all(len(p) == 32 for p in prints) and len(weights) == 16
     assert model.description == "2 layers, n_embd 64, head_size 16, vocab 256"
 
 
@@ -214,8 +215,8 @@ def test_logits_of_wrong_length_refused(model, engine, tmp_path):
 
 
 def test_wrong_version_refused(engine, saved):
-    rewrite(saved, {"format_version": "2"})
-    assert_refused(engine, saved, "format version '2' is not supported", "reads version 1", "newer rwkvstate")
+    rewrite(saved, {"format_version": "3"})
+    assert_refused(engine, saved, "format version '3' is not supported", "reads versions 1, 2", "newer rwkvstate")
 
 
 def test_wrong_format_name_refused(engine, saved, tmp_path):
@@ -331,7 +332,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(engine, saved, monke
         raise KeyboardInterrupt if failing == "interrupt" else OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync" if failing == "fsync" else "replace", fail)
-    expected = KeyboardInterrupt if failing == "interrupt" else StateError
+    expected = KeyboardInterrupt if failing == "interrupt" else StorageError
     with pytest.raises(expected, match=None if failing == "interrupt" else "cannot write state file .*No space left"):
         save_session(s, saved)
     monkeypatch.undo()
@@ -341,7 +342,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(engine, saved, monke
 
 
 def test_write_into_missing_directory_fails_cleanly(engine, tmp_path):
-    with pytest.raises(StateError, match="cannot write state file"):
+    with pytest.raises(StorageError, match="cannot write state file"):
         save_session(engine.session(), tmp_path / "no" / "such" / "dir.state")
 
 

@@ -15,3 +15,8 @@ class StateError(RwkvStateError, ValueError):
 
 class SlotError(RwkvStateError, ValueError):
     """A slot index is out of range, duplicated, or no slot is free."""
+
+
+class StorageError(RwkvStateError):
+    """Reading or writing a file failed for a reason outside the caller's input: a full or
+    read-only disk, permissions, an I/O error. Nothing was changed (atomic writes)."""

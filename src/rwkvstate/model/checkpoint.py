@@ -72,8 +72,7 @@ def fingerprint(cfg: ModelConfig) -> str:
     """32 hex digits identifying a model's architecture: config sizes and weight names/shapes.
 
     Dtype- and device-independent (the same checkpoint in fp16 or fp32 gives the same value).
-    It hashes metadata only: two checkpoints with identical shapes but different weights
-    (e.g. a fine-tune of the same base) share a fingerprint by design.
+    Two checkpoints of identical shapes share it; weights_digest tells them apart.
     """
     names = ("n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim",
              "decay_rank", "aaa_rank", "mv_rank", "gate_rank")  # fmt: skip
@@ -81,6 +80,36 @@ def fingerprint(cfg: ModelConfig) -> str:
     weights = sorted([name, list(shape)] for name, shape in weight_shapes(cfg).items())
     text = json.dumps({"config": sizes, "weights": weights}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(b"rwkvstate-model-v1\0" + text.encode()).hexdigest()[:32]
+
+
+WEIGHT_SAMPLES = 256  # elements sampled from each tensor for weights_digest
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """16 hex digits identifying a checkpoint's weights, cheaply (a few KB read per tensor).
+
+    sha256 over "rwkvstate-weights-v1\\0", then, for every tensor in name order: its name, its
+    shape, and the little-endian float32 bytes of WEIGHT_SAMPLES elements at the flat indices
+    i * numel // WEIGHT_SAMPLES (i = 0..WEIGHT_SAMPLES-1; every element of a smaller tensor),
+    each item length-prefixed. Float32 values make it independent of the file's dtype when the
+    values are the same (a bf16 file and its exact fp32 copy agree) and of the compute dtype
+    and device; a fine-tune, which moves nearly every weight, gets another digest.
+    """
+    h = hashlib.sha256(b"rwkvstate-weights-v1\0")
+
+    def put(item: bytes) -> None:
+        h.update(len(item).to_bytes(8, "little"))
+        h.update(item)
+
+    for name in sorted(tensors):
+        t = tensors[name]
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        index = torch.arange(n) if n <= WEIGHT_SAMPLES else torch.arange(WEIGHT_SAMPLES) * n // WEIGHT_SAMPLES
+        put(name.encode())
+        put(json.dumps(list(t.shape)).encode())
+        put(flat[index.to(flat.device)].to(device="cpu", dtype=torch.float32).numpy().astype("<f4").tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---- reading files ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ..ops.token_shift import token_shift_mix
 from ..ops.wkv7 import wkv7
 from ..state.layout import StateLayout, parse_dtype
 from ..state.pool import Device, StatePool, new_pool
-from .checkpoint import fingerprint, load_checkpoint
+from .checkpoint import fingerprint, load_checkpoint, weights_digest
 from .packing import Packed, pack, pack_decode
 from .weights import LayerWeights, Weights, build_weights
 
@@ -40,9 +40,10 @@ class Model:
     """An RWKV-7 model: config, weights on one device, and the packed forward."""
 
     def __init__(self, config: ModelConfig, weights: Weights, dtype: torch.dtype, device: Device,
-                 path: str | Path | None = None):  # fmt: skip
+                 path: str | Path | None = None, weights_digest: str | None = None):  # fmt: skip
         self.config = config
         self.weights = weights
+        self.weights_digest = weights_digest  # checkpoint.weights_digest of the tensors loaded; None: unknown
         self.dtype = dtype
         self.device = torch.device(device)
         self.path = Path(path) if path else None
@@ -83,7 +84,7 @@ class Model:
         finally:
             if bar is not None:
                 bar.close()
-        return cls(config, weights, dtype, device, path)
+        return cls(config, weights, dtype, device, path, weights_digest(tensors))
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -100,10 +101,12 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """32 hex digits naming the architecture (config sizes, weight names and shapes), stored in
-        state files so a state is never loaded into another model; dtype- and device-independent,
-        and the same for two checkpoints of identical shapes (checkpoint.fingerprint)."""
-        return fingerprint(self.config)
+        """`<architecture>:<weights>`, stored in state files so a state is never loaded into another
+        model: 32 hex digits naming the architecture (config sizes, weight names and shapes,
+        checkpoint.fingerprint), then 16 naming the weights (checkpoint.weights_digest, computed
+        at load); dtype- and device-independent. Without a known digest, the architecture alone."""
+        arch = fingerprint(self.config)
+        return arch if self.weights_digest is None else f"{arch}:{self.weights_digest}"
 
     @property
     def description(self) -> str:

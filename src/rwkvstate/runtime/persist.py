@@ -33,24 +33,38 @@ def save_session(session: Session, path: str | Path, *, extra: Mapping | None = 
     )  # fmt: skip
 
 
-def load_session(session: Session, path: str | Path) -> StateFile:
+def load_session(session: Session, path: str | Path, *, allow_other_weights: bool = False) -> StateFile:
     """Restores a session from a state file, validated completely (model fingerprint, pool
-    layout, vocab, range of the pool's storage dtype) before anything is written."""
+    layout, vocab, range of the pool's storage dtype, the session metadata) before anything is
+    written. allow_other_weights: accept a file saved from other weights of the same shape (a
+    state tuned on a base model, loaded into its fine-tune)."""
     engine = session.engine
     model = engine.model
     sf = read_state_file(
-        path, fingerprint=model.fingerprint, layout=engine.pool.layout,
-        vocab_size=model.config.vocab_size, model_info=model.description,
+        path, fingerprint=model.fingerprint, layout=engine.pool.layout, vocab_size=model.config.vocab_size,
+        model_info=model.description, allow_other_weights=allow_other_weights,
     )  # fmt: skip
     try:
         engine.pool.check_fits(sf.state)
     except StateError as e:
         raise StateError(f"{path}: {e}") from None
-    # from_zero: the writer's word that the token log, fed from the zero state, gives this state;
-    # it lets the loaded session roll back before the loaded point by re-feeding
-    from_zero = bool((sf.extra or {}).get("from_zero", False))
+    from_zero, marks = _session_meta(path, sf)
+    if sf.is_empty and session.location == "none" and not session.tokens:
+        return sf  # a new session already is what the file holds: it takes no slot and no memory
     session.restore(SessionSnapshot(sf.state, sf.tokens, sf.logits, from_zero=from_zero))
-    marks = (sf.extra or {}).get("undo_points", [])
-    if from_zero and isinstance(marks, list) and all(isinstance(m, int) and 0 <= m < len(sf.tokens) for m in marks):
+    if from_zero and all(0 <= m < len(sf.tokens) for m in marks):
         engine.timeline.set_undo_points(session, marks)  # undo works across a save and load
     return sf
+
+
+def _session_meta(path, sf: StateFile) -> tuple[bool, list[int]]:
+    """(from_zero, undo points) from the file's `extra`. from_zero: the writer's word that the
+    token log, fed from the zero state, gives this state; it lets the loaded session roll back
+    before the loaded point by re-feeding."""
+    from_zero = sf.extra.get("from_zero", sf.is_empty)
+    marks = sf.extra.get("undo_points", [])
+    if not isinstance(from_zero, bool):
+        raise StateError(f"{path}: metadata from_zero must be true or false, got {from_zero!r}")
+    if not isinstance(marks, list) or not all(type(m) is int for m in marks):
+        raise StateError(f"{path}: metadata undo_points must be a list of token positions")
+    return from_zero, marks

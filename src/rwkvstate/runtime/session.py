@@ -209,12 +209,13 @@ class Session:
         self._check_usable()
         save_session(self, path)
 
-    def load(self, path: str | Path) -> None:
-        """Replaces the session's state with a state file's; a bad file changes nothing."""
+    def load(self, path: str | Path, allow_other_weights: bool = False) -> None:
+        """Replaces the session's state with a state file's; a bad file changes nothing. A file
+        saved from other weights of the same shape is refused unless allow_other_weights."""
         from .persist import load_session
 
         self._check_usable(replacing=True)
-        load_session(self, path)
+        load_session(self, path, allow_other_weights=allow_other_weights)
         self._lost = False
 
     def close(self) -> None:

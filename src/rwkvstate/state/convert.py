@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StateError
-from .layout import CANONICAL_KEYS, state_dims, state_shapes
+from .layout import CANONICAL_KEYS, MAX_STATE_ABS, state_dims, state_shapes
 
 # Orientations of a state-tuning `time_state[h, a, b]` (see docs/state-formats.md):
 # RWKV-PEFT saves (value, key), the canonical order; web-rwkv's converters
@@ -44,18 +44,23 @@ def _as_float32(name: str, value) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
+def _check_values(name: str, t: torch.Tensor) -> None:
     bad = ~torch.isfinite(t)
     if bad.any():
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise StateError(f"{name} has {int(bad.sum())} non-finite values (first at index {first})")
+    if t.numel() and (peak := float(t.abs().max())) > MAX_STATE_ABS:
+        first = tuple(int(i) for i in (t.abs() > MAX_STATE_ABS).nonzero()[0])
+        raise StateError(f"{name} has values up to {peak:.4g} in magnitude (first at index {first}), beyond the "
+                         f"bound of {MAX_STATE_ABS:.0f} for a state element: the state is damaged")  # fmt: skip
 
 
 def validate_canonical(state: Mapping, n_layer: int, n_embd: int, head_size: int) -> dict[str, torch.Tensor]:
     """Check a canonical state for a model of these sizes; return it as float32 CPU tensors.
 
     Raises StateError (a ValueError) naming the problem: not a dict, a missing or unknown
-    key, a shape that differs from the expected one, or NaN/inf values. Tensors that already
+    key, a shape that differs from the expected one, NaN/inf values, or values beyond
+    MAX_STATE_ABS in magnitude. Tensors that already
     are float32, CPU and contiguous are returned as is (shared, not copied).
     """
     if not isinstance(state, Mapping):
@@ -72,7 +77,7 @@ def validate_canonical(state: Mapping, n_layer: int, n_embd: int, head_size: int
         t = _as_float32(f"state['{key}']", state[key])
         if tuple(t.shape) != shape:
             raise StateError(f"state['{key}'] has shape {tuple(t.shape)}, expected {shape} ({sizes})")
-        _check_finite(f"state['{key}']", t)
+        _check_values(f"state['{key}']", t)
         out[key] = t
     return out
 

@@ -8,8 +8,10 @@ A state file is a safetensors file (docs/state-formats.md, "State files"):
 
 plus string metadata: format name and version, the model's fingerprint and description,
 storage dtype, token count, creation time and a sha256 checksum over all of the above.
+The zero state (a new or reset session) is not stored: the metadata names its sizes instead
+(`zero_state`, format version 2), so an empty session's file is a few hundred bytes.
 Reading validates everything before returning, so a caller that restores only what
-read_state_file returned can never half-load a bad file.
+read_state_file returned can never half-load a bad file; it reads no more than a size cap.
 
 This module knows neither models nor sessions: callers pass the model's fingerprint and
 description (Model.fingerprint, Model.description) and the layout to check against;
@@ -22,6 +24,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -30,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StateError
+from ..errors import StateError, StorageError
 from ..tokenizer import check_token_ids
-from .convert import infer_dims, validate_canonical
+from .convert import infer_dims, validate_canonical, zero_state
 from .layout import (
     CANONICAL_KEYS,
     SAFETENSORS_DTYPE_NAMES,
@@ -43,13 +46,24 @@ from .layout import (
 )
 
 FORMAT_NAME = "rwkvstate-state"
-FORMAT_VERSION = 1
+# Version 2 adds files without state tensors (metadata `zero_state`); a file that stores its
+# state is written as version 1, which every reader reads.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
+MAX_FILE_TOKENS = 1 << 24  # the longest token log a file holds (64 MiB of int32)
+MAX_FILE_BYTES = 1 << 30  # the size cap of a file read without a model's layout (inspect)
+_HEADER_BYTES = 1 << 20  # allowance for the JSON header and metadata
+_MAX_ZERO_NUMEL = 1 << 28  # the largest zero state a file may name when no layout is given
 # Metadata every version-1 file carries; "extra" (JSON) is optional.
 REQUIRED_META = (
     "format", "format_version", "model_fingerprint", "model_info",
     "storage_dtype", "token_count", "created", "checksum",
 )  # fmt: skip
 _INT32_MAX = 2**31 - 1
+# An interrupted write leaves `.<name>.<8 random characters>.tmp` next to its target
+# (tempfile.mkstemp's names); remove_stale_temp_files finds exactly these.
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 @dataclass
@@ -61,6 +75,21 @@ class StateFile:
     logits: torch.Tensor | None  # float32 [vocab] on CPU
     meta: dict[str, str]  # the file's metadata as stored
     extra: dict = field(default_factory=dict)  # the caller's `extra` given to save_state_file
+    is_zero_state: bool = False  # the file stored no state: `state` is the zero state
+
+    @property
+    def is_empty(self) -> bool:
+        """The zero state with no tokens: what a new or reset session holds."""
+        return self.is_zero_state and not self.tokens and self.logits is None
+
+
+def max_file_bytes(layout: StateLayout | None = None, vocab_size: int | None = None) -> int:
+    """The size cap for reading a state file: the largest a valid file can be for this layout
+    (fp32 state, logits, MAX_FILE_TOKENS tokens, header), or MAX_FILE_BYTES without one."""
+    if layout is None:
+        return MAX_FILE_BYTES
+    logits = 4 * (vocab_size if vocab_size is not None else MAX_FILE_TOKENS)
+    return layout.slot_nbytes(torch.float32) + logits + 4 * MAX_FILE_TOKENS + _HEADER_BYTES
 
 
 # ---- checksum -------------------------------------------------------------------------------
@@ -122,6 +151,8 @@ def _encode_tokens(tokens: Sequence[int]) -> torch.Tensor:
         check_token_ids(ids, _INT32_MAX + 1)
     except (TypeError, ValueError) as e:
         raise StateError(f"tokens must be a sequence of integer ids below 2**31: {e}") from None
+    if len(ids) > MAX_FILE_TOKENS:
+        raise StateError(f"a token log of {len(ids):,} tokens is longer than a state file holds ({MAX_FILE_TOKENS:,})")
     return torch.tensor(ids, dtype=torch.int32).reshape(-1)
 
 
@@ -147,15 +178,20 @@ def save_state_file(
     path = Path(path)
     dtype_key, dtype = _storage_dtype(storage_dtype)
     tensors = _encode_state(state, dtype)
+    zero = _zero_state_dims(tensors)
+    if zero is not None:  # nothing to store: the sizes say it all
+        tensors = {}
     tensors["tokens"] = _encode_tokens(tokens)
     if logits is not None:
         tensors["logits"] = _encode_logits(logits)
     meta = {
-        "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+        "format": FORMAT_NAME, "format_version": "2" if zero is not None else "1",
         "model_fingerprint": str(fingerprint), "model_info": str(model_info),
         "storage_dtype": dtype_key, "token_count": str(len(tensors["tokens"])),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
+    if zero is not None:
+        meta["zero_state"] = zero
     if extra:
         try:
             meta["extra"] = json.dumps(dict(extra), sort_keys=True)
@@ -168,15 +204,23 @@ def save_state_file(
     return path
 
 
+def _zero_state_dims(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The `zero_state` metadata value (JSON sizes) if every state element is zero, else None."""
+    if any(t.any() for t in tensors.values()):
+        return None
+    L, C, N = infer_dims(tensors)
+    return json.dumps({"n_layer": L, "n_embd": C, "head_size": N}, sort_keys=True)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temp file next to the target, fsync, os.replace: readers see the old file or the new one."""
     directory = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise StateError(f"cannot write state file {path}: it is a directory")
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as e:
-        raise StateError(f"cannot write state file {path}: {e.strerror or e}") from e
+        raise StorageError(f"cannot write state file {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # mkstemp makes 0600; give the file the mode open() would
@@ -191,7 +235,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise StateError(f"cannot write state file {path}: {e.strerror or e}") from e
+            raise StorageError(f"cannot write state file {path}: {e.strerror or e}") from e
         raise
     _fsync_dir(directory)
 
@@ -218,6 +262,22 @@ def _umask() -> int:
     return umask
 
 
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Removes the temporary files interrupted writes left under `directory` (recursively);
+    returns them. Only for a directory no writer is using, e.g. a server's at startup."""
+    removed = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if _TEMP_NAME.fullmatch(name):
+                path = Path(root) / name
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except OSError:
+                    pass
+    return removed
+
+
 def _fsync_dir(directory: Path) -> None:
     """Makes the rename durable; best effort (not every platform can open a directory)."""
     try:
@@ -235,30 +295,40 @@ def _fsync_dir(directory: Path) -> None:
 # ---- reading --------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, cap: int) -> bytes:
+    """The file's bytes; a file over `cap` bytes is refused before any of it is read."""
     if not path.exists():
         raise StateError(f"state file not found: {path}")
     if path.is_dir():
         raise StateError(f"{path} is a directory, not a state file")
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > cap:
+                raise StateError(f"{path} is {size:,} bytes, more than a state file can be here ({cap:,}); not read")
+            data = f.read(cap + 1)  # a file growing meanwhile is caught too
     except OSError as e:
-        raise StateError(f"cannot read state file {path}: {e.strerror or e}") from e
+        raise StorageError(f"cannot read state file {path}: {e.strerror or e}") from e
+    if len(data) > cap:
+        raise StateError(f"{path} is more than {cap:,} bytes, more than a state file can be here; not read")
+    return data
 
 
-def _parse(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
+def _parse(path: Path, cap: int = MAX_FILE_BYTES) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     """(tensors, metadata, file size) of a safetensors file; StateError if it is not one."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    data = _read_bytes(path)
+    data = _read_bytes(path, cap)
     try:
         tensors = load(data)
         (n,) = struct.unpack("<Q", data[:8])
         meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, TypeError, struct.error, RuntimeError) as e:
+    except (SafetensorError, ValueError, TypeError, AttributeError, struct.error, RuntimeError, RecursionError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StateError(f"{path} is truncated or not a safetensors state file ({reason})") from None
+    if not isinstance(meta, dict):
+        raise StateError(f"{path} is not a state file (its metadata is not a JSON object)")
     return tensors, {str(k): str(v) for k, v in meta.items()}, len(data)
 
 
@@ -270,11 +340,11 @@ def _check_header(path: Path, meta: Mapping[str, str]) -> None:
         raise StateError(f"{path} is a safetensors file but not an rwkvstate state file "
                          f"({found}, expected {FORMAT_NAME!r})")  # fmt: skip
     version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in READABLE_VERSIONS:
         newer = version is not None and version.isdigit() and int(version) > FORMAT_VERSION
         hint = "; it was written by a newer rwkvstate, upgrade to read it" if newer else ""
         raise StateError(f"{path}: state file format version {version!r} is not supported "
-                         f"(this rwkvstate reads version {FORMAT_VERSION}){hint}")  # fmt: skip
+                         f"(this rwkvstate reads versions {', '.join(READABLE_VERSIONS)}){hint}")  # fmt: skip
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise StateError(f"{path}: state file metadata is missing {missing}")
@@ -283,14 +353,15 @@ def _check_header(path: Path, meta: Mapping[str, str]) -> None:
 def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
     """Names, dtypes and ranks, and their agreement with the metadata."""
     names = set(tensors)
-    missing = [k for k in (*CANONICAL_KEYS, "tokens") if k not in names]
-    unknown = sorted(names - {*CANONICAL_KEYS, "tokens", "logits"})
+    stored = () if "zero_state" in meta else CANONICAL_KEYS
+    missing = [k for k in (*stored, "tokens") if k not in names]
+    unknown = sorted(names - {*stored, "tokens", "logits"})
     if missing or unknown:
         raise StateError(f"{path}: state file tensors are wrong (missing {missing}, unexpected {unknown})")
     if meta["storage_dtype"] not in STORAGE_DTYPES:
         raise StateError(f"{path}: unknown storage dtype {meta['storage_dtype']!r} (expected fp32, fp16 or bf16)")
     dtype = STORAGE_DTYPES[meta["storage_dtype"]]
-    for key in CANONICAL_KEYS:
+    for key in stored:
         if tensors[key].dtype != dtype:
             raise StateError(f"{path}: {key} is {tensors[key].dtype}, but the file says {meta['storage_dtype']}")
     tokens = tensors["tokens"]
@@ -303,17 +374,31 @@ def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mappin
         raise StateError(f"{path}: logits must be float32 [vocab], got {logits.dtype} {list(logits.shape)}")
 
 
-def _check_fingerprint(path: Path, meta: Mapping[str, str], fingerprint: str | None, model_info: str | None):
+def _check_fingerprint(path: Path, meta: Mapping[str, str], fingerprint: str | None, model_info: str | None,
+                       allow_other_weights: bool = False) -> None:  # fmt: skip
+    """A fingerprint is `<architecture>:<weights>` (Model.fingerprint); files written before the
+    weights part existed carry the architecture alone, and are checked on it alone."""
     if fingerprint is None or meta["model_fingerprint"] == fingerprint:
         return
+    stored_arch, _, stored_weights = meta["model_fingerprint"].partition(":")
+    arch, _, weights = str(fingerprint).partition(":")
     current = f" ({model_info})" if model_info else ""
-    raise StateError(f"{path} was saved from a different model: file model fingerprint "
-                     f"{meta['model_fingerprint']} ({meta['model_info']}), current model fingerprint "
-                     f"{fingerprint}{current}")  # fmt: skip
+    if stored_arch != arch:
+        raise StateError(f"{path} was saved from a different model: file model fingerprint "
+                         f"{meta['model_fingerprint']} ({meta['model_info']}), current model fingerprint "
+                         f"{fingerprint}{current}")  # fmt: skip
+    if stored_weights and weights and stored_weights != weights and not allow_other_weights:
+        raise StateError(f"{path} was saved from a model of the same shape with other weights: the file's model is "
+                         f"{meta['model_info']} (weights {stored_weights}), this one is {model_info or 'unnamed'} "
+                         f"(weights {weights}); pass --allow-other-weights (allow_other_weights=True) to load it "
+                         f"anyway")  # fmt: skip
 
 
-def _check_state(path: Path, tensors, layout: StateLayout | None) -> dict[str, torch.Tensor]:
-    """Shapes (against layout if given, else self-consistent) and finiteness; float32 out."""
+def _check_state(path: Path, tensors, meta, layout: StateLayout | None) -> dict[str, torch.Tensor]:
+    """Shapes (against layout if given, else self-consistent), finite values within
+    MAX_STATE_ABS; float32 out. A zero-state file's sizes are checked the same way."""
+    if "zero_state" in meta:
+        return _zero_from_meta(path, meta["zero_state"], layout)
     state = {k: tensors[k] for k in CANONICAL_KEYS}
     try:
         dims = (layout.n_layer, layout.n_embd, layout.head_size) if layout is not None else infer_dims(state)
@@ -321,6 +406,22 @@ def _check_state(path: Path, tensors, layout: StateLayout | None) -> dict[str, t
     except StateError as e:
         where = f" (the model needs n_layer={dims[0]}, n_embd={dims[1]}, head_size={dims[2]})" if layout else ""
         raise StateError(f"{path}: {e}{where}") from None
+
+
+def _zero_from_meta(path: Path, text: str, layout: StateLayout | None) -> dict[str, torch.Tensor]:
+    try:
+        dims = json.loads(text)
+        L, C, N = (dims[k] for k in ("n_layer", "n_embd", "head_size"))
+        if not all(type(v) is int and v > 0 for v in (L, C, N)) or C % N:
+            raise ValueError
+    except (ValueError, TypeError, KeyError):
+        raise StateError(f"{path}: metadata zero_state is not n_layer, n_embd and head_size sizes: {text[:80]!r}") from None
+    if layout is not None and (L, C, N) != (layout.n_layer, layout.n_embd, layout.head_size):
+        raise StateError(f"{path}: the zero state has n_layer={L}, n_embd={C}, head_size={N} (the model needs "
+                         f"n_layer={layout.n_layer}, n_embd={layout.n_embd}, head_size={layout.head_size})")  # fmt: skip
+    if L * (N + 2) * C > _MAX_ZERO_NUMEL:
+        raise StateError(f"{path}: a zero state of n_layer={L}, n_embd={C}, head_size={N} is implausibly large")
+    return zero_state(L, C, N)
 
 
 def _check_tokens_logits(path: Path, tensors, vocab_size: int | None) -> None:
@@ -338,37 +439,51 @@ def _check_tokens_logits(path: Path, tensors, vocab_size: int | None) -> None:
         raise StateError(f"{path}: {e}") from None
 
 
-def _validate(path, tensors, meta, fingerprint=None, model_info=None, layout=None, vocab_size=None) -> StateFile:
+def _check_extra(path: Path, meta: Mapping[str, str]) -> dict:
+    try:
+        extra = json.loads(meta["extra"]) if "extra" in meta else {}
+    except (ValueError, RecursionError):
+        raise StateError(f"{path}: metadata 'extra' is not valid JSON") from None
+    if not isinstance(extra, dict):
+        raise StateError(f"{path}: metadata 'extra' must be a JSON object, got {type(extra).__name__}")
+    return extra
+
+
+def _validate(path, tensors, meta, fingerprint=None, model_info=None, layout=None, vocab_size=None,
+              allow_other_weights=False) -> StateFile:  # fmt: skip
     _check_header(path, meta)
     if _checksum(meta, tensors) != meta["checksum"]:
         raise StateError(f"{path}: checksum mismatch: the file was modified or corrupted")
-    _check_fingerprint(path, meta, fingerprint, model_info)
+    _check_fingerprint(path, meta, fingerprint, model_info, allow_other_weights)
     _check_tensors(path, tensors, meta)
-    state = _check_state(path, tensors, layout)
+    state = _check_state(path, tensors, meta, layout)
     _check_tokens_logits(path, tensors, vocab_size)
-    try:
-        extra = json.loads(meta["extra"]) if "extra" in meta else {}
-    except ValueError:
-        raise StateError(f"{path}: metadata 'extra' is not valid JSON") from None
+    extra = _check_extra(path, meta)
     logits = tensors.get("logits")
-    return StateFile(state, tensors["tokens"].tolist(), None if logits is None else logits.clone(), dict(meta), extra)
+    tokens = tensors["tokens"].tolist()
+    return StateFile(state, tokens, None if logits is None else logits.clone(), dict(meta), extra, "zero_state" in meta)
 
 
 def read_state_file(
     path, *, fingerprint: str | None = None, layout: StateLayout | None = None,
-    vocab_size: int | None = None, model_info: str | None = None,
+    vocab_size: int | None = None, model_info: str | None = None, allow_other_weights: bool = False,
+    max_bytes: int | None = None,
 ) -> StateFile:  # fmt: skip
-    """Reads and fully validates a state file; every failure is a one-line StateError naming path.
+    """Reads and fully validates a state file; every failure is a one-line StateError naming path
+    (StorageError when the file cannot be read at all).
 
-    Checks, in order: the file exists and is a complete safetensors file; format name;
-    format version; checksum; the model fingerprint (if given; model_info names the current
-    model in the message); tensor names, dtypes and token count; state shapes (against
-    layout if given); finite values; token ids and logits length against vocab_size (or the
-    stored logits' length when vocab_size is not given).
+    Checks, in order: the file's size against max_bytes (default: max_file_bytes(layout,
+    vocab_size)) before reading it; it is a complete safetensors file; format name; format
+    version; checksum; the model fingerprint (if given; model_info names the current model in
+    the message; other weights of the same architecture only with allow_other_weights); tensor
+    names, dtypes and token count; state shapes (against layout if given); finite values within
+    MAX_STATE_ABS; token ids and logits length against vocab_size (or the stored logits' length
+    when vocab_size is not given); `extra` is a JSON object.
     """
     path = Path(path)
-    tensors, meta, _ = _parse(path)
-    return _validate(path, tensors, meta, fingerprint, model_info, layout, vocab_size)
+    cap = max_file_bytes(layout, vocab_size) if max_bytes is None else max_bytes
+    tensors, meta, _ = _parse(path, cap)
+    return _validate(path, tensors, meta, fingerprint, model_info, layout, vocab_size, allow_other_weights)
 
 
 def inspect_state_file(path) -> dict:

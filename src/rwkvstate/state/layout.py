@@ -28,6 +28,13 @@ STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 _DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # snapshot formats (state/snapshot.py): the storage dtypes as casts, plus two quantised ones
 SNAPSHOT_FORMATS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# The largest magnitude a state element may have wherever a state comes in from outside (files,
+# state-tuning files, load_state): finite values beyond it are refused as damaged. Real states
+# stay far below it (the bundled model's largest element over 4,096-token documents is under
+# 400, docs/state-precision.md); at or under it, the squares and sums of squares the forward
+# forms over a head (group norm over N values of S @ r) stay finite in float32, while a
+# wkv of 1e30 turns every later token's logits into NaN.
+MAX_STATE_ABS = float(2**20)
 # safetensors' dtype names, used where a name must not depend on torch's repr (file checksums)
 SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
 
