@@ -433,6 +433,14 @@ def test_a_marked_prompt_prefix_is_cached_inside_batched_steps(model):
 
 
 def test_a_failed_step_rebuilds_every_state_it_touched(model, monkeypatch):
+    """A packed forward that fails once, half-written: every state it touched is rebuilt from
+    the token log, each stream runs again alone, and the streams end as if nothing happened."""
+    clean = Engine(model, slots=2)
+    expected = [clean.session(), clean.session()]
+    expected[0].feed([1, 2, 3])
+    expected[1].feed([4])
+    expected = [expected[0].generate(5, GREEDY), expected[1].generate(5, GREEDY, prompt=[5, 6, 7])]
+    clean.run(expected)
     engine = Engine(model, slots=2)
     a, b = engine.session(), engine.session()
     a.feed([1, 2, 3])
@@ -443,21 +451,63 @@ def test_a_failed_step_rebuilds_every_state_it_touched(model, monkeypatch):
     failures = []
 
     def half_written(slots, tokens):
-        if failures:  # fails once: the rebuild's forwards go through
+        if failures:  # fails once: the rebuild's forwards and the runs alone go through
             return real_decode(slots, tokens)
         failures.append(slots)
         engine.pool.data[list(slots)] += 1.0  # some layers were written before the failure
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(engine.graphs, "decode", half_written)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        engine.step()
+    engine.step()
     monkeypatch.undo()
-    assert all(st.finish_reason == "error" for st in streams) and len(failures[0]) == 2
+    assert len(failures[0]) == 2
+    engine.run(streams)
+    assert [st.token_ids for st in streams] == [st.token_ids for st in expected]
+    assert all(st.finish_reason == "length" for st in streams)
     for s in (a, b):
         assert_equals_fresh_run(model, s)
         s.feed([9])  # and the session goes on
         assert_equals_fresh_run(model, s)
+
+
+def test_a_forward_that_fails_for_one_stream_ends_that_stream_alone(model, monkeypatch):
+    """A forward raises whenever one poisoned session's slot is in it: that stream ends with
+    'error' (its state rebuilt), the seven others produce exactly their tokens of a clean run."""
+    def run(poison: bool):
+        engine = Engine(model, slots=8)
+        sessions = [engine.session() for _ in range(8)]
+        for i, s in enumerate(sessions):
+            s.feed([1 + i, 2, 3])
+        streams = [s.generate(6, GREEDY) for s in sessions]
+        if poison:
+            real_forward, real_decode = model.forward, engine.graphs.decode
+            bad = sessions[3]._slot
+
+            def check(slots):
+                if bad in list(slots):
+                    raise RuntimeError("illegal memory access")
+
+            def forward(pool, slots, *args, **kwargs):
+                check(slots)
+                return real_forward(pool, slots, *args, **kwargs)
+
+            def decode(slots, tokens):
+                check(slots)
+                return real_decode(slots, tokens)
+
+            monkeypatch.setattr(model, "forward", forward)
+            monkeypatch.setattr(engine.graphs, "decode", decode)
+        engine.run(streams)
+        monkeypatch.undo()
+        return sessions, streams
+
+    _, clean = run(poison=False)
+    sessions, streams = run(poison=True)
+    assert streams[3].finish_reason == "error" and len(streams[3].token_ids) == 1  # its first token was not fed
+    assert all(streams[i].token_ids == clean[i].token_ids for i in range(8) if i != 3)
+    assert all(streams[i].finish_reason == "length" for i in range(8) if i != 3)
+    s = sessions[3]  # rebuilt from its token log: usable and right
+    assert_equals_fresh_run(model, s)
 
 
 def test_a_session_whose_rebuild_fails_is_marked_lost(model, monkeypatch):
@@ -471,8 +521,7 @@ def test_a_session_whose_rebuild_fails_is_marked_lost(model, monkeypatch):
 
     monkeypatch.setattr(engine.graphs, "decode", broken)
     monkeypatch.setattr(model, "forward", broken)
-    with pytest.raises(RuntimeError):
-        engine.step()
+    engine.step()  # the stream ends; the step does not raise (other streams would go on)
     monkeypatch.undo()
     assert stream.finish_reason == "error"
     with pytest.raises(RwkvStateError, match="lost in a failed forward"):

@@ -13,6 +13,7 @@ per-step token budget is applied.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .session import GenerationStream, Session
 
 StepItem = tuple["GenerationStream", list[int]]  # a stream and the tokens it feeds this step
+log = logging.getLogger("rwkvstate.engine")
 
 
 class Stepper:
@@ -90,13 +92,34 @@ class Stepper:
         items = self.plan_step(list(self.streams))
         if not items:
             return False
+        fed = [len(stream.session.tokens) for stream, _ in items]
         try:
             self._run(items)
-        except BaseException:
+        except Exception:
+            # items whose tokens went into the log before the failure are done
+            pending = [item for item, n in zip(items, fed) if len(item[0].session.tokens) == n]
+            self._recover(items, finish=False)
+            self._run_alone(pending)
+        except BaseException:  # an interrupt: every stream of the step ends
             self._recover(items)
             raise
         self.steps += 1
         return True
+
+    def _run_alone(self, items: list[StepItem]) -> None:
+        """After a packed forward raised: each item runs alone, so only the stream that makes the
+        forward fail ends ("error"); the others advance as they would have in the packed pass."""
+        for item in items:
+            stream = item[0]
+            if stream.session._lost:  # its state could not be rebuilt
+                if not stream.done:
+                    stream.finish("error")
+                continue
+            try:
+                self._run([item])
+            except Exception:
+                log.exception("a forward failed for one stream; it ends with 'error', the others go on")
+                self._recover([item])
 
     def plan_step(self, streams: list[GenerationStream]) -> list[StepItem]:
         """What this step feeds: a sampled token for each generating stream, then prompt chunks,
@@ -114,20 +137,34 @@ class Stepper:
         return items
 
     def _sample(self, streams: list[GenerationStream]) -> list[StepItem]:
-        """A token for each stream; those it does not end are fed this step."""
+        """A token for each stream; those it does not end are fed this step. A stream whose draw
+        fails, or gives no valid token (non-finite logits), ends ("error") alone."""
+        items = []
+        for stream, token in self._draw_isolated(streams):
+            if token is None or not 0 <= token < self.sample_limit:  # -1: non-finite logits
+                stream.finish("error")
+            elif stream.accept(token):
+                items.append((stream, [token]))
+        return items
+
+    def _draw_isolated(self, streams: list[GenerationStream]) -> list[tuple[GenerationStream, int | None]]:
+        """(stream, token) pairs; when the batched draw raises, each stream draws alone and the
+        one that still raises gets None."""
+        try:
+            return list(zip(streams, self._draw(streams)))
+        except Exception:
+            if len(streams) == 1:
+                log.exception("sampling failed for one stream; it ends with 'error', the others go on")
+                return [(streams[0], None)]
+        return [pair for stream in streams for pair in self._draw_isolated([stream])]
+
+    def _draw(self, streams: list[GenerationStream]) -> list[int]:
         if not streams:
             return []
         slots = [self._slot(s) for s in streams]
         rows = self.residency.logits[slots, : self.sample_limit]  # a gathered copy: the sampler's work buffer
         positions = [len(s.token_ids) for s in streams]
-        tokens = sample(rows, [s.params for s in streams], [s.seed for s in streams], positions, self.counts, slots)
-        items = []
-        for stream, token in zip(streams, tokens):
-            if token < 0:  # non-finite logits: this stream ends, the others go on
-                stream.finish("error")
-            elif stream.accept(token):
-                items.append((stream, [token]))
-        return items
+        return sample(rows, [s.params for s in streams], [s.seed for s in streams], positions, self.counts, slots)
 
     def _run(self, items: list[StepItem]) -> None:
         slots = [self._slot(s) for s, _ in items]
@@ -151,13 +188,13 @@ class Stepper:
                 self.tokens_generated += 1
                 self.timeline.after_forward(session, slot, old)
 
-    def _recover(self, items: list[StepItem]) -> None:
-        """A forward that raised may have written part of its slots. Its streams end ("error"),
-        and each session's state is rebuilt from its token log, which holds only what was fed
-        successfully; a session whose rebuild fails too is marked lost, so it is never used with
-        a half-written state."""
+    def _recover(self, items: list[StepItem], finish: bool = True) -> None:
+        """A forward that raised may have written part of its slots. Each session's state is
+        rebuilt from its token log, which holds only what was fed successfully; a session whose
+        rebuild fails too is marked lost, so it is never used with a half-written state.
+        finish: the streams end ("error")."""
         for stream, _ in items:
-            if not stream.done:
+            if finish and not stream.done:
                 stream.finish("error")
             session = stream.session
             try:
