@@ -139,7 +139,7 @@ def test_models_health_and_metrics(server):
         assert f"\nrwkvstate_{name}" in text
     for tier in ("pool", "host", "history", "prefix_cache"):
         assert f'rwkvstate_state_bytes{{tier="{tier}"}}' in text
-    assert 'rwkvstate_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert 'rwkvstate_requests_total{route="/v1/completions",status="2xx"} 1.0' in text
 
 
 # ---- completions and chat ----------------------------------------------------------------------

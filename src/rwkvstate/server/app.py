@@ -15,16 +15,16 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.chat import ASSISTANT_STOP, ReplyText, render_messages
 from ..runtime.sampling import SamplingParams
 from ..tokenizer import check_token_ids
 from ..version import __version__
-from . import metrics
 from .config import ServerConfig
+from .errors import add_error_handlers, error_response
+from .metrics import CONTENT_TYPE, REFUSED
 from .protocol import (
     MAX_STOP_STRINGS,
     APIError,
@@ -39,6 +39,7 @@ from .context import ServerContext
 from .worker import Done, Failed, Job, Text
 
 DONE_EVENT = b"data: [DONE]\n\n"
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
 def create_app(model, config: ServerConfig | None = None) -> FastAPI:
@@ -54,55 +55,17 @@ def create_app(model, config: ServerConfig | None = None) -> FastAPI:
         finally:
             await ctx.stop()
 
-    app = FastAPI(title="rwkvstate", version=__version__, lifespan=lifespan)
+    docs = {} if ctx.config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="rwkvstate", version=__version__, lifespan=lifespan, **docs)
     app.state.context = ctx
-    app.add_middleware(Guard, ctx=ctx)
-    _add_error_handlers(app)
+    add_error_handlers(app, ctx.store.roots)
     _add_info_routes(app, ctx)
     _add_generation_routes(app, ctx)
     _add_session_routes(app, ctx)
+    routes = {getattr(route, "path", None) for route in app.routes} - {None}
+    ctx.metrics.routes = frozenset(routes)
+    app.add_middleware(Guard, ctx=ctx)
     return app
-
-
-# ---- errors -------------------------------------------------------------------------------------
-def _error_response(error: APIError) -> JSONResponse:
-    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request, exc: APIError):
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        return _error_response(_validation_api_error(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        message = f"{exc.detail}: {request.method} {request.url.path}"
-        return _error_response(APIError(exc.status_code, message, code=_slug(str(exc.detail))))
-
-
-def _validation_api_error(errors) -> APIError:
-    """The first pydantic error as a 400 naming the offending parameter."""
-    if not errors:
-        return APIError(400, "invalid request")
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if first.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
-    if first.get("type") == "missing" and not loc:
-        return APIError(400, "a JSON request body is required", code="missing_body")
-    param = ".".join(loc) or None
-    message = f"{param}: {first.get('msg')}" if param else f"request body: {first.get('msg')}"
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return APIError(400, message + more, param=param, code="invalid_value")
-
-
-def _slug(text: str) -> str:
-    return "_".join(text.lower().split())
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -114,7 +77,8 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 class Guard:
-    """ASGI middleware: bearer-token check, request body cap, request counts for /metrics."""
+    """ASGI middleware: bearer-token check, request body cap, request counts for /metrics (by
+    the route template the router matched, once the response has started)."""
 
     def __init__(self, app, ctx: ServerContext):
         self.app, self.ctx = app, ctx
@@ -132,18 +96,20 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        error = self._refuse(scope)
+        if error is not None:
+            self.ctx.metrics.count(REFUSED, error.status)
+            return await error_response(error)(scope, receive, send)
         try:
-            error = self._refuse(scope)
-            if error is not None:
-                return await _error_response(error)(scope, receive, send_counted)
             await self.app(scope, self._capped(receive), send_counted)
         finally:
-            self.ctx.requests.add(metrics.endpoint_label(scope["path"]), status[0])
+            route = scope.get("route")  # set by the router on a match
+            self.ctx.metrics.count(getattr(route, "path", None), status[0])
 
     def _refuse(self, scope) -> APIError | None:
         headers = dict(scope["headers"])
         path = scope["path"]
-        if self.expected is not None and (path.startswith("/v1/") or path == "/metrics"):
+        if self.expected is not None and _needs_key(path):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -168,19 +134,27 @@ class Guard:
         return wrapped
 
 
+def _needs_key(path: str) -> bool:
+    """Everything but /health (for probes) needs the API key when one is set."""
+    return path.startswith("/v1/") or path == "/metrics" or path in DOCS_PATHS
+
+
 # ---- health, models, metrics ---------------------------------------------------------------------
 def _add_info_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/health")
     async def health():
+        """ok (200); degraded (503) after a write to the state directory failed, until one
+        succeeds; stopped (503) when the engine is not running."""
         stats = ctx.worker.stats
-        body = {"status": "ok" if ctx.worker.alive else "stopped", "model": ctx.model_name,
-                "running": stats.get("running", 0), "queued": stats.get("queued", 0)}  # fmt: skip
-        return JSONResponse(body, status_code=200 if ctx.worker.alive else 503)
+        storage = ctx.store.storage.health()
+        status = "stopped" if not ctx.worker.alive else "degraded" if storage["status"] == "degraded" else "ok"
+        body = {"status": status, "model": ctx.model_name, "running": stats.get("running", 0),
+                "queued": stats.get("queued", 0), "storage": storage}  # fmt: skip
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus():
-        text = metrics.render(ctx.worker.stats, ctx.requests, len(ctx.store.records))
-        return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE)
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card() -> dict:
         return {"id": ctx.model_name, "object": "model", "created": ctx.started, "owned_by": "rwkvstate"}
@@ -399,8 +373,13 @@ def _add_session_routes(app: FastAPI, ctx: ServerContext) -> None:
             record = store.create(engine, path, name)
             return record, info(engine, record)
 
-        record, out = await ctx.call(create, slots=0 if path is None else 1)
-        store.records[record.id] = record
+        store.reserve(with_state=path is not None)
+        try:
+            record, out = await ctx.call(create, slots=0 if path is None else 1)
+        except BaseException:
+            store.unreserve()
+            raise
+        store.added(record)
         return out
 
     @app.get("/v1/sessions")
@@ -431,8 +410,14 @@ def _add_session_routes(app: FastAPI, ctx: ServerContext) -> None:
             child = store.fork(engine, record)
             return child, info(engine, child)
 
-        child, out = await ctx.with_session(session_id, fork, slots=2)
-        store.records[child.id] = child
+        store.get(session_id)  # 404 before 429
+        store.reserve(with_state=True)
+        try:
+            child, out = await ctx.with_session(session_id, fork, slots=2)
+        except BaseException:
+            store.unreserve()
+            raise
+        store.added(child)
         return out
 
     @app.post("/v1/sessions/{session_id}/rollback")
@@ -443,11 +428,11 @@ def _add_session_routes(app: FastAPI, ctx: ServerContext) -> None:
         def rollback(engine, record):
             session = record.session
             before = len(session.tokens)
-            if body.tokens is not None:
-                session.rollback(body.tokens)
-            else:
-                session.undo(body.turns)
-            store.persist(record)
+            with store.saved_or_undone(record):
+                if body.tokens is not None:
+                    session.rollback(body.tokens)
+                else:
+                    session.undo(body.turns)
             return dict(info(engine, record), busy=False, removed=before - len(session.tokens))
 
         return await ctx.with_session(session_id, rollback, slots=1)

@@ -13,9 +13,28 @@ import uvicorn
 
 from .app import create_app
 from .config import ServerConfig
+from .http import limited_h11
 
 log = logging.getLogger("rwkvstate.server")
 GRACEFUL_SHUTDOWN_S = 10
+SPARE_FDS = 64  # file descriptors kept for state files, the model and logs
+
+
+def uvicorn_options(config: ServerConfig) -> dict:
+    """uvicorn settings from the config: header and keep-alive timeouts, the connection limit
+    (lowered to fit the process's file-descriptor limit)."""
+    limit = config.max_connections
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and soft - SPARE_FDS < limit:
+            limit = max(1, soft - SPARE_FDS)
+            log.warning("max_connections lowered from %d to %d to fit the open-file limit (ulimit -n %d)",
+                        config.max_connections, limit, soft)  # fmt: skip
+    except (ImportError, OSError, ValueError):
+        pass
+    return {"http": limited_h11(config.header_timeout_s, limit), "timeout_keep_alive": config.keep_alive_s}
 
 
 def serve(model, config: ServerConfig, log_level: str = "info") -> None:
@@ -26,7 +45,7 @@ def serve(model, config: ServerConfig, log_level: str = "info") -> None:
         config.state_dir.mkdir(parents=True, exist_ok=True)  # fail here, with a plain OSError, if it cannot be
     app = create_app(model, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(config))  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:
@@ -45,7 +64,8 @@ class BackgroundServer:
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         self.app, self.host, self.port = app, host, port
-        self._config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, lifespan="on")
+        options = uvicorn_options(app.state.context.config)
+        self._config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, lifespan="on", **options)
         self.server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None
 

@@ -27,14 +27,29 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20  # larger bodies are refused (413)
     max_queue: int = 256  # requests waiting for a slot beyond `slots` running; more get 429
     request_timeout_s: float | None = 300.0  # from arrival to the last token; None: no limit
+    max_sessions: int | None = 1000  # persistent sessions; more are refused (429); None: no limit
+    max_snapshots: int | None = 1000  # state files outside sessions/ the snapshot API may bring about
+    max_state_dir_bytes: int | None = None  # bytes of the state directory past which new files are refused
+    allow_other_weights: bool = False  # load state files saved from other weights of the same shape
+    header_timeout_s: float = 10.0  # from connecting (or the last response) to the end of a request's headers
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 1000  # open connections; more are closed at once
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
     engine_options: dict = field(default_factory=dict)  # further Engine(...) keyword arguments
 
     def __post_init__(self):
         self.state_dtype = parse_dtype(self.state_dtype)
-        positive = ("slots", "max_tokens_cap", "default_max_tokens", "max_request_bytes")
+        positive = ("slots", "max_tokens_cap", "default_max_tokens", "max_request_bytes", "max_connections")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_sessions", "max_snapshots", "max_state_dir_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"ServerConfig.{name} must be >= 1 or None (no limit), got {value}")
+        for name in ("header_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_queue", "prefix_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")

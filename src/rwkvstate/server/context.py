@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from .config import ServerConfig
-from .metrics import RequestCounter
+from .errors import api_error
+from .metrics import Metrics
 from .protocol import APIError
 from .sessions import SessionRecord, SessionStore
-from .worker import Command, Done, EngineWorker, Failed, Job, api_error
+from .worker import Command, Done, EngineWorker, Failed, Job
 
 
 class ServerContext:
@@ -24,12 +25,29 @@ class ServerContext:
         self.model, self.config = model, config
         self.model_name = config.model_name or (Path(str(model.path)).stem if model.path else "rwkv7")
         self.started = int(time.time())
-        self.store = SessionStore(config.state_dir)
-        self.requests = RequestCounter()
+        file_bytes = model.state_layout.slot_nbytes(config.state_dtype) + 4 * model.config.vocab_size
+        self.store = SessionStore(config.state_dir, config.max_sessions, config.max_state_dir_bytes,
+                                  config.max_snapshots, config.allow_other_weights, file_bytes)  # fmt: skip
         self.inflight = 0  # generation requests accepted and not yet ended
+        self.metrics = Metrics(lambda: self.worker.stats, self.figures)
         self.worker = EngineWorker(self._make_engine, config.slots, on_start=self.store.load_all,
                                    on_stop=lambda engine: self.store.save_all(),
-                                   on_job_end=lambda job: self.store.persist(job.record))  # fmt: skip
+                                   on_job_end=lambda job: self.store.persist(job.record),
+                                   on_job_undo=lambda job: self.store.revert(job.record, job.start_tokens),
+                                   error_of=self.error_of)  # fmt: skip
+
+    def error_of(self, e: BaseException) -> APIError:
+        """The HTTP error for an exception, without host paths."""
+        return api_error(e, self.store.roots)
+
+    def figures(self) -> dict:
+        """The server's own figures for /metrics."""
+        storage = self.store.storage
+        out = {"persistent_sessions": len(self.store.records)}
+        if self.store.persistent:
+            out.update(storage_ok=int(storage.ok), save_failures=storage.failures,
+                       skipped_files=storage.skipped_files, state_dir_bytes=storage.bytes_used)  # fmt: skip
+        return out
 
     def _make_engine(self):
         from ..runtime.engine import Engine
@@ -53,7 +71,7 @@ class ServerContext:
         future = loop.create_future()
 
         def done(result, error):  # worker thread: engine errors become HTTP errors here
-            loop.call_soon_threadsafe(_settle, future, result, None if error is None else api_error(error))
+            loop.call_soon_threadsafe(_settle, future, result, None if error is None else self.error_of(error))
 
         self.worker.run_command(Command(fn, min(slots, self.config.slots), done))
         return await future

@@ -1,79 +1,99 @@
-"""/metrics in the Prometheus text exposition format (version 0.0.4).
+"""/metrics, rendered by prometheus-client in the Prometheus text format.
 
-Engine figures come from the worker's latest stats snapshot (refreshed every 0.2 s), so a
-scrape never waits for the engine. Request counts are kept on the event loop.
+Every label value comes from a fixed set, so no request can add a line or grow the output:
+requests are counted by route template (the path pattern the router matched, e.g.
+`/v1/sessions/{session_id}`; `unmatched` for no route, `refused` for requests turned away
+before routing: wrong API key, body too large) and status class (`2xx` ... `5xx`). Engine
+figures come from the worker's latest stats snapshot (refreshed every 0.2 s), read when
+scraped, so a scrape never waits for the engine.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
+from typing import Callable
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "rwkvstate_"
+UNMATCHED, REFUSED = "unmatched", "refused"
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 # (stats key, metric name, type, help)
 ENGINE_METRICS = (
     ("tokens_per_second", "generation_tokens_per_second", "gauge", "tokens generated per second over the last 10 s"),
-    ("tokens_generated", "generated_tokens_total", "counter", "tokens generated"),
-    ("tokens_fed", "prompt_tokens_total", "counter", "prompt tokens read (prefix-cache hits excluded)"),
-    ("steps", "engine_steps_total", "counter", "packed forwards run by the engine loop"),
+    ("tokens_generated", "generated_tokens", "counter", "tokens generated"),
+    ("tokens_fed", "prompt_tokens", "counter", "prompt tokens read (prefix-cache hits excluded)"),
+    ("steps", "engine_steps", "counter", "packed forwards run by the engine loop"),
     ("queued", "queue_depth", "gauge", "requests waiting for a slot"),
     ("running", "requests_running", "gauge", "requests generating"),
     ("slots_total", "slots", "gauge", "pool slots"),
     ("slots_in_use", "slots_in_use", "gauge", "pool slots holding a session"),
     ("sessions", "sessions", "gauge", "engine sessions (persistent and per-request)"),
     ("sessions_on_host", "sessions_on_host", "gauge", "idle sessions moved to host memory"),
-    ("evictions", "evictions_total", "counter", "sessions moved from the pool to host memory"),
-    ("host_restores", "host_restores_total", "counter", "sessions brought back from host memory"),
-    ("bytes_to_host", "bytes_to_host_total", "counter", "state bytes copied device -> host"),
-    ("bytes_to_device", "bytes_to_device_total", "counter", "state bytes copied host -> device"),
+    ("evictions", "evictions", "counter", "sessions moved from the pool to host memory"),
+    ("host_restores", "host_restores", "counter", "sessions brought back from host memory"),
+    ("bytes_to_host", "bytes_to_host", "counter", "state bytes copied device -> host"),
+    ("bytes_to_device", "bytes_to_device", "counter", "state bytes copied host -> device"),
     ("prefix_cache_hit_rate", "prefix_cache_hit_rate", "gauge", "prefix-cache lookups that found a prefix"),
-    ("prefix_cache_lookups", "prefix_cache_lookups_total", "counter", "prefix-cache lookups"),
-    ("prefix_cache_hits", "prefix_cache_hits_total", "counter", "prefix-cache hits"),
-    ("prefix_cache_hit_tokens", "prefix_cache_hit_tokens_total", "counter", "prompt tokens skipped by the cache"),
+    ("prefix_cache_lookups", "prefix_cache_lookups", "counter", "prefix-cache lookups"),
+    ("prefix_cache_hits", "prefix_cache_hits", "counter", "prefix-cache hits"),
+    ("prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "counter", "prompt tokens skipped by the cache"),
 )
 STATE_TIERS = (("pool", "bytes_pool"), ("host", "bytes_host_tier"), ("history", "bytes_history"),
                ("prefix_cache", "bytes_prefix_cache"))  # fmt: skip
-
-_SESSION_PATH = re.compile(r"^/v1/sessions/[^/]+")
-
-
-def endpoint_label(path: str) -> str:
-    """A bounded label for a request path: session ids collapsed, unknown paths 'other'."""
-    path = _SESSION_PATH.sub("/v1/sessions/{id}", path)
-    known = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/v1/sessions")
-    return path if path.startswith(known) else "other"
-
-
-class RequestCounter:
-    def __init__(self):
-        self.counts: Counter = Counter()
-
-    def add(self, endpoint: str, status: int) -> None:
-        self.counts[endpoint, status] += 1
+# (figures key, metric name, type, help): the server's own figures (ServerState.figures)
+SERVER_METRICS = (
+    ("persistent_sessions", "persistent_sessions", "gauge", "sessions created through /v1/sessions"),
+    ("storage_ok", "storage_ok", "gauge", "1 while the state directory takes writes, 0 after a failed one"),
+    ("save_failures", "state_save_failures", "counter", "session or snapshot writes that failed"),
+    ("skipped_files", "session_files_skipped", "counter", "saved session files skipped at startup as bad"),
+    ("state_dir_bytes", "state_dir_bytes", "gauge", "bytes of files in the state directory"),
+)
 
 
-def render(stats: dict, requests: RequestCounter, persistent_sessions: int) -> str:
-    lines = []
-
-    def metric(name, kind, help_text, samples):
-        lines.append(f"# HELP {PREFIX}{name} {help_text}")
-        lines.append(f"# TYPE {PREFIX}{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{PREFIX}{name}{labels} {_number(value)}")
-
-    for key, name, kind, help_text in ENGINE_METRICS:
-        if key in stats:
-            metric(name, kind, help_text, [("", stats[key])])
-    tiers = [(f'{{tier="{tier}"}}', stats.get(key, 0)) for tier, key in STATE_TIERS]
-    metric("state_bytes", "gauge", "bytes of recurrent state held, by tier", tiers)
-    metric("persistent_sessions", "gauge", "sessions created through /v1/sessions", [("", persistent_sessions)])
-    counts = sorted(requests.counts.items())
-    samples = [(f'{{endpoint="{ep}",status="{status}"}}', n) for (ep, status), n in counts]
-    metric("requests_total", "counter", "HTTP requests by endpoint and status code", samples)
-    return "\n".join(lines) + "\n"
+def status_class(status: int) -> str:
+    return STATUS_CLASSES[status // 100 - 1] if 100 <= status < 600 else "5xx"
 
 
-def _number(value) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(int(value))
+class Metrics:
+    """One registry per app (tests run several apps in one process)."""
+
+    def __init__(self, engine_stats: Callable[[], dict], figures: Callable[[], dict]):
+        self.routes: frozenset[str] = frozenset()  # the app's route templates, set once its routes exist
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(f"{PREFIX}requests", "HTTP requests by route template and status class",
+                                ("route", "status"), registry=self.registry)  # fmt: skip
+        self.registry.register(_Snapshot(engine_stats, figures))
+
+    def count(self, route: str | None, status: int) -> None:
+        """Counts a finished request; `route` is the template the router matched, or None."""
+        label = route if route in self.routes or route == REFUSED else UNMATCHED
+        self.requests.labels(label, status_class(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Snapshot:
+    """A collector reading the latest figures at scrape time."""
+
+    def __init__(self, engine_stats: Callable[[], dict], figures: Callable[[], dict]):
+        self.engine_stats, self.figures = engine_stats, figures
+
+    def describe(self):
+        return []  # the families depend on what the engine reports (no prefix cache: no cache figures)
+
+    def collect(self):
+        stats, figures = self.engine_stats(), self.figures()
+        for table, values in ((ENGINE_METRICS, stats), (SERVER_METRICS, figures)):
+            for key, name, kind, help_text in table:
+                if key in values:
+                    family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    yield family(PREFIX + name, help_text, value=float(values[key]))
+        tiers = GaugeMetricFamily(f"{PREFIX}state_bytes", "bytes of recurrent state held, by tier", labels=["tier"])
+        for tier, key in STATE_TIERS:
+            tiers.add_metric([tier], float(stats.get(key, 0)))
+        yield tiers

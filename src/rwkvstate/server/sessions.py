@@ -3,12 +3,16 @@
 A SessionRecord names an engine Session for HTTP clients. Its `session` is touched only on
 the worker thread; its `busy` flag only on the event loop (a request or operation holds it).
 With a state directory, sessions are written through the state-file format
-(`sessions/<id>.state`, atomic writes) after every request and operation that changes them
-and on shutdown, and loaded back at startup.
+(`sessions/<id>.state`, atomic writes) after every request and operation that changes them,
+before it is answered, and on shutdown; they are loaded back at startup, where a bad file of
+any kind is logged, counted and skipped, and temporary files of interrupted writes are removed.
+Limits: the number of sessions (`max_sessions`), and through Storage (storage.py) the bytes of
+the state directory and the number of snapshot files.
 
 Paths a client names (`state_file`, snapshot `name`) are relative to the state directory and
 must stay inside it: absolute paths, `..`, backslashes and symlinks that lead outside are
-refused. `sessions/` is the server's own and cannot be written by name.
+refused, and so are names over MAX_NAME_CHARS characters, MAX_NAME_PARTS components or 255
+bytes in one component. `sessions/` is the server's own and cannot be written by name.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import logging
 import re
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from ..errors import StateError
+from ..errors import RwkvStateError, StateError, StorageError
 from .protocol import APIError
+from .storage import SESSIONS_DIR, Storage
 
 if TYPE_CHECKING:
     from ..runtime.session import Session
@@ -30,8 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("rwkvstate.server")
 
 SESSION_ID = re.compile(r"sess_[0-9a-f]{16}")
-SESSIONS_DIR = "sessions"
 SNAPSHOTS_DIR = "snapshots"
+MAX_NAME_CHARS = 1024  # a client-given file name (state_file, snapshot name)
+MAX_NAME_PARTS = 32  # path components of such a name
+EMPTY_FILE_BYTES = 4096  # about what the file of an empty session takes (no state stored)
 
 
 @dataclass(eq=False)
@@ -43,9 +51,15 @@ class SessionRecord:
 
 
 class SessionStore:
-    def __init__(self, state_dir: Path | None):
+    def __init__(self, state_dir: Path | None, max_sessions: int | None = None, max_state_dir_bytes: int | None = None,
+                 max_snapshots: int | None = None, allow_other_weights: bool = False, file_bytes: int = 0):  # fmt: skip
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.records: dict[str, SessionRecord] = {}
+        self.max_sessions = max_sessions
+        self.storage = Storage(self.state_dir, max_state_dir_bytes, max_snapshots)
+        self.allow_other_weights = allow_other_weights
+        self.file_bytes = file_bytes  # about what one saved session with a state takes on disk
+        self.creating = 0  # session creations queued on the worker (event loop side)
 
     @property
     def persistent(self) -> bool:
@@ -56,6 +70,11 @@ class SessionStore:
         """The state directory (callers check `persistent` or answer 400 first)."""
         assert self.state_dir is not None
         return self.state_dir
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Directories whose paths never appear in an error message."""
+        return () if self.state_dir is None else (self.state_dir,)
 
     # ---- event loop ----------------------------------------------------------------------------
     def get(self, session_id: str, param: str | None = None) -> SessionRecord:
@@ -77,13 +96,30 @@ class SessionStore:
     def release(record: SessionRecord) -> None:
         record.busy = False
 
+    def reserve(self, with_state: bool) -> None:
+        """Holds room for a session about to be created (429 past a limit); `added` or
+        `unreserve` gives it back."""
+        if self.max_sessions is not None and len(self.records) + self.creating >= self.max_sessions:
+            raise APIError(429, f"this server holds {len(self.records)} sessions, its limit is {self.max_sessions}: "
+                                "delete sessions first", code="session_limit")  # fmt: skip
+        if self.persistent:
+            self.storage.check_room(self.file_bytes if with_state else EMPTY_FILE_BYTES)
+        self.creating += 1
+
+    def added(self, record: SessionRecord) -> None:
+        self.records[record.id] = record
+        self.creating -= 1
+
+    def unreserve(self) -> None:
+        self.creating -= 1
+
     # ---- worker thread -------------------------------------------------------------------------
     def create(self, engine, state_file: Path | None = None, name: str | None = None) -> SessionRecord:
         """A new session, started from a state file or a state-tuning file when given."""
         session = engine.session()
         try:
             if state_file is not None:
-                _load_file(session, state_file, name or state_file.name)
+                _load_file(session, state_file, name or state_file.name, self.allow_other_weights)
             record = SessionRecord(_new_id(self.records), int(time.time()), session)
             self.persist(record)
         except BaseException:
@@ -106,16 +142,57 @@ class SessionStore:
     def delete(self, record: SessionRecord) -> None:
         """Removes the file first: if that fails, the session is still there, in memory and on disk."""
         if self.persistent:
-            self._file(record.id).unlink(missing_ok=True)
+            path = self._file(record.id)
+            size = path.stat().st_size if path.exists() else 0
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise StorageError(f"cannot remove the session's file: {e.strerror or e}") from e
+            self.storage.removed(size)
         record.session.close()
 
     def persist(self, record: SessionRecord) -> None:
+        """Saves the session (durably: fsync, rename); StorageError if it cannot be written."""
         if self.persistent:
             from ..runtime.persist import save_session
 
             path = self._file(record.id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_session(record.session, path, extra={"server_session": {"id": record.id, "created": record.created}})
+            extra = {"server_session": {"id": record.id, "created": record.created}}
+            self.storage.write(path, lambda: _save(save_session, record.session, path, extra))
+
+    @contextmanager
+    def saved_or_undone(self, record: SessionRecord):
+        """Runs a change of the session, then saves it; if the save fails, the session is put back
+        as it was (state, token log, logits, undo points) and the error goes on: a change that is
+        reported as failed is never applied."""
+        if not self.persistent:
+            yield
+            return
+        session = record.session
+        before, marks = session.snapshot(), session.undo_points
+        yield
+        try:
+            self.persist(record)
+        except BaseException:
+            session.restore(before)
+            if before.from_zero:
+                session.engine.timeline.set_undo_points(session, marks)
+            raise
+
+    def revert(self, record: SessionRecord, length: int) -> None:
+        """Takes the session back to `length` tokens (where a failed request found it); if that
+        cannot be done, reloads it from its file, which has the state of the last answered request."""
+        session = record.session
+        try:
+            if len(session.tokens) > length:
+                session.rollback(len(session.tokens) - length)
+            return
+        except Exception as e:
+            log.warning("session %s: rollback after a failed request failed (%s); reloading its file", record.id, e)
+        if self.persistent and self._file(record.id).is_file():
+            from ..runtime.persist import load_session
+
+            load_session(session, self._file(record.id), allow_other_weights=True)  # its own file
 
     def snapshot(self, record: SessionRecord, name: str | None) -> dict:
         """Saves the session to a state file in the state directory; returns its name and size."""
@@ -130,31 +207,45 @@ class SessionStore:
         if path.exists():
             raise APIError(409, f"a file named {name!r} already exists in the state directory", param="name",
                            code="file_exists")  # fmt: skip
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_session(record.session, path)
+        self.storage.check_room(self.file_bytes, snapshot=True)
+        self.storage.write(path, lambda: _save(save_session, record.session, path))
+        self.storage.added_snapshot()
         return {"name": name, "tokens": len(record.session.tokens), "bytes": path.stat().st_size}
 
     def load_all(self, engine) -> int:
-        """Loads every saved session of the state directory; returns how many. A bad file is
-        logged and left where it is."""
-        from ..runtime.persist import load_session
+        """Loads every saved session of the state directory; returns how many. A bad file, whatever
+        is wrong with it, is logged, counted (storage.skipped_files) and left where it is; temporary
+        files of interrupted writes are removed first."""
+        from ..state.files import remove_stale_temp_files
 
         if not self.persistent:
             return 0
         self._dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted((self._dir / SESSIONS_DIR).glob("sess_*.state")):
-            if not SESSION_ID.fullmatch(path.stem):
-                continue
-            session = engine.session()
-            try:
-                loaded = load_session(session, path)
-            except StateError as e:
-                log.warning("skipping saved session %s: %s", path.name, e)
-                session.close()
-                continue
-            created = loaded.extra.get("server_session", {}).get("created", int(time.time()))
-            self.records[path.stem] = SessionRecord(path.stem, int(created), session)
+        for temp in remove_stale_temp_files(self._dir):
+            log.info("removed %s, left by an interrupted write", temp.relative_to(self._dir))
+        self.storage.scan()
+        for path in sorted((self._dir / SESSIONS_DIR).glob("*.state")):
+            record = self._load_saved(engine, path)
+            if record is not None:
+                self.records[record.id] = record
+        self.storage.probe()
         return len(self.records)
+
+    def _load_saved(self, engine, path: Path) -> SessionRecord | None:
+        from ..runtime.persist import load_session
+
+        session = engine.session()
+        try:
+            if not SESSION_ID.fullmatch(path.stem):
+                raise StateError(f"{path.name} is not named like a session file (sess_ and 16 hex digits)")
+            loaded = load_session(session, path, allow_other_weights=self.allow_other_weights)
+            return SessionRecord(path.stem, _created(path, loaded.extra), session)
+        except Exception as e:  # whatever is inside the file, startup goes on
+            session.close()
+            self.storage.skipped_files += 1
+            reason = str(e).replace(str(path), path.name) if isinstance(e, RwkvStateError) else repr(e)
+            log.warning("skipping saved session %s: %s", path.name, reason)
+            return None
 
     def save_all(self) -> None:
         for record in list(self.records.values()):
@@ -178,19 +269,62 @@ class SessionStore:
         """The path of `name` inside the state directory; APIError if it is not allowed."""
         if self.state_dir is None:
             raise APIError(400, "this server has no state directory (start it with --state-dir)", param=param)
-        pure = PurePosixPath(name)
-        if (not name or "\x00" in name or "\\" in name or pure.is_absolute() or ".." in pure.parts
-                or re.match(r"[A-Za-z]:", name)):  # fmt: skip
-            raise APIError(400, f"{param} must be a relative path inside the state directory, without '..'",
-                           param=param)  # fmt: skip
+        pure = _check_name(name, param)
         root = self.state_dir.resolve()
-        path = (root / pure).resolve()  # follows symlinks, so a link pointing outside is caught
-        if path == root or root not in path.parents:
-            raise APIError(400, f"{param} {name!r} leads outside the state directory", param=param)
-        if must_exist and not path.is_file():
-            raise APIError(404, f"no state file {name!r} in the state directory", param=param,
+        try:
+            path = (root / pure).resolve()  # follows symlinks, so a link pointing outside is caught
+            inside = path != root and root in path.parents
+            exists = inside and path.is_file()
+        except (OSError, RuntimeError, RecursionError):  # too long for this file system, a symlink loop
+            raise APIError(400, f"{param} {_short(name)} cannot be resolved in the state directory", param=param) from None
+        if not inside:
+            raise APIError(400, f"{param} {_short(name)} leads outside the state directory", param=param)
+        if must_exist and not exists:
+            raise APIError(404, f"no state file {_short(name)} in the state directory", param=param,
                            code="state_file_not_found")  # fmt: skip
         return path
+
+
+def _check_name(name: str, param: str) -> PurePosixPath:
+    """The name as a relative path; APIError if it is not one this server accepts."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param} is not valid UTF-8 text", param=param) from None
+    if len(name) > MAX_NAME_CHARS:
+        raise APIError(400, f"{param} is {len(name)} characters long, more than {MAX_NAME_CHARS}", param=param)
+    pure = PurePosixPath(name)
+    if (not name or "\x00" in name or "\\" in name or pure.is_absolute() or ".." in pure.parts
+            or re.match(r"[A-Za-z]:", name)):  # fmt: skip
+        raise APIError(400, f"{param} must be a relative path inside the state directory, without '..'", param=param)
+    if len(pure.parts) > MAX_NAME_PARTS or any(len(part.encode()) > 255 for part in pure.parts):
+        raise APIError(400, f"{param} must have at most {MAX_NAME_PARTS} path components of at most 255 bytes each",
+                       param=param)  # fmt: skip
+    return pure
+
+
+def _short(name: str) -> str:
+    return repr(name) if len(name) <= 80 else repr(name[:80]) + "..."
+
+
+def _save(save_session, session, path: Path, extra=None) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot create the directory for {path}: {e.strerror or e}") from e
+    save_session(session, path, extra=extra)
+
+
+def _created(path: Path, extra: dict) -> int:
+    """The creation time this server recorded in a session file; StateError if the record is not
+    one it wrote (a file edited and re-signed, or another program's)."""
+    record = extra.get("server_session")
+    if not isinstance(record, dict) or record.get("id") != path.stem:
+        raise StateError(f"{path.name}: metadata server_session is not this server's record of {path.stem}")
+    created = record.get("created")
+    if type(created) is not int or created < 0:
+        raise StateError(f"{path.name}: metadata server_session.created must be a unix time, got {created!r}")
+    return created
 
 
 def _new_id(taken) -> str:
@@ -200,20 +334,26 @@ def _new_id(taken) -> str:
             return session_id
 
 
-def _load_file(session, path: Path, name: str) -> None:
+def _load_file(session, path: Path, name: str, allow_other_weights: bool = False) -> None:
     """Loads an rwkvstate state file or a state-tuning file (told apart by the safetensors
     metadata) into a fresh session. Error messages name the file as the client did."""
     from ..state.convert import load_state_tuning_file
     from ..runtime.persist import load_session
-    from ..state.files import FORMAT_NAME
+    from ..state.files import FORMAT_NAME, max_file_bytes
 
+    engine = session.engine
+    c = engine.model.config
     try:
+        cap = max_file_bytes(engine.pool.layout, c.vocab_size)
+        if path.stat().st_size > cap:  # a state-tuning file is read whole: the cap comes first
+            raise StateError(f"{path} is larger than a state file for this model can be ({cap:,} bytes)")
         if _format(path) == FORMAT_NAME:
-            load_session(session, path)
+            load_session(session, path, allow_other_weights=allow_other_weights)
         else:
-            c = session.engine.model.config
             session.load_state(load_state_tuning_file(path, c.n_layer, c.n_embd, c.head_size))
-    except StateError as e:
+    except (StorageError, OSError) as e:
+        raise StorageError(str(e).replace(str(path), name)) from None
+    except (RwkvStateError, ValueError) as e:
         raise APIError(400, str(e).replace(str(path), name), param="state_file", code="invalid_state_file") from None
 
 

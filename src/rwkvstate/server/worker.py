@@ -11,6 +11,10 @@ Admission keeps at most `max_active` streams generating (one pool slot each); th
 wait, first come first served. A command that needs pool slots (fork, load, rollback) waits
 until enough slots are not generating, and holds back admissions meanwhile, so a stream of
 new requests cannot starve it.
+
+A job on a persistent session ends only after its session is saved: a failed save answers
+that job with an error (503) and takes the session back to where the job found it, and so
+does a stream that fails in the engine (500); other jobs go on.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import RwkvStateError, SlotError
 from ..runtime.chat import turn_break
 from ..runtime.sampling import SamplingParams
+from .errors import api_error
 from .protocol import APIError
 
 if TYPE_CHECKING:
@@ -74,7 +78,13 @@ class Job:
     # worker side
     session: Any = None
     stream: Any = None
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # the prompt's length in tokens
+    start_tokens: int = 0  # the session's length when the job started
+
+    @property
+    def prompt_read(self) -> int:
+        """Prompt tokens read into the state so far (a timeout may end a job mid-prompt)."""
+        return self.prompt_tokens - (len(self.stream.pending) if self.stream is not None else self.prompt_tokens)
 
 
 @dataclass(eq=False)
@@ -86,16 +96,8 @@ class Command:
     on_done: Callable[[Any, BaseException | None], None] = lambda result, error: None  # worker thread
 
 
-def api_error(e: BaseException) -> APIError:
-    """The HTTP error for an exception raised by the engine or a session."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, SlotError):
-        return APIError(503, f"no pool slot is free: {e}", code="no_free_slot")
-    if isinstance(e, (RwkvStateError, ValueError)):
-        return APIError(400, str(e))
-    log.error("internal error in the engine worker", exc_info=e)
-    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+GENERATION_FAILED = ("generation failed in the engine for this request (non-finite logits or a failed forward); "
+                     "its session, if any, is as it was before the request")
 
 
 @dataclass
@@ -115,10 +117,15 @@ class _Rate:
 class EngineWorker:
     def __init__(self, make_engine: Callable[[], Engine], max_active: int,
                  on_start: Callable[[Any], object] | None = None, on_stop: Callable[[Any], None] | None = None,
-                 on_job_end: Callable[[Job], None] | None = None):  # fmt: skip
+                 on_job_end: Callable[[Job], None] | None = None, on_job_undo: Callable[[Job], None] | None = None,
+                 error_of: Callable[[BaseException], APIError] = api_error):  # fmt: skip
         self._make_engine, self.max_active = make_engine, max_active
         self._on_start, self._on_stop = on_start, on_stop
-        self._on_job_end = on_job_end or (lambda job: None)  # worker thread, before the job's last event
+        # worker thread, before a job's last event: saving its session (raises if it cannot),
+        # and taking a session back to the job's start (after a failed save or stream)
+        self._on_job_end = on_job_end or (lambda job: None)
+        self._on_job_undo = on_job_undo or (lambda job: None)
+        self.error_of = error_of  # an exception as the HTTP error answered for it
         self.engine: Engine | None = None  # built on the worker thread
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
@@ -223,7 +230,7 @@ class EngineWorker:
             reason = self._end_reason(job, now)
             if reason is not None:
                 self._waiting.remove(job)
-                self._emit(job, Done(reason, 0, 0))
+                self._emit(job, Done(reason, 0, 0))  # nothing was read
         for job in list(self._active):
             reason = self._end_reason(job, now)
             if reason is not None:
@@ -257,12 +264,14 @@ class EngineWorker:
     def _start(self, job: Job) -> None:
         engine = self._engine
         job.session = job.record.session if job.record is not None else engine.session()
+        job.start_tokens = len(job.session.tokens)
         try:
             ids, shared = self._prompt_ids(job)
             job.stream = job.session.generate(job.max_tokens, job.sampling, prompt=ids, cache_prefix=shared)
-        except Exception as e:
-            self._end_session(job)
-            self._emit(job, Failed(api_error(e)))
+        except Exception as e:  # nothing was changed
+            if job.record is None:
+                job.session.close()
+            self._emit(job, Failed(self.error_of(e)))
             return
         self._active.append(job)
 
@@ -292,16 +301,20 @@ class EngineWorker:
         return self._engine.prefix_cache is not None and session.from_zero and not session.tokens
 
     def _step(self) -> None:
+        """One engine step. A stream that fails in it ends alone (its finish reason is 'error');
+        only a step that raises without ending any stream fails every job of the step."""
         try:
             self._engine.step()
         except Exception as e:
-            error = api_error(e)
-            for job in list(self._active):
-                job.stream.close()
-                self._active.remove(job)
-                self._end_session(job)
-                self._emit(job, Failed(error))
-            return
+            log.exception("an engine step failed")
+            if not any(job.stream.done for job in self._active):
+                error = self.error_of(e)
+                for job in list(self._active):
+                    job.stream.close()
+                    self._active.remove(job)
+                    self._undo(job)
+                    self._end_session(job)
+                    self._emit(job, Failed(error))
         for job in list(self._active):
             pieces = job.stream.drain()
             if pieces:
@@ -310,22 +323,43 @@ class EngineWorker:
                 self._finish(job, job.stream.finish_reason)
 
     def _finish(self, job: Job, reason: str) -> None:
-        """Ends an admitted job: its last text, then its session is closed or saved, then Done."""
+        """Ends an admitted job: its last text, then its session is closed or saved, then Done;
+        Failed instead if the stream failed in the engine or the session could not be saved."""
         self._active.remove(job)
         pieces = job.stream.drain()
         if pieces:
             self._emit(job, Text("".join(pieces)))
-        self._end_session(job)
-        self._emit(job, Done(reason, job.prompt_tokens, len(job.stream.token_ids)))
+        if reason == "error":
+            self._undo(job)
+            self._end_session(job)
+            self._emit(job, Failed(APIError(500, GENERATION_FAILED, code="generation_failed")))
+            return
+        error = self._end_session(job)
+        if error is not None:
+            self._emit(job, Failed(error))
+            return
+        self._emit(job, Done(reason, job.prompt_read, len(job.stream.token_ids)))
 
-    def _end_session(self, job: Job) -> None:
+    def _end_session(self, job: Job) -> APIError | None:
+        """Closes a one-off session or saves a persistent one; the error if the save failed (the
+        session is then taken back to where the job found it, as its file still has it)."""
         if job.record is None:
             job.session.close()
-            return
+            return None
         try:
             self._on_job_end(job)
-        except Exception:
-            log.exception("saving session %s failed", job.record.id)
+        except Exception as e:
+            log.error("saving session %s failed: %s", job.record.id, e)
+            self._undo(job)
+            return self.error_of(e)
+        return None
+
+    def _undo(self, job: Job) -> None:
+        if job.record is not None:
+            try:
+                self._on_job_undo(job)
+            except Exception:
+                log.exception("taking session %s back to before the failed request failed", job.record.id)
 
     # ---- delivery ----------------------------------------------------------------------------
     def _emit(self, job: Job, event: object) -> None:
