@@ -211,7 +211,7 @@ def cmd_inspect(args) -> int:
         ("layers", c.n_layer), ("n_embd", c.n_embd), ("head_size", c.head_size), ("heads", c.n_head),
         ("vocab", c.vocab_size), ("tokenizer", c.tokenizer), ("ffn_dim", c.ffn_dim),
         ("lora ranks (decay, iclr, value, gate)", f"{c.decay_rank}, {c.aaa_rank}, {c.mv_rank}, {c.gate_rank}"),
-        ("parameters", f"{model.num_params():,}"),
+        ("parameters", f"{model.num_params():,}"), ("fingerprint", model.fingerprint),
         ("state elements per sequence", f"{layout.slot_numel:,}"),
     ]  # fmt: skip
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -273,6 +273,8 @@ def _add_state_file_parser(sub) -> None:
     load.add_argument("file", type=Path, help="a file written by `rwkvstate state save`")
     _add_model_args(load)
     load.add_argument("--prompt", default=None, help="text to feed after loading, before generating")
+    load.add_argument("--allow-other-weights", action="store_true",
+                      help="load a file saved from other weights of the same shape (e.g. a base model's state)")
     _add_sampling_args(load, max_tokens=200)
     load.set_defaults(state=None)
     inspect = verbs.add_parser("inspect", help="print a state file's metadata and verify it (exit 1 if bad)")
@@ -309,7 +311,7 @@ def cmd_state(args) -> int:
         size = path.stat().st_size
         print(f"saved {len(session.tokens)} tokens ({dtype} state, {size:,} bytes) to {path}", file=sys.stderr)
         return 0
-    loaded = load_session(session, args.file)
+    loaded = load_session(session, args.file, allow_other_weights=args.allow_other_weights)
     print(f"loaded {args.file}: {len(loaded.tokens)} tokens, saved {loaded.meta['created']}", file=sys.stderr)
     if args.prompt:
         session.feed(args.prompt)
@@ -344,6 +346,20 @@ def _add_serve_parser(sub) -> None:
                    help="seconds from arrival to the last token, 0 = none (default: 300)")
     p.add_argument("--prefix-cache-mb", type=float, default=64.0,
                    help="prefix-cache budget in MiB, 0 = off (default: 64)")
+    p.add_argument("--max-sessions", type=int, default=1000,
+                   help="persistent sessions; more are refused with 429, 0 = no limit (default: 1000)")
+    p.add_argument("--max-snapshots", type=int, default=1000,
+                   help="state files outside sessions/ the snapshot API may bring about, 0 = no limit (default: 1000)")
+    p.add_argument("--max-state-dir-mb", type=float, default=0,
+                   help="MiB of the state directory past which new sessions and snapshots are refused, 0 = no limit")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="load state files saved from other weights of the same shape")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers (default: 10)")
+    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open (default: 5)")
+    p.add_argument("--max-connections", type=_positive_int, default=1000,
+                   help="open connections; more are closed at once (default: 1000)")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the API key if set)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -359,7 +375,10 @@ def cmd_serve(args) -> int:
         state_dtype=parse_dtype(args.state_dtype), prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
         state_dir=args.state_dir, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
         max_request_bytes=args.max_request_bytes, max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout or None,
+        request_timeout_s=args.request_timeout or None, max_sessions=args.max_sessions or None,
+        max_snapshots=args.max_snapshots or None, max_state_dir_bytes=int(args.max_state_dir_mb * (1 << 20)) or None,
+        allow_other_weights=args.allow_other_weights, header_timeout_s=args.header_timeout,
+        keep_alive_s=args.keep_alive, max_connections=args.max_connections, docs=args.docs,
     )  # fmt: skip
     serve(load_model(args), config, log_level=args.log_level)
     return 0
