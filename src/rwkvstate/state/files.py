@@ -404,7 +404,8 @@ def _check_state(path: Path, tensors, meta, layout: StateLayout | None) -> dict[
         dims = (layout.n_layer, layout.n_embd, layout.head_size) if layout is not None else infer_dims(state)
         return validate_canonical(state, *dims)
     except StateError as e:
-        where = f" (the model needs n_layer={dims[0]}, n_embd={dims[1]}, head_size={dims[2]})" if layout else ""
+        wrong_shape = layout is not None and "expected" in str(e)
+        where = f" (the model needs n_layer={dims[0]}, n_embd={dims[1]}, head_size={dims[2]})" if wrong_shape else ""
         raise StateError(f"{path}: {e}{where}") from None
 
 
