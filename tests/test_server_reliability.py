@@ -420,10 +420,23 @@ def _strategies(sid: str):
         "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=20), "tokens": st.integers(-1, 2**40),
         "turns": st.integers(-1, 5), "name": st.text(max_size=300) | st.just("n" * 300), "state_file": anything,
     }  # fmt: skip
-    body = st.fixed_dictionaries({}, optional={k: likely.get(k, anything) | anything for k in FUZZ_FIELDS})
-    paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/sessions", f"/v1/sessions/{sid}/rollback",
-                             f"/v1/sessions/{sid}/snapshot", f"/v1/sessions/{sid}/fork"])  # fmt: skip
-    return paths, body | anything
+    fields = st.sampled_from(FUZZ_FIELDS).flatmap(lambda k: st.tuples(st.just(k), likely.get(k, anything) | anything))
+    valid = {
+        "/v1/completions": {"model": MODEL, "prompt": "x = ", "max_tokens": 3},
+        "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        "/v1/sessions": {}, f"/v1/sessions/{sid}/rollback": {"tokens": 1}, f"/v1/sessions/{sid}/snapshot": {},
+        f"/v1/sessions/{sid}/fork": {},
+    }  # fmt: skip
+
+    @st.composite
+    def request(draw):
+        """A valid request with up to three fields changed, or now and then any JSON at all."""
+        path = draw(st.sampled_from(sorted(valid)))
+        if draw(st.integers(0, 9)) == 0:
+            return path, draw(anything)
+        return path, {**valid[path], **dict(draw(st.lists(fields, max_size=3)))}
+
+    return request()
 
 
 class Steady(threading.Thread):
@@ -446,16 +459,18 @@ def test_fuzzed_requests_never_500_and_never_touch_a_concurrent_stream(model, tm
     with serve(model, **options) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         sid = new_session(srv)["id"]
         expected = complete(srv, "def steady():\n", max_tokens=12).choices[0].text
-        paths, bodies = _strategies(sid)
+        requests, statuses = _strategies(sid), []
         steady = Steady(srv, "def steady():\n")
         steady.start()
 
         @settings(max_examples=80, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(path=paths, body=bodies)
-        def request(path, body):
+        @given(case=requests)
+        def request(case):
+            path, body = case
             r = http.post(path, content=json.dumps(body), headers={"Authorization": f"Bearer {KEY}",
                                                                    "content-type": "application/json"})  # fmt: skip
+            statuses.append(r.status_code)
             assert r.status_code < 500, (path, body, r.text)
             if r.headers["content-type"].startswith("application/json") and r.status_code >= 400:
                 assert set(r.json()["error"]) == ERROR_KEYS and str(tmp_path) not in r.text
@@ -467,3 +482,4 @@ def test_fuzzed_requests_never_500_and_never_touch_a_concurrent_stream(model, tm
             steady.stop.set()
             steady.join(60)
         assert steady.texts and set(steady.texts) == {expected}
+        assert statuses.count(200) >= 10 and len(set(statuses)) >= 3  # the fuzz reached generation and refusals
