@@ -482,4 +482,4 @@ def test_fuzzed_requests_never_500_and_never_touch_a_concurrent_stream(model, tm
             steady.stop.set()
             steady.join(60)
         assert steady.texts and set(steady.texts) == {expected}
-        assert statuses.count(200) >= 10 and len(set(statuses)) >= 3  # the fuzz reached generation and refusals
+        assert statuses.count(200) >= 10 and 400 in statuses  # the fuzz reached generation and refusals
