@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import socket
-import struct
 import threading
 import time
 
@@ -22,10 +21,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
 from safetensors.torch import load as st_load  # noqa: E402
-from safetensors.torch import save as st_save  # noqa: E402
+from test_server import _one_torch_thread, model  # noqa: E402,F401 (fixtures: one torch thread, the bundled model)
 from test_server import KEY, MODEL, api, complete, state_of  # noqa: E402
+from test_state_files import rewrite as resign  # noqa: E402
 
-from rwkvstate import Model  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
 from rwkvstate.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
 from rwkvstate.server.worker import Command  # noqa: E402
@@ -33,19 +32,6 @@ from rwkvstate.state import files  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not BUNDLED_MODEL.exists(), reason="the bundled model is not in this checkout")
 ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return Model.load(BUNDLED_MODEL)
 
 
 def serve(model, **options) -> BackgroundServer:
@@ -73,19 +59,6 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None, *hidde
     for text in hidden:
         assert text not in r.text
     return error
-
-
-def resign(path, meta=None, tensors=None):
-    """A state file with changed metadata/tensors and a recomputed checksum: well-formed lies."""
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    m = json.loads(data[8 : 8 + n])["__metadata__"]
-    t = st_load(data)
-    m.update(meta or {})
-    t.update(tensors or {})
-    m["checksum"] = files._checksum(m, t)
-    path.write_bytes(st_save(t, metadata=m))
-    return path
 
 
 class FullDisk:

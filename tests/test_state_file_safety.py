@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import pytest
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from rwkvstate import Engine, Model
 from rwkvstate.cli import main
@@ -21,6 +19,7 @@ from rwkvstate.runtime.persist import load_session, save_session
 from rwkvstate.state import files
 from rwkvstate.state.files import inspect_state_file, read_state_file, remove_stale_temp_files
 from rwkvstate.state.layout import MAX_STATE_ABS
+from test_state_files import rewrite as resign
 
 CFG = tiny_config(n_layer=2, n_embd=64, head_size=16, ffn_dim=128)
 PROMPT = list(b"state files carry their model's name")
@@ -36,19 +35,6 @@ def saved(model, tmp_path):
     s = Engine(model, slots=2).session()
     s.feed(PROMPT)
     return save_session(s, tmp_path / "good.state")
-
-
-def resign(path, meta=None, tensors=None):
-    """Rewrites a state file with changed metadata/tensors and a recomputed checksum."""
-    data = path.read_bytes()
-    t = st_load(data)
-    (n,) = struct.unpack("<Q", data[:8])
-    m = json.loads(data[8 : 8 + n])["__metadata__"]
-    m.update(meta or {})
-    t.update(tensors or {})
-    m["checksum"] = files._checksum(m, t)
-    path.write_bytes(st_save(t, metadata=m))
-    return path
 
 
 def refused(model, path, *fragments, **kwargs):
