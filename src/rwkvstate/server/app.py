@@ -55,15 +55,15 @@ def create_app(model, config: ServerConfig | None = None) -> FastAPI:
         finally:
             await ctx.stop()
 
-    docs = {} if ctx.config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="rwkvstate", version=__version__, lifespan=lifespan, **docs)
+    docs = ctx.config.docs  # off: no docs routes at all
+    app = FastAPI(title="rwkvstate", version=__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)  # fmt: skip
     app.state.context = ctx
     add_error_handlers(app, ctx.store.roots)
     _add_info_routes(app, ctx)
     _add_generation_routes(app, ctx)
     _add_session_routes(app, ctx)
-    routes = {getattr(route, "path", None) for route in app.routes} - {None}
-    ctx.metrics.routes = frozenset(routes)
+    ctx.metrics.routes = frozenset(str(route.path) for route in app.routes if hasattr(route, "path"))
     app.add_middleware(Guard, ctx=ctx)
     return app
 

@@ -42,10 +42,15 @@ class Storage:
     def health(self) -> dict:
         if self.root is None:
             return {"status": "none"}
-        out = {"status": "ok" if self.ok else "degraded", "bytes": self.bytes_used, "failures": self.failures}
-        if not self.ok:
-            out.update(error=self.error, since=int(self.failed_at))
+        out: dict = {"status": "ok" if self.ok else "degraded", "bytes": self.bytes_used, "failures": self.failures}
+        if self.error is not None:
+            out.update(error=self.error, since=int(self.failed_at or 0))
         return out
+
+    @property
+    def _root(self) -> Path:
+        assert self.root is not None, "only a server with a state directory writes files"
+        return self.root
 
     # ---- writes ----------------------------------------------------------------------------------
     def write(self, path: Path, fn: Callable[[], T]) -> T:
@@ -72,7 +77,7 @@ class Storage:
 
     def probe(self) -> None:
         """A test write at startup, so a read-only or full directory shows before the first request."""
-        probe = self.root / f".write-probe-{os.getpid()}"
+        probe = self._root / f".write-probe-{os.getpid()}"
         try:
             self.write(probe, lambda: _write_probe(probe))
         except StorageError:
@@ -102,15 +107,15 @@ class Storage:
     def scan(self) -> None:
         """Bytes of every file under the root (links not followed) and the snapshot count."""
         total, snapshots = 0, 0
-        for directory, _, names in os.walk(self.root):
-            inside_sessions = Path(directory).relative_to(self.root).parts[:1] == (SESSIONS_DIR,)
+        for directory, _, names in os.walk(self._root):
+            inside_sessions = Path(directory).relative_to(self._root).parts[:1] == (SESSIONS_DIR,)
             for name in names:
                 total += _size(Path(directory) / name)
                 snapshots += name.endswith(".state") and not inside_sessions
         self.bytes_used, self.snapshots = total, snapshots
 
     def _relative(self, message: str) -> str:
-        return scrub(message, (self.root,))
+        return scrub(message, (self._root,))
 
 
 def _size(path: Path) -> int:
