@@ -109,10 +109,19 @@ def test_inspect_world_model(capsys, world_model):
     assert rows["state bytes per sequence (fp32)"] == f"{1 * 34 * 64 * 4:,}"
 
 
-def test_inspect_tokenizer_override(capsys, byte_model):
-    rc, out, _ = run(capsys, "inspect", "--model", byte_model, "--tokenizer", "world")
+def test_inspect_tokenizer_override(capsys, world_model):
+    rc, out, _ = run(capsys, "inspect", "--model", world_model, "--tokenizer", "world")
     assert rc == 0
     assert parse_inspect(out)["tokenizer"] == "world"
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["generate", "--prompt", "hello"]])
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_naming_the_flag(capsys, byte_model, world_model, command):
+    rc, out, err = run(capsys, *command, "--model", byte_model, "--tokenizer", "world")
+    assert_clean_error(rc, err, "--tokenizer world has 65536 token ids, but a byte-level model has a vocabulary of 256")
+    rc, out, err = run(capsys, *command, "--model", world_model, "--tokenizer", "bytes")
+    assert_clean_error(rc, err, "--tokenizer bytes has 256 token ids, but a world-vocabulary model has a vocabulary")
+    assert out == ""
 
 
 # ---- generate --------------------------------------------------------------------------------
@@ -251,7 +260,7 @@ def test_bad_sampling_parameter(capsys, byte_model):
 def test_no_model_and_no_bundled_model(capsys, monkeypatch, tmp_path, command):
     monkeypatch.setattr(rwkvstate.cli, "BUNDLED_MODEL", tmp_path / "models" / "default.safetensors")
     rc, out, err = run(capsys, command)
-    assert_clean_error(rc, err, "no model given: pass --model PATH to an RWKV-7 .pth or .safetensors file")
+    assert_clean_error(rc, err, "no model given: pass --model NAME (see `rwkvstate models`) or a .pth/.safetensors file")
     assert out == ""
 
 

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..errors import RwkvStateError
 from ..runtime.chat import ASSISTANT_STOP
 from ..runtime.sampling import SamplingParams
 from . import metrics
@@ -182,22 +183,23 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         text = metrics.render(state.worker.stats, state.requests, len(state.store.records))
         return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE)
 
-    def model_card() -> dict:
-        return {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "rwkvstate"}
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.started, "owned_by": "rwkvstate"}
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         _check_model(state, model_id)
-        return model_card()
+        return model_card(model_id)
 
 
 def _check_model(state: ServerState, name: str) -> None:
-    if name != state.model_name:
-        raise APIError(404, f"model {name!r} is not served here; this server serves {state.model_name!r}",
+    if name not in state.model_names:
+        served = ", ".join(repr(n) for n in state.model_names)
+        raise APIError(404, f"model {name!r} is not served here; this server serves {served}",
                        param="model", code="model_not_found")  # fmt: skip
 
 
@@ -257,6 +259,7 @@ def _sampling(body: GenerationRequest, extra_stop: tuple[str, ...] = ()) -> Samp
 
 async def _respond(state: ServerState, body: GenerationRequest, job: Job, reply: "Reply", request: Request):
     _check_model(state, body.model)
+    reply.model = body.model  # answer with the name (or alias) the client used
     unsupported = body.unsupported()
     if unsupported is not None:
         param, message = unsupported
@@ -444,10 +447,14 @@ def _add_session_routes(app: FastAPI, state: ServerState) -> None:
         def rollback(engine, record):
             session = record.session
             before = len(session.tokens)
-            if body.tokens is not None:
-                session.rollback(body.tokens)
-            else:
-                session.undo(body.turns)
+            try:
+                if body.tokens is not None:
+                    session.rollback(body.tokens)
+                else:
+                    session.undo(body.turns)
+            except (RwkvStateError, ValueError) as e:
+                param = "tokens" if body.tokens is not None else "turns"
+                raise APIError(400, str(e), param=param, code="rollback_not_possible") from None
             store.persist(record)
             return dict(info(engine, record), busy=False, removed=before - len(session.tokens))
 

@@ -88,7 +88,7 @@ def api_error(e: BaseException) -> APIError:
     if isinstance(e, SlotError):
         return APIError(503, f"no pool slot is free: {e}", code="no_free_slot")
     if isinstance(e, (RwkvStateError, ValueError)):
-        return APIError(400, str(e))
+        return APIError(400, str(e), code="invalid_request")
     log.error("internal error in the engine worker", exc_info=e)
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
