@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 import sys
 from pathlib import Path
-
-import re
 
 import pytest
 import torch

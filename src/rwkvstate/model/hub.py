@@ -312,11 +312,26 @@ def _hub_error(model: HubModel, e: Exception) -> ModelHubError:
     if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
         return ModelHubError(f"cannot download {where}: the hub ({endpoint()}) is unreachable or offline mode "
                              f"is on, and the file is not cached")  # fmt: skip
+    if _is_connection_error(e):
+        return ModelHubError(f"cannot reach the hub at {endpoint()} ({_first_line(e)}) to download {where}; "
+                             f"HF_ENDPOINT sets the hub, HF_HUB_OFFLINE=1 uses only the cache")  # fmt: skip
     if isinstance(e, errors.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", "?")
         return ModelHubError(f"downloading {where} failed: HTTP {status} from {endpoint()}")
+    return ModelHubError(f"downloading {where} failed: {type(e).__name__}: {_first_line(e)}")
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """A refused, unresolvable or timed-out connection, from huggingface_hub's HTTP client
+    (httpx or httpx2, depending on its version) or the socket layer."""
+    kind = type(e)
+    from_http_client = kind.__module__.split(".")[0] in ("httpx", "httpx2")
+    return isinstance(e, ConnectionError) or (from_http_client and ("Connect" in kind.__name__ or "Timeout" in kind.__name__))
+
+
+def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return ModelHubError(f"downloading {where} failed: {type(e).__name__}: {text[0] if text else ''}")
+    return text[0] if text else type(e).__name__
 
 
 def _quiet_tqdm():
