@@ -50,7 +50,7 @@ def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for (default: 4096)")
     p.add_argument("--max-request-bytes", type=positive_int, default=1 << 20,
                    help="largest request body (default: 1 MiB)")
-    p.add_argument("--max-queue", type=_non_negative_int, default=256,
+    p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; more are refused with 429 (default: 256)")
     p.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds from arrival to the last token, 0 = none (default: 300)")
@@ -67,16 +67,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
     if not 0 <= value < 65536:
         raise argparse.ArgumentTypeError(f"a port must be in 0..65535, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -151,6 +141,8 @@ def _convert(action: argparse.Action, value, where: str):
     text = str(value)
     try:
         converted = action.type(text) if action.type is not None else text
+        if action.dest in ("dtype", "state_dtype"):
+            parse_dtype(converted)
     except (argparse.ArgumentTypeError, ValueError) as e:
         raise RwkvStateError(f"{where}: {e}") from None
     if action.choices is not None and converted not in action.choices:
