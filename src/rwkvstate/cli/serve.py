@@ -184,7 +184,7 @@ def cmd_serve(args, load_model) -> int:
         raise RwkvStateError(
             f"rwkvstate serve needs the server extra ({e.name} is not installed): pip install 'rwkvstate[server]'"
         )
-    names = args.served_model_name or []
+    names = args.served_model_name or _name_of(args.model)
     config = ServerConfig(
         host=args.host, port=args.port, model_name=names[0] if names else None, model_aliases=tuple(names[1:]),
         slots=args.slots, state_dtype=parse_dtype(args.state_dtype),
@@ -199,6 +199,15 @@ def cmd_serve(args, load_model) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _name_of(model: str | None) -> list[str]:
+    """A model given by name is served under that name, not its file's stem."""
+    from ..model import hub
+    from .models import looks_like_path
+
+    entry = hub.lookup(model) if model is not None and not looks_like_path(model) else None
+    return [entry.name] if entry is not None else []
 
 
 def _log_to_stderr(level: str) -> None:

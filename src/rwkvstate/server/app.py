@@ -442,7 +442,7 @@ def _add_session_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/sessions/{session_id}/rollback")
     async def rollback_session(session_id: str, body: RollbackRequest):
         if (body.tokens is None) == (body.turns is None):
-            raise APIError(400, 'give exactly one of "tokens" and "turns"', param="tokens")
+            raise APIError(400, 'give exactly one of "tokens" and "turns"', param="tokens", code="invalid_rollback")
 
         def rollback(engine, record):
             session = record.session
