@@ -154,3 +154,11 @@ def test_serve_end_to_end_logs_model_device_slots_and_requests(tmp_path):
     assert "device cpu, 2 slots, compute dtype fp32, state dtype fp16" in err
     assert re.search(r"chat finish=\w+ prompt_tokens=\d+ generated_tokens=\d+ ttft=", err)
     assert "Traceback" not in err
+
+
+def test_a_model_given_by_name_is_served_under_that_name():
+    from rwkvstate.cli.serve import _name_of
+
+    assert _name_of("RWKV7-G1D-0.1B") == ["rwkv7-g1d-0.1b"]
+    assert _name_of("rwkv7-g1d-0.1b-20260129-ctx8192.pth") == []  # a path: its stem, as before
+    assert _name_of(None) == [] and _name_of("unknown-name") == []
