@@ -25,7 +25,9 @@ def resolve_model(value: str | None, bundled: Path) -> tuple[Path, str | None]:
     anything else is a model name, fetched from the hub or the cache and verified."""
     if value is None or value == BUNDLED_NAME:
         if not bundled.exists():
-            raise RwkvStateError("no model given: pass --model NAME (see `rwkvstate models`) or a .pth/.safetensors file")
+            raise RwkvStateError(
+                "no model given: pass --model NAME (see `rwkvstate models`) or a .pth/.safetensors file"
+            )
         return bundled, None
     if looks_like_path(value):
         return Path(value), None
@@ -39,7 +41,9 @@ def resolve_model(value: str | None, bundled: Path) -> tuple[Path, str | None]:
 
 
 def add_parsers(sub) -> None:
-    pull = sub.add_parser("pull", help="download an official RWKV-7 model by name and verify it (see `rwkvstate models`)")
+    pull = sub.add_parser(
+        "pull", help="download an official RWKV-7 model by name and verify it (see `rwkvstate models`)"
+    )
     pull.add_argument("name", help="a name from `rwkvstate models`, e.g. rwkv7-g1d-0.1b")
     sub.add_parser("models", help="list the known model names and which ones are cached")
 

@@ -33,7 +33,8 @@ _NOT_IN_FILE = {"help", "config", "command"}
 def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and sessions")
     p.add_argument("--config", type=Path, default=None,
-                   help="a TOML file of serve settings (keys are the flag names); flags and RWKVSTATE_* variables override it")
+                   help="a TOML file of serve settings (keys are the flag names); "
+                        "flags and RWKVSTATE_* variables override it")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")

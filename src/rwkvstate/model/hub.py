@@ -228,8 +228,9 @@ def verify(model: HubModel, path: Path, *, size: int | None, sha256: str | None,
     digest = sha256_of(path, progress=progress)
     if sha256 is not None and digest != sha256:
         _evict(path)
-        raise ModelHubError(f"{model.filename}: sha256 mismatch (got {digest[:16]}..., expected {sha256[:16]}...); "
-                            f"the file was removed from the cache, run `rwkvstate pull {model.name}` again")  # fmt: skip
+        raise ModelHubError(f"{model.filename}: sha256 mismatch (got {digest[:16]}..., expected "
+                            f"{sha256[:16]}...); the file was removed from the cache, run "
+                            f"`rwkvstate pull {model.name}` again")  # fmt: skip
     return digest
 
 
@@ -326,7 +327,8 @@ def _is_connection_error(e: BaseException) -> bool:
     (httpx or httpx2, depending on its version) or the socket layer."""
     kind = type(e)
     from_http_client = kind.__module__.split(".")[0] in ("httpx", "httpx2")
-    return isinstance(e, ConnectionError) or (from_http_client and ("Connect" in kind.__name__ or "Timeout" in kind.__name__))
+    transport = "Connect" in kind.__name__ or "Timeout" in kind.__name__
+    return isinstance(e, ConnectionError) or (from_http_client and transport)
 
 
 def _first_line(e: BaseException) -> str:
