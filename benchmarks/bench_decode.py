@@ -2,25 +2,31 @@
 CUDA graphs, against the floor implied by the measured copy bandwidth.
 
     python benchmarks/bench_decode.py --out docs/benchmarks/decode
+    python benchmarks/bench_decode.py --official --variants default --batches 1 --prefill-batches "" \
+        --out docs/benchmarks/decode-official-h200        # ours with and without graphs vs the official package
 
 Model shapes of the released RWKV-7 0.1B / 1.5B / 7.2B models with random fp16 weights.
-Every figure in one run names the card; compare only within a run.
+Every figure in one run names the card; compare only within a run. Ours and the official package
+go through one timer (benchmarks/common.py: same clock, statistic, warm-up and stability rule).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import write_results  # noqa: E402  (benchmarks/ is the script's directory)
+from common import MAX_SPREAD, call_seconds, measure, write_results  # noqa: E402  (benchmarks/ is the script's directory)
 from rwkvstate import Model
-from rwkvstate.config import ModelConfig, dtype_name
+from rwkvstate.config import ModelConfig
+from rwkvstate.state.layout import dtype_name
 from rwkvstate.model.synthetic import random_checkpoint
-from rwkvstate.runtime.runner import ModelRunner
+from rwkvstate.runtime.graphs import DecodeGraphs
 
 # n_layer, n_embd, and LoRA ranks close to the released checkpoints (world vocab, FFN 4x)
 SHAPES = {
@@ -49,6 +55,8 @@ VARIANTS = [
     Variant("contiguous f16, fused shift, unfused time mix", "contiguous", torch.float16, "triton", time_mix="torch"),
     Variant("contiguous f16, fused shift", "contiguous", torch.float16, "triton"),
 ]
+OURS = VARIANTS[-1]  # the runtime's default configuration, the one compared with peers
+WARMUP = 3  # untimed calls before the first repeat (1 before each later repeat)
 REFERENCE = Variant("pytorch reference, contiguous f32", "contiguous", torch.float32, "torch", "torch", "torch")
 
 
@@ -58,24 +66,10 @@ def config_for(shape: str) -> ModelConfig:
 
 
 def copy_bandwidth(device) -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy (median of 20)."""
+    """Bytes read + written per second by a 2 GiB device-to-device copy (median of 20 calls)."""
     src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), 20)
-
-
-def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return 2 * src.numel() / statistics.median(call_seconds(lambda: dst.copy_(src), device, 20, 3))
 
 
 def weight_bytes(model: Model, batch: int) -> int:
@@ -84,55 +78,57 @@ def weight_bytes(model: Model, batch: int) -> int:
     return model.weights.nbytes() - emb.numel() * emb.element_size() + batch * emb.shape[1] * emb.element_size()
 
 
-def decode_time(model, variant: Variant, batch: int, graphs: bool, steps: int) -> float:
+def decode_time(model, variant: Variant, batch: int, graphs: bool, args) -> dict:
+    """One decode step of `batch` sequences through the runner: the common timer's measurement."""
     model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, time_mix=variant.time_mix)
     pool = model.new_pool(batch, state_dtype=variant.state_dtype, layout=variant.layout)
     for layer in range(model.config.n_layer):  # realistic, non-zero states
         for part in pool.layer(layer):
             part.normal_().mul_(0.5)
-    runner = ModelRunner(model, pool, batch_sizes=[batch], enforce_eager=not graphs)
+    runner = DecodeGraphs(model, pool, batch_sizes=[batch], enforce_eager=not graphs)
     slots = list(range(batch))
     tokens = torch.randint(0, model.config.vocab_size, (batch,)).tolist()
-    seconds = median_seconds(lambda: runner.decode(slots, tokens), steps)
+    t = measure(lambda: runner.decode(slots, tokens), "cuda", args.repeats, args.steps, WARMUP,
+                max_spread=args.max_spread)  # fmt: skip
     del runner, pool
     torch.cuda.empty_cache()
-    return seconds
+    return t
 
 
-def prefill_time(model, variant: Variant, batch: int, length: int, repeats: int) -> float:
+def prefill_time(model, variant: Variant, batch: int, length: int, args) -> dict:
     model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, time_mix=variant.time_mix)
     pool = model.new_pool(batch, state_dtype=variant.state_dtype, layout=variant.layout)
     prompts = torch.randint(0, model.config.vocab_size, (batch, length)).tolist()
-    seconds = median_seconds(lambda: model.forward(pool, list(range(batch)), prompts, output="last"), repeats, 1)
+    t = measure(lambda: model.forward(pool, list(range(batch)), prompts, output="last"), "cuda", args.repeats, 3, 1,
+                max_spread=args.max_spread)  # fmt: skip
     del pool
     torch.cuda.empty_cache()
-    return seconds
+    return t
 
 
-def official_tokens_per_s(tensors: dict, workdir: Path, steps: int) -> float:
-    """The official rwkv package (RWKV_CUDA_ON=1, cuda fp16) decoding one sequence, same weights."""
-    import os
+OFFICIAL_SETUP = "rwkv==0.8.32, RWKV_V7_ON=1, RWKV_CUDA_ON=1 (its CUDA kernel), strategy cuda fp16"
 
+
+def official_time(tensors: dict, workdir: Path, args) -> dict:
+    """The official rwkv package at its fastest documented setting (OFFICIAL_SETUP) decoding one
+    sequence with the same weights, timed by the same timer as ours (measure)."""
     os.environ["RWKV_V7_ON"], os.environ["RWKV_CUDA_ON"] = "1", "1"
     from rwkv.model import RWKV
 
     path = workdir / "official.pth"
     torch.save({k: v.cpu() for k, v in tensors.items()}, path)
     model = RWKV(model=str(path.with_suffix("")), strategy="cuda fp16")
-    state = None
-    token = 0
-    for _ in range(3):
-        logits, state = model.forward([token], state)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        logits, state = model.forward([i % 1000], state)
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    del model, state
     path.unlink()
+    box = {"state": None, "i": 0}
+
+    def step():
+        box["i"] += 1
+        _, box["state"] = model.forward([box["i"] % 1000], box["state"])
+
+    t = measure(step, "cuda", args.repeats, args.steps, WARMUP, max_spread=args.max_spread)
+    del model, box
     torch.cuda.empty_cache()
-    return 1 / seconds
+    return t
 
 
 def run(args) -> dict:
@@ -152,67 +148,120 @@ def run(args) -> dict:
         for batch in args.batches:
             rows += decode_rows(model, shape, batch, bandwidth, args)
         for batch in args.prefill_batches:
-            for variant in (VARIANTS[0], VARIANTS[-1]):
-                s = prefill_time(model, variant, batch, args.prefill_len, 3)
+            for variant in (VARIANTS[0], OURS):
+                t = prefill_time(model, variant, batch, args.prefill_len, args)
                 prefill.append({"shape": shape, "batch": batch, "length": args.prefill_len, "variant": variant.name,
-                                "seconds": s, "tokens_per_s": batch * args.prefill_len / s})  # fmt: skip
-                print(f"  prefill B={batch} T={args.prefill_len} {variant.name}: {batch * args.prefill_len / s:,.0f} tok/s", flush=True)
+                                **t, "seconds": t["median_s"], "tokens_per_s": batch * args.prefill_len / t["median_s"]})  # fmt: skip
+                print(f"  prefill B={batch} T={args.prefill_len} {variant.name}: "
+                      f"{batch * args.prefill_len / t['median_s']:,.0f} tok/s{flag(t)}", flush=True)  # fmt: skip
         del model
         torch.cuda.empty_cache()
         if args.official:
-            tps = official_tokens_per_s(tensors, args.workdir, 50)
+            t = official_time(tensors, args.workdir, args)
             del tensors
-            official.append({"shape": shape, "batch": 1, "tokens_per_s": tps})
-            print(f"  official rwkv package (RWKV_CUDA_ON=1, fp16), batch 1: {tps:,.1f} tok/s", flush=True)
+            official.append({"shape": shape, "batch": 1, **t, "tokens_per_s": 1 / t["median_s"]})
+            print(f"  official rwkv package ({OFFICIAL_SETUP}), batch 1: {1 / t['median_s']:,.1f} tok/s{flag(t)}",
+                  flush=True)  # fmt: skip
     return {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "copy_bandwidth_bytes_per_s": bandwidth, "decode": rows, "prefill": prefill,
-            "official": official}  # fmt: skip
+            "copy_bandwidth_bytes_per_s": bandwidth, "ours": OURS.name, "official_setup": OFFICIAL_SETUP,
+            "method": {"timer": "wall clock per call, device synchronised", "repeats": args.repeats,
+                       "calls": args.steps, "warmup": WARMUP, "max_spread": args.max_spread},
+            "decode": rows, "prefill": prefill, "official": official}  # fmt: skip
+
+
+def flag(t: dict) -> str:
+    return f"  UNSTABLE (spread {t['spread']:.0%} after {t['attempts']} attempts)" if t.get("unstable") else ""
 
 
 def decode_rows(model, shape, batch, bandwidth, args) -> list[dict]:
     rows = []
     slot_bytes = {dt: model.state_layout.slot_nbytes(dt) for dt in (torch.float32, torch.float16)}
-    variants = VARIANTS + ([REFERENCE] if batch in (1, 64) else [])
+    variants = [OURS] if args.variants == "default" else VARIANTS + ([REFERENCE] if batch in (1, 64) else [])
     for variant in variants:
         for graphs in (False, True):
-            s = decode_time(model, variant, batch, graphs, args.steps)
+            t = decode_time(model, variant, batch, graphs, args)
+            s = t["median_s"]
             moved = weight_bytes(model, batch) + 2 * batch * slot_bytes[variant.state_dtype]
             floor = moved / bandwidth
-            rows.append({"shape": shape, "batch": batch, "variant": variant.name, "graphs": graphs,
+            rows.append({"shape": shape, "batch": batch, "variant": variant.name, "graphs": graphs, **t,
                          "step_ms": s * 1e3, "tokens_per_s": batch / s, "floor_ms": floor * 1e3,
                          "floor_ratio": s / floor, "state_dtype": dtype_name(variant.state_dtype)})  # fmt: skip
             print(f"  B={batch:<3} graphs={graphs!s:<5} {variant.name:<40} {s * 1e3:8.3f} ms "
-                  f"{batch / s:10,.0f} tok/s  floor {floor * 1e3:.3f} ms (x{s / floor:.2f})", flush=True)  # fmt: skip
+                  f"{batch / s:10,.0f} tok/s  floor {floor * 1e3:.3f} ms (x{s / floor:.2f}){flag(t)}", flush=True)  # fmt: skip
     return rows
+
+
+# ---- markdown: every figure rendered from the JSON (tests/test_benchmark_docs.py re-renders it) ----
+def _spread(r: dict) -> str:
+    """A row's spread over repeats, marked when unstable; '-' for runs made before repeats were kept."""
+    if "spread" not in r:
+        return "-"
+    return f"{r['spread']:.0%}" + (" **unstable**" if r.get("unstable") else "")
 
 
 def markdown(result: dict) -> str:
     card, bw = result["card"], result["copy_bandwidth_bytes_per_s"]
+    method = result.get("method")
+    timing = (f"Every time (ours and the official package's alike) is the median of {method['repeats']} repeats, each "
+              f"the median of {method['calls']} calls timed by the wall clock with the device synchronised around "
+              f"each call, after {method['warmup']} untimed calls; spread = (max - min) / median of the repeats, "
+              f"and a row above {method['max_spread']:.0%} was re-run and, if still above, is marked **unstable** "
+              "and is not a finding." if method else
+              "This run predates the common timer: its step times are medians of CUDA-event-timed steps (host "
+              "work included), the official package's the wall-clock mean of 50 steps, so the two sides were not "
+              "timed by one method; it kept no repeats, so it has no spread.")  # fmt: skip
     out = [f"# Decode throughput, {card}, {result['date']}", "",
            f"torch {result['torch']}; measured device-to-device copy bandwidth {bw / 1e9:.0f} GB/s (read + write). "
            "Floor = (weight bytes read once + state bytes read and written) / that bandwidth. "
-           "Random fp16 weights, world vocabulary; step time is the median of timed decode steps "
-           "(host work included: slot/token upload, and with graphs the replay).", ""]  # fmt: skip
+           f"Random fp16 weights, world vocabulary. {timing}", ""]  # fmt: skip
     for shape in dict.fromkeys(r["shape"] for r in result["decode"]):
-        out += [f"## {shape} ({card})", "", "| batch | variant | graphs | step ms | tokens/s | floor ms | x floor |",
-                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += [f"## {shape} ({card})", "", "| batch | variant | graphs | step ms | tokens/s | spread | floor ms | x floor |",
+                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in (r for r in result["decode"] if r["shape"] == shape):
             out.append(f"| {r['batch']} | {r['variant']} | {'on' if r['graphs'] else 'off'} | {r['step_ms']:.3f} | "
-                       f"{r['tokens_per_s']:,.0f} | {r['floor_ms']:.3f} | {r['floor_ratio']:.2f} |")  # fmt: skip
+                       f"{r['tokens_per_s']:,.0f} | {_spread(r)} | {r['floor_ms']:.3f} | {r['floor_ratio']:.2f} |")  # fmt: skip
         out.append("")
-    if result.get("official"):
-        out += [f"## Official rwkv package, batch 1 ({card})", "",
-                "`rwkv==0.8.32`, `RWKV_CUDA_ON=1`, strategy `cuda fp16`, same random weights; our best batch-1 row beside it.",
-                "", "| shape | official tokens/s | rwkvstate tokens/s (best variant, batch 1) |", "|---|---|---|"]  # fmt: skip
-        for o in result["official"]:
-            ours = max(r["tokens_per_s"] for r in result["decode"] if r["shape"] == o["shape"] and r["batch"] == 1)
-            out.append(f"| {o['shape']} | {o['tokens_per_s']:,.1f} | {ours:,.1f} |")
-        out.append("")
+    out += official_table(result)
     if result["prefill"]:
-        out += [f"## Prefill ({card})", "", "| shape | batch | prompt | variant | tokens/s |", "|---|---|---|---|---|"]
+        out += [f"## Prefill ({card})", "", "| shape | batch | prompt | variant | tokens/s | spread |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
         for r in result["prefill"]:
-            out.append(f"| {r['shape']} | {r['batch']} | {r['length']} | {r['variant']} | {r['tokens_per_s']:,.0f} |")
+            out.append(f"| {r['shape']} | {r['batch']} | {r['length']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
+                       f"{_spread(r)} |")  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def official_table(result: dict) -> list[str]:
+    """Official package against ours with and without CUDA graphs, one fixed configuration of ours
+    (the runtime's default, named in advance, not the fastest of the variants measured)."""
+    if not result.get("official"):
+        return []
+    ours = result.get("ours", OURS.name)
+    setup = result.get("official_setup", "rwkv==0.8.32, RWKV_CUDA_ON=1, strategy cuda fp16")
+    out = [f"## Against the official rwkv package, batch 1 ({result['card']})", "",
+           f"Official: {setup}; same random weights. Ours: `{ours}` (the runtime's default), without and with "
+           "CUDA graphs. Ratio = official step time / ours (above 1: ours is faster).", "",
+           "| shape | official tokens/s | ours, no graphs | ratio | ours, CUDA graphs | ratio |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for o in result["official"]:
+        mine = {r["graphs"]: r for r in result["decode"]
+                if r["shape"] == o["shape"] and r["batch"] == 1 and r["variant"] == ours}  # fmt: skip
+        cells = []
+        for graphs in (False, True):
+            r = mine.get(graphs)
+            cells += [f"{r['tokens_per_s']:,.1f}", _ratio(o, r)] if r else ["-", "-"]
+        out.append(f"| {o['shape']} | {o['tokens_per_s']:,.1f}{_mark(o)} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def _mark(r: dict) -> str:
+    return " (unstable)" if r.get("unstable") else ""
+
+
+def _ratio(official: dict, ours: dict) -> str:
+    ratio = ours["tokens_per_s"] / official["tokens_per_s"]
+    shaky = official.get("unstable") or ours.get("unstable")
+    return f"{ratio:.2f}x" + (" (unstable, not a finding)" if shaky else "")
 
 
 def main(argv=None):
@@ -221,7 +270,11 @@ def main(argv=None):
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8, 64, 256])
     parser.add_argument("--prefill-batches", type=lambda s: [int(b) for b in s.split(",") if b], default=[1, 8])
     parser.add_argument("--prefill-len", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="timed calls per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of every measurement (their spread is checked)")
+    parser.add_argument("--max-spread", type=float, default=MAX_SPREAD, help="spread above which a row is re-run")
+    parser.add_argument("--variants", choices=("all", "default"), default="all",
+                        help="every state variant, or only the runtime's default (with and without graphs)")
     parser.add_argument("--official", action="store_true", help="also time the official rwkv package at batch 1")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where the official package's .pth goes")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")

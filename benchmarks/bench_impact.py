@@ -18,9 +18,13 @@ Rows 1, 2 and 5 form a chain (each changes one thing) with the fused time mix th
 design itself (fragmented fp32, per-mix shift, unfused time mix) is timed in the same run too.
 
 Shapes of the released RWKV-7 0.1B / 1.5B / 7.2B models with random fp16 weights (bench_decode).
-Speed figures: every measurement is `repeats` medians of `steps` timed calls, the variants of one
-row interleaved repeat by repeat, and a speed-up is the median of the per-repeat paired ratios with
-their min-max. The quality column comes from the state-precision harness's stored results.
+Speed figures: every measurement is `repeats` medians of `steps` calls timed by the common timer
+(benchmarks/common.py: wall clock per call, device synchronised), the variants of one row
+interleaved repeat by repeat, and a speed-up is the median of the per-repeat paired ratios with
+their min-max. A cell whose repeats spread too far, or whose paired ratio and medians disagree on
+which side is faster, is re-run (at most MAX_RERUNS times) and, if still so, marked in the report
+and left out of its findings. The quality column comes from the state-precision harness's stored
+results.
 On a CPU (--tiny) every figure describes the CPU and tiny shapes, not a GPU.
 """
 
@@ -38,18 +42,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import SHAPES, Variant, config_for, median_seconds, weight_bytes  # noqa: E402
-from bench_state import TINY, build_model, formats_for, sync, wall  # noqa: E402
-from impact_report import CPU_NOTE, render, write_charts  # noqa: E402
+from bench_decode import SHAPES, Variant, config_for, weight_bytes  # noqa: E402
+from bench_state import TINY, build_model, formats_for  # noqa: E402
+from common import MAX_RERUNS, call_seconds, measure, summary, sync  # noqa: E402
+from impact_report import CPU_NOTE, pair_flag, render, write_charts  # noqa: E402
 
 from rwkvstate import Engine  # noqa: E402
 from rwkvstate.config import EngineConfig  # noqa: E402
-from rwkvstate.config import dtype_name  # noqa: E402
-from rwkvstate.model.checkpoint import expected_shapes  # noqa: E402
-from rwkvstate.runtime.runner import ModelRunner  # noqa: E402
+from rwkvstate.state.layout import dtype_name  # noqa: E402
+from rwkvstate.model.checkpoint import weight_shapes  # noqa: E402
+from rwkvstate.runtime.graphs import DecodeGraphs  # noqa: E402
 from rwkvstate.state.layout import StateLayout  # noqa: E402
 from rwkvstate.state.pool import ContiguousPool  # noqa: E402
-from rwkvstate.state.snapshot import FORMATS, decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
+from rwkvstate.state.layout import SNAPSHOT_FORMATS  # noqa: E402
+from rwkvstate.state.snapshot import decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
@@ -73,16 +79,34 @@ PAIRS = [
 
 # ---- measurement helpers -------------------------------------------------------------------------
 def step_seconds(fn, device, steps: int, warmup: int = 1) -> float:
-    """Median seconds of `steps` calls: CUDA events on a GPU, wall clock on a CPU."""
-    if device.type == "cuda":
-        return median_seconds(fn, steps, warmup)
-    return wall(fn, device, steps, warmup)["median_s"]
+    """Median seconds of `steps` calls of the common timer (the same on a GPU and a CPU)."""
+    return statistics.median(call_seconds(fn, device, steps, warmup))
 
 
-def spread(values: list[float]) -> dict:
-    """Per-repeat values with their median and min-max."""
-    return {"repeats_s": list(values), "median_s": statistics.median(values), "min_s": min(values),
-            "max_s": max(values)}  # fmt: skip
+def spread(values: list[float], attempts: int = 1) -> dict:
+    """Per-repeat values with their median, min-max, spread and stability verdict."""
+    return summary(values, attempts)
+
+
+def interleaved(fns: dict, device, repeats: int, steps: int) -> dict:
+    """{name: per-repeat medians}: every fn timed once per repeat, in turn, so that a drift of the
+    machine hits all of them alike. fns maps a name to (prepare, fn): prepare() runs untimed first."""
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, (prepare, fn) in fns.items():
+            prepare()
+            times[name].append(step_seconds(fn, device, steps, warmup=2 if r == 0 else 1))
+    return times
+
+
+def until_stable(measure_once, pairs: list[tuple[str, str]]) -> tuple[dict, int]:
+    """Runs measure_once() -> {name: repeats} again while any (baseline, ours) pair is flagged
+    (impact_report.pair_flag), at most MAX_RERUNS more times; returns the last result and attempts."""
+    for attempt in range(1, MAX_RERUNS + 2):
+        times = measure_once()
+        if not any(pair_flag(summary(times[b]), summary(times[o])) for b, o in pairs):
+            break
+    return times, attempt
 
 
 def set_backends(model, variant: Variant, device) -> None:
@@ -116,7 +140,7 @@ def speed_rows(model, shape: str, batch: int, device, opts) -> list[dict]:
                 for part in pools[key].layer(layer):
                     part.normal_().mul_(0.5)
         set_backends(model, v, device)  # a graph freezes the backends it was captured with
-        runners[v.name] = ModelRunner(model, pools[key], max_batch=batch, batch_sizes=[batch])
+        runners[v.name] = DecodeGraphs(model, pools[key], max_batch=batch, batch_sizes=[batch])
         runners[v.name].capture()
     slots = list(range(batch))
     tokens = random_ids(batch, model.config.vocab_size, 0)
@@ -127,19 +151,16 @@ def speed_rows(model, shape: str, batch: int, device, opts) -> list[dict]:
         "prefill": lambda v: (lambda: model.forward(pools[(v.layout, v.state_dtype)], slots, prompts, output="last")),
     }  # fmt: skip
     steps = {"decode": opts.steps, "prefill": opts.prefill_steps}
-    times = {(w, v.name): [] for w in work for v in VARIANTS}
-    for r in range(opts.repeats):
-        for w, make in work.items():
-            for v in VARIANTS:
-                set_backends(model, v, device)
-                times[w, v.name].append(step_seconds(make(v), device, steps[w], warmup=2 if r == 0 else 1))
+    pairs = [(base.name, ours.name) for _, _, base, ours in PAIRS]
     rows = []
-    for (w, name), values in times.items():
-        v = next(v for v in VARIANTS if v.name == name)
-        rows.append({"shape": shape, "batch": batch, "workload": w, "tokens_per_seq": 1 if w == "decode" else length,
-                     "variant": name, "layout": v.layout, "state_dtype": dtype_name(v.state_dtype),
-                     "token_shift": v.token_shift, "time_mix": v.time_mix,
-                     "pool_bytes": pools[(v.layout, v.state_dtype)].nbytes, **spread(values)})  # fmt: skip
+    for w, make in work.items():
+        fns = {v.name: (lambda v=v: set_backends(model, v, device), make(v)) for v in VARIANTS}
+        times, attempts = until_stable(lambda: interleaved(fns, device, opts.repeats, steps[w]), pairs)
+        for v in VARIANTS:
+            rows.append({"shape": shape, "batch": batch, "workload": w, "tokens_per_seq": 1 if w == "decode" else length,
+                         "variant": v.name, "layout": v.layout, "state_dtype": dtype_name(v.state_dtype),
+                         "token_shift": v.token_shift, "time_mix": v.time_mix,
+                         "pool_bytes": pools[(v.layout, v.state_dtype)].nbytes, **spread(times[v.name], attempts)})  # fmt: skip
     del runners, pools
     empty_cache(device)
     return rows
@@ -195,20 +216,29 @@ def lazy_rows(model, shape: str, batch: int, device, opts) -> list[dict]:
 
     save("eager")  # allocates every pinned buffer before timing
     save("lazy")
-    per = {p: {"forward": [], "save": [], "turn": [], "bytes": []} for p in ("eager", "lazy")}
-    for _ in range(opts.repeats):
-        for policy in ("eager", "lazy"):
-            save("lazy")  # untimed: the lazy copies catch up with the eager turns before
-            before = pool.bytes_to_host + state["eager_bytes"]
-            turns = [turn(policy) for _ in range(opts.turns)]
-            d = per[policy]
-            d["forward"].append(statistics.median(f for f, _ in turns))
-            d["save"].append(statistics.median(s for _, s in turns))
-            d["turn"].append(statistics.median(f + s for f, s in turns))
-            d["bytes"].append((pool.bytes_to_host + state["eager_bytes"] - before) / opts.turns)
+
+    def measure_once():
+        per = {p: {"forward": [], "save": [], "turn": [], "bytes": []} for p in ("eager", "lazy")}
+        for _ in range(opts.repeats):
+            for policy in ("eager", "lazy"):
+                save("lazy")  # untimed: the lazy copies catch up with the eager turns before
+                before = pool.bytes_to_host + state["eager_bytes"]
+                turns = [turn(policy) for _ in range(opts.turns)]
+                d = per[policy]
+                d["forward"].append(statistics.median(f for f, _ in turns))
+                d["save"].append(statistics.median(s for _, s in turns))
+                d["turn"].append(statistics.median(f + s for f, s in turns))
+                d["bytes"].append((pool.bytes_to_host + state["eager_bytes"] - before) / opts.turns)
+        return per
+
+    for attempts in range(1, MAX_RERUNS + 2):
+        per = measure_once()
+        if not pair_flag(summary(per["eager"]["turn"]), summary(per["lazy"]["turn"])):
+            break
     rows = [{"shape": shape, "batch": batch, "sessions": batch, "speakers": speakers, "turn_tokens": length,
              "policy": p, "state_dtype": "fp16", "slot_bytes": pool.slot_nbytes,
-             "forward": spread(d["forward"]), "save": spread(d["save"]), "turn": spread(d["turn"]),
+             "forward": spread(d["forward"], attempts), "save": spread(d["save"], attempts),
+             "turn": spread(d["turn"], attempts),
              "bytes_to_host_per_turn": statistics.median(d["bytes"])} for p, d in per.items()]  # fmt: skip
     del pool, bulk
     empty_cache(device)
@@ -225,40 +255,33 @@ def compression_rows(cfg, shape: str, device, opts) -> list[dict]:
     group, numel = layout.head_size, layout.slot_numel
     formats = formats_for(device)
     snaps = {f: empty_encoded(f, numel, group, device) for f in formats}
-    enc, dec = {f: [] for f in formats}, {f: [] for f in formats}
-    for r in range(opts.repeats):
-        for f in formats:
-            enc[f].append(step_seconds(lambda: encode(pool.slot_view(0), f, group, out=snaps[f]), device, opts.steps))
-            dec[f].append(step_seconds(lambda: decode(snaps[f], pool.slot_view(2)), device, opts.steps))
+    fns = {}
+    for f in formats:
+        fns["encode", f] = (lambda: None, lambda f=f: encode(pool.slot_view(0), f, group, out=snaps[f]))
+        fns["decode", f] = (lambda: None, lambda f=f: decode(snaps[f], pool.slot_view(2)))
+    pairs = [(("encode", "fp32"), ("encode", f)) for f in formats] + [(("decode", "fp32"), ("decode", f)) for f in formats]
+    times, attempts = until_stable(lambda: interleaved(fns, device, opts.repeats, opts.steps), pairs)
+    enc = {f: times["encode", f] for f in formats}
+    dec = {f: times["decode", f] for f in formats}
     logits = cfg.vocab_size * 4
     rows = []
-    for f in FORMATS:
+    for f in SNAPSHOT_FORMATS:
         size = encoded_nbytes(f, numel, group)
         row = {"shape": shape, "format": f, "group": group, "state_bytes": size, "logits_bytes": logits,
                "sessions_per_gb": 1e9 / size, "sessions_per_gb_with_logits": 1e9 / (size + logits)}  # fmt: skip
         if f in formats:
             both = [a + b for a, b in zip(enc[f], dec[f])]
-            row.update(encode=spread(enc[f]), decode=spread(dec[f]), encode_decode=spread(both))
+            row.update(encode=spread(enc[f], attempts), decode=spread(dec[f], attempts),
+                       encode_decode=spread(both, attempts))  # fmt: skip
         rows.append(row)
     return rows
 
 
 # ---- row 6: ring-buffer rollback ----------------------------------------------------------------
 def timed_ops(fn, setup, device, repeats: int, steps: int) -> dict:
-    """`repeats` medians of `steps` calls of fn, each after an untimed setup()."""
-    medians = []
-    for r in range(repeats):
-        times = []
-        for i in range(steps + (1 if r == 0 else 0)):
-            setup()
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if r or i:  # the very first call warms up
-                times.append(time.perf_counter() - start)
-        medians.append(statistics.median(times))
-    return spread(medians)
+    """`repeats` medians of `steps` calls of fn, each after an untimed setup(): the common timer,
+    re-run while its repeats spread too far (benchmarks/common.py)."""
+    return measure(fn, device, repeats, steps, warmup=1, setup=setup)
 
 
 def ring_rows(model, shape: str, device, opts) -> tuple[list[dict], list[dict]]:
@@ -331,25 +354,28 @@ def copy_before_draft(model, ids, context: int, k: int, r: int, device, opts) ->
     pool = model.new_pool(2, state_dtype=F16, layout="contiguous")
     model.forward(pool, [0], [ids[:context]], output="none")
     draft = ids[context : context + k]
-    medians = []
-    for rep in range(opts.repeats):
-        times = []
-        for i in range(opts.ring_steps + (1 if rep == 0 else 0)):
-            sync(device)
-            t0 = time.perf_counter()
-            pool.copy(0, 1)
-            sync(device)
-            t1 = time.perf_counter()
-            model.forward(pool, [0], [draft], output="last")  # the draft's verification: not timed
-            sync(device)
-            t2 = time.perf_counter()
-            pool.copy(1, 0)
-            model.forward(pool, [0], [draft[: k - r]], output="last")
-            sync(device)
-            if rep or i:
-                times.append(t1 - t0 + time.perf_counter() - t2)
-        medians.append(statistics.median(times))
-    return spread(medians)
+
+    def once() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        pool.copy(0, 1)
+        sync(device)
+        t1 = time.perf_counter()
+        model.forward(pool, [0], [draft], output="last")  # the draft's verification: not timed
+        sync(device)
+        t2 = time.perf_counter()
+        pool.copy(1, 0)
+        model.forward(pool, [0], [draft[: k - r]], output="last")
+        sync(device)
+        return t1 - t0 + time.perf_counter() - t2
+
+    once()  # warm-up, as the common timer does
+    for attempts in range(1, MAX_RERUNS + 2):
+        result = spread([statistics.median(once() for _ in range(opts.ring_steps)) for _ in range(opts.repeats)],
+                        attempts)  # fmt: skip
+        if not result["unstable"]:
+            break
+    return result
 
 
 def ring_memory(model, shape: str, every: int, capacity: int) -> list[dict]:
@@ -417,7 +443,7 @@ def shape_fits(cfg, batches: list[int], device) -> tuple[bool, str]:
     """Whether the shape's weights (twice, while they are built) and its largest pools fit."""
     if device.type != "cuda":
         return True, ""
-    weights = 2 * sum(math.prod(s) for s in expected_shapes(cfg).values())
+    weights = 2 * sum(math.prod(s) for s in weight_shapes(cfg).values())
     slot = StateLayout(cfg.n_layer, cfg.n_embd, cfg.head_size).slot_nbytes(F32)
     pools = 2.5 * (max(batches) + 1) * slot  # fragmented fp32 + contiguous fp32 + contiguous fp16
     need = max(2 * weights, weights + pools) + 3 * 2**30
@@ -454,6 +480,7 @@ def run(args) -> dict:
 def new_result(card: str, args, shapes: list[str]) -> dict:
     meta = {"card": card, "cpu": args.tiny, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "weights": "fp32" if args.tiny else "fp16", "ours": OURS.name,
+            "timer": "wall clock per call with the device synchronised (benchmarks/common.py), for every row",
             "pairs": [(key, label, base.name, ours.name) for key, label, base, ours in PAIRS],
             "shapes": shapes, "batches": args.batches, "repeats": args.repeats, "steps": args.steps,
             "prefill_steps": args.prefill_steps, "turns": args.turns, "turn_tokens": args.turn_tokens,
@@ -542,7 +569,7 @@ def resolve(args) -> argparse.Namespace:
     a.steps = args.steps or (5 if tiny else 20)
     a.prefill_steps = 2 if tiny else 3
     a.turns, a.turn_tokens = (3, 4) if tiny else (4, 16)
-    a.ring_steps = 2 if tiny else 3
+    a.ring_steps = 2 if tiny else 10
     a.ring_capacity = 4
     a.run = tiny or bool(a.shapes)
     return a

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_decode import median_seconds  # benchmarks/ is on sys.path when run as a script
+from common import call_seconds  # benchmarks/ is on sys.path when run as a script
 from rwkvstate.model.packing import pack
 from rwkvstate.ops.wkv7 import wkv7, wkv7_reference
 from rwkvstate.state.layout import StateLayout
@@ -23,7 +24,7 @@ from rwkvstate.state.pool import new_pool
 
 
 def median_ms(fn, repeats=20, warmup=3) -> float:
-    return median_seconds(fn, repeats, warmup) * 1e3
+    return statistics.median(call_seconds(fn, "cuda", repeats, warmup)) * 1e3
 
 
 def inputs(T, H, N, dtype, gen):
@@ -86,7 +87,17 @@ def main(argv=None):
             row = case(batch, length, 32, 64, state_dtype, torch.float16)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lines = [f"# WKV-7 prefill kernels, {card}, {time.strftime('%Y-%m-%d')}", "",
+    result = {"card": card, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    text = markdown(result)
+    print(text)
+    if args.out:
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        args.out.with_suffix(".md").write_text(text)
+
+
+def markdown(result: dict) -> str:
+    card, rows = result["card"], result["rows"]
+    lines = [f"# WKV-7 prefill kernels, {card}, {result['date']}", "",
              "One layer of the 1.5B shape (H=32, N=64), fp16 inputs. `triton`: the in-place sequential kernel; "
              "`fla`: fla-core 0.6.0 `chunk_rwkv7` including the layout adaptation (gather, transpose, "
              "transpose back, scatter), whose cost alone is the last column. Errors against the float32 "
@@ -98,11 +109,7 @@ def main(argv=None):
                      f"{r['fla_ms']:.3f} | {r['triton_tokens_per_s']:,.0f} | {r['fla_tokens_per_s']:,.0f} | "
                      f"{r['triton_y_rel_err']:.1e} | {r['fla_y_rel_err']:.1e} | {r['fla_state_rel_err']:.1e} | "
                      f"{r['fla_layout_ms']:.3f} |")  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.with_suffix(".json").write_text(json.dumps({"card": card, "rows": rows}, indent=2))
-        args.out.with_suffix(".md").write_text(text)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from common import write_results  # noqa: E402
 
 from rwkvstate import Model  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
-from rwkvstate.config import dtype_name, parse_dtype  # noqa: E402
+from rwkvstate.state.layout import dtype_name, parse_dtype  # noqa: E402
 from rwkvstate.model.synthetic import random_checkpoint  # noqa: E402
 from rwkvstate.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
@@ -164,7 +164,7 @@ def run(args) -> dict:
     app = create_app(model, config)
     rows = []
     with BackgroundServer(app) as server:
-        name = app.state.rwkv.model_name
+        name = app.state.context.model_name
         asyncio.run(run_level(server.url, name, 1, 2, min(args.max_tokens, 8), offset=-2))  # warm-up
         for i, level in enumerate(args.levels):
             level_args = (server.url, name, level, args.requests, args.max_tokens, 1000 * i)

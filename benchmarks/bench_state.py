@@ -5,8 +5,9 @@ session by format, rollback against re-feeding, the prefix cache, lazy against e
     python benchmarks/bench_state.py --tiny --out /tmp/state               # CPU smoke run
 
 Shapes of the released RWKV-7 0.1B / 1.5B / 7.2B models with random fp16 weights. Latencies
-are wall-clock medians with the device synchronised (host work included). On a CPU the
-figures describe the CPU, not a GPU.
+come from the common timer (benchmarks/common.py: wall clock per call with the device
+synchronised, host work included; medians of repeats, re-run when the repeats spread too far).
+On a CPU the figures describe the CPU, not a GPU.
 """
 
 from __future__ import annotations
@@ -22,36 +23,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import SHAPES, config_for  # noqa: E402
-from common import write_results  # noqa: E402
+from common import measure, sync, write_results  # noqa: E402
 
 from rwkvstate import Engine, Model  # noqa: E402
-from rwkvstate.config import ModelConfig, dtype_name  # noqa: E402
+from rwkvstate.config import ModelConfig  # noqa: E402
+from rwkvstate.state.layout import dtype_name  # noqa: E402
 from rwkvstate.model.synthetic import random_checkpoint, tiny_config  # noqa: E402
 from rwkvstate.ops.quantize import fp8_supported  # noqa: E402
 from rwkvstate.state.layout import StateLayout  # noqa: E402
 from rwkvstate.state.pool import ContiguousPool  # noqa: E402
-from rwkvstate.state.snapshot import FORMATS, decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
+from rwkvstate.state.layout import SNAPSHOT_FORMATS  # noqa: E402
+from rwkvstate.state.snapshot import decode, empty_encoded, encode, encoded_nbytes  # noqa: E402
 
 TINY = tiny_config(n_layer=2, n_embd=64, head_size=16, ffn_dim=128, vocab_size=256)
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+REPEATS = 3  # repeats of every measurement, each the median of `calls` calls (--repeats)
 
 
-def wall(fn, device, repeats: int, warmup: int = 2) -> dict:
-    """Median and spread (min, max) of wall-clock seconds of fn, device synchronised."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+def wall(fn, device, calls: int, setup=None) -> dict:
+    """The common timer's measurement of fn: REPEATS medians of `calls` calls."""
+    return measure(fn, device, REPEATS, calls, setup=setup)
 
 
 def copy_bandwidth(device, repeats: int) -> float:
@@ -62,8 +54,9 @@ def copy_bandwidth(device, repeats: int) -> float:
     return 2 * size / wall(lambda: dst.copy_(src), device, repeats)["median_s"]
 
 
+
 def formats_for(device) -> list[str]:
-    return [f for f in FORMATS if f != "fp8" or fp8_supported(device)]
+    return [f for f in SNAPSHOT_FORMATS if f != "fp8" or fp8_supported(device)]
 
 
 # ---- 1. state operations against slot size ---------------------------------------------------
@@ -87,7 +80,7 @@ def state_ops(cfg: ModelConfig, shape: str, state_dtype, device, bandwidth, repe
         add("restore (decode)", fmt, moved, wall(lambda: decode(snap, pool.slot_view(2)), device, repeats))
 
     def to_host():
-        pool.mark_written([0])  # force the copy the lazy path would skip
+        pool.begin_write([0])  # force the copy the lazy path would skip
         pool.host_copy(0)
 
     add("copy to host (pinned)", dtype_name(state_dtype), slot_bytes, wall(to_host, device, repeats))
@@ -101,7 +94,7 @@ def bytes_per_session(cfg: ModelConfig, shape: str, device) -> list[dict]:
     layout = StateLayout(cfg.n_layer, cfg.n_embd, cfg.head_size)
     logits = cfg.vocab_size * 4
     rows = []
-    for fmt in FORMATS:
+    for fmt in SNAPSHOT_FORMATS:
         state = encoded_nbytes(fmt, layout.slot_numel, layout.head_size)
         rows.append({"shape": shape, "format": fmt, "state_bytes": state, "with_logits_bytes": state + logits,
                      "sessions_per_gb": 1e9 / (state + logits)})  # fmt: skip
@@ -114,31 +107,24 @@ def build_model(cfg, device, dtype):
     return Model.from_tensors(tensors, cfg, device=device, dtype=dtype)
 
 
-def timed(fn, setup, device, repeats: int) -> dict:
-    """Like wall(), with an untimed setup() before every call."""
-    times = []
-    for i in range(repeats + 1):
-        setup()
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+TURN = 64  # tokens per conversation turn, and the ring's spacing: an entry every TURN tokens
 
 
-def rollback_rows(model, shape, device, context: int, backs: list[int], repeats: int) -> list[dict]:
-    """Rollback through the ring history against resetting and re-feeding the kept prompt."""
+def rollback_rows(model, shape, device, context: int, backs: list[int], calls: int) -> list[dict]:
+    """Rollback through the ring history against resetting and re-feeding the kept prompt.
+
+    Before every timed rollback the session holds `context` tokens fed as TURN-token turns, as a
+    fresh conversation would: ring entries and undo points every TURN tokens, none planted near
+    the target. Taking back n tokens then restores the entry at or below the target and re-feeds
+    the rest, (context - n) mod TURN tokens (counted, and stored as tokens_refed)."""
     rng = random.Random(0)
     ids = [rng.randrange(model.config.vocab_size) for _ in range(context)]
     rows = []
     for fmt in ("fp16", "int8"):
-        engine = Engine(model, slots=2, state_dtype=torch.float16, history_every=64, history_capacity=8,
+        engine = Engine(model, slots=2, state_dtype=torch.float16, history_every=TURN, history_capacity=8,
                         history_format=fmt, enforce_eager=True)  # fmt: skip
         s = engine.session()
-        for i in range(0, context, 64):  # a conversation of 64-token turns: a ring entry every 64 tokens
-            s.feed(ids[i : i + 64])
+        feed_turns(s, ids, 0, context)
         for n in backs:
             refed = []
 
@@ -147,23 +133,33 @@ def rollback_rows(model, shape, device, context: int, backs: list[int], repeats:
                 s.rollback(n)
                 refed.append(engine.tokens_fed - before)
 
-            def back_to_full_context():  # the target must lie inside a feed, not at an undo point
-                s.rollback(min(5, len(s.tokens)))
-                s.feed(ids[len(s.tokens) :])
+            def back_to_full_context(n=n):  # untimed: rebuild the last turns as whole turns
+                if len(s.tokens) < context:
+                    if len(s.tokens) % TURN:
+                        s.rollback(len(s.tokens) % TURN)
+                    feed_turns(s, ids, len(s.tokens), context)
 
-            t = timed(rollback, back_to_full_context, device, repeats)
+            t = wall(rollback, device, calls, setup=back_to_full_context)
+            back_to_full_context()
             rows.append({"shape": shape, "history_format": fmt, "context": context, "tokens_back": n,
-                         "method": "rollback inside a turn (ring entry + re-feed)", "tokens_refed": statistics.median(refed), **t})  # fmt: skip
+                         "method": "rollback (nearest ring entry + re-feed)", "ring_every": TURN,
+                         "tokens_refed": statistics.median(refed), **t})  # fmt: skip
         turn = ids[:32]  # undo of a whole turn (a reply, a message): it starts at an undo point
-        t = timed(lambda: s.undo(), lambda: s.feed(turn), device, repeats)
+        t = wall(lambda: s.undo(), device, calls, setup=lambda: s.feed(turn))
         rows.append({"shape": shape, "history_format": fmt, "context": context, "tokens_back": len(turn),
-                     "method": "undo a turn (ring undo point)", "tokens_refed": 0, **t})  # fmt: skip
+                     "method": "undo a turn (ring undo point)", "ring_every": TURN, "tokens_refed": 0, **t})  # fmt: skip
     s = Engine(model, slots=1, state_dtype=torch.float16, history_capacity=0, enforce_eager=True).session()
     for n in backs:
-        t = timed(lambda: s.feed(ids[: context - n]), s.reset, device, max(3, repeats // 4))
+        t = wall(lambda: s.feed(ids[: context - n]), device, calls, setup=s.reset)
         rows.append({"shape": shape, "history_format": "-", "context": context, "tokens_back": n,
                      "method": "reset and re-feed the prompt", "tokens_refed": context - n, **t})  # fmt: skip
     return rows
+
+
+def feed_turns(s, ids: list[int], start: int, end: int) -> None:
+    """Feeds ids[start:end] as TURN-token turns aligned to multiples of TURN."""
+    for i in range(start, end, TURN):
+        s.feed(ids[i : min(end, (i // TURN + 1) * TURN)])
 
 
 def prefix_cache_rows(model, shape, device, prefix: int, suffix: int, requests: int, every: int) -> list[dict]:
@@ -194,7 +190,9 @@ def prefix_cache_rows(model, shape, device, prefix: int, suffix: int, requests: 
 
 def host_copy_rows(model, shape, device, sessions: int, turns: int, tokens: int) -> list[dict]:
     """A chat server that saves every session's state to the host after every turn: the seed
-    design copies every state back eagerly; lazy copies only the slots that changed."""
+    design copies every state back eagerly; lazy copies only the slots that changed. The first
+    save after the sessions start (every state is new to the host: cold) is reported apart from
+    the later turns, where one session spoke (steady state)."""
     rows = []
     for policy in ("eager", "lazy"):
         engine = Engine(model, slots=sessions, state_dtype=torch.float16, enforce_eager=True)
@@ -203,20 +201,28 @@ def host_copy_rows(model, shape, device, sessions: int, turns: int, tokens: int)
         for c in chats:
             c.feed([1, 2, 3])
         rng = random.Random(2)
-        moved = pool.bytes_to_host
-        times = []
-        for _ in range(turns):
-            rng.choice(chats).feed([rng.randrange(model.config.vocab_size) for _ in range(tokens)])
+
+        def save():
             sync(device)
-            start = time.perf_counter()  # the save step alone: the turn's forward is the same for both
+            start, moved = time.perf_counter(), pool.bytes_to_host
             for c in chats:
                 if policy == "eager":
-                    pool.mark_written([c.slot])  # what an eager copy-back does: copy whatever happened
+                    pool.begin_write([c.slot])  # what an eager copy-back does: copy whatever happened
                 pool.host_copy(c.slot)
-            times.append(time.perf_counter() - start)
+            sync(device)
+            return time.perf_counter() - start, pool.bytes_to_host - moved
+
+        first_s, first_bytes = save()  # cold: no session has a host copy yet
+        times, moved = [], []
+        for _ in range(turns):
+            rng.choice(chats).feed([rng.randrange(model.config.vocab_size) for _ in range(tokens)])
+            t, b = save()  # the save step alone: the turn's forward is the same for both
+            times.append(t)
+            moved.append(b)
         rows.append({"shape": shape, "policy": policy, "sessions": sessions, "turn_tokens": tokens,
+                     "first_save_s": first_s, "first_save_bytes": first_bytes, "turns": turns,
                      "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                     "bytes_to_host_per_turn": (pool.bytes_to_host - moved) / turns})  # fmt: skip
+                     "bytes_to_host_per_turn": statistics.median(moved)})  # fmt: skip
     return rows
 
 
@@ -240,7 +246,7 @@ def run(args) -> dict:
             continue
         model = build_model(cfg, device, torch.float16 if device.type == "cuda" else torch.float32)
         context = 128 if args.tiny else 2048
-        out["rollback"] += rollback_rows(model, shape, device, context, [1, 16, 100], args.repeats)
+        out["rollback"] += rollback_rows(model, shape, device, context, [1, 16, 100], max(3, args.repeats // 4))
         out["prefix_cache"] += prefix_cache_rows(model, shape, device, 64 if args.tiny else 1024, 16, 9,
                                                  32 if args.tiny else 256)  # fmt: skip
         out["host_copies"] += host_copy_rows(model, shape, device, 4 if args.tiny else 32, 20, 16)
@@ -253,36 +259,66 @@ def markdown(r: dict) -> str:
     card = r["card"]
     lines = [f"# State lifecycle costs, {card}, {r['date']}", "",
              f"torch {r['torch']}; device copy bandwidth {r['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s "
-             "(read + write). Wall-clock medians with the device synchronised; min-max spread in brackets.", "",
+             "(read + write). Wall-clock medians with the device synchronised; min-max in brackets; spread = (max - min) / "
+             "median of the repeats, **unstable** above the limit after re-runs (not a finding).", "",
              f"## Snapshot, restore, fork, host copies of one slot ({card})", "",
-             "| shape | storage | op | format | slot MB | latency us | GB/s | of copy bw |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| shape | storage | op | format | slot MB | latency us | GB/s | of copy bw | spread |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for o in r["ops"]:
         lines.append(f"| {o['shape']} | {o['state_dtype']} | {o['op']} | {o['format']} | {o['slot_bytes'] / 1e6:.2f} | "
                      f"{o['median_s'] * 1e6:.0f} ({o['min_s'] * 1e6:.0f}-{o['max_s'] * 1e6:.0f}) | {o['gb_per_s']:.0f} | "
-                     f"{o['fraction_of_copy_bw']:.0%} |")  # fmt: skip
+                     f"{o['fraction_of_copy_bw']:.0%} | {_spread(o)} |")  # fmt: skip
     lines += ["", "## Bytes per cached session by format", "",
               "| shape | format | state MB | with fp32 logits MB | sessions per GB |", "|---|---|---|---|---|"]  # fmt: skip
     for b in r["bytes"]:
         lines.append(f"| {b['shape']} | {b['format']} | {b['state_bytes'] / 1e6:.2f} | {b['with_logits_bytes'] / 1e6:.2f} | "
                      f"{b['sessions_per_gb']:.0f} |")  # fmt: skip
+    spacing = next((b["ring_every"] for b in r["rollback"] if "ring_every" in b), None)
     lines += ["", f"## Rollback against re-feeding ({card})", "",
-              "| shape | method | ring format | context | tokens back | tokens re-fed | ms |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              (f"The context was fed as {spacing}-token turns, so the ring holds an entry every {spacing} tokens and "
+               "a rollback re-feeds the tokens between the entry at or below its target and the target."
+               if spacing else "This run planted an undo point 5 tokens before each rollback target (an older "
+               "version of the benchmark), so every rollback re-fed at most 5 tokens whatever it took back."), "",
+              "| shape | method | ring format | context | tokens back | tokens re-fed | ms | spread |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for b in r["rollback"]:
         lines.append(f"| {b['shape']} | {b['method']} | {b['history_format']} | {b['context']} | {b['tokens_back']} | "
-                     f"{b.get('tokens_refed', '?')} | {b['median_s'] * 1e3:.2f} |")  # fmt: skip
+                     f"{b.get('tokens_refed', '?')} | {b['median_s'] * 1e3:.2f} | {_spread(b)} |")  # fmt: skip
     lines += ["", f"## Prefix cache: requests sharing a prefix, one after another ({card})", "",
               "| shape | shared prefix | own tokens | cache | ms per request (median) | hit rate |", "|---|---|---|---|---|---|"]  # fmt: skip
     for b in r["prefix_cache"]:
         rate = b["stats"].get("prefix_cache_hit_rate", 0.0)
         lines.append(f"| {b['shape']} | {b['prefix']} | {b['suffix']} | {'on' if b['prefix_cache'] else 'off'} | "
                      f"{b['median_s'] * 1e3:.2f} | {rate:.0%} |")  # fmt: skip
-    lines += ["", f"## Saving every session to the host after every turn ({card})", "",
-              "| shape | sessions | policy | save ms per turn | MB to host per turn |", "|---|---|---|---|---|"]  # fmt: skip
-    for b in r["host_copies"]:
-        lines.append(f"| {b['shape']} | {b['sessions']} | {b['policy']} | {b['median_s'] * 1e3:.2f} | "
-                     f"{b['bytes_to_host_per_turn'] / 1e6:.2f} |")  # fmt: skip
+    lines += host_copy_table(r)
+
     return "\n".join(lines) + "\n"
+
+
+def _spread(r: dict) -> str:
+    if "spread" not in r:
+        return "-"
+    return f"{r['spread']:.0%}" + (" **unstable**" if r.get("unstable") else "")
+
+
+def host_copy_table(r: dict) -> list[str]:
+    """The first (cold) save apart from the later turns' saves, where runs record it."""
+    card, rows = r["card"], r["host_copies"]
+    if rows and "first_save_bytes" not in rows[0]:
+        lines = ["", f"## Saving every session to the host after every turn ({card})", "",
+                 "Save ms: median over the turns; MB: mean over the turns including the first save, when every "
+                 "state is new to the host (an older version of the benchmark, which did not separate it).", "",
+                 "| shape | sessions | policy | save ms per turn | MB to host per turn |", "|---|---|---|---|---|"]  # fmt: skip
+        return lines + [f"| {b['shape']} | {b['sessions']} | {b['policy']} | {b['median_s'] * 1e3:.2f} | "
+                        f"{b['bytes_to_host_per_turn'] / 1e6:.2f} |" for b in rows]  # fmt: skip
+    lines = ["", f"## Saving every session to the host after every turn ({card})", "",
+             "First save: right after the sessions start, every state is new to the host (cold). Later turns: one "
+             "session speaks per turn, then every session is saved (steady state, medians over the turns).", "",
+             "| shape | sessions | policy | first save ms | first save MB | later turn: save ms | later turn: MB to host |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    return lines + [f"| {b['shape']} | {b['sessions']} | {b['policy']} | {b['first_save_s'] * 1e3:.2f} | "
+                    f"{b['first_save_bytes'] / 1e6:.2f} | {b['median_s'] * 1e3:.2f} | "
+                    f"{b['bytes_to_host_per_turn'] / 1e6:.2f} |" for b in rows]  # fmt: skip
 
 
 def main(argv=None):
@@ -290,7 +326,7 @@ def main(argv=None):
     parser.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
     parser.add_argument("--model-shapes", type=lambda s: s.split(","), default=["0.1B", "1.5B"],
                         help="shapes whose workloads (rollback, prefix cache, host copies) run on a model")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per repeat (each measurement: 3 repeats)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a smoke run, not GPU figures)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)

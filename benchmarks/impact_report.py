@@ -5,7 +5,12 @@ Everything is derived from the result dict: `summarize` pairs every baseline wit
 improvement (speed-ups are medians of per-repeat paired ratios, with their min-max),
 `render` writes the markdown, `write_charts` the PNGs. The sentences are generated from the
 numbers: each names the measured figure, says whether it is below, inside or above the seed's
-estimate (or within run-to-run noise), and gives the mechanism that explains it.
+estimate (or within run-to-run noise), and gives the mechanism: a clause computed from measured or
+counted quantities where the run has them, otherwise marked as the design's explanation.
+
+A cell is unstable (`pair_flag`) when either side's repeats spread beyond common.MAX_SPREAD or
+its paired ratio and its medians disagree on which side is faster; unstable cells are marked in
+the tables and left out of every range, verdict and sentence.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
+
+from common import MAX_SPREAD, spread_of
+
+DESIGN = "(the design's explanation, not measured here)"
 
 CPU_NOTE = "CPU figures from tiny smoke shapes: they are not GPU figures"
 
@@ -28,11 +37,29 @@ SEED = [
 
 
 # ---- summary: the numbers the table and the sentences use -----------------------------------------
+def pair_flag(base: dict, ours: dict, max_spread: float = MAX_SPREAD) -> str | None:
+    """Why a (baseline, ours) comparison is not a finding, or None: a side whose repeats spread
+    beyond max_spread, or a paired ratio that says the opposite of the two medians."""
+    for side, r in (("baseline", base), ("ours", ours)):
+        if len(r["repeats_s"]) > 1 and spread_of(r["repeats_s"]) > max_spread:
+            return f"{side}'s repeats spread {spread_of(r['repeats_s']):.0%}"
+    ratio = statistics.median(b / o for b, o in zip(base["repeats_s"], ours["repeats_s"]))
+    by_medians = base["median_s"] / ours["median_s"]
+    if (ratio - 1) * (by_medians - 1) < 0:
+        return "the paired ratio and the medians disagree on which side is faster"
+    return None
+
+
 def paired(base: dict, ours: dict) -> dict:
-    """Speed-up of ours over base: median and min-max of the per-repeat ratios (base / ours)."""
+    """Speed-up of ours over base: median and min-max of the per-repeat ratios (base / ours),
+    and the reason it is unstable (None when it is a finding)."""
     ratios = [b / o for b, o in zip(base["repeats_s"], ours["repeats_s"])]
     return {"speedup": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-            "base_s": base["median_s"], "ours_s": ours["median_s"]}  # fmt: skip
+            "base_s": base["median_s"], "ours_s": ours["median_s"], "flag": pair_flag(base, ours)}  # fmt: skip
+
+
+def stable(cells: list[dict]) -> list[dict]:
+    return [c for c in cells if not c.get("flag")]
 
 
 def summarize(result: dict) -> dict:
@@ -68,6 +95,7 @@ def compression_summary(result: dict, speed: dict, ours: str) -> list[dict]:
         item = {"shape": shape, "format": fmt, "saving": 1 - r["state_bytes"] / base["state_bytes"],
                 "state_bytes": r["state_bytes"], "sessions_per_gb": r["sessions_per_gb"]}  # fmt: skip
         if "encode_decode" in r and "encode_decode" in base:
+            item["flag"] = pair_flag(base["encode_decode"], r["encode_decode"])
             extra = [a - b for a, b in zip(r["encode_decode"]["repeats_s"], base["encode_decode"]["repeats_s"])]
             item.update(encode_decode_s=r["encode_decode"]["median_s"], fp32_copy_s=base["encode_decode"]["median_s"],
                         overhead_s=statistics.median(extra), overhead_min_s=min(extra),
@@ -79,15 +107,24 @@ def compression_summary(result: dict, speed: dict, ours: str) -> list[dict]:
     return out
 
 
+REFEED, SLOT_COPY = "reset and re-feed the kept context", "copy the slot before the draft"
+
+
 def rollback_summary(result: dict) -> list[dict]:
+    """Each rollback method against re-feeding; the ring's speculative rollback also against the
+    strongest baseline in the code, a copy of the slot before each draft (`vs_copy`)."""
     rows = {(r["shape"], r["case"], r["tokens"], r["method"]): r for r in result["rollback"]}
     out = []
     for (shape, case, n, method), r in rows.items():
-        if method == "reset and re-feed the kept context":
+        if method == REFEED:
             continue
-        base = rows[shape, case, n, "reset and re-feed the kept context"]
-        out.append({"shape": shape, "batch": 1, "case": case, "tokens": n, "method": method, "context": r["context"],
-                    "draft": r.get("draft"), **paired(base, r)})  # fmt: skip
+        base = rows[shape, case, n, REFEED]
+        item = {"shape": shape, "batch": 1, "case": case, "tokens": n, "method": method, "context": r["context"],
+                "draft": r.get("draft"), **paired(base, r)}  # fmt: skip
+        copy = rows.get((shape, case, n, SLOT_COPY))
+        if copy is not None and method != SLOT_COPY:
+            item["vs_copy"] = {"shape": shape, "case": case, "tokens": n, "draft": r.get("draft"), **paired(copy, r)}
+        out.append(item)
     return out
 
 
@@ -102,10 +139,14 @@ def pct(x: float) -> str:
 
 
 def change(p: dict) -> str:
-    """A speed-up as a percentage (or a factor when large) with its min-max."""
+    """A speed-up as a percentage (or a factor when large, either way) with its min-max, marked
+    when the cell is unstable."""
+    mark = f" (unstable: {p['flag']}; not a finding)" if p.get("flag") else ""
     if p["speedup"] >= 2:
-        return f"{p['speedup']:.1f}x faster [{p['min']:.1f}-{p['max']:.1f}x]"
-    return f"{pct(p['speedup'] - 1)} [{pct(p['min'] - 1)} … {pct(p['max'] - 1)}]"
+        return f"{p['speedup']:.1f}x faster [{p['min']:.1f}-{p['max']:.1f}x]{mark}"
+    if p["speedup"] <= 0.5:
+        return f"{1 / p['speedup']:.1f}x slower [{1 / p['max']:.1f}-{1 / p['min']:.1f}x]{mark}"
+    return f"{pct(p['speedup'] - 1)} [{pct(p['min'] - 1)} … {pct(p['max'] - 1)}]{mark}"
 
 
 def _where(c: dict) -> str:
@@ -118,13 +159,19 @@ def _where(c: dict) -> str:
 
 
 def extremes(cells: list[dict]) -> str:
-    """The lowest and the highest cell, each with its spread and where it was measured."""
+    """The lowest and the highest stable cell, each with its spread and where it was measured,
+    and how many unstable cells were left out."""
     if not cells:
         return "not measured"
-    lo, hi = min(cells, key=lambda c: c["speedup"]), max(cells, key=lambda c: c["speedup"])
+    ok = stable(cells)
+    left_out = len(cells) - len(ok)
+    note = f" ({left_out} of {len(cells)} cells unstable, left out)" if left_out else ""
+    if not ok:
+        return f"no stable cell{note}"
+    lo, hi = min(ok, key=lambda c: c["speedup"]), max(ok, key=lambda c: c["speedup"])
     if lo is hi:
-        return f"{change(lo)} ({_where(lo)})"
-    return f"{change(lo)} ({_where(lo)}) to {change(hi)} ({_where(hi)})"
+        return f"{change(lo)} ({_where(lo)}){note}"
+    return f"{change(lo)} ({_where(lo)}) to {change(hi)} ({_where(hi)}){note}"
 
 
 def classify(cells: list[dict], estimate: tuple[float, float]) -> str:
@@ -132,6 +179,9 @@ def classify(cells: list[dict], estimate: tuple[float, float]) -> str:
     only when its whole min-max range lies on one side of zero and it is 2% or more away."""
     if not cells:
         return "unmeasured"
+    cells = stable(cells)
+    if not cells:
+        return "unstable"
     faster = [c for c in cells if c["min"] > 1 and c["speedup"] >= 1.02]
     slower = [c for c in cells if c["max"] < 1 and c["speedup"] <= 0.98]
     if not faster:
@@ -173,7 +223,11 @@ def header(meta: dict, result: dict) -> list[str]:
               f"(each the median of {meta['steps']} decode steps or {meta['prefill_steps']} prefill steps, the "
               "variants of a row interleaved) with the min-max of the per-repeat ratios in brackets; positive = "
               "faster than the baseline. Memory saving = 1 - ours / baseline bytes of the structure the idea "
-              "changes.", ""]  # fmt: skip
+              f"changes. Timer: {meta.get('timer', 'CUDA events for decode and prefill steps, wall clock with the device synchronised for the rest')}. "
+              f"A cell is **unstable** when either side's repeats spread more than {MAX_SPREAD:.0%} ((max - min) / "
+              "median) or its paired ratio and its medians disagree on which side is faster; unstable cells are "
+              "marked, were re-run (runs that record `attempts`), and are left out of every range, verdict and "
+              "sentence.", ""]  # fmt: skip
     for skip in result["skipped"]:
         lines += [f"Skipped {skip['shape']}: {skip['reason']}; run it on its own with `--shapes {skip['shape']}` "
                   "and combine the JSON files with `--merge`.", ""]  # fmt: skip
@@ -245,14 +299,7 @@ def compression_cells(result: dict, s: dict):
     for c in comp:
         by_fmt.setdefault(c["format"], []).append(c)
     memory = ", ".join(f"{f} {cs[0]['saving']:.1%}" for f, cs in by_fmt.items() if f != "fp32")
-    timed = [c for c in by_fmt.get("int8", []) if "overhead_of_step" in c]
-    if timed:
-        big = max(timed, key=lambda c: c["state_bytes"])
-        speed = (f"int8 encode + decode {big['encode_decode_s'] * 1e6:.0f} µs vs fp32 copy "
-                 f"{big['fp32_copy_s'] * 1e6:.0f} µs per session ({big['shape']}): "
-                 f"{pct(-big['overhead_of_step'])} of a batch-{big['step_batch']} decode step per swapped session")  # fmt: skip
-    else:
-        speed = "not timed"
+    speed = int8_cost(s) or "not timed"
     workload = ("cached sessions: bytes per session by snapshot format vs fp32 (the seed's storage); "
                 "snapshot + restore of one slot on the device")
     q = result.get("quality", {}).get("snapshots", {})
@@ -274,14 +321,18 @@ def ring_cells(result: dict, s: dict):
                   f"{big['format']} ring with logits, per slot, {big['shape']})")  # fmt: skip
     undo = [c for c in s["rollback"] if c["case"] == "undo"]
     spec = [c for c in s["rollback"] if c["case"] == "speculative" and c["method"] == "ring rollback"]
-    speed = f"undo: {extremes(undo)}; speculative: {extremes(spec)}"
+    vs_copy = [c["vs_copy"] for c in spec if "vs_copy" in c]
+    speed = f"undo vs re-feed: {extremes(undo)}; speculative vs re-feed: {extremes(spec)}"
+    if vs_copy:
+        speed += f"; speculative vs copying the slot before the draft (one spare slot): {extremes(vs_copy)}"
     ctx = result["rollback"][0]["context"] if result["rollback"] else 0
     backs = sorted({c["tokens"] for c in undo}) or [0]
     rejects = sorted({c["tokens"] for c in spec}) or [0]
     draft = spec[0]["draft"] if spec else 0
     workload = (f"batch 1: take back {backs[0]}-{backs[-1]} tokens of a {ctx}-token context (undo/regenerate), or "
                 f"{rejects[0]}-{rejects[-1]} of k = {draft} draft tokens verified in one forward; vs reset + re-feed "
-                "the kept context (the seed has no rollback)")  # fmt: skip
+                "the kept context (the seed has no rollback) and, for drafts, vs a copy of the slot before each draft "
+                "(the strongest baseline in the code)")  # fmt: skip
     return memory, speed, workload, "lossless (ring in the pool's dtype)"
 
 
@@ -318,47 +369,49 @@ def _verdict(cls: str, estimate: str) -> str:
             "mixed": f"faster in some cells and slower in others, not a uniform {estimate}",
             "below": f"below the estimated {estimate}", "within": f"inside the estimated {estimate}",
             "reaching": f"reaching the estimated {estimate} only in the best cells",
-            "above": f"above the estimated {estimate}", "unmeasured": "not measured"}[cls]  # fmt: skip
+            "above": f"above the estimated {estimate}", "unmeasured": "not measured",
+            "unstable": "every cell unstable, so no verdict"}[cls]  # fmt: skip
 
 
 def why_contiguous(result: dict, s: dict) -> str:
     cells = pair_cells(s, "contiguous")
     verdict = _verdict(classify(cells, seed_estimate("contiguous")), "5-10%")
     return (f"Measured decode {extremes(pair_cells(s, 'contiguous', 'decode'))} and prefill "
-            f"{extremes(pair_cells(s, 'contiguous', 'prefill'))}, {verdict}: in both layouts the kernels reach each "
-            "layer's state through a base pointer, a slot stride and the slot indices, so a step reads and writes "
-            "the same bytes with the same launches; what the contiguous layout changes is whole-slot work, one "
-            "copy per session instead of one per layer for snapshots, forks and host copies (rows 3, 4 and 6).")  # fmt: skip
+            f"{extremes(pair_cells(s, 'contiguous', 'prefill'))}, {verdict}. Why {DESIGN}: in both layouts the "
+            "kernels reach each layer's state through a base pointer, a slot stride and the slot indices, so a step "
+            "reads and writes the same bytes with the same launches; what the contiguous layout changes is "
+            "whole-slot work, one copy per session instead of one per layer for snapshots, forks and host copies "
+            "(rows 3, 4 and 6).")  # fmt: skip
 
 
 def why_f16(result: dict, s: dict) -> str:
     cells = pair_cells(s, "f16", "decode")
-    if not cells or not result["traffic"]:
-        return "Not measured."
+    if not stable(cells) or not result["traffic"]:
+        return f"Measured decode {extremes(cells)}." if cells else "Not measured."
     verdict = _verdict(classify(cells, seed_estimate("f16")), "0-5%")
     share = {(t["shape"], t["batch"]): t["state_bytes_fp32"] / (t["weight_bytes"] + t["state_bytes_fp32"])
              for t in result["traffic"]}  # fmt: skip
-    by_share = sorted(cells, key=lambda c: share[c["shape"], c["batch"]])
+    by_share = sorted(stable(cells), key=lambda c: share[c["shape"], c["batch"]])
     low, high = by_share[0], by_share[-1]
-    return (f"Measured decode {extremes(cells)}, {verdict}: reading and writing the fp32 state is "
+    return (f"Measured decode {extremes(cells)}, {verdict}. Counted bytes: reading and writing the fp32 state is "
             f"{share[high['shape'], high['batch']]:.0%} of the bytes a decode step moves at {_where(high)} "
             f"(measured {change(high)}) but {share[low['shape'], low['batch']]:.1%} at {_where(low)} "
-            f"(measured {change(low)}), so halving it can save at most about half that share of a memory-bound "
-            "step and nothing where weights and launches set the time; the memory saving is exactly 50% at "
-            "every size.")  # fmt: skip
+            f"(measured {change(low)}); halving it can save at most about half that share of a step that is "
+            "memory-bound, and nothing where weights and launches set the time; the memory saving is exactly 50% "
+            "at every size.")  # fmt: skip
 
 
 def why_lazy(result: dict, s: dict) -> str:
     cells = s["lazy"]
-    if not cells:
-        return "Not measured."
-    small = min(cells, key=lambda c: (c["batch"], -c["eager_bytes"]))
-    big = max(cells, key=lambda c: (c["batch"], c["eager_bytes"]))
+    if not stable(cells):
+        return f"Measured {extremes(cells)} per turn." if cells else "Not measured."
+    small = min(stable(cells), key=lambda c: (c["batch"], -c["eager_bytes"]))
+    big = max(stable(cells), key=lambda c: (c["batch"], c["eager_bytes"]))
     verdict = _verdict(classify(cells, seed_estimate("lazy")), "10-20%")
     idle = " (nothing to skip: every session spoke)" if small["speakers"] == small["batch"] else ""
     weight = ("the eager copy outweighs the turn's forward" if big["eager_save_s"] > big["forward_s"]
               else "the turn's forward still outweighs the eager copy")  # fmt: skip
-    return (f"Measured {extremes(cells)} per turn, {verdict}: eager saving copies every session's state each turn "
+    return (f"Measured {extremes(cells)} per turn, {verdict}. Measured bytes and times: eager saving copies every session's state each turn "
             f"({size(big['eager_bytes'])} at {_where(big)}, {big['eager_save_s'] * 1e3:.2f} ms) while lazy copies "
             f"only the {big['speakers']} sessions that spoke ({size(big['lazy_bytes'])}, "
             f"{big['lazy_save_s'] * 1e3:.2f} ms), so the gain follows the share of idle sessions and the state "
@@ -366,64 +419,99 @@ def why_lazy(result: dict, s: dict) -> str:
             f"({big['forward_s'] * 1e3:.2f} ms).")  # fmt: skip
 
 
+def int8_cost(s: dict) -> str | None:
+    """int8 encode + decode against an fp32 copy, per swapped session, over the stable shapes: the
+    one phrase the table cell and the sentence share."""
+    timed = [c for c in s["compression"] if c["format"] == "int8" and "overhead_of_step" in c]
+    if not stable(timed):
+        return "unstable in every shape, not a finding" if timed else None
+    ok = stable(timed)
+    big = max(ok, key=lambda c: c["state_bytes"])
+    lo, hi = min(ok, key=lambda c: c["overhead_of_step"]), max(ok, key=lambda c: c["overhead_of_step"])
+    left = len(timed) - len(ok)
+    note = f"; {left} of {len(timed)} shapes unstable, left out" if left else ""
+    cost = (f"{lo['overhead_of_step']:.1%} ({lo['shape']}) to {hi['overhead_of_step']:.1%} ({hi['shape']})"
+            if lo is not hi else f"{lo['overhead_of_step']:.1%} ({lo['shape']})")  # fmt: skip
+    return (f"int8 encode + decode {big['encode_decode_s'] * 1e6:.0f} µs vs fp32 copy {big['fp32_copy_s'] * 1e6:.0f} µs "
+            f"per session ({big['shape']}); the difference costs {cost} of a batch-{big['step_batch']} decode step "
+            f"per swapped session{note}")  # fmt: skip
+
+
 def why_compression(result: dict, s: dict) -> str:
-    int8 = [c for c in s["compression"] if c["format"] == "int8" and "overhead_of_step" in c]
+    int8 = [c for c in s["compression"] if c["format"] == "int8"]
     if not int8:
         return "Not measured."
     big = max(int8, key=lambda c: c["state_bytes"])
-    worst = max(int8, key=lambda c: c["overhead_of_step"])
+    timed = stable([c for c in int8 if "overhead_of_step" in c])
     q = ((result.get("quality", {}).get("snapshots", {}).get("int8") or {}).get("every_64")) or {}
     quality = (f"; and it is not free in quality (greedy agreement {q['greedy_agreement']:.0%}, KL "
                f"{q['kl_mean']:.1e} with a snapshot every 64 tokens)") if q else ""  # fmt: skip
     mark = "just under" if big["saving"] < 0.75 else "at or above"
-    cost = "more" if worst["overhead_of_step"] > 0.05 else "less"
-    return (f"int8 stores one byte per element plus an fp16 scale per {result['compression'][0]['group']} "
-            f"elements, {big['saving']:.1%} less than fp32, {mark} the estimated 75% because of the scales; "
-            f"encoding plus decoding a session takes {big['encode_decode_s'] * 1e6:.0f} µs against "
-            f"{big['fp32_copy_s'] * 1e6:.0f} µs for an fp32 copy ({big['shape']}), an extra cost of at most "
-            f"{worst['overhead_of_step']:.1%} of a batch-{worst['step_batch']} decode step per session stored and "
-            f"brought back ({cost} than the estimated 5%, and paid per swap, not per step){quality}.")  # fmt: skip
+    worst = max((c["overhead_of_step"] for c in timed), default=None)
+    cost = ("" if worst is None else
+            f" ({'more' if worst > 0.05 else 'less'} than the estimated 5%, and paid per swap, not per step)")  # fmt: skip
+    return (f"Counted bytes: int8 stores one byte per element plus an fp16 scale per "
+            f"{result['compression'][0]['group']} elements, {big['saving']:.1%} less than fp32, {mark} the "
+            f"estimated 75% because of the scales. Measured: {int8_cost(s) or 'not timed'}{cost}{quality}.")  # fmt: skip
 
 
 def why_fused(result: dict, s: dict) -> str:
     cells = pair_cells(s, "fused_shift", "decode")
-    if not cells:
-        return "Not measured."
+    if not stable(cells):
+        return f"Measured decode {extremes(cells)}." if cells else "Not measured."
     verdict = _verdict(classify(cells, seed_estimate("fused_shift")), "10-15%")
     layers = {t["shape"]: t.get("n_layer") for t in result["traffic"]}
-    best = max(cells, key=lambda c: c["base_s"] - c["ours_s"])
+    best = max(stable(cells), key=lambda c: c["base_s"] - c["ours_s"])
     per_launch = ""
     if layers.get(best["shape"]):
         saved = (best["base_s"] - best["ours_s"]) / (7 * layers[best["shape"]])
-        per_launch = (f" (at {_where(best)} the step is {(best['base_s'] - best['ours_s']) * 1e6:.0f} µs shorter, "
-                      f"{saved * 1e6:.1f} µs per launch saved)")  # fmt: skip
-    return (f"Measured decode {extremes(cells)}, {verdict}: the shift rows are 2 of the N + 2 rows of a layer's "
-            "state, so reading them once instead of once per mix saves few bytes; with CUDA graphs the per-mix "
-            "variant's cost is its extra launches, 7 more per layer in a decode step (one per mix plus a separate "
-            f"store, in the time mix and the channel mix), each a few µs of GPU time{per_launch}.")  # fmt: skip
+        per_launch = (f" Derived: at {_where(best)} the step is {(best['base_s'] - best['ours_s']) * 1e6:.0f} µs "
+                      f"shorter, {saved * 1e6:.1f} µs per extra launch if the launches account for all of it.")  # fmt: skip
+    return (f"Measured decode {extremes(cells)}, {verdict}. Why {DESIGN}: the shift rows are 2 of the N + 2 rows "
+            "of a layer's state, so reading them once instead of once per mix saves few bytes; with CUDA graphs the "
+            "per-mix variant's cost is its extra launches, 7 more per layer in a decode step (one per mix plus a "
+            f"separate store, in the time mix and the channel mix).{per_launch}")  # fmt: skip
+
+
+def ring_memory_of(result: dict, shape: str) -> tuple[dict | None, dict | None]:
+    """The timed (fp16) and the int8 ring memory rows of one shape."""
+    rows = {m["format"]: m for m in result["ring_memory"] if m["shape"] == shape}
+    return rows.get("fp16"), rows.get("int8")
 
 
 def why_ring(result: dict, s: dict) -> str:
-    undo = [c for c in s["rollback"] if c["case"] == "undo"]
-    mem = [m for m in result["ring_memory"] if m["measured"]]
-    if not undo or not mem:
-        return "Not measured."
+    undo = stable([c for c in s["rollback"] if c["case"] == "undo"])
+    if not undo or not result["ring_memory"]:
+        return "Not measured, or every undo cell unstable."
     big = max(undo, key=lambda c: c["base_s"])
     lo, hi = min(undo, key=lambda c: c["speedup"]), max(undo, key=lambda c: c["speedup"])
-    m = next(x for x in mem if x["shape"] == big["shape"])
-    int8 = next((x for x in result["ring_memory"] if x["shape"] == big["shape"] and x["format"] == "int8"), None)
+    m, int8 = ring_memory_of(result, big["shape"])
     alt = f" ({int8['ring_bytes_per_slot'] / int8['slot_bytes']:.0%} with an int8 ring)" if int8 else ""
+    return (f"Measured: undo restores the ring entry kept where the undone turn began instead of re-feeding the "
+            f"whole kept context (at {big['shape']}, taking back {big['tokens']} token(s): {big['ours_s'] * 1e3:.2f} ms "
+            f"against {big['base_s'] * 1e3:.1f} ms to re-feed {big['context'] - big['tokens']} tokens), "
+            f"{lo['speedup']:.0f}-{hi['speedup']:.0f}x over the stable cells; far above 5% because the seed design "
+            f"has no rollback at all, and at a price in memory the estimate left out: a {m['capacity']}-entry "
+            f"{m['format']} ring with its logits adds {m['ring_bytes_per_slot'] / m['slot_bytes']:.0%} of an fp16 "
+            f"slot{alt}. {speculative_sentence(result, s)}")  # fmt: skip
+
+
+def speculative_sentence(result: dict, s: dict) -> str:
+    """Speculative rollback against the strongest baseline in the code, a copy of the slot before
+    each draft, with both memory costs in the same sentence."""
     spec = [c for c in s["rollback"] if c["case"] == "speculative" and c["method"] == "ring rollback"]
-    spec_text = (f"; a rollback inside a draft restores the nearest entry and re-feeds the accepted tokens, one "
-                 f"short forward: {min(c['speedup'] for c in spec):.1f}-{max(c['speedup'] for c in spec):.1f}x"
-                 if spec else "")  # fmt: skip
-    return (f"Undo restores the ring entry kept where the undone turn began, with nothing to re-feed, instead of "
-            f"re-feeding the whole kept context (at {big['shape']}, taking back {big['tokens']} tokens: "
-            f"{big['ours_s'] * 1e3:.1f} ms against {big['base_s'] * 1e3:.1f} ms to re-feed "
-            f"{big['context'] - big['tokens']} tokens), {lo['speedup']:.0f}-{hi['speedup']:.0f}x{spec_text}; far "
-            f"above 5% because the seed design has no rollback at all; the price is memory the estimate left out: a "
-            f"{m['capacity']}-entry {m['format']} ring with its logits adds {m['ring_bytes_per_slot'] / m['slot_bytes']:.0%} "
-            f"of an fp16 slot{alt}.")  # fmt: skip
+    vs_copy = [c["vs_copy"] for c in spec if "vs_copy" in c]
+    if not vs_copy:
+        return ""
+    ok = stable(vs_copy)
+    faster = sum(c["speedup"] > 1 for c in ok)
+    mems = [ring_memory_of(result, c["shape"])[0] for c in ok]
+    ring = sorted(m["ring_bytes_per_slot"] / m["slot_bytes"] for m in mems if m)
+    ring_text = f"{ring[0]:.0%}" if ring and ring[0] == ring[-1] else (f"{ring[0]:.0%}-{ring[-1]:.0%}" if ring else "?")
+    return (f"A rollback inside a k = {vs_copy[0]['draft']}-token draft against the strongest baseline in the code, "
+            f"copying the slot before each draft and copying it back on a rejection (one spare slot per session, "
+            f"100% of a slot, and no ring): measured {extremes(vs_copy)}, the ring faster in {faster} of the "
+            f"{len(ok)} stable cells, while its ring costs {ring_text} of a slot.")  # fmt: skip
 
 
 # ---- detail tables ----------------------------------------------------------------------------------
@@ -483,12 +571,15 @@ def rollback_table(result: dict, s: dict, card: str) -> list[str]:
     lines = ["", f"## Row 6: rollback through the ring history, batch 1 ({card})", "",
              "undo: take back the last n tokens. speculative: k = 8 draft tokens verified in one forward, the "
              "last r rejected. ms, median [min … max] over repeats.", "",
-             "| shape | case | tokens back | method | ms | vs reset + re-feed |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| shape | case | tokens back | method | ms | vs reset + re-feed | vs copy the slot before the draft |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     ratio = {(c["shape"], c["case"], c["tokens"], c["method"]): c for c in s["rollback"]}
     for r in result["rollback"]:
         c = ratio.get((r["shape"], r["case"], r["tokens"], r["method"]))
+        vs_copy = change(c["vs_copy"]) if c and "vs_copy" in c else "-"
         lines.append(f"| {r['shape']} | {r['case']} | {r['tokens']} | {r['method']} | {r['median_s'] * 1e3:.2f} "
-                     f"[{r['min_s'] * 1e3:.2f} … {r['max_s'] * 1e3:.2f}] | {change(c) if c else 'baseline'} |")  # fmt: skip
+                     f"[{r['min_s'] * 1e3:.2f} … {r['max_s'] * 1e3:.2f}] | {change(c) if c else 'baseline'} | "
+                     f"{vs_copy} |")  # fmt: skip
     lines += ["", "| shape | ring format | entries | ring per slot (states + logits) | fp16 slot | ring / slot |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for m in result["ring_memory"]:

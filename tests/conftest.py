@@ -68,5 +68,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+STATE_PARTS = ("att_shift", "wkv", "ffn_shift")
+
+
+def fresh_run(model, tokens) -> tuple[torch.Tensor, dict]:
+    """Next-token logits and canonical state of a cold run of tokens fed in one piece."""
+    pool = model.new_pool(1)
+    logits = model.forward(pool, [0], [list(tokens)])[0]
+    return logits, pool.export(0)
+
+
+def assert_same_run(logits, state: dict, ref_logits, ref_state: dict, tol: float = 0.0) -> None:
+    """Logits and every part of the state equal the reference: bit for bit with tol=0, else to a
+    relative RMS error under tol (each part on its own, so a small part cannot hide in a big one)."""
+    assert set(state) == set(ref_state) == set(STATE_PARTS)
+    pairs = [("logits", logits, ref_logits)] + [(k, state[k], ref_state[k]) for k in STATE_PARTS]
+    for name, a, b in pairs:
+        if tol == 0:
+            assert torch.equal(a, b), f"{name} differs"
+        else:
+            assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
 def random_tokens(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

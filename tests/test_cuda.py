@@ -77,7 +77,7 @@ def test_cuda_graph_decode_equals_eager(state_dtype):
             s.feed(random_tokens(3 + 4 * i, cfg.vocab_size, seed=20 + i))
         streams = [s.generate(12 + i, SamplingParams(temperature=0)) for i, s in enumerate(sessions)]
         engine.run(streams)  # batch shrinks 5 -> 1 as streams finish: several graph sizes
-        assert (engine.runner.replays > 0) != eager
+        assert (engine.graphs.replays > 0) != eager
         results.append(([st.token_ids for st in streams], [engine.pool.export(s.slot) for s in sessions]))
     (ids_eager, states_eager), (ids_graph, states_graph) = results
     assert ids_eager == ids_graph
@@ -92,7 +92,7 @@ def test_cuda_graph_padding_touches_only_the_scratch_slot():
     pool = engine.pool
     pool.data[: pool.num_slots].normal_()
     before = pool.data[: pool.num_slots].clone()
-    engine.runner.decode([5, 2, 7], [1, 2, 3])  # padded to a graph of 4 rows
+    engine.graphs.decode([5, 2, 7], [1, 2, 3])  # padded to a graph of 4 rows
     changed = (pool.data[: pool.num_slots] != before).flatten(1).any(1).nonzero().flatten().tolist()
     assert changed == [2, 5, 7]
 
@@ -135,4 +135,4 @@ def test_cuda_lifecycle_matches_cpu(fmt):
         s.feed([7, 8])
         want = cpu.forward(cpu.new_pool(1), [0], [s.tokens])[0]
         assert rel_err(s.logits.cpu(), want) < tol, (fmt, s)
-    assert engine.prefix_cache.stats.hits >= 4 and engine.tier.evictions > 0 and engine.runner.replays > 0
+    assert engine.prefix_cache.stats.hits >= 4 and engine.tier.evictions > 0 and engine.graphs.replays > 0

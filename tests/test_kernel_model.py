@@ -21,9 +21,11 @@ CFG = tiny_config(n_layer=2, n_embd=48, head_size=16, vocab_size=61, ffn_dim=96,
 def models():
     tensors = random_checkpoint(CFG, seed=21)
     ref = Model.from_tensors(tensors, CFG, device=DEVICE)
-    ref.backends.update(token_shift="torch", wkv="torch")
+    ref.backends.update(token_shift="torch", wkv="torch", time_mix="torch", wkv_prefill="torch")
     fast = Model.from_tensors(tensors, CFG, device=DEVICE)
-    fast.backends.update(token_shift="triton", wkv="triton")
+    fast.backends.update(token_shift="triton", wkv="triton", time_mix="triton", wkv_prefill="triton")
+    for model in (ref, fast):  # every backend chosen here, none left to the device's default
+        assert None not in model.backends.values(), model.backends
     return ref, fast
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import assert_same_run, fresh_run, rel_err
 from rwkvstate import Engine, Model, SamplingParams
 from rwkvstate.errors import RwkvStateError, SlotError
 from rwkvstate.model.synthetic import random_checkpoint, tiny_config
@@ -23,9 +23,9 @@ def model():
     return Model.from_tensors(random_checkpoint(cfg, seed=11), cfg)
 
 
-def fresh_logits(model, tokens):
-    """Next-token logits of a cold run of tokens, fed in one piece."""
-    return model.forward(model.new_pool(1), [0], [list(tokens)])[0]
+def assert_equals_fresh_run(model, s, tol=TOL):
+    """The session's logits and whole state (every part) equal a cold run of its token log."""
+    assert_same_run(s.logits, s.snapshot().state, *fresh_run(model, s.tokens), tol)
 
 
 def random_ids(rng, n, vocab=97):
@@ -75,9 +75,9 @@ def test_rollback_equals_a_fresh_run(model, n_back):
         s.feed(piece)
     s.rollback(n_back)
     assert s.tokens == ids[: 61 - n_back]
-    assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+    assert_equals_fresh_run(model, s)
     s.feed([3, 1, 4])  # and the session goes on from there
-    assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+    assert_equals_fresh_run(model, s)
 
 
 def test_rollback_uses_the_ring_and_refeeds_little(model):
@@ -92,7 +92,8 @@ def test_rollback_uses_the_ring_and_refeeds_little(model):
     recent = engine.history.get_recent(s.slot)
     assert [e.position for e in recent] == sorted({e.position for e in recent}, reverse=True)
     assert all(e.position <= 90 for e in recent)  # entries after the target were forgotten
-    assert rel_err(s.logits, fresh_logits(model, ids[:90])) < TOL
+    assert s.tokens == ids[:90]
+    assert_equals_fresh_run(model, s)
 
 
 def test_rollback_past_the_ring_refeeds_from_the_start(model):
@@ -101,7 +102,8 @@ def test_rollback_past_the_ring_refeeds_from_the_start(model):
     ids = random_ids(random.Random(1), 40)
     s.feed(ids)
     s.rollback(39)
-    assert s.tokens == ids[:1] and rel_err(s.logits, fresh_logits(model, ids[:1])) < TOL
+    assert s.tokens == ids[:1]
+    assert_equals_fresh_run(model, s)
     s.rollback(1)
     assert s.tokens == []
     with pytest.raises(RwkvStateError, match="no logits"):
@@ -116,8 +118,8 @@ def test_rollback_through_compressed_history(model, fmt, tol):
     for i in range(0, 48, 4):
         s.feed(ids[i : i + 4])
     s.rollback(6)
-    assert engine.history.restores == 1
-    assert rel_err(s.logits, fresh_logits(model, ids[:42])) < tol
+    assert engine.history.restores == 1 and s.tokens == ids[:42]
+    assert_equals_fresh_run(model, s, tol)
 
 
 def test_rollback_rejects_bad_counts_and_changes_nothing(model):
@@ -147,7 +149,8 @@ def test_undo_and_regenerate(model):
     assert s.tokens == [1, 2, 3, 4, 5] + sampled.token_ids
     assert s.undo() == 6  # the generation
     assert s.undo() == 2  # the second feed
-    assert s.tokens == [1, 2, 3] and rel_err(s.logits, fresh_logits(model, [1, 2, 3])) < TOL
+    assert s.tokens == [1, 2, 3]
+    assert_equals_fresh_run(model, s)
     with pytest.raises(ValueError, match="undo 1 to 1 steps"):
         s.undo(2)
 
@@ -183,9 +186,8 @@ def test_ten_times_more_sessions_than_slots(model, host_format):
     assert tiered.tier.evictions > 50 and len(tiered.tier) == num_sessions - slots
     for a, b in pairs:
         assert a.tokens == b.tokens
-        if b.tokens:
-            assert torch.equal(a.logits, b.logits)
-            assert torch.equal(a.snapshot().state["wkv"], b.snapshot().state["wkv"])
+        if b.tokens:  # docs/state-lifecycle.md: logits and state bit-identical
+            assert_same_run(a.logits, a.snapshot().state, b.logits, b.snapshot().state)
 
 
 def test_unchanged_sessions_move_back_to_the_host_without_a_copy(model):
@@ -212,7 +214,8 @@ def test_compressed_host_tier_and_cold_recompression(model):
     now[0] = 61.0
     assert engine.maintain() == 1 and engine.tier.entries[a.id].fmt == "int8"
     a.feed([5])
-    assert rel_err(a.logits, fresh_logits(model, [1, 2, 3, 5])) < 5e-2
+    assert a.tokens == [1, 2, 3, 5]
+    assert_equals_fresh_run(model, a, 5e-2)
 
 
 def test_fork_of_a_session_on_the_host(model):
@@ -224,8 +227,9 @@ def test_fork_of_a_session_on_the_host(model):
     assert not child.is_resident and child.tokens == [1, 2, 3]
     child.feed([7])
     a.feed([8])
-    assert rel_err(child.logits, fresh_logits(model, [1, 2, 3, 7])) < TOL
-    assert rel_err(a.logits, fresh_logits(model, [1, 2, 3, 8])) < TOL
+    assert child.tokens == [1, 2, 3, 7] and a.tokens == [1, 2, 3, 8]
+    assert_equals_fresh_run(model, child)
+    assert_equals_fresh_run(model, a)
 
 
 # ---- prefix cache -------------------------------------------------------------------------
@@ -241,7 +245,7 @@ def test_prefix_cache_hits_equal_a_cold_run(model):
         s.feed(system + random_ids(rng, 6))
         assert engine.tokens_fed - fed <= 8 + 6  # at most the tail after the last cut at 32, plus the question
         fed = engine.tokens_fed
-        assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+        assert_equals_fresh_run(model, s)
         s.close()
     stats = engine.stats()
     assert stats["prefix_cache_hits"] == 3 and stats["prefix_cache_hit_tokens"] == 3 * 32
@@ -263,7 +267,7 @@ def test_prefix_cache_exact_prompt_repeat_and_budget(model):
     s = engine.session()
     s.feed(prompts[4])  # an exact repeat: state and logits come from the cache
     assert engine.tokens_fed == fed and cache.stats.hits == 1
-    assert rel_err(s.logits, fresh_logits(model, prompts[4])) < TOL
+    assert_equals_fresh_run(model, s)
 
 
 def test_prefix_cache_ignores_sessions_from_loaded_states(model):
@@ -284,8 +288,8 @@ def test_fork_with_one_slot_goes_through_the_host(model):
     assert child.location == "host" and a.location == "host"
     child.feed([4])
     a.feed([5])
-    assert rel_err(child.logits, fresh_logits(model, [1, 2, 3, 4])) < TOL
-    assert rel_err(a.logits, fresh_logits(model, [1, 2, 3, 5])) < TOL
+    assert_equals_fresh_run(model, child)
+    assert_equals_fresh_run(model, a)
     stream = a.generate(3, GREEDY)
     next(stream)
     with pytest.raises(SlotError, match="cannot fork"):
@@ -302,7 +306,7 @@ def test_undo_survives_a_state_file(model, tmp_path):
     t = engine.session()
     t.load(tmp_path / "s.safetensors")
     assert t.undo() == 3 and t.tokens == [1, 2]
-    assert rel_err(t.logits, fresh_logits(model, [1, 2])) < TOL
+    assert_equals_fresh_run(model, t)
 
 
 def test_repeated_undo_and_refeed_keeps_the_ring(model):
@@ -341,7 +345,7 @@ def test_regenerate_and_undo_restore_without_refeeding(model, with_prompt):
     assert engine.tokens_fed == fed and again.token_ids == first.token_ids
     s.undo()  # the reply
     assert engine.tokens_fed == fed and s.tokens == list(range(30)) + [1, 2, 3]
-    assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+    assert_equals_fresh_run(model, s)
 
 
 def test_undo_skips_steps_that_added_nothing(model):
@@ -387,7 +391,8 @@ def test_a_failed_restore_from_the_host_keeps_the_session(model, monkeypatch):
     monkeypatch.undo()
     assert calls and a.location == "host" and engine.pool.free_slots == 1
     a.feed([4])
-    assert rel_err(a.logits, fresh_logits(model, [1, 2, 4])) < TOL
+    assert a.tokens == [1, 2, 4]
+    assert_equals_fresh_run(model, a)
 
 
 def test_the_rollback_base_is_a_copy_of_the_loaded_state(model):
@@ -434,7 +439,7 @@ def test_a_failed_step_rebuilds_every_state_it_touched(model, monkeypatch):
     b.feed([4])
     streams = [a.generate(5, GREEDY), b.generate(5, GREEDY, prompt=[5, 6, 7])]
     engine.step()  # b reads its prompt, a decodes
-    real_decode = engine.runner.decode
+    real_decode = engine.graphs.decode
     failures = []
 
     def half_written(slots, tokens):
@@ -444,15 +449,15 @@ def test_a_failed_step_rebuilds_every_state_it_touched(model, monkeypatch):
         engine.pool.data[list(slots)] += 1.0  # some layers were written before the failure
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine.runner, "decode", half_written)
+    monkeypatch.setattr(engine.graphs, "decode", half_written)
     with pytest.raises(RuntimeError, match="out of memory"):
         engine.step()
     monkeypatch.undo()
     assert all(st.finish_reason == "error" for st in streams) and len(failures[0]) == 2
     for s in (a, b):
-        assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+        assert_equals_fresh_run(model, s)
         s.feed([9])  # and the session goes on
-        assert rel_err(s.logits, fresh_logits(model, s.tokens)) < TOL
+        assert_equals_fresh_run(model, s)
 
 
 def test_a_session_whose_rebuild_fails_is_marked_lost(model, monkeypatch):
@@ -464,7 +469,7 @@ def test_a_session_whose_rebuild_fails_is_marked_lost(model, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine.runner, "decode", broken)
+    monkeypatch.setattr(engine.graphs, "decode", broken)
     monkeypatch.setattr(model, "forward", broken)
     with pytest.raises(RuntimeError):
         engine.step()
@@ -474,5 +479,6 @@ def test_a_session_whose_rebuild_fails_is_marked_lost(model, monkeypatch):
         s.feed([4])
     s.reset()  # usable again from a known state
     s.feed([4])
-    assert rel_err(s.logits, fresh_logits(model, [4])) < TOL
+    assert s.tokens == [4]
+    assert_equals_fresh_run(model, s)
 

@@ -1,8 +1,9 @@
 """Property test: random sequences of state operations against a model of each session's tokens.
 
-Every session's state must always equal a fresh run of its token log, whatever happened
-in between: feeds, forks, snapshots and restores (canonical and encoded), rollbacks,
-undo, evictions to the host tier, and state-file round trips.
+Every session's logits and whole state (att_shift, wkv, ffn_shift) must always equal a fresh
+run of its token log, whatever happened
+in between: feeds, forks, snapshots and restores (canonical and encoded), rollbacks, undo,
+evictions to the host tier, and state-file round trips.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
-from conftest import rel_err
+from conftest import STATE_PARTS, assert_same_run, fresh_run
 from rwkvstate import Engine, Model
 from rwkvstate.model.synthetic import random_checkpoint, tiny_config
 
@@ -26,10 +27,6 @@ MODEL = Model.from_tensors(random_checkpoint(CFG, seed=3), CFG)
 TOL = 1e-5
 
 token_lists = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=9)
-
-
-def fresh_logits(tokens):
-    return MODEL.forward(MODEL.new_pool(1), [0], [list(tokens)])[0]
 
 
 class Lifecycle(RuleBasedStateMachine):
@@ -86,7 +83,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(s=sessions)
     def undo(self, s):
-        if s._marks:
+        if s.undo_points:
             removed = s.undo()
             self.tokens[s.id] = self.tokens[s.id][: len(self.tokens[s.id]) - removed]
             self._check(s)
@@ -94,7 +91,7 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(s=sessions)
     def evict(self, s):
         if s.is_resident:
-            self.engine._evict(s)
+            self.engine.residency.evict(s)
             self._check(s)
 
     @rule(s=sessions, other=sessions)
@@ -110,10 +107,11 @@ class Lifecycle(RuleBasedStateMachine):
         s, self.touched = self.touched, None
         if s is None:
             return
+        state = s.snapshot().state
         if s.tokens:
-            assert rel_err(s.logits, fresh_logits(s.tokens)) < TOL
+            assert_same_run(s.logits, state, *fresh_run(MODEL, s.tokens), TOL)
         else:
-            assert s.snapshot().state["wkv"].abs().max() == 0
+            assert all(state[k].abs().max() == 0 for k in STATE_PARTS)
 
 
 Lifecycle.TestCase.settings = settings(

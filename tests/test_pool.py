@@ -7,7 +7,7 @@ import torch
 
 from rwkvstate.errors import SlotError, StateError
 from rwkvstate.state.convert import zero_state
-from rwkvstate.state.layout import StateLayout
+from rwkvstate.state.layout import StateLayout, dtype_name
 from rwkvstate.state.pool import ContiguousPool, FragmentedPool, new_pool
 
 LAYOUT = StateLayout(n_layer=3, n_embd=40, head_size=8)  # C not a power of two, H = 5
@@ -127,3 +127,36 @@ def test_pool_rejects_bad_construction():
         new_pool(LAYOUT, 1, torch.float64)
     with pytest.raises(StateError, match="'contiguous' or 'fragmented'"):
         new_pool(LAYOUT, 1, kind="paged")
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8"])
+def test_every_layout_encodes_and_loads_a_slot(pool, fmt):
+    """One interface: encode_slot / load_encoded / slot_view work on every layout, and load_encoded
+    writes exactly what the same snapshot decodes to in a contiguous pool."""
+    state = random_state(3)
+    pool.load(1, state)
+    enc = pool.encode_slot(1, fmt)
+    assert torch.equal(pool.slot_view(1), pool.host_copy(1).to(pool.device).reshape(-1))
+    pool.load_encoded(4, enc)
+    reference = ContiguousPool(LAYOUT, 1, pool.dtype, pool.device)
+    reference.load_encoded(0, enc)
+    assert_state_equal(pool.export(4), reference.export(0))
+    if fmt in ("fp32", dtype_name(pool.dtype)):
+        assert_state_equal(pool.export(4), pool.export(1))  # a lossless round trip
+
+
+def test_the_pool_bumps_its_own_write_generations(pool):
+    """Every writer bumps the slot's generation inside the pool, so a stale host copy is never reused."""
+    before = list(pool.generation)
+    pool.load(0, random_state(1))
+    pool.copy(0, 1)
+    pool.reset(2)
+    pool.load_encoded(3, pool.encode_slot(0, "fp32"))
+    assert pool.begin_write([4]) == [4]
+    assert all(pool.generation[s] > before[s] for s in range(5))
+    with pytest.raises(SlotError):
+        pool.begin_write([4, 4])  # checked like a forward's slots
+    host = pool.host_copy(0).clone()
+    pool.begin_write([0])
+    pool.layer(0)[0][0].fill_(1.0)  # the forward's write, after begin_write
+    assert not torch.equal(pool.host_copy(0), host)

@@ -76,7 +76,7 @@ def api(srv, method: str, path: str, **kw) -> httpx.Response:
 
 
 def state_of(srv):
-    return srv.app.state.rwkv
+    return srv.app.state.context
 
 
 def greedy(ref_model, *prompts: str, max_tokens: int, stop=()) -> list[str]:

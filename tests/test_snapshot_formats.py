@@ -11,7 +11,7 @@ from rwkvstate.errors import StateError
 from rwkvstate.ops import quantize as qz
 from rwkvstate.ops._triton import HAS_TRITON
 from rwkvstate.state import snapshot as sn
-from rwkvstate.state.layout import StateLayout
+from rwkvstate.state.layout import SNAPSHOT_FORMATS, STORAGE_DTYPES, StateLayout
 from rwkvstate.state.pool import new_pool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,8 +211,8 @@ def test_snapshot_roundtrip_every_storage_dtype(fmt, dtype):
     assert sn.decode(enc, dest) is dest
     src, out = pool.data[0].float().flatten(), pool.data[1].float().flatten()
     assert not out.isnan().any()
-    if fmt in sn.CAST_DTYPES:
-        assert torch.equal(out, src.to(sn.CAST_DTYPES[fmt]).to(dtype).float())
+    if fmt in STORAGE_DTYPES:
+        assert torch.equal(out, src.to(STORAGE_DTYPES[fmt]).to(dtype).float())
     else:
         scale = enc.scales.float().repeat_interleave(group)
         exact = qz.dequantize_groups(enc.data, enc.scales, group, torch.empty_like(src))
@@ -282,7 +282,7 @@ def test_to_and_copy():
 
 
 def test_format_and_size_errors():
-    assert sn.FORMATS == ("fp32", "fp16", "bf16", "int8", "fp8")
+    assert SNAPSHOT_FORMATS == ("fp32", "fp16", "bf16", "int8", "fp8")
     with pytest.raises(StateError, match="fp32, fp16, bf16, int8, fp8"):
         sn.check_format("int4")
     pool = random_pool(torch.float32)

@@ -18,15 +18,8 @@ from rwkvstate.cli import BUNDLED_MODEL, main
 from rwkvstate.errors import StateError
 from rwkvstate.model.synthetic import random_checkpoint, save_checkpoint, tiny_config
 from rwkvstate.state import files
-from rwkvstate.state.files import (
-    inspect_state_file,
-    load_session,
-    model_description,
-    model_fingerprint,
-    read_state_file,
-    save_session,
-    save_state_file,
-)
+from rwkvstate.runtime.persist import load_session, save_session
+from rwkvstate.state.files import inspect_state_file, read_state_file, save_state_file
 from rwkvstate.state.layout import StateLayout
 
 CFG = tiny_config(n_layer=2, n_embd=64, head_size=16, ffn_dim=128)
@@ -181,12 +174,12 @@ def test_session_without_tokens_round_trips_without_logits(engine, tmp_path):
 
 def test_fingerprint_is_dtype_independent_and_architecture_specific(model, other_models):
     half = Model.from_tensors(random_checkpoint(CFG, seed=7), CFG, dtype=torch.float16)
-    assert model_fingerprint(half) == model_fingerprint(model)
+    assert half.fingerprint == model.fingerprint
     reseeded = Model.from_tensors(random_checkpoint(CFG, seed=99), CFG)
-    assert model_fingerprint(reseeded) == model_fingerprint(model)  # metadata only, by design
-    prints = {model_fingerprint(m) for m in (model, *other_models.values())}
+    assert reseeded.fingerprint == model.fingerprint  # metadata only, by design
+    prints = {m.fingerprint for m in (model, *other_models.values())}
     assert len(prints) == 3 and all(len(p) == 32 for p in prints)
-    assert model_description(model) == "2 layers, n_embd 64, head_size 16, vocab 256"
+    assert model.description == "2 layers, n_embd 64, head_size 16, vocab 256"
 
 
 # ---- refused files: the model ----------------------------------------------------------------
@@ -206,13 +199,13 @@ def test_layout_check_without_fingerprint(saved):
 
 def test_tokens_outside_vocab_refused(model, engine, tmp_path):
     state = engine.pool.export(0)
-    path = save_state_file(tmp_path / "t.state", state, fingerprint=model_fingerprint(model),
+    path = save_state_file(tmp_path / "t.state", state, fingerprint=model.fingerprint,
                            model_info="x", tokens=[1, 2, 256])  # fmt: skip
     assert_refused(engine, path, "token id 256 is outside the vocabulary [0, 256)")
 
 
 def test_logits_of_wrong_length_refused(model, engine, tmp_path):
-    path = save_state_file(tmp_path / "l.state", engine.pool.export(0), fingerprint=model_fingerprint(model),
+    path = save_state_file(tmp_path / "l.state", engine.pool.export(0), fingerprint=model.fingerprint,
                            model_info="x", tokens=[1], logits=torch.zeros(255))  # fmt: skip
     assert_refused(engine, path, "logits have 255 entries, the model's vocab is 256")
 
@@ -306,7 +299,7 @@ def test_nan_state_refused_on_save_and_on_load(model, engine, saved, tmp_path):
     state = engine.pool.export(0)
     state["wkv"][1, 2, 3, 4] = float("nan")
     with pytest.raises(StateError, match=r"wkv'\] has 1 non-finite values"):
-        save_state_file(tmp_path / "nan.state", state, fingerprint=model_fingerprint(model), model_info="x")
+        save_state_file(tmp_path / "nan.state", state, fingerprint=model.fingerprint, model_info="x")
     assert not (tmp_path / "nan.state").exists()
     rewrite(saved, None, {"wkv": state["wkv"]})  # a well-formed, correctly signed file with a NaN
     assert_refused(engine, saved, "non-finite values (first at index (1, 2, 3, 4))")
@@ -317,7 +310,7 @@ def test_nan_state_refused_on_save_and_on_load(model, engine, saved, tmp_path):
 def test_values_beyond_storage_range_refused(model, tmp_path):
     state = Engine(model, slots=1).pool.export(0)
     state["att_shift"][0, 0] = 1e6
-    fp = model_fingerprint(model)
+    fp = model.fingerprint
     with pytest.raises(StateError, match="beyond the range of torch.float16 storage"):
         save_state_file(tmp_path / "big.state", state, fingerprint=fp, model_info="x", storage_dtype="fp16")
     path = save_state_file(tmp_path / "big.state", state, fingerprint=fp, model_info="x", tokens=[1])
@@ -379,7 +372,7 @@ def test_inspect_reports_metadata_stats_and_verdict(model, saved):
     info = inspect_state_file(saved)
     assert info["problem"] is None and info["checksum_ok"]
     assert info["file_size"] == saved.stat().st_size
-    assert info["metadata"]["model_fingerprint"] == model_fingerprint(model)
+    assert info["metadata"]["model_fingerprint"] == model.fingerprint
     assert list(info["metadata"])[:2] == ["format", "format_version"]
     assert info["tensors"]["wkv"]["shape"] == [2, 4, 16, 16] and info["tensors"]["wkv"]["max_abs"] > 0
     assert info["tensors"]["tokens"] == {"dtype": "I32", "shape": [len(PROMPT)], "max_abs": None}

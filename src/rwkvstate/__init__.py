@@ -5,6 +5,6 @@ from .runtime.engine import Engine
 from .runtime.sampling import SamplingParams
 from .runtime.session import GenerationStream, Session, SessionSnapshot
 from .state.pool import StatePool
+from .version import __version__
 
 __all__ = ["Model", "StatePool", "Engine", "Session", "SessionSnapshot", "GenerationStream", "SamplingParams"]
-__version__ = "0.1.0"

@@ -1,4 +1,6 @@
-"""Configuration dataclasses: one per concern, validated on construction."""
+"""Configuration dataclasses: one per concern, validated on construction.
+
+Names of dtypes and snapshot formats come from state/layout.py, below this module."""
 
 from __future__ import annotations
 
@@ -6,31 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    """Accepts a torch dtype or one of the names in DTYPES."""
-    if isinstance(value, torch.dtype):
-        if value not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {value}; use float32, float16 or bfloat16")
-        return value
-    key = str(value).lower()
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}; use one of fp32, fp16, bf16")
-    return DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
+from .state.layout import check_format, dtype_name, parse_dtype
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -103,8 +81,6 @@ class EngineConfig:
         self._check_lifecycle()
 
     def _check_lifecycle(self) -> None:
-        from .state.snapshot import check_format
-
         storage = dtype_name(self.state_dtype)
         for name in ("host_format", "cold_format", "history_format", "prefix_cache_format"):
             if getattr(self, name) is not None:
@@ -120,6 +96,6 @@ class EngineConfig:
         needs_contiguous = self.history_capacity or self.prefix_cache_bytes or self.host_format or self.cold_format
         if self.layout == "fragmented" and needs_contiguous:
             raise ValueError(
-                "history, the prefix cache and encoded host formats need the contiguous layout; "
-                "the fragmented layout is the baseline without them"
+                "the fragmented layout is the seed design's baseline and runs without history, the prefix "
+                "cache and encoded host formats; use the contiguous layout for them"
             )

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from .config import dtype_name
+from .state.layout import dtype_name
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class VariantResult:
     max_abs_state: float = 0.0
 
 
-class _Runner:
+class _VariantRun:
     """One variant's pool and running statistics."""
 
     def __init__(self, model, variant: Variant, num_docs: int, prompt_len: int):
@@ -111,27 +112,27 @@ class _Runner:
                 self.result.max_abs_state = max(self.result.max_abs_state, peak)
 
 
-def _teacher_forced(runners, docs: torch.Tensor, prompt_len: int) -> list[torch.Tensor]:
+def _teacher_forced(runs, docs: torch.Tensor, prompt_len: int) -> list[torch.Tensor]:
     """Feeds every document through every variant; returns each variant's states after the
     first prompt_len - 1 tokens."""
     num_docs, num_tokens = docs.shape
     saved = []
     for t in range(num_tokens - 1):
         tokens = docs[:, t].tolist()
-        logps = [r.step(tokens, t) for r in runners]
+        logps = [r.step(tokens, t) for r in runs]
         target = docs[:, t + 1].to(logps[0].device)
         ref = logps[0]
         ref_nll = -ref.gather(1, target[:, None]).squeeze(1)
-        for r, lp in zip(runners, logps):
+        for r, lp in zip(runs, logps):
             nll = -lp.gather(1, target[:, None]).squeeze(1)
             kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
             r.nll_sum += (nll - ref_nll).sum().item()
             r.kl_sum += kl.sum().item()
             r.result.kl_max = max(r.result.kl_max, kl.max().item())
             r.count += num_docs
-        runners[0].ref_nll_sum += ref_nll.sum().item()
+        runs[0].ref_nll_sum += ref_nll.sum().item()
         if t == prompt_len - 2:  # all but the prompt's last token: greedy starts by feeding it
-            saved = [_pool_copy(r.pool) for r in runners]
+            saved = [_pool_copy(r.pool) for r in runs]
     return saved
 
 
@@ -139,10 +140,10 @@ def _pool_copy(pool) -> list[dict]:
     return [pool.export(slot) for slot in range(pool.num_slots)]
 
 
-def _greedy(runners, docs: torch.Tensor, prompt_len: int, saved, gen_len: int) -> None:
+def _greedy(runs, docs: torch.Tensor, prompt_len: int, saved, gen_len: int) -> None:
     """Greedy continuation of each document's prompt; compares tokens with the reference's."""
     outputs = []
-    for r, states in zip(runners, saved):
+    for r, states in zip(runs, saved):
         for slot, state in enumerate(states):
             r.pool.load(slot, state)
         tokens = docs[:, prompt_len - 1].tolist()
@@ -153,7 +154,7 @@ def _greedy(runners, docs: torch.Tensor, prompt_len: int, saved, gen_len: int) -
             generated.append(tokens)
         outputs.append(torch.tensor(generated).T)  # [docs, gen_len]
     ref = outputs[0]
-    for r, out in zip(runners, outputs):
+    for r, out in zip(runs, outputs):
         same = out == ref
         r.result.greedy_agreement = same.float().mean().item()
         first = torch.where(same.all(1), gen_len, (~same).int().argmax(1))
@@ -167,20 +168,20 @@ def evaluate_state_precision(model, docs: list[list[int]], variants=None, prompt
     if prompt_len < 2 or len(lengths) != 1 or min(lengths) <= prompt_len:
         raise ValueError(f"documents must share one length greater than prompt_len {prompt_len}, got {sorted(lengths)}")
     data = torch.tensor(docs, dtype=torch.int64)
-    runners = [_Runner(model, v, len(docs), prompt_len) for v in variants]
+    runs = [_VariantRun(model, v, len(docs), prompt_len) for v in variants]
     start = time.time()
-    saved = _teacher_forced(runners, data, prompt_len)
+    saved = _teacher_forced(runs, data, prompt_len)
     log(f"teacher-forced {data.shape[1]} tokens x {len(docs)} docs x {len(variants)} variants: {time.time() - start:.0f} s")
-    _greedy(runners, data, prompt_len, saved, gen_len)
+    _greedy(runs, data, prompt_len, saved, gen_len)
     log(f"greedy {gen_len} tokens: {time.time() - start:.0f} s")
-    for r in runners:
+    for r in runs:
         r.result.nll_diff_nats = r.nll_sum / r.count
         r.result.kl_mean = r.kl_sum / r.count
     info = {
         "docs": len(docs), "tokens_per_doc": data.shape[1], "prompt_len": prompt_len, "gen_len": gen_len,
-        "reference_nll_nats": runners[0].ref_nll_sum / runners[0].count, "seconds": time.time() - start,
+        "reference_nll_nats": runs[0].ref_nll_sum / runs[0].count, "seconds": time.time() - start,
     }  # fmt: skip
-    return [r.result for r in runners], info
+    return [r.result for r in runs], info
 
 
 def held_out_token_docs(tokenizer, num_tokens: int, max_docs: int, stdlib_root=None) -> list[list[int]]:
@@ -218,6 +219,16 @@ def results_markdown(results, info, header: str) -> str:
             f"{r.greedy_agreement:.4f} | {r.first_divergence_mean:.1f} | {r.max_abs_state:.3g} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def precision_markdown(data: dict) -> str:
+    """The markdown of a stored result (results_json's content): what `eval-state` printed."""
+    from types import SimpleNamespace
+
+    meta = data["meta"]
+    header = (f"State precision of {Path(meta['model']).name}, {meta['device']}, {meta['date']}, "
+              f"compute {meta['compute_dtype']}")  # fmt: skip
+    return results_markdown([SimpleNamespace(**r) for r in data["results"]], data["info"], header)
 
 
 def results_json(results, info, meta: dict) -> str:

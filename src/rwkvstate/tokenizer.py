@@ -12,6 +12,8 @@ Two vocabularies are supported:
 
 ``StreamDecoder`` turns a stream of ids into text for streaming generation,
 holding back an incomplete UTF-8 character until its last byte arrives.
+``check_token_ids`` is the one range check of token ids (model input, sessions, the server,
+state files). This module imports nothing else of rwkvstate, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ END_OF_TEXT_ID = 0
 WORLD_VOCAB_FILENAME = "rwkv_vocab_v20230424.txt"
 
 _KIND_BY_VOCAB_SIZE = {WORLD_VOCAB_SIZE: WORLD_KIND, BYTES_VOCAB_SIZE: BYTES_KIND}
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """ids as a list, if every id lies in [0, vocab_size); else a ValueError naming the first
+    that does not."""
+    out = list(ids)
+    for token in out:
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {vocab_size})")
+    return out
 
 
 class VocabFileError(ValueError):

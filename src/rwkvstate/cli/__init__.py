@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import dtype_name, parse_dtype
+from ..state.layout import dtype_name, parse_dtype
 from ..errors import RwkvStateError
 from .models import BUNDLED_MODEL, BUNDLED_NAME
 
@@ -149,11 +149,12 @@ def _session(args, model):
 
 def load_start_state(session, path: Path) -> None:
     """--state: an rwkvstate state file (state, token log and logits) or a state-tuning file."""
+    from ..runtime.persist import load_session
     from ..state import files
     from ..state.convert import load_state_tuning_file
 
     if files.is_state_file(path):
-        files.load_session(session, path)
+        load_session(session, path)
         return
     c = session.engine.model.config
     session.load_state(load_state_tuning_file(path, c.n_layer, c.n_embd, c.head_size))
@@ -199,7 +200,7 @@ def cmd_chat(args) -> int:
         elif line == "/undo":
             _chat_undo(session)
         elif line == "/retry":
-            _chat_reply(session.regenerate() if session._last_generation else None)
+            _chat_reply(session.regenerate() if session.can_regenerate else None)
         elif line:
             session.feed(format_user_turn(line))
             _chat_reply(session.generate(max_tokens=args.max_tokens, sampling=sampling))
@@ -207,7 +208,7 @@ def cmd_chat(args) -> int:
 
 def _chat_undo(session) -> None:
     """Takes back the last user message and its reply (two undo steps: the feed, the generation)."""
-    if len(session._marks) < 2:
+    if len(session.undo_points) < 2:
         print("(nothing to undo)", file=sys.stderr)
         return
     session.undo(2)
@@ -247,14 +248,15 @@ def cmd_inspect(args) -> int:
 
 def cmd_eval_state(args) -> int:
     import datetime
+    import json
     import platform
 
     from ..evaluation import (
         default_variants,
         evaluate_state_precision,
         held_out_token_docs,
+        precision_markdown,
         results_json,
-        results_markdown,
         snapshot_variants,
     )
 
@@ -274,13 +276,13 @@ def cmd_eval_state(args) -> int:
         where = f"CPU ({platform.processor() or platform.machine()})"
     meta = {"model": str(model.path), "compute_dtype": dtype_name(model.dtype), "device": where,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__}  # fmt: skip
-    header = f"State precision of {Path(str(model.path)).name}, {where}, {meta['date']}, compute {meta['compute_dtype']}"
-    table = results_markdown(results, info, header)
+    stored = results_json(results, info, meta)
+    table = precision_markdown(json.loads(stored))  # the markdown is a rendering of the stored JSON
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(table)
-        args.out.with_suffix(".json").write_text(results_json(results, info, meta))
+        args.out.with_suffix(".json").write_text(stored)
     return 0
 
 
@@ -315,6 +317,7 @@ def _read_prompt_file(path: Path) -> str:
 
 
 def cmd_state(args) -> int:
+    from ..runtime.persist import load_session, save_session
     from ..state import files
 
     if args.state_command == "inspect":
@@ -340,12 +343,12 @@ def cmd_state(args) -> int:
     session = _session(args, model)
     if args.state_command == "save":
         session.feed(args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file))
-        path = files.save_session(session, args.output)
+        path = save_session(session, args.output)
         dtype = dtype_name(session.engine.pool.dtype)
         size = path.stat().st_size
         print(f"saved {len(session.tokens)} tokens ({dtype} state, {size:,} bytes) to {path}", file=sys.stderr)
         return 0
-    loaded = files.load_session(session, args.file)
+    loaded = load_session(session, args.file)
     print(f"loaded {args.file}: {len(loaded.tokens)} tokens, saved {loaded.meta['created']}", file=sys.stderr)
     if args.prompt:
         session.feed(args.prompt)
@@ -420,7 +423,7 @@ def _version() -> str:
     try:
         return importlib.metadata.version("rwkvstate")
     except importlib.metadata.PackageNotFoundError:
-        from .. import __version__
+        from ..version import __version__
 
         return __version__
 

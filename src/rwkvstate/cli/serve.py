@@ -17,7 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..config import parse_dtype
+from ..state.layout import parse_dtype
 from ..errors import RwkvStateError
 
 # dest -> variable. Model flags apply to every command; the rest to `serve` only.

@@ -7,6 +7,7 @@ CheckpointError with one line naming the problem.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -54,7 +55,7 @@ def layer_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     C, V = cfg.n_embd, cfg.vocab_size
     shapes = {
         "emb.weight": (V, C), "head.weight": (V, C),
@@ -65,6 +66,21 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         for name, shape in layer_shapes(cfg, layer).items():
             shapes[f"blocks.{layer}.{name}"] = shape
     return shapes
+
+
+def fingerprint(cfg: ModelConfig) -> str:
+    """32 hex digits identifying a model's architecture: config sizes and weight names/shapes.
+
+    Dtype- and device-independent (the same checkpoint in fp16 or fp32 gives the same value).
+    It hashes metadata only: two checkpoints with identical shapes but different weights
+    (e.g. a fine-tune of the same base) share a fingerprint by design.
+    """
+    names = ("n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim",
+             "decay_rank", "aaa_rank", "mv_rank", "gate_rank")  # fmt: skip
+    sizes = {k: int(getattr(cfg, k)) for k in names}
+    weights = sorted([name, list(shape)] for name, shape in weight_shapes(cfg).items())
+    text = json.dumps({"config": sizes, "weights": weights}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(b"rwkvstate-model-v1\0" + text.encode()).hexdigest()[:32]
 
 
 # ---- reading files ------------------------------------------------------------------------
@@ -206,7 +222,7 @@ def infer_config(tensors: dict[str, torch.Tensor], tokenizer: str | None = None)
 
 def validate(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Every expected tensor exists with its shape and a float dtype; no unknown tensors."""
-    expected = expected_shapes(cfg)
+    expected = weight_shapes(cfg)
     for key, shape in expected.items():
         if key not in tensors:
             raise CheckpointError(f"missing tensor '{key}' (expected shape {list(shape)})")

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SlotError
+from ..tokenizer import check_token_ids
 
 
 @dataclass
@@ -48,9 +49,10 @@ def _as_token_list(seq, index: int, vocab_size: int) -> list[int]:
     for tok in out:
         if isinstance(tok, bool) or not isinstance(tok, int):
             raise ValueError(f"tokens[{index}] holds a non-integer token {tok!r}")
-        if not 0 <= tok < vocab_size:
-            raise ValueError(f"tokens[{index}] holds token id {tok}, outside the vocabulary [0, {vocab_size})")
-    return out
+    try:
+        return check_token_ids(out, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"tokens[{index}]: {e}") from None
 
 
 def pack(slots: Sequence[int], tokens: Sequence, vocab_size: int, device) -> Packed:

@@ -1,7 +1,9 @@
 """The RWKV-7 layer stack over a packed batch, reading and writing a state pool in place.
 
-This pure-PyTorch path is the reference implementation: it runs on CPU and CUDA in
-fp32, fp16 or bf16 compute; state arithmetic is always float32 (ops/README.md).
+The GEMMs are torch; everything between them is an op of ops/ (token shift, the time mix's
+prologue and epilogue, WKV-7), each with one torch reference (the CPU path, and the oracle of
+its Triton kernel). It runs on CPU and CUDA in fp32, fp16 or bf16 compute; state arithmetic is
+always float32 (ops/README.md).
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, parse_dtype
+from ..config import ModelConfig
 from ..errors import StateError
-from ..ops._triton import pick_backend
-from ..ops.time_mix import DECAY_SCALE, GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
+from ..ops.time_mix import GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import token_shift_mix
 from ..ops.wkv7 import wkv7
-from ..state.layout import StateLayout
+from ..state.layout import StateLayout, parse_dtype
 from ..state.pool import StatePool, new_pool
-from .checkpoint import load_checkpoint
+from .checkpoint import fingerprint, load_checkpoint
 from .packing import Packed, pack, pack_decode
 from .weights import LayerWeights, Weights, build_weights
 
@@ -40,7 +41,7 @@ class Model:
         self._tokenizer = None
         # op backends: None picks Triton kernels for CUDA tensors and the torch reference
         # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one.
-        # time_mix: "torch" is the reference below, "triton" the fused prologue/epilogue kernels
+        # time_mix: "torch" is the reference of ops/time_mix.py, "triton" its fused kernels
         # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
         # sequence, e.g. "fla" for the chunked-parallel kernel of fla-core on long prompts
         self.backends: dict[str, str | None] = {"token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None}
@@ -86,6 +87,20 @@ class Model:
         c = self.config
         return StateLayout(c.n_layer, c.n_embd, c.head_size)
 
+    @property
+    def fingerprint(self) -> str:
+        """32 hex digits naming the architecture (config sizes, weight names and shapes), stored in
+        state files so a state is never loaded into another model; dtype- and device-independent,
+        and the same for two checkpoints of identical shapes (checkpoint.fingerprint)."""
+        return fingerprint(self.config)
+
+    @property
+    def description(self) -> str:
+        """One line naming the model's sizes (and file), for error messages and state files."""
+        c = self.config
+        text = f"{c.n_layer} layers, n_embd {c.n_embd}, head_size {c.head_size}, vocab {c.vocab_size}"
+        return f"{text} ({self.path.name})" if self.path else text
+
     def num_params(self) -> int:
         return self.weights.num_params()
 
@@ -107,7 +122,7 @@ class Model:
         self._check_pool(pool)
         slots = pool.check_slots(list(slots))
         packed = pack(slots, tokens, self.config.vocab_size, self.device)
-        pool.mark_written(s for s, t in zip(slots, tokens) if len(t))
+        pool.begin_write(s for s, t in zip(slots, tokens) if len(t))
         x = self._layers(pool, packed)
         return self._output(x, packed, output)
 
@@ -117,7 +132,7 @@ class Model:
     def decode_step(self, pool: StatePool, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """One token for each of B sequences, from device tensors slots [B] and tokens [B] (int64);
         returns float32 logits [B, vocab]. No validation and no host synchronisation: this is the
-        step the runner captures in a CUDA graph. Padding rows must point at pool.scratch_slot."""
+        step DecodeGraphs captures in a CUDA graph. Padding rows must point at pool.scratch_slot."""
         packed = pack_decode(slots, tokens)
         return self._head(self._layers(pool, packed))
 
@@ -156,29 +171,12 @@ class Model:
             v_first, v_lora = v, None
         else:
             v_lora = F.linear(F.linear(xv, lw.v1), lw.v2)
-        if pick_backend(self.backends["time_mix"], x) == "torch":
-            out = self._time_mix_torch(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
-        else:
-            out = self._time_mix_fused(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
+        out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
         return F.linear(out, lw.output), v_first
 
-    def _time_mix_torch(self, lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first):
-        """The reference: everything between the GEMMs in torch ops, in the compute dtype."""
-        T, C = r.shape
-        H, N = self.config.n_head, self.config.head_size
-        a = torch.sigmoid(lw.a0 + a_lora)
-        kk = F.normalize((k * lw.k_k).view(T, H, N), dim=-1, p=2.0).view(T, C)
-        k = k * (1 + (a - 1) * lw.k_a)
-        if v_lora is not None:
-            v = v + (v_first - v) * torch.sigmoid(lw.v0 + v_lora)
-        decay = torch.exp(-DECAY_SCALE * torch.sigmoid((lw.w0 + w).float()))
-        y = self._wkv(wkv_state, packed, r, decay, k, v, -kk, kk * a).to(r.dtype)
-        y = F.group_norm(y, H, *lw.ln_x, eps=GROUP_NORM_EPS)
-        bonus = (r * k * lw.r_k.view(C)).view(T, H, N).sum(-1, keepdim=True) * v.view(T, H, N)
-        return (y + bonus.view(T, C)) * g
-
-    def _time_mix_fused(self, lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first):
-        """Three launches: the prologue kernel, WKV-7, the epilogue kernel (ops/time_mix.py)."""
+    def _time_mix_core(self, lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first):
+        """Everything between the GEMMs: the prologue, WKV-7, the epilogue (ops/time_mix.py; its
+        torch reference on the CPU, one fused kernel each on CUDA unless backends say otherwise)."""
         H, N = self.config.n_head, self.config.head_size
         backend = self.backends["time_mix"]
         v_first = None if v_lora is None else v_first  # layer 0 takes v as it is

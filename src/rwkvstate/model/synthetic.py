@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from .checkpoint import expected_shapes
+from .checkpoint import weight_shapes
 
 OFFICIAL_VECTOR_SHAPE = (1, 1)  # official files store C-vectors as [1, 1, C]
 _PLAIN_VECTORS = ("ln0", "ln1", "ln2", "ln_x", "ln_out")  # LayerNorm params are stored [C]
@@ -31,7 +31,7 @@ def random_checkpoint(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, devi
     """Official key names and shapes; device="cuda" draws the numbers on the GPU (fast for 7B shapes)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out = {}
-    for key, shape in expected_shapes(cfg).items():
+    for key, shape in weight_shapes(cfg).items():
         value = _init(key, shape, gen, dtype)
         if len(shape) == 1 and not any(f".{n}." in key or key.startswith(f"{n}.") for n in _PLAIN_VECTORS):
             value = value.view(*OFFICIAL_VECTOR_SHAPE, -1)

@@ -13,10 +13,9 @@ Rows are the T packed tokens, columns the C = H * N channels; inputs come in the
     time_mix_epilogue: the WKV-7 output y (float32) -> the input of the output GEMM
         out = (GroupNorm(y, H groups, ln_w, ln_b, eps) + sum_head(r * k2 * r_k) * v2) * g
 
-The model's torch path (Model._time_mix_torch) rounds to the compute dtype after every step and
-casts y to it before the group norm; these ops do not, so in fp16/bf16 they differ from it by a
-few ulps of the compute dtype (and are closer to the float32 result). In fp32 both agree to
-float32 rounding.
+The torch references below are the model's only torch path (Model._time_mix_core calls these
+ops with backend "torch" off CUDA): float32 math, one rounding per output, like the kernels, so
+the two agree to float32 rounding in every compute dtype.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ if HAS_TRITON:
     def _uniform_tile(key, i_h, o_v, BLOCK_V: tl.constexpr, N: tl.constexpr):
         """[BLOCK_V, N] uniform floats in [0, 1) with 24 random bits each. Philox keyed by (slot,
         seed), counter = (head, row, column group): one randint4x call feeds 4 columns, 4x less
-        work than tl.rand per element (which made the store 6x slower than nearest at B = 256)."""
+        work than tl.rand per element."""
         o_c = (i_h * N + o_v[:, None]) * (N // 4) + tl.arange(0, N // 4)[None, :]
         i_0, i_1, i_2, i_3 = tl.randint4x(key, o_c)
         bits = tl.reshape(tl.join(tl.join(i_0, i_1), tl.join(i_2, i_3)), [BLOCK_V, N])
@@ -138,7 +138,7 @@ if HAS_TRITON:
             b_r, b_w, b_k = n_r.to(tl.float32), n_w.to(tl.float32), n_k.to(tl.float32)
             b_v, b_a, b_b = n_v.to(tl.float32), n_a.to(tl.float32), n_b.to(tl.float32)
             # Issue token t+1's loads before token t's arithmetic: the chain through b_s is serial,
-            # the inputs are not, so their latency hides behind it (halves long prefill on an H200).
+            # the inputs are not, so their latency hides behind it.
             # The last token reloads itself instead of masking (always in bounds, value unused).
             o_next = (tl.minimum(t + 1, eos - 1) * H + i_h) * N
             n_r, n_w, n_k, n_v, n_a, n_b = _load_token(r, w, k, v, a, b, o_next, o_k, o_v)

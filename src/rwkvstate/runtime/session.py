@@ -17,7 +17,7 @@ import torch
 
 from ..errors import RwkvStateError
 from ..state.snapshot import Encoded
-from ..tokenizer import StreamDecoder
+from ..tokenizer import StreamDecoder, check_token_ids
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -50,8 +50,9 @@ class SessionSnapshot:
 
 
 @dataclass(frozen=True)
-class Base:
-    """The state a session was loaded from, at a token position: rollbacks cannot go before it."""
+class Origin:
+    """The state a session was loaded from (a snapshot or file whose state is not the zero state
+    fed with its token log), at a token position: rollbacks cannot go before it."""
 
     position: int
     snapshot: SessionSnapshot
@@ -68,7 +69,7 @@ class Session:
         self.from_zero = True  # the state is the zero state fed with self.tokens
         self.last_used = 0
         self._slot: int | None = None
-        self._base: Base | None = None
+        self._origin: Origin | None = None
         self._marks: list[int] = []  # positions where each feed or generation started (undo points)
         self._last_generation: GenerationStream | None = None
         self._stream: GenerationStream | None = None
@@ -93,6 +94,18 @@ class Session:
         return "host" if self.id in self.engine.tier else "none"
 
     @property
+    def undo_points(self) -> list[int]:
+        """Token positions where the feeds and generations that undo() can take back started,
+        oldest first (undo(n) returns to the n-th from the end)."""
+        return [m for m in self._marks if m < len(self.tokens)]
+
+    @property
+    def can_regenerate(self) -> bool:
+        """Whether regenerate() has a finished generation to take back."""
+        last = self._last_generation
+        return last is not None and last.start_position is not None
+
+    @property
     def is_generating(self) -> bool:
         return self._stream is not None and not self._stream.done
 
@@ -106,11 +119,7 @@ class Session:
 
     def _ids(self, data) -> list[int]:
         ids = self.engine.tokenizer.encode(data) if isinstance(data, str) else [int(t) for t in data]
-        vocab = self.engine.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids must lie in [0, {vocab}), got {bad[:5]}")
-        return ids
+        return check_token_ids(ids, self.engine.model.config.vocab_size)
 
     @property
     def logits(self) -> torch.Tensor:
@@ -137,7 +146,6 @@ class Session:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         cut = len(self.tokens) + cache_prefix if cache_prefix else None
         self._stream = GenerationStream(self, max_tokens, sampling or SamplingParams(), pending=ids, cut_at=cut)
-        self._last_generation = self._stream
         return self._stream
 
     def regenerate(self, max_tokens: int | None = None, sampling: SamplingParams | None = None):
@@ -192,14 +200,14 @@ class Session:
 
     def save(self, path) -> None:
         """Writes the session (state, token log, logits) to a state file, atomically."""
-        from ..state.files import save_session
+        from .persist import save_session
 
         self._check_usable()
         save_session(self, path)
 
     def load(self, path) -> None:
         """Replaces the session's state with a state file's; a bad file changes nothing."""
-        from ..state.files import load_session
+        from .persist import load_session
 
         self._check_usable(replacing=True)
         load_session(self, path)

@@ -2,7 +2,7 @@
 
 Handlers run on the event loop and never touch the engine: generation requests become Jobs
 for the engine worker, session operations become commands run on its thread
-(ServerState.call). docs/server.md describes the API.
+(ServerContext.call). docs/server.md describes the API.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
 from ..errors import RwkvStateError
-from ..runtime.chat import ASSISTANT_STOP
+from ..runtime.chat import ASSISTANT_STOP, ReplyText, render_messages
 from ..runtime.sampling import SamplingParams
+from ..tokenizer import check_token_ids
+from ..version import __version__
 from . import metrics
 from .config import ServerConfig
 from .protocol import (
@@ -35,8 +36,7 @@ from .protocol import (
     RollbackRequest,
     SnapshotRequest,
 )
-from .state import ServerState
-from .template import render_messages
+from .context import ServerContext
 from .worker import Done, Failed, Job, Text
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -45,23 +45,23 @@ DONE_EVENT = b"data: [DONE]\n\n"
 def create_app(model, config: ServerConfig | None = None) -> FastAPI:
     """The server for a loaded model. The engine is built (on its worker thread) and persisted
     sessions are loaded when the app starts (ASGI lifespan), and saved when it stops."""
-    state = ServerState(model, config or ServerConfig())
+    ctx = ServerContext(model, config or ServerConfig())
 
     @asynccontextmanager
     async def lifespan(app):
-        await state.start()
+        await ctx.start()
         try:
             yield
         finally:
-            await state.stop()
+            await ctx.stop()
 
     app = FastAPI(title="rwkvstate", version=__version__, lifespan=lifespan)
-    app.state.rwkv = state
-    app.add_middleware(Guard, state=state)
+    app.state.context = ctx
+    app.add_middleware(Guard, ctx=ctx)
     _add_error_handlers(app)
-    _add_info_routes(app, state)
-    _add_generation_routes(app, state)
-    _add_session_routes(app, state)
+    _add_info_routes(app, ctx)
+    _add_generation_routes(app, ctx)
+    _add_session_routes(app, ctx)
     return app
 
 
@@ -117,10 +117,10 @@ class BodyTooLarge(StarletteHTTPException):
 class Guard:
     """ASGI middleware: bearer-token check, request body cap, request counts for /metrics."""
 
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-        self.limit = state.config.max_request_bytes
-        key = state.config.api_key
+    def __init__(self, app, ctx: ServerContext):
+        self.app, self.ctx = app, ctx
+        self.limit = ctx.config.max_request_bytes
+        key = ctx.config.api_key
         self.expected = None if key is None else f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send):
@@ -139,7 +139,7 @@ class Guard:
                 return await _error_response(error)(scope, receive, send_counted)
             await self.app(scope, self._capped(receive), send_counted)
         finally:
-            self.state.requests.add(metrics.endpoint_label(scope["path"]), status[0])
+            self.ctx.requests.add(metrics.endpoint_label(scope["path"]), status[0])
 
     def _refuse(self, scope) -> APIError | None:
         headers = dict(scope["headers"])
@@ -170,65 +170,65 @@ class Guard:
 
 
 # ---- health, models, metrics ---------------------------------------------------------------------
-def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+def _add_info_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/health")
     async def health():
-        stats = state.worker.stats
-        body = {"status": "ok" if state.worker.alive else "stopped", "model": state.model_name,
+        stats = ctx.worker.stats
+        body = {"status": "ok" if ctx.worker.alive else "stopped", "model": ctx.model_name,
                 "running": stats.get("running", 0), "queued": stats.get("queued", 0)}  # fmt: skip
-        return JSONResponse(body, status_code=200 if state.worker.alive else 503)
+        return JSONResponse(body, status_code=200 if ctx.worker.alive else 503)
 
     @app.get("/metrics")
     async def prometheus():
-        text = metrics.render(state.worker.stats, state.requests, len(state.store.records))
+        text = metrics.render(ctx.worker.stats, ctx.requests, len(ctx.store.records))
         return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE)
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": state.started, "owned_by": "rwkvstate"}
+        return {"id": name, "object": "model", "created": ctx.started, "owned_by": "rwkvstate"}
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
+        return {"object": "list", "data": [model_card(name) for name in ctx.model_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        _check_model(state, model_id)
+        _check_model(ctx, model_id)
         return model_card(model_id)
 
 
-def _check_model(state: ServerState, name: str) -> None:
-    if name not in state.model_names:
-        served = ", ".join(repr(n) for n in state.model_names)
+def _check_model(ctx: ServerContext, name: str) -> None:
+    if name not in ctx.model_names:
+        served = ", ".join(repr(n) for n in ctx.model_names)
         raise APIError(404, f"model {name!r} is not served here; this server serves {served}",
                        param="model", code="model_not_found")  # fmt: skip
 
 
 # ---- completions --------------------------------------------------------------------------------
-def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+def _add_generation_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.single_prompt()
-        _check_prompt(state, prompt, body.session)
-        job = Job(prompt=prompt, max_tokens=_max_tokens(state.config, body.max_tokens), sampling=_sampling(body))
-        return await _respond(state, body, job, Reply(False, state.model_name, body.session), request)
+        _check_prompt(ctx, prompt, body.session)
+        job = Job(prompt=prompt, max_tokens=_max_tokens(ctx.config, body.max_tokens), sampling=_sampling(body))
+        return await _respond(ctx, body, job, Reply(False, ctx.model_name, body.session), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         prefix, prompt = render_messages([(m.role, m.text()) for m in body.messages])
-        max_tokens = _max_tokens(state.config, body.max_completion_tokens or body.max_tokens)
+        max_tokens = _max_tokens(ctx.config, body.max_completion_tokens or body.max_tokens)
         sampling = _sampling(body, extra_stop=(ASSISTANT_STOP,))
         job = Job(prompt=prompt, prefix=prefix, max_tokens=max_tokens, sampling=sampling, chat=True)
-        return await _respond(state, body, job, Reply(True, state.model_name, body.session), request)
+        return await _respond(ctx, body, job, Reply(True, ctx.model_name, body.session), request)
 
 
-def _check_prompt(state: ServerState, prompt, session: str | None) -> None:
+def _check_prompt(ctx: ServerContext, prompt, session: str | None) -> None:
     if not prompt and session is None:
         raise APIError(400, "prompt is empty (a request without a session needs at least one token)", param="prompt")
     if isinstance(prompt, list):
-        vocab = state.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token ids must lie in [0, {vocab}), got {bad[:5]}", param="prompt")
+        try:
+            check_token_ids(prompt, ctx.model.config.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
 
 
 def _max_tokens(config: ServerConfig, requested: int | None) -> int:
@@ -257,18 +257,18 @@ def _sampling(body: GenerationRequest, extra_stop: tuple[str, ...] = ()) -> Samp
         raise APIError(400, str(e)) from None
 
 
-async def _respond(state: ServerState, body: GenerationRequest, job: Job, reply: "Reply", request: Request):
-    _check_model(state, body.model)
+async def _respond(ctx: ServerContext, body: GenerationRequest, job: Job, reply: "Reply", request: Request):
+    _check_model(ctx, body.model)
     reply.model = body.model  # answer with the name (or alias) the client used
     unsupported = body.unsupported()
     if unsupported is not None:
         param, message = unsupported
         raise APIError(400, message, param=param, code="unsupported_parameter")
-    state.submit(job, body.session)
+    ctx.submit(job, body.session)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStreamResponse(_sse(state, job, reply, usage), headers={"cache-control": "no-cache"})
-    return await _collect(state, job, reply, request)
+        return EventStreamResponse(_sse(ctx, job, reply, usage), headers={"cache-control": "no-cache"})
+    return await _collect(ctx, job, reply, request)
 
 
 class Reply:
@@ -278,13 +278,10 @@ class Reply:
         self.chat, self.model, self.session = chat, model, session
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self._strip = chat  # the template ends "Assistant:" and the reply starts with a space
+        self._reply = ReplyText() if chat else None  # a chat reply starts after "Assistant:"
 
     def text(self, piece: str) -> str:
-        if self._strip and piece:
-            self._strip = False
-            piece = piece[1:] if piece.startswith(" ") else piece
-        return piece
+        return piece if self._reply is None else self._reply.push(piece)
 
     def _object(self, kind: str, choices: list) -> dict:
         out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
@@ -322,9 +319,9 @@ def usage(done: Done) -> dict:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens, "total_tokens": total}
 
 
-async def _collect(state: ServerState, job: Job, reply: Reply, request: Request) -> JSONResponse:
+async def _collect(ctx: ServerContext, job: Job, reply: Reply, request: Request) -> JSONResponse:
     pieces, done = [], None
-    async for event in state.events(job, request):
+    async for event in ctx.events(job, request):
         if isinstance(event, Text):
             pieces.append(reply.text(event.text))
         elif isinstance(event, Done):
@@ -338,14 +335,14 @@ def _sse_data(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _sse(state: ServerState, job: Job, reply: Reply, include_usage: bool):
+async def _sse(ctx: ServerContext, job: Job, reply: Reply, include_usage: bool):
     """Server-sent events: `data: {chunk}` per piece of text, a last chunk with the finish
     reason, an optional usage chunk, then `data: [DONE]`. An error after the stream began is
     sent as `data: {"error": ...}` before [DONE]."""
     try:
         if reply.chat:
             yield _sse_data(reply.chunk(role=True))
-        async for event in state.events(job):
+        async for event in ctx.events(job):
             if isinstance(event, Text):
                 text = reply.text(event.text)
                 if text:
@@ -359,7 +356,7 @@ async def _sse(state: ServerState, job: Job, reply: Reply, include_usage: bool):
         yield DONE_EVENT
     finally:
         if not job.ended:
-            state.worker.cancel(job)
+            ctx.worker.cancel(job)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -388,8 +385,8 @@ class EventStreamResponse(StreamingResponse):
 
 
 # ---- sessions -------------------------------------------------------------------------------------
-def _add_session_routes(app: FastAPI, state: ServerState) -> None:
-    store = state.store
+def _add_session_routes(app: FastAPI, ctx: ServerContext) -> None:
+    store = ctx.store
 
     def info(engine, record) -> dict:
         return dict(store.info(engine, record), busy=record.busy, persistent=store.persistent)
@@ -403,26 +400,26 @@ def _add_session_routes(app: FastAPI, state: ServerState) -> None:
             record = store.create(engine, path, name)
             return record, info(engine, record)
 
-        record, out = await state.call(create, slots=0 if path is None else 1)
+        record, out = await ctx.call(create, slots=0 if path is None else 1)
         store.records[record.id] = record
         return out
 
     @app.get("/v1/sessions")
     async def list_sessions():
         records = list(store.records.values())
-        data = await state.call(lambda engine: [info(engine, r) for r in records])
+        data = await ctx.call(lambda engine: [info(engine, r) for r in records])
         return {"object": "list", "data": data}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str):
         record = store.get(session_id)
-        return await state.call(lambda engine: info(engine, record))
+        return await ctx.call(lambda engine: info(engine, record))
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str):
         record = store.acquire(session_id)
         try:
-            await state.call(lambda engine: store.delete(record))
+            await ctx.call(lambda engine: store.delete(record))
         except BaseException:
             store.release(record)
             raise
@@ -435,7 +432,7 @@ def _add_session_routes(app: FastAPI, state: ServerState) -> None:
             child = store.fork(engine, record)
             return child, info(engine, child)
 
-        child, out = await state.with_session(session_id, fork, slots=2)
+        child, out = await ctx.with_session(session_id, fork, slots=2)
         store.records[child.id] = child
         return out
 
@@ -458,12 +455,12 @@ def _add_session_routes(app: FastAPI, state: ServerState) -> None:
             store.persist(record)
             return dict(info(engine, record), busy=False, removed=before - len(session.tokens))
 
-        return await state.with_session(session_id, rollback, slots=1)
+        return await ctx.with_session(session_id, rollback, slots=1)
 
     @app.post("/v1/sessions/{session_id}/snapshot")
     async def snapshot_session(session_id: str, body: SnapshotRequest | None = None):
         name = body.name if body is not None else None
         if name is not None:
             store.resolve(name, "name", must_exist=False)  # refuse a bad name before queueing
-        out = await state.with_session(session_id, lambda engine, record: store.snapshot(record, name), slots=1)
+        out = await ctx.with_session(session_id, lambda engine, record: store.snapshot(record, name), slots=1)
         return dict(out, object="session.snapshot", session=session_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import parse_dtype
+from ..state.layout import parse_dtype
 
 
 @dataclass

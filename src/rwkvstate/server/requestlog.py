@@ -55,7 +55,7 @@ class RequestTimer:
 
 def log_startup(model, config, names) -> None:
     """What is being served, on what, with how much: the first lines an operator reads."""
-    from ..config import dtype_name
+    from ..state.layout import dtype_name
 
     c = model.config
     log.info("model %s: RWKV-7, %d layers, n_embd %d, vocab %d (%s tokenizer); served as %s",

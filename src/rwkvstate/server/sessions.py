@@ -82,8 +82,9 @@ class SessionStore:
         return record
 
     def fork(self, engine, record: SessionRecord) -> SessionRecord:
-        """A new session with a copy of the record's state and token log."""
-        child = _fork(engine, record.session)
+        """A new session with a copy of the record's state, token log and undo points (through
+        the host tier when no second slot can be had, e.g. on a one-slot server)."""
+        child = record.session.fork()
         new = SessionRecord(_new_id(self.records), int(time.time()), child)
         try:
             self.persist(new)
@@ -100,7 +101,7 @@ class SessionStore:
 
     def persist(self, record: SessionRecord) -> None:
         if self.persistent:
-            from ..state.files import save_session
+            from ..runtime.persist import save_session
 
             path = self._file(record.id)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ class SessionStore:
 
     def snapshot(self, record: SessionRecord, name: str | None) -> dict:
         """Saves the session to a state file in the state directory; returns its name and size."""
-        from ..state.files import save_session
+        from ..runtime.persist import save_session
 
         if name is None:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -126,7 +127,7 @@ class SessionStore:
     def load_all(self, engine) -> int:
         """Loads every saved session of the state directory; returns how many. A bad file is
         logged and left where it is."""
-        from ..state.files import load_session
+        from ..runtime.persist import load_session
 
         if not self.persistent:
             return 0
@@ -189,25 +190,12 @@ def _new_id(taken) -> str:
             return session_id
 
 
-def _fork(engine, session):
-    """session.fork(), except on a one-slot engine, where the copy goes through a snapshot (a
-    fork needs the source and the copy resident together)."""
-    if engine.pool.num_slots >= 2 or not session.is_resident:
-        return session.fork()
-    child = engine.session()
-    try:
-        child.restore(session.snapshot())
-    except BaseException:
-        child.close()
-        raise
-    return child
-
-
 def _load_file(session, path: Path, name: str) -> None:
     """Loads an rwkvstate state file or a state-tuning file (told apart by the safetensors
     metadata) into a fresh session. Error messages name the file as the client did."""
     from ..state.convert import load_state_tuning_file
-    from ..state.files import FORMAT_NAME, load_session
+    from ..runtime.persist import load_session
+    from ..state.files import FORMAT_NAME
 
     try:
         if _format(path) == FORMAT_NAME:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import RwkvStateError, SlotError
+from ..runtime.chat import turn_break
 from ..runtime.sampling import SamplingParams
 from .protocol import APIError
 
@@ -268,8 +269,8 @@ class EngineWorker:
         else:
             text = job.prefix + text
         before = session.tokens + prefix_ids
-        if job.chat and before and not tokenizer.decode_bytes(before[-4:]).endswith(b"\n\n"):
-            text = "\n\n" + text
+        if job.chat:
+            text = turn_break(tokenizer.decode_bytes(before[-4:]) if before else None) + text
         ids = prefix_ids + tokenizer.encode(text)
         job.prompt_tokens += len(ids)
         return ids, len(prefix_ids)

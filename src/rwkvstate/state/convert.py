@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StateError
-
-KEYS = ("att_shift", "wkv", "ffn_shift")
+from .layout import CANONICAL_KEYS, state_dims, state_shapes
 
 # Orientations of a state-tuning `time_state[h, a, b]` (see docs/state-formats.md):
 # RWKV-PEFT saves (value, key), the canonical order; web-rwkv's converters
@@ -32,22 +31,8 @@ KEY_VALUE = "key_value"
 _TIME_STATE_KEY = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
 
 
-def _dims(n_layer: int, n_embd: int, head_size: int) -> tuple[int, int, int, int]:
-    """(L, H, N, C), rejecting sizes no RWKV-7 model can have."""
-    if n_layer < 1 or n_embd < 1 or head_size < 1:
-        raise StateError(f"sizes must be positive: n_layer={n_layer}, n_embd={n_embd}, head_size={head_size}")
-    if n_embd % head_size:
-        raise StateError(f"n_embd={n_embd} is not a multiple of head_size={head_size}")
-    return n_layer, n_embd // head_size, head_size, n_embd
-
-
-def expected_shapes(n_layer: int, n_embd: int, head_size: int) -> dict[str, tuple[int, ...]]:
-    L, H, N, C = _dims(n_layer, n_embd, head_size)
-    return {"att_shift": (L, C), "wkv": (L, H, N, N), "ffn_shift": (L, C)}
-
-
 def zero_state(n_layer: int, n_embd: int, head_size: int) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros(s, dtype=torch.float32) for k, s in expected_shapes(n_layer, n_embd, head_size).items()}
+    return {k: torch.zeros(s, dtype=torch.float32) for k, s in state_shapes(n_layer, n_embd, head_size).items()}
 
 
 def _as_float32(name: str, value) -> torch.Tensor:
@@ -76,16 +61,16 @@ def validate_canonical(state: Mapping, n_layer: int, n_embd: int, head_size: int
     are float32, CPU and contiguous are returned as is (shared, not copied).
     """
     if not isinstance(state, Mapping):
-        raise StateError(f"a state must be a dict with keys {list(KEYS)}, got {type(state).__name__}")
-    missing = [k for k in KEYS if k not in state]
+        raise StateError(f"a state must be a dict with keys {list(CANONICAL_KEYS)}, got {type(state).__name__}")
+    missing = [k for k in CANONICAL_KEYS if k not in state]
     if missing:
-        raise StateError(f"state is missing key(s) {missing}; expected keys {list(KEYS)}")
-    unknown = sorted(str(k) for k in state if k not in KEYS)
+        raise StateError(f"state is missing key(s) {missing}; expected keys {list(CANONICAL_KEYS)}")
+    unknown = sorted(str(k) for k in state if k not in CANONICAL_KEYS)
     if unknown:
-        raise StateError(f"state has unknown key(s) {unknown}; expected keys {list(KEYS)}")
+        raise StateError(f"state has unknown key(s) {unknown}; expected keys {list(CANONICAL_KEYS)}")
     out = {}
     sizes = f"n_layer={n_layer}, n_embd={n_embd}, head_size={head_size}"
-    for key, shape in expected_shapes(n_layer, n_embd, head_size).items():
+    for key, shape in state_shapes(n_layer, n_embd, head_size).items():
         t = _as_float32(f"state['{key}']", state[key])
         if tuple(t.shape) != shape:
             raise StateError(f"state['{key}'] has shape {tuple(t.shape)}, expected {shape} ({sizes})")
@@ -97,7 +82,7 @@ def validate_canonical(state: Mapping, n_layer: int, n_embd: int, head_size: int
 def infer_dims(state: Mapping) -> tuple[int, int, int]:
     """(n_layer, n_embd, head_size) implied by state['wkv'], for callers that know no model."""
     if not isinstance(state, Mapping) or "wkv" not in state:
-        raise StateError(f"a state must be a dict with keys {list(KEYS)}")
+        raise StateError(f"a state must be a dict with keys {list(CANONICAL_KEYS)}")
     shape = tuple(_as_float32("state['wkv']", state["wkv"]).shape)
     if len(shape) != 4 or shape[2] != shape[3]:
         raise StateError(f"state['wkv'] has shape {shape}, expected [L, H, N, N]")
@@ -133,13 +118,13 @@ def from_rwkv_list(lst: Sequence[torch.Tensor], head_size: int) -> dict[str, tor
         n = len(lst) if isinstance(lst, Sequence) else type(lst).__name__
         raise StateError(f"an rwkv package state is a list of 3 tensors per layer, got {n}")
     n_layer, n_embd = len(lst) // 3, torch.as_tensor(lst[0]).numel()
-    L, H, N, C = _dims(n_layer, n_embd, head_size)
-    parts = {k: [torch.as_tensor(lst[3 * l + i]) for l in range(L)] for i, k in enumerate(KEYS)}
+    L, H, N, C = state_dims(n_layer, n_embd, head_size)
+    parts = {k: [torch.as_tensor(lst[3 * l + i]) for l in range(L)] for i, k in enumerate(CANONICAL_KEYS)}
     want = {"att_shift": (C,), "wkv": (H, N, N), "ffn_shift": (C,)}
     for key, tensors in parts.items():
         for l, t in enumerate(tensors):
             if tuple(t.shape) != want[key]:
-                raise StateError(f"rwkv state[{3 * l + KEYS.index(key)}] ({key} of layer {l}) has shape "
+                raise StateError(f"rwkv state[{3 * l + CANONICAL_KEYS.index(key)}] ({key} of layer {l}) has shape "
                                  f"{tuple(t.shape)}, expected {want[key]}")  # fmt: skip
     stacked = {k: torch.stack([_as_float32(k, t) for t in ts]) for k, ts in parts.items()}
     return validate_canonical(stacked, L, C, N)
@@ -168,7 +153,7 @@ def to_web_rwkv(state: Mapping) -> torch.Tensor:
 def from_web_rwkv(t, n_layer: int, n_embd: int, head_size: int) -> dict[str, torch.Tensor]:
     """Inverse of to_web_rwkv. Accepts [L, N+2, C], web-rwkv's full [1, L, N+2, C], or the
     flat buffer of L*(N+2)*C floats as read back from the GPU."""
-    L, H, N, C = _dims(n_layer, n_embd, head_size)
+    L, H, N, C = state_dims(n_layer, n_embd, head_size)
     t = _as_float32("web-rwkv state", t).clone()  # the result must not alias the caller's buffer
     shape = (L, N + 2, C)
     if (t.dim() == 1 and t.numel() == L * (N + 2) * C) or tuple(t.shape) == (1, *shape):
@@ -194,7 +179,7 @@ def from_state_tuning(
     """
     if orientation not in (VALUE_KEY, KEY_VALUE):
         raise StateError(f"orientation must be {VALUE_KEY!r} or {KEY_VALUE!r}, got {orientation!r}")
-    L, H, N, C = _dims(n_layer, n_embd, head_size)
+    L, H, N, C = state_dims(n_layer, n_embd, head_size)
     found = {int(m[1]): k for k in tensors if isinstance(k, str) and (m := _TIME_STATE_KEY.match(k))}
     if not found:
         raise StateError("no blocks.{l}.att.time_state tensors found: not an RWKV state-tuning file")

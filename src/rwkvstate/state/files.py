@@ -11,9 +11,9 @@ storage dtype, token count, creation time and a sha256 checksum over all of the 
 Reading validates everything before returning, so a caller that restores only what
 read_state_file returned can never half-load a bad file.
 
-This module reads models and sessions only through duck-typed attributes (model.config,
-session.snapshot/restore, session.engine) and imports them lazily, so `state` keeps
-depending on nothing above it.
+This module knows neither models nor sessions: callers pass the model's fingerprint and
+description (Model.fingerprint, Model.description) and the layout to check against;
+runtime/persist.py saves and loads sessions through it.
 """
 
 from __future__ import annotations
@@ -31,8 +31,16 @@ from pathlib import Path
 import torch
 
 from ..errors import StateError
-from .convert import KEYS, infer_dims, validate_canonical
-from .layout import StateLayout
+from ..tokenizer import check_token_ids
+from .convert import infer_dims, validate_canonical
+from .layout import (
+    CANONICAL_KEYS,
+    SAFETENSORS_DTYPE_NAMES,
+    STORAGE_DTYPES,
+    StateLayout,
+    dtype_name,
+    parse_dtype,
+)
 
 FORMAT_NAME = "rwkvstate-state"
 FORMAT_VERSION = 1
@@ -41,9 +49,6 @@ REQUIRED_META = (
     "format", "format_version", "model_fingerprint", "model_info",
     "storage_dtype", "token_count", "created", "checksum",
 )  # fmt: skip
-STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# safetensors' dtype names, used in the checksum so it does not depend on torch's repr
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
 _INT32_MAX = 2**31 - 1
 
 
@@ -56,35 +61,6 @@ class StateFile:
     logits: torch.Tensor | None  # float32 [vocab] on CPU
     meta: dict[str, str]  # the file's metadata as stored
     extra: dict = field(default_factory=dict)  # the caller's `extra` given to save_state_file
-
-
-# ---- model identity ---------------------------------------------------------------------------
-
-
-def model_fingerprint(model) -> str:
-    """32 hex digits identifying a model's architecture: config sizes and weight names/shapes.
-
-    Dtype- and device-independent (the same checkpoint in fp16 or fp32 gives the same value).
-    It hashes metadata only: two checkpoints with identical shapes but different weights
-    (e.g. a fine-tune of the same base) share a fingerprint by design.
-    """
-    from ..model.checkpoint import expected_shapes  # lazy: state must not import model at load
-
-    c = model.config
-    names = ("n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim",
-             "decay_rank", "aaa_rank", "mv_rank", "gate_rank")  # fmt: skip
-    sizes = {k: int(getattr(c, k)) for k in names}
-    weights = sorted([name, list(shape)] for name, shape in expected_shapes(c).items())
-    text = json.dumps({"config": sizes, "weights": weights}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(b"rwkvstate-model-v1\0" + text.encode()).hexdigest()[:32]
-
-
-def model_description(model) -> str:
-    """One line naming a model's sizes (and file), stored in state files for error messages."""
-    c = model.config
-    text = f"{c.n_layer} layers, n_embd {c.n_embd}, head_size {c.head_size}, vocab {c.vocab_size}"
-    path = getattr(model, "path", None)
-    return f"{text} ({Path(path).name})" if path else text
 
 
 # ---- checksum -------------------------------------------------------------------------------
@@ -110,7 +86,7 @@ def _checksum(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> s
     for name in sorted(tensors):
         t = tensors[name]
         put(name.encode())
-        put(_DTYPE_NAMES.get(t.dtype, str(t.dtype)).encode())
+        put(SAFETENSORS_DTYPE_NAMES.get(t.dtype, str(t.dtype)).encode())
         put(json.dumps(list(t.shape)).encode())
         put(_tensor_bytes(t))
     return "sha256:" + h.hexdigest()
@@ -120,8 +96,6 @@ def _checksum(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> s
 
 
 def _storage_dtype(value) -> tuple[str, torch.dtype]:
-    from ..config import dtype_name, parse_dtype
-
     try:
         dtype = parse_dtype(value)
     except ValueError as e:
@@ -145,11 +119,9 @@ def _encode_state(state: Mapping, dtype: torch.dtype) -> dict[str, torch.Tensor]
 def _encode_tokens(tokens: Sequence[int]) -> torch.Tensor:
     try:
         ids = [int(t) for t in tokens]
+        check_token_ids(ids, _INT32_MAX + 1)
     except (TypeError, ValueError) as e:
-        raise StateError(f"tokens must be a sequence of integer ids: {e}") from None
-    bad = [t for t in ids if not 0 <= t <= _INT32_MAX]
-    if bad:
-        raise StateError(f"token ids must be in [0, 2**31), got {bad[0]}")
+        raise StateError(f"tokens must be a sequence of integer ids below 2**31: {e}") from None
     return torch.tensor(ids, dtype=torch.int32).reshape(-1)
 
 
@@ -311,14 +283,14 @@ def _check_header(path: Path, meta: Mapping[str, str]) -> None:
 def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
     """Names, dtypes and ranks, and their agreement with the metadata."""
     names = set(tensors)
-    missing = [k for k in (*KEYS, "tokens") if k not in names]
-    unknown = sorted(names - {*KEYS, "tokens", "logits"})
+    missing = [k for k in (*CANONICAL_KEYS, "tokens") if k not in names]
+    unknown = sorted(names - {*CANONICAL_KEYS, "tokens", "logits"})
     if missing or unknown:
         raise StateError(f"{path}: state file tensors are wrong (missing {missing}, unexpected {unknown})")
     if meta["storage_dtype"] not in STORAGE_DTYPES:
         raise StateError(f"{path}: unknown storage dtype {meta['storage_dtype']!r} (expected fp32, fp16 or bf16)")
     dtype = STORAGE_DTYPES[meta["storage_dtype"]]
-    for key in KEYS:
+    for key in CANONICAL_KEYS:
         if tensors[key].dtype != dtype:
             raise StateError(f"{path}: {key} is {tensors[key].dtype}, but the file says {meta['storage_dtype']}")
     tokens = tensors["tokens"]
@@ -342,7 +314,7 @@ def _check_fingerprint(path: Path, meta: Mapping[str, str], fingerprint: str | N
 
 def _check_state(path: Path, tensors, layout: StateLayout | None) -> dict[str, torch.Tensor]:
     """Shapes (against layout if given, else self-consistent) and finiteness; float32 out."""
-    state = {k: tensors[k] for k in KEYS}
+    state = {k: tensors[k] for k in CANONICAL_KEYS}
     try:
         dims = (layout.n_layer, layout.n_embd, layout.head_size) if layout is not None else infer_dims(state)
         return validate_canonical(state, *dims)
@@ -359,13 +331,11 @@ def _check_tokens_logits(path: Path, tensors, vocab_size: int | None) -> None:
         if not torch.isfinite(logits).all():
             raise StateError(f"{path}: logits have NaN or infinite values")
         vocab_size = logits.numel()
-    tokens = tensors["tokens"]
-    if tokens.numel():
-        low, high = int(tokens.min()), int(tokens.max())
-        top = vocab_size if vocab_size is not None else _INT32_MAX + 1
-        if low < 0 or high >= top:
-            bad = low if low < 0 else high
-            raise StateError(f"{path}: token id {bad} is outside the vocabulary [0, {top})")
+    top = vocab_size if vocab_size is not None else _INT32_MAX + 1
+    try:
+        check_token_ids(tensors["tokens"].tolist(), top)
+    except ValueError as e:
+        raise StateError(f"{path}: {e}") from None
 
 
 def _validate(path, tensors, meta, fingerprint=None, model_info=None, layout=None, vocab_size=None) -> StateFile:
@@ -426,7 +396,7 @@ def inspect_state_file(path) -> dict:
     tensors, meta, size = _parse(path)
     info = {
         "path": str(path), "file_size": size, "metadata": _ordered(meta),
-        "tensors": {name: {"dtype": _DTYPE_NAMES.get(t.dtype, str(t.dtype)), "shape": list(t.shape),
+        "tensors": {name: {"dtype": SAFETENSORS_DTYPE_NAMES.get(t.dtype, str(t.dtype)), "shape": list(t.shape),
                            "max_abs": _max_abs(t)} for name, t in sorted(tensors.items())},
         "checksum_ok": "checksum" in meta and _checksum(meta, tensors) == meta["checksum"],
     }  # fmt: skip
@@ -448,42 +418,3 @@ def _max_abs(t: torch.Tensor) -> float | None:
     if t.numel() == 0 or not t.is_floating_point():
         return None
     return float(t.float().abs().max())
-
-
-# ---- sessions ---------------------------------------------------------------------------------
-
-
-def save_session(session, path, *, extra: Mapping | None = None) -> Path:
-    """Saves a session's state (in its pool's storage dtype), token log and logits."""
-    snap = session.snapshot()
-    model = session.engine.model
-    return save_state_file(
-        path, snap.state, fingerprint=model_fingerprint(model), model_info=model_description(model),
-        storage_dtype=session.engine.pool.dtype, tokens=snap.tokens, logits=snap.logits,
-        extra={"from_zero": snap.from_zero, "undo_points": list(session._marks), **(extra or {})},
-    )  # fmt: skip
-
-
-def load_session(session, path) -> StateFile:
-    """Restores a session from a state file, validated completely (model fingerprint, pool
-    layout, vocab, range of the pool's storage dtype) before anything is written."""
-    from ..runtime.session import SessionSnapshot  # lazy: state must not import runtime at load
-
-    engine = session.engine
-    model = engine.model
-    sf = read_state_file(
-        path, fingerprint=model_fingerprint(model), layout=engine.pool.layout,
-        vocab_size=model.config.vocab_size, model_info=model_description(model),
-    )  # fmt: skip
-    limit = torch.finfo(engine.pool.dtype).max
-    for name, t in sf.state.items():
-        if t.abs().max() > limit:
-            raise StateError(f"{path}: {name} has values beyond the range of the pool's {engine.pool.dtype} storage")
-    # from_zero: the writer's word that the token log, fed from the zero state, gives this state;
-    # it lets the loaded session roll back before the loaded point by re-feeding
-    from_zero = bool((sf.extra or {}).get("from_zero", False))
-    session.restore(SessionSnapshot(sf.state, sf.tokens, sf.logits, from_zero=from_zero))
-    marks = (sf.extra or {}).get("undo_points", [])
-    if from_zero and isinstance(marks, list) and all(isinstance(m, int) and 0 <= m < len(sf.tokens) for m in marks):
-        session._marks = sorted(set(marks))  # undo works across a save and load
-    return sf

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import StateError
 from .snapshot import Encoded, default_group, empty_encoded
 
 
@@ -38,8 +37,6 @@ class StateHistory:
     def __init__(self, pool, every: int, capacity: int, fmt: str, vocab_size: int, marks: int = 0):
         if capacity < 1 or every < 1 or marks < 0:
             raise ValueError(f"history needs capacity >= 1, every >= 1, marks >= 0, got {capacity}, {every}, {marks}")
-        if not hasattr(pool, "slot_view"):
-            raise StateError("a state history needs the contiguous pool layout")
         self.pool = pool
         self.every = every
         self.capacity = capacity  # entries recorded every `every` tokens

@@ -3,10 +3,11 @@
 A pool has `num_slots` user slots plus one scratch slot (index `num_slots`) that
 padding rows of a batch may point at, so they can never touch a live session.
 
-Two layouts share one interface:
+Two layouts share one interface (every method works on both):
 - ContiguousPool: one tensor [slots + 1, L, (N + 2) * C] in the storage dtype
   (fp32, fp16 or bf16), slot-major, so one slot's whole state is one block.
-- FragmentedPool: the baseline design, L float32 tensors [slots + 1, (N + 2) * C].
+- FragmentedPool: the seed's baseline design, L float32 tensors [slots + 1, (N + 2) * C];
+  a slot is L blocks, so a snapshot of it gathers them (one copy more than contiguous).
 
 The forward reads a layer through `layer(l)`, which returns views
 (att_shift [S, C], wkv [S, H, N, N], ffn_shift [S, C]) over all slots; it reads
@@ -14,7 +15,8 @@ rows by slot index and writes them back in place. All arithmetic on the state is
 float32 whatever the storage dtype.
 
 The pool is the single source of truth for every state. Each slot carries a write
-generation, bumped by everything that writes the slot (a forward, reset, copy, load);
+generation that the pool bumps itself: in its own writers (reset, copy, load*), and in
+`begin_write`, through which a forward (eager or a replayed graph) gets the slots it writes;
 host copies (`host_copy`) are made lazily, in one contiguous copy into pinned memory,
 and reused while the slot's generation has not moved. `bytes_to_host` and
 `bytes_to_device` count every byte moved across the bus.
@@ -22,17 +24,14 @@ and reused while the slot's generation has not moved. `bytes_to_host` and
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from ..errors import SlotError, StateError
 from .convert import validate_canonical
-from .layout import StateLayout
+from .layout import CANONICAL_KEYS, STORAGE_DTYPES, StateLayout
 from .snapshot import Encoded, decode, default_group, encode
-
-CANONICAL = ("att_shift", "wkv", "ffn_shift")
-STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class StatePool:
@@ -43,7 +42,7 @@ class StatePool:
     def __init__(self, layout: StateLayout, num_slots: int, dtype: torch.dtype, device):
         if num_slots < 1:
             raise SlotError(f"a pool needs at least one slot, got {num_slots}")
-        if dtype not in STATE_DTYPES:
+        if dtype not in STORAGE_DTYPES.values():
             raise StateError(f"state storage dtype must be float32, float16 or bfloat16, got {dtype}")
         self.layout = layout
         self.num_slots = num_slots
@@ -93,10 +92,17 @@ class StatePool:
         return slots
 
     # ---- write generations and host copies ----------------------------------------------
-    def mark_written(self, slots) -> None:
-        """Records that slots were written (every forward calls this for the slots it fed)."""
+    def begin_write(self, slots: Iterable[int]) -> list[int]:
+        """Checks the slots a forward is about to write (distinct, in range) and bumps their write
+        generations. Bumping before the write is safe: a forward that fails midway has written
+        part of its slots, and their host copies must not be reused."""
+        checked = self.check_slots(list(slots))
+        self._bump(checked)
+        return checked
+
+    def _bump(self, slots: Iterable[int]) -> None:
         for slot in slots:
-            self.generation[int(slot)] += 1
+            self.generation[slot] += 1
 
     def new_host_buffer(self) -> torch.Tensor:
         """An empty host buffer for one slot [L, (N + 2) * C] in the storage dtype; pinned
@@ -138,7 +144,7 @@ class StatePool:
         for block, part in self._host_pairs(slot, buffer):
             block.copy_(part, non_blocking=buffer.is_pinned())
         self.bytes_to_device += buffer.numel() * buffer.element_size()
-        self.mark_written([slot])
+        self._bump([slot])
         if keep:
             self._host[slot] = (self.generation[slot], buffer)
 
@@ -178,37 +184,68 @@ class StatePool:
     def reset(self, slot: int) -> None:
         for block in self._slot_blocks(self.check_slot(slot)):
             block.zero_()
-        self.mark_written([slot])
+        self._bump([slot])
 
     def copy(self, src: int, dst: int) -> None:
         """Copies slot src's whole state into slot dst (fork)."""
         pairs = zip(self._slot_blocks(self.check_slot(src)), self._slot_blocks(self.check_slot(dst)))
         for a, b in pairs:
             b.copy_(a)
-        self.mark_written([dst])
+        self._bump([dst])
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """The slot's whole state as one flat tensor [L * (N + 2) * C] in the storage dtype: a view
+        of the pool when the layout keeps a slot in one block (contiguous: writes reach the
+        slot), else a gathered copy (fragmented)."""
+        blocks = self._slot_blocks(self.check_slot(slot))
+        return blocks[0].view(-1) if len(blocks) == 1 else torch.cat([b.reshape(-1) for b in blocks])
+
+    def encode_slot(self, slot: int, fmt: str, out: Encoded | None = None) -> Encoded:
+        """A snapshot of the slot in any format (into out's buffers when given), grouped by rows
+        of head_size elements (`default_group`)."""
+        return encode(self.slot_view(slot), fmt, default_group(self.layout), out=out)
+
+    def load_encoded(self, slot: int, enc: Encoded) -> None:
+        """Writes an encoded snapshot (any format, on the host or this device) into the slot."""
+        blocks = self._slot_blocks(self.check_slot(slot))
+        if enc.device != self.device:
+            enc = enc.to(self.device)
+            self.bytes_to_device += enc.nbytes
+        if len(blocks) == 1:
+            decode(enc, blocks[0].view(-1))
+        else:  # decode whole, then scatter the layers to their blocks
+            flat = torch.empty(self.layout.slot_numel, dtype=self.dtype, device=self.device)
+            decode(enc, flat)
+            for block, part in zip(blocks, flat.view(len(blocks), -1)):
+                block.copy_(part)
+        self._bump([slot])
 
     def export(self, slot: int) -> dict[str, torch.Tensor]:
         """The slot's state in the canonical format: new CPU float32 tensors (from the lazy
         host copy, so exporting an unchanged slot moves no bytes)."""
         att, wkv, ffn = self.layout.split_layer(self.host_copy(slot))
-        return {name: part.to(torch.float32, copy=True).contiguous() for name, part in zip(CANONICAL, (att, wkv, ffn))}
+        return {name: part.to(torch.float32, copy=True).contiguous() for name, part in zip(CANONICAL_KEYS, (att, wkv, ffn))}
 
     def load(self, slot: int, state: dict[str, torch.Tensor]) -> None:
         """Writes a canonical-format state into a slot. Checks everything before writing anything."""
         self.check_slot(slot)
         lay = self.layout
         checked = validate_canonical(state, lay.n_layer, lay.n_embd, lay.head_size)
-        limit = torch.finfo(self.dtype).max
-        for name, value in checked.items():
-            if value.abs().max() > limit:
-                raise StateError(f"state '{name}' has values beyond the range of the pool's {self.dtype} storage")
+        self.check_fits(checked)
         for l in range(self.layout.n_layer):
             att, wkv, ffn = self.layer(l)
             att[slot].copy_(checked["att_shift"][l])
             wkv[slot].copy_(checked["wkv"][l])
             ffn[slot].copy_(checked["ffn_shift"][l])
         self.bytes_to_device += self.slot_nbytes
-        self.mark_written([slot])
+        self._bump([slot])
+
+    def check_fits(self, state: dict[str, torch.Tensor]) -> None:
+        """A StateError if a (validated) canonical state holds values the storage dtype cannot."""
+        limit = torch.finfo(self.dtype).max
+        for name, value in state.items():
+            if value.abs().max() > limit:
+                raise StateError(f"state '{name}' has values beyond the range of the pool's {self.dtype} storage")
 
     def __repr__(self):
         return (
@@ -226,24 +263,6 @@ class ContiguousPool(StatePool):
 
     def _layer_block(self, index):
         return self.data[:, index]
-
-    def slot_view(self, slot: int) -> torch.Tensor:
-        """The slot's whole state as one flat view [L * (N + 2) * C] (snapshots encode from it)."""
-        return self.data[slot].view(-1)
-
-    def encode_slot(self, slot: int, fmt: str, out: Encoded | None = None) -> Encoded:
-        """A snapshot of the slot in any format (into out's buffers when given), grouped by rows
-        of head_size elements (`default_group`)."""
-        return encode(self.slot_view(self.check_slot(slot)), fmt, default_group(self.layout), out=out)
-
-    def load_encoded(self, slot: int, enc: Encoded) -> None:
-        """Writes an encoded snapshot (any format, on the host or this device) into the slot."""
-        self.check_slot(slot)
-        if enc.device != self.device:
-            enc = enc.to(self.device)
-            self.bytes_to_device += enc.nbytes
-        decode(enc, self.slot_view(slot))
-        self.mark_written([slot])
 
     def _slot_blocks(self, slot):
         return [self.data[slot]]

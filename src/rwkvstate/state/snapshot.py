@@ -23,17 +23,10 @@ import torch
 
 from ..errors import StateError
 from ..ops.quantize import dequantize_groups, fp8_supported, quantize_groups
+from .layout import STORAGE_DTYPES, check_format
 
-FORMATS = ("fp32", "fp16", "bf16", "int8", "fp8")
-CAST_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTIZED_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-_DTYPES = {**CAST_DTYPES, **QUANTIZED_DTYPES}
-
-
-def check_format(name: str) -> str:
-    if name not in FORMATS:
-        raise StateError(f"unknown snapshot format {name!r}; expected one of {', '.join(FORMATS)}")
-    return name
+_DTYPES = {**STORAGE_DTYPES, **QUANTIZED_DTYPES}
 
 
 def is_quantized(fmt: str) -> bool:
@@ -130,7 +123,7 @@ def empty_encoded(fmt: str, numel: int, group: int, device, count: int | None = 
 
 
 def _flat(t: torch.Tensor, name: str) -> torch.Tensor:
-    if not t.is_contiguous() or t.dtype not in CAST_DTYPES.values():
+    if not t.is_contiguous() or t.dtype not in STORAGE_DTYPES.values():
         raise StateError(f"{name} must be a contiguous float32, float16 or bfloat16 tensor, "
                          f"got {t.dtype} {list(t.shape)} (contiguous: {t.is_contiguous()})")  # fmt: skip
     return t.view(-1)

@@ -1,4 +1,4 @@
-"""ModelRunner: decode steps through captured CUDA graphs.
+"""DecodeGraphs: decode steps through captured CUDA graphs (eager where graphs cannot run).
 
 A decode step of B sequences is padded to the next captured batch size; padding rows
 feed token 0 into the pool's scratch slot, so they can never touch a live session.
@@ -15,10 +15,12 @@ from typing import Sequence
 
 import torch
 
+from ..tokenizer import check_token_ids
+
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class ModelRunner:
+class DecodeGraphs:
     def __init__(self, model, pool, max_batch: int = 256, enforce_eager: bool = False, batch_sizes=None):
         self.model = model
         self.pool = pool
@@ -63,10 +65,8 @@ class ModelRunner:
 
         With graphs the result is a view of the graph's output, valid until the next call."""
         B = len(slots)
-        self.pool.check_slots(slots)
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in tokens):
-            raise ValueError(f"decode tokens must lie in [0, {vocab}), got {list(tokens)}")
+        self.pool.check_slots(slots)  # the eager path writes through Model.forward, the graph below
+        check_token_ids(tokens, self.model.config.vocab_size)
         # stochastic rounding draws a new seed per call, which a replayed graph would freeze
         if not self.use_graphs or B > self.max_batch or self.model.state_rounding != "nearest":
             self.eager_steps += 1
@@ -79,7 +79,7 @@ class ModelRunner:
         self._tokens[:B].copy_(host[1], non_blocking=True)
         self._slots[B:size].fill_(self.pool.scratch_slot)
         graph, out = self._graphs[size]
+        self.pool.begin_write(slots)
         graph.replay()
-        self.pool.mark_written(slots)
         self.replays += 1
         return out[:B]

@@ -1,4 +1,4 @@
-"""ServerState: what the HTTP handlers share (config, worker, sessions, counters).
+"""ServerContext: what the HTTP handlers share (config, engine worker, sessions, counters).
 
 Lives on the event loop. Generation requests become Jobs for the worker; their events come
 back into a per-request asyncio.Queue. Admission control is here: at most
@@ -19,7 +19,7 @@ from .sessions import SessionRecord, SessionStore
 from .worker import Command, Done, EngineWorker, Failed, Job, api_error
 
 
-class ServerState:
+class ServerContext:
     def __init__(self, model, config: ServerConfig):
         self.model, self.config = model, config
         self.model_names = config.served_names(model)  # the first is the one /health reports
@@ -140,4 +140,4 @@ def _settle(future: asyncio.Future, result, error) -> None:
         future.set_result(result)
 
 
-__all__ = ["ServerState", "SessionRecord"]
+__all__ = ["ServerContext", "SessionRecord"]

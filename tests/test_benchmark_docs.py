@@ -1,0 +1,77 @@
+"""Every table under docs/benchmarks/ is a rendering of a committed JSON file: each markdown
+file is rendered again from its JSON with the writer that produced it and must come out the
+same, and docs/impact.md likewise from docs/benchmarks/impact.json."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from rwkvstate.evaluation import precision_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def bench(name: str):
+    return importlib.import_module(name)
+
+
+def tokenizer_markdown(data: dict, tmp_path: Path) -> str:
+    path = tmp_path / "tokenizer.md"
+    bench("bench_tokenizer").write_markdown(data, path)
+    return path.read_text()
+
+
+# stem of the markdown file -> writer(json dict, tmp_path) -> markdown text
+WRITERS = {
+    "decode-small-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-7b-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-fused-small-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-fused-7b-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "prefill-wkv": lambda d, _: bench("bench_prefill").markdown(d),
+    "state-h200": lambda d, _: bench("bench_state").markdown(d),
+    "server-h200": lambda d, _: bench("bench_server").markdown(d),
+    "server-h200-rerun": lambda d, _: bench("bench_server").markdown(d),
+    "snapshot-error": lambda d, _: bench("bench_snapshot_error").markdown(d),
+    "state-precision": lambda d, _: precision_markdown(d),
+    "state-precision-snapshots-h200": lambda d, _: precision_markdown(d),
+    "tokenizer": tokenizer_markdown,
+}
+# markdown under docs/benchmarks/ that no JSON backs must hold no table
+PROSE_ONLY = {"decode"}
+
+
+def test_every_markdown_file_is_accounted_for():
+    stems = {p.stem for p in DOCS.glob("*.md")}
+    assert stems == set(WRITERS) | PROSE_ONLY, stems ^ (set(WRITERS) | PROSE_ONLY)
+    for stem in WRITERS:
+        assert (DOCS / f"{stem}.json").exists(), stem
+
+
+@pytest.mark.parametrize("stem", sorted(WRITERS))
+def test_markdown_matches_its_json(stem, tmp_path):
+    data = json.loads((DOCS / f"{stem}.json").read_text())
+    assert WRITERS[stem](data, tmp_path) == (DOCS / f"{stem}.md").read_text()
+
+
+@pytest.mark.parametrize("stem", sorted(PROSE_ONLY))
+def test_summaries_hold_no_table(stem):
+    text = (DOCS / f"{stem}.md").read_text()
+    assert not [line for line in text.splitlines() if line.startswith("|")], f"{stem}.md has a table with no JSON"
+
+
+def test_impact_doc_matches_its_json():
+    report = bench("impact_report")
+    data = json.loads((DOCS / "impact.json").read_text())
+    doc = ROOT / "docs" / "impact.md"
+    charts = {"speed-up by batch size": DOCS / "impact-speedup.png",
+              "bytes per cached session by format": DOCS / "impact-bytes.png",
+              "rollback against re-feeding": DOCS / "impact-rollback.png"}  # fmt: skip
+    assert all(path.exists() for path in charts.values())
+    assert report.render(data, doc, charts) == doc.read_text()
