@@ -54,6 +54,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling mass (default: 0.85)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: 0)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability, 0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
@@ -131,7 +132,7 @@ def _sampling(args):
     from ..runtime.sampling import SamplingParams
 
     return SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed,
     )  # fmt: skip
@@ -361,8 +362,9 @@ def cmd_state(args) -> int:
 
 
 def _add_bench_parser(sub) -> None:
-    """`rwkvstate bench impact`: benchmarks/bench_impact.py, which needs a source checkout."""
-    kinds = sub.add_parser("bench", help="benchmarks (from a source checkout)").add_subparsers(
+    """`rwkvstate bench impact`: benchmarks/bench_impact.py of the source checkout (not installed with
+    the package: the benchmarks live beside it, with their results under docs/)."""
+    kinds = sub.add_parser("bench", help="benchmarks (a source-checkout command: pip install -e . from a clone)").add_subparsers(
         dest="bench_command", required=True
     )
     p = kinds.add_parser("impact", help="the seed design's Estimated Impact table, measured (docs/impact.md)")
@@ -385,8 +387,13 @@ def cmd_bench(args) -> int:
 
     path = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_impact.py"
     if not path.exists():
-        raise RwkvStateError(f"rwkvstate bench needs a source checkout: {path} does not exist")
+        raise RwkvStateError(
+            f"rwkvstate bench needs a source checkout: it runs benchmarks/bench_impact.py of the clone the "
+            f"package is installed from (pip install -e .), and this installation has none ({path} does not exist)"
+        )
     spec = importlib.util.spec_from_file_location("bench_impact", path)
+    if spec is None or spec.loader is None:
+        raise RwkvStateError(f"rwkvstate bench cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.run_from_args(args)

@@ -248,7 +248,8 @@ def _sampling(body: GenerationRequest, extra_stop: tuple[str, ...] = ()) -> Samp
     try:
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+            logit_bias=body.logit_bias,
             repetition_penalty=body.repetition_penalty or 1.0,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             seed=body.seed, stop=tuple(extra_stop) + tuple(stops), stop_token_ids=body.stop_token_ids,
@@ -328,6 +329,7 @@ async def _collect(ctx: ServerContext, job: Job, reply: Reply, request: Request)
             done = event
         elif isinstance(event, Failed):
             raise event.error
+    assert done is not None  # the events end with Done, or Failed raised above
     return JSONResponse(reply.full("".join(pieces), done))
 
 
