@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub, _add_model_args, _positive_int)
     models.add_parsers(sub)
     _add_bench_parser(sub)
-    parser.commands = sub.choices  # name -> subparser, for defaults from the environment and --config
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # name -> subparser, for defaults from the environment and --config
     return parser
 
 

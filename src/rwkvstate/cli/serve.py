@@ -106,9 +106,9 @@ def _leaf_parser(parser, first):
 
 def read_config(path: Path, actions: dict) -> dict:
     """The settings of a TOML file, by parser dest, converted like their flags."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
 
     try:
@@ -141,9 +141,9 @@ def _convert(action: argparse.Action, value, where: str):
         raise RwkvStateError(f"{where}: expected a single value, got {value!r}")
     text = str(value)
     try:
-        converted = action.type(text) if action.type is not None else text
+        converted = action.type(text) if callable(action.type) else text
         if action.dest in ("dtype", "state_dtype"):
-            parse_dtype(converted)
+            parse_dtype(text)
     except (argparse.ArgumentTypeError, ValueError) as e:
         raise RwkvStateError(f"{where}: {e}") from None
     if action.choices is not None and converted not in action.choices:
