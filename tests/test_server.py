@@ -218,6 +218,9 @@ def test_session_continue_fork_rollback_delete(server, ref_model):
     for bad in ({"tokens": 1, "turns": 1}, {}, {"tokens": 10**6}, {"turns": 0}):
         r = api(server, "POST", f"/v1/sessions/{child['id']}/rollback", json=bad)
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.json()["error"]["code"] is not None
+    r = api(server, "POST", f"/v1/sessions/{child['id']}/rollback", json={"tokens": 10**6})
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("rollback_not_possible", "tokens")
     assert api(server, "DELETE", f"/v1/sessions/{child['id']}").json()["deleted"] is True
     assert api(server, "GET", f"/v1/sessions/{child['id']}").status_code == 404
     assert api(server, "DELETE", f"/v1/sessions/{child['id']}").status_code == 404

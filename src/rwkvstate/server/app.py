@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import RwkvStateError
 from ..runtime.chat import ASSISTANT_STOP, ReplyText, render_messages
 from ..runtime.sampling import SamplingParams
 from ..tokenizer import check_token_ids
@@ -156,22 +157,23 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext) -> None:
     async def prometheus():
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
-    def model_card() -> dict:
-        return {"id": ctx.model_name, "object": "model", "created": ctx.started, "owned_by": "rwkvstate"}
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": ctx.started, "owned_by": "rwkvstate"}
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in ctx.model_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         _check_model(ctx, model_id)
-        return model_card()
+        return model_card(model_id)
 
 
 def _check_model(ctx: ServerContext, name: str) -> None:
-    if name != ctx.model_name:
-        raise APIError(404, f"model {name!r} is not served here; this server serves {ctx.model_name!r}",
+    if name not in ctx.model_names:
+        served = ", ".join(repr(n) for n in ctx.model_names)
+        raise APIError(404, f"model {name!r} is not served here; this server serves {served}",
                        param="model", code="model_not_found")  # fmt: skip
 
 
@@ -232,6 +234,7 @@ def _sampling(body: GenerationRequest, extra_stop: tuple[str, ...] = ()) -> Samp
 
 async def _respond(ctx: ServerContext, body: GenerationRequest, job: Job, reply: "Reply", request: Request):
     _check_model(ctx, body.model)
+    reply.model = body.model  # answer with the name (or alias) the client used
     unsupported = body.unsupported()
     if unsupported is not None:
         param, message = unsupported
@@ -423,16 +426,20 @@ def _add_session_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/sessions/{session_id}/rollback")
     async def rollback_session(session_id: str, body: RollbackRequest):
         if (body.tokens is None) == (body.turns is None):
-            raise APIError(400, 'give exactly one of "tokens" and "turns"', param="tokens")
+            raise APIError(400, 'give exactly one of "tokens" and "turns"', param="tokens", code="invalid_rollback")
 
         def rollback(engine, record):
             session = record.session
             before = len(session.tokens)
             with store.saved_or_undone(record):
-                if body.tokens is not None:
-                    session.rollback(body.tokens)
-                else:
-                    session.undo(body.turns)
+                try:
+                    if body.tokens is not None:
+                        session.rollback(body.tokens)
+                    else:
+                        session.undo(body.turns)
+                except (RwkvStateError, ValueError) as e:
+                    param = "tokens" if body.tokens is not None else "turns"
+                    raise APIError(400, str(e), param=param, code="rollback_not_possible") from None
             return dict(info(engine, record), busy=False, removed=before - len(session.tokens))
 
         return await ctx.with_session(session_id, rollback, slots=1)

@@ -20,12 +20,18 @@ ERROR_TYPES = {
 }  # fmt: skip
 
 
+DEFAULT_CODES = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "request_too_large",
+                 429: "rate_limited", 500: "internal_error", 503: "unavailable"}  # fmt: skip
+
+
 class APIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None):  # fmt: skip
         super().__init__(message)
+        # never a null code: clients branch on it; specific codes are given where raised
+        code = code or DEFAULT_CODES.get(status, "invalid_request" if status < 500 else "server_error")
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
