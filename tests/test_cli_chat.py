@@ -240,3 +240,16 @@ def test_chat_through_a_pipe(byte_model, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("Assistant:") == 2 and run.stderr.count("| generated ") == 2
     assert (tmp_path / "s.state").exists() and "Traceback" not in run.stderr
+
+
+def test_eval_state_progress_bars(capsys, loaded):
+    from rwkvstate.evaluation import default_variants, evaluate_state_precision
+
+    docs = [list(range(40, 52)), list(range(60, 72))]
+    variants = default_variants()[:2]
+    results, _ = evaluate_state_precision(loaded, docs, variants, prompt_len=6, gen_len=3, log=lambda _: None,
+                                          progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "teacher-forced" in err and "/11 [" in err and f"greedy {variants[1].name}" in err
+    evaluate_state_precision(loaded, docs, variants, prompt_len=6, gen_len=3, log=lambda _: None)
+    assert capsys.readouterr().err == ""

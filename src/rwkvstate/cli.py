@@ -206,7 +206,8 @@ def cmd_eval_state(args) -> int:
     docs = held_out_token_docs(model.tokenizer, args.tokens, args.docs, args.stdlib)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     variants = snapshot_variants() if args.variants == "snapshots" else default_variants()
-    results, info = evaluate_state_precision(model, docs, variants, args.prompt, args.generate, log=log)
+    results, info = evaluate_state_precision(model, docs, variants, args.prompt, args.generate, log=log,
+                                             progress=sys.stderr.isatty())
     if model.device.type == "cuda":
         where = torch.cuda.get_device_name(model.device)
     else:
