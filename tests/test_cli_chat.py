@@ -204,7 +204,7 @@ def test_prompt_progress_bar_and_stop(monkeypatch, capsys, loaded):
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_chat(byte_model):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     child = pexpect.spawn(sys.executable, ["-m", "rwkvstate.cli", "chat", "--model", str(byte_model),
                                            "--max-tokens", "1000000"], env=env, encoding="utf-8", timeout=60,

@@ -36,6 +36,7 @@ from .protocol import (
     SnapshotRequest,
 )
 from .context import ServerContext
+from .web import add_web_routes
 from .worker import Done, Failed, Job, Text
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -61,6 +62,7 @@ def create_app(model, config: ServerConfig | None = None) -> FastAPI:
     _add_info_routes(app, ctx)
     _add_generation_routes(app, ctx)
     _add_session_routes(app, ctx)
+    add_web_routes(app)
     return app
 
 
