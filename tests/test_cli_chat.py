@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import builtins
-import io
 import json
 import os
 import shutil
@@ -18,16 +17,10 @@ import rwkvstate
 from rwkvstate import cli_speed
 from rwkvstate.cli import main
 from rwkvstate.cli_chat import ChatConsole, base_model_warning
-from rwkvstate.model.synthetic import random_checkpoint, save_checkpoint, tiny_config
+from rwkvstate.model.synthetic import random_checkpoint, save_checkpoint
 
-BYTE_CFG = tiny_config(
-    n_layer=2, n_embd=64, head_size=32, vocab_size=256, ffn_dim=160,
-    decay_rank=8, aaa_rank=12, mv_rank=4, gate_rank=20, tokenizer="bytes",
-)  # fmt: skip
-WORLD_CFG = tiny_config(
-    n_layer=1, n_embd=64, head_size=32, vocab_size=65536, ffn_dim=128,
-    decay_rank=8, aaa_rank=12, mv_rank=1, gate_rank=16, tokenizer="world",
-)  # fmt: skip
+from test_cli import BYTE_CFG, WORLD_CFG  # the CLI tests' tiny models
+
 SUMMARY = "tokens/s"
 
 

@@ -193,7 +193,8 @@ def test_chat_page_streams_regenerates_undoes_forks_saves_and_loads(server, brow
     forked_tokens = page.state_tokens()
     assert forked_tokens > after_first
     page.conversations()[0].click()
-    page.wait.until(lambda d: page.messages("user") == ["import os"])
+    page.idle()
+    assert page.messages("user") == ["import os"]
     assert page.state_tokens() == after_first
 
     # save the original's state, load it as a new conversation, and continue it exactly

@@ -16,6 +16,7 @@ const app = {
   current: null,                            // id of the conversation shown
   model: null,                              // the served model id, from /v1/models
   busy: false,
+  notice: "",                               // a line for the status bar from the last action
   abort: null,                              // AbortController of the reply being streamed
 };
 
@@ -99,7 +100,7 @@ async function refreshStatus() {
   if (!conv) { $("status").textContent = "no conversation yet"; return; }
   try {
     const info = await json("GET", `/v1/sessions/${encodeURIComponent(conv.id)}`);
-    $("status").textContent = `${info.id} · ${info.tokens} tokens in the state · ${info.location}`;
+    $("status").textContent = [`${info.id} · ${info.tokens} tokens in the state · ${info.location}`, app.notice].filter(Boolean).join(" · ");
     $("status").dataset.tokens = info.tokens;
   } catch (e) { $("status").textContent = `${conv.id} · ${e.message}`; }
 }
@@ -213,7 +214,7 @@ async function save() {
   const info = await json("POST", `/v1/sessions/${encodeURIComponent(conv.id)}/snapshot`, {});
   app.saved.push({ name: info.name, title: conv.title, tokens: info.tokens, messages: structuredClone(conv.messages) });
   persist();
-  $("status").textContent = `saved ${info.tokens} tokens to ${info.name}`;
+  app.notice = `saved ${info.tokens} tokens to ${info.name}`;
 }
 
 async function loadState(name) {
@@ -266,7 +267,7 @@ function render() {
   const conv = currentConversation();
   $("messages").replaceChildren(...(conv ? conv.messages.map(messageElement) : []));
   $("conversations").replaceChildren(...app.conversations.map((c) =>
-    listItem(c.title, c.id === app.current, () => { if (!app.busy) { app.current = c.id; render(); refreshStatus(); } })));
+    listItem(c.title, c.id === app.current, () => action(async () => { app.current = c.id; }))));
   $("saved").replaceChildren(...app.saved.map((s) =>
     listItem(`${s.title} · ${s.tokens} tokens`, false, () => { $("load-name").value = s.name; })));
   const undoable = !!conv && exchanges(conv) > 0;
@@ -281,18 +282,21 @@ function render() {
 }
 
 // ---- wiring -------------------------------------------------------------------------------------------
-// Runs one user action at a time: errors are shown, the buttons follow the state, the status refreshes.
+// Runs one user action at a time: errors are shown, and the status is refreshed before the
+// buttons come back, so what the page shows when it is idle again is the session's new state.
 async function action(work) {
   if (app.busy) return;
   clearError();
   app.busy = true;
+  app.notice = "";
   render();
   try { await work(); } catch (e) { showError(e); } finally {
-    app.busy = false;
     app.abort = null;
     persist();
     render();
-    refreshStatus();
+    await refreshStatus();
+    app.busy = false;
+    render();
   }
 }
 
@@ -321,7 +325,7 @@ async function start() {
   $("fork").addEventListener("click", () => action(fork));
   $("save").addEventListener("click", () => action(save));
   $("stop").addEventListener("click", () => { if (app.abort) app.abort.abort(); });
-  $("new-chat").addEventListener("click", () => { app.current = null; render(); refreshStatus(); });
+  $("new-chat").addEventListener("click", () => action(async () => { app.current = null; }));
   $("load-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const name = $("load-name").value.trim();
