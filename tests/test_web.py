@@ -219,3 +219,33 @@ def test_chat_page_streams_regenerates_undoes_forks_saves_and_loads(server, brow
     assert len(page.conversations()) == 3
     problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
     assert not problems, problems
+
+
+def test_stop_ends_a_long_reply_and_the_chat_goes_on(browser, tmp_path):
+    """Random weights write random bytes, so a reply runs until stopped; the session is
+    released (the page retries while the server finishes the stopped request) and goes on.
+    This server has no key: the page works without one."""
+    from rwkvstate.model.synthetic import random_checkpoint, save_checkpoint
+
+    from test_cli import BYTE_CFG
+
+    path = save_checkpoint(random_checkpoint(BYTE_CFG, seed=5), tmp_path / "random.pth")
+    with BackgroundServer(create_app(rwkvstate.Model.load(path), ServerConfig(slots=2))) as server:
+        page = Page(browser)
+        browser.get(server.url + "/")
+        page.idle()
+        page.assert_no_error()
+        page.el("settings").click()
+        page.fill("max-tokens", "4000")
+        page.fill("message", "go on forever")
+        page.el("send").click()
+        page.wait.until(lambda d: page.replies() and int(page.replies()[0].get_attribute("data-chunks")) > 5)
+        page.el("stop").click()
+        page.idle()
+        page.assert_no_error()
+        assert "finish: stopped" in page.replies()[0].text
+        stopped_at = page.state_tokens()
+        assert stopped_at < 4000
+        page.fill("max-tokens", "3")
+        page.send("and now?")
+        assert len(page.replies()) == 2 and page.state_tokens() > stopped_at
