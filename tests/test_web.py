@@ -139,12 +139,13 @@ class Page:
 
 def greedy_reply(model, messages: list[str], max_tokens: int) -> list[str]:
     """The replies the page must show: the same chat template and greedy sampling, in-process."""
-    from rwkvstate.runtime.chat import ASSISTANT_STOP, format_user_turn, needs_turn_break
+    from rwkvstate.runtime.chat import ASSISTANT_STOP, format_user_turn, turn_break
 
     session = rwkvstate.Engine(model, slots=1).session()
     replies = []
     for text in messages:
-        prompt = (ASSISTANT_STOP if needs_turn_break(model.tokenizer, session.tokens) else "") + format_user_turn(text)
+        previous = model.tokenizer.decode_bytes(session.tokens[-4:]) if session.tokens else None
+        prompt = turn_break(previous) + format_user_turn(text)
         stream = session.generate(max_tokens, rwkvstate.SamplingParams(temperature=0, stop=(ASSISTANT_STOP,)),
                                   prompt=prompt)  # fmt: skip
         replies.append("".join(stream).removeprefix(" "))
