@@ -256,7 +256,7 @@ def summary(result: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(REPO_ROOT / "models" / "stdlib-byte-l8-c256.safetensors"))
+    parser.add_argument("--model", default=str(REPO_ROOT / "src" / "rwkvstate" / "data" / "stdlib-byte-l8-c256.safetensors"))
     parser.add_argument("--docs", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per document")
     parser.add_argument("--split", type=int, default=1792, help="snapshot after this many tokens")

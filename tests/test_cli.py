@@ -109,10 +109,19 @@ def test_inspect_world_model(capsys, world_model):
     assert rows["state bytes per sequence (fp32)"] == f"{1 * 34 * 64 * 4:,}"
 
 
-def test_inspect_tokenizer_override(capsys, byte_model):
-    rc, out, _ = run(capsys, "inspect", "--model", byte_model, "--tokenizer", "world")
+def test_inspect_tokenizer_override(capsys, world_model):
+    rc, out, _ = run(capsys, "inspect", "--model", world_model, "--tokenizer", "world")
     assert rc == 0
     assert parse_inspect(out)["tokenizer"] == "world"
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["generate", "--prompt", "hello"]])
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_naming_the_flag(capsys, byte_model, world_model, command):
+    rc, out, err = run(capsys, *command, "--model", byte_model, "--tokenizer", "world")
+    assert_clean_error(rc, err, "--tokenizer world has 65536 token ids, but a byte-level model has a vocabulary of 256")
+    rc, out, err = run(capsys, *command, "--model", world_model, "--tokenizer", "bytes")
+    assert_clean_error(rc, err, "--tokenizer bytes has 256 token ids, but a world-vocabulary model has a vocabulary")
+    assert out == ""
 
 
 # ---- generate --------------------------------------------------------------------------------
@@ -251,7 +260,7 @@ def test_bad_sampling_parameter(capsys, byte_model):
 def test_no_model_and_no_bundled_model(capsys, monkeypatch, tmp_path, command):
     monkeypatch.setattr(rwkvstate.cli, "BUNDLED_MODEL", tmp_path / "models" / "default.safetensors")
     rc, out, err = run(capsys, command)
-    assert_clean_error(rc, err, "no model given: pass --model PATH to an RWKV-7 .pth or .safetensors file")
+    assert_clean_error(rc, err, "no model given: pass --model NAME (see `rwkvstate models`) or a .pth/.safetensors file")
     assert out == ""
 
 
@@ -375,3 +384,58 @@ def test_bad_state_file_is_one_clean_line(capsys, byte_model, tmp_path):
     rc, out, err = run(capsys, "generate", "--model", byte_model, "--prompt", "x", "--state", path)
     assert_clean_error(rc, err, "time_state")
     assert out == ""
+
+
+# ---- messages that name the user's flag ----------------------------------------------------------
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_naming_the_flag(capsys, byte_model):
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python hands over undecodable argv bytes
+    rc, out, err = run(capsys, "generate", "--model", byte_model, "--prompt", bad)
+    assert_clean_error(rc, err, "--prompt is not valid UTF-8 text (byte 0xe9 at character 3)")
+    assert out == ""
+
+
+def test_a_prompt_that_is_not_utf8_from_a_real_command_line(byte_model):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    env.pop("RWKVSTATE_DEBUG", None)
+    argv = [sys.executable.encode(), b"-m", b"rwkvstate.cli", b"generate", b"--model", bytes(byte_model),
+            b"--prompt", b"\xff\xfe"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, timeout=120, env=env)
+    assert done.returncode == 1 and done.stdout == b""
+    assert done.stderr == b"rwkvstate: error: --prompt is not valid UTF-8 text (byte 0xff at character 0)\n"
+
+
+def test_a_prompt_file_that_is_not_utf8(capsys, byte_model, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"x = '\xe9'\n")
+    rc, _, err = run(capsys, "state", "save", "--model", byte_model, "--prompt-file", path, "-o", tmp_path / "s")
+    assert_clean_error(rc, err, f"--prompt-file {path} is not UTF-8 text (byte 0xe9 at offset 5)")
+
+
+@pytest.mark.parametrize("prompt, tokens, message", [
+    (4096, 4096, "--prompt 4096 must be less than --tokens 4096: the greedy continuation starts inside each document"),
+    (1, 64, "--prompt must be at least 2 tokens, got 1"),
+])  # fmt: skip
+def test_eval_state_names_its_flags(capsys, byte_model, prompt, tokens, message):
+    rc, _, err = run(capsys, "eval-state", "--model", byte_model, "--prompt", prompt, "--tokens", tokens)
+    assert_clean_error(rc, err, message)
+    assert "prompt_len" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr()[0] == f"rwkvstate {rwkvstate.__version__}\n"
+
+
+def test_model_from_the_environment(capsys, monkeypatch, byte_model, world_model):
+    monkeypatch.setenv("RWKVSTATE_MODEL", str(byte_model))
+    rc, out, _ = run(capsys, "inspect")
+    assert rc == 0 and parse_inspect(out)["file"] == str(byte_model)
+    rc, out, _ = run(capsys, "inspect", "--model", world_model)  # a flag wins over the variable
+    assert rc == 0 and parse_inspect(out)["file"] == str(world_model)
+    monkeypatch.setenv("RWKVSTATE_STATE_DTYPE", "fp12")
+    rc, _, err = run(capsys, "inspect")
+    assert_clean_error(rc, err, "environment variable RWKVSTATE_STATE_DTYPE: ")

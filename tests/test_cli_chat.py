@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import rwkvstate
-from rwkvstate import cli_speed
+from rwkvstate.cli import speed as cli_speed
 from rwkvstate.cli import main
-from rwkvstate.cli_chat import ChatConsole, base_model_warning
+from rwkvstate.cli.chat import ChatConsole, base_model_warning
 from rwkvstate.model.synthetic import random_checkpoint, save_checkpoint
 
 from test_cli import BYTE_CFG, WORLD_CFG  # the CLI tests' tiny models

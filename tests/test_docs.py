@@ -8,6 +8,10 @@ How snippets run (so a doc can be written to pass):
   `--device cuda` / `device="cuda"` becomes the CPU when there is no GPU; `pip install ...`
   is skipped (the tests run inside the installed package); token limits (`--max-tokens N`,
   `max_tokens=N`) become 8.
+- Official models by name (`rwkvstate pull NAME`, `--model NAME`) come from a local stand-in for
+  the Hugging Face hub (tests/fakehub.py, HF_ENDPOINT) that serves a tiny RWKV-7 world-vocabulary
+  checkpoint under every name whose table entry has no pinned sha256; a doc that names a pinned
+  model in a runnable block fails (the stand-in cannot serve the published bytes).
 - A shell block that starts `rwkvstate serve` runs in the background on a free port (which
   later blocks' `127.0.0.1:8000` becomes) until the end of its file, then gets Ctrl-C.
 - A block with a comment saying `(not run by the docs test: REASON)` is not run; each is
@@ -31,6 +35,11 @@ import torch
 
 import rwkvstate
 from rwkvstate.cli import BUNDLED_MODEL
+from rwkvstate.model import hub
+from rwkvstate.model.synthetic import random_checkpoint, save_checkpoint
+
+from fakehub import FakeHub
+from test_hub import WORLD_CFG
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -109,8 +118,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def shell_env(tmp_path_factory) -> dict:
-    """PATH with an `rwkvstate` that runs this checkout's CLI with this interpreter."""
+def fake_hub(tmp_path_factory):
+    """The hub stand-in serving a tiny world checkpoint under every unpinned official name."""
+    path = save_checkpoint(random_checkpoint(WORLD_CFG, seed=7, dtype=torch.float16),
+                           tmp_path_factory.mktemp("hub") / "w.pth")  # fmt: skip
+    with FakeHub() as server:
+        for entry in hub.KNOWN_MODELS.values():
+            if entry.sha256 is None:
+                server.add(entry.repo, entry.filename, path.read_bytes())
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shell_env(tmp_path_factory, fake_hub) -> dict:
+    """PATH with an `rwkvstate` that runs this checkout's CLI with this interpreter; the hub
+    is the local stand-in, its cache a fresh directory."""
     bin_dir = tmp_path_factory.mktemp("bin")
     shim = bin_dir / "rwkvstate"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m rwkvstate.cli "$@"\n')
@@ -119,6 +141,9 @@ def shell_env(tmp_path_factory) -> dict:
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
     env.pop("RWKVSTATE_DEBUG", None)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "RWKVSTATE_MODEL"):
+        env.pop(var, None)
+    env["HF_ENDPOINT"], env["HF_HOME"] = fake_hub.endpoint, str(tmp_path_factory.mktemp("hf"))
     return env
 
 
@@ -194,8 +219,8 @@ def test_snippets_not_run(snippet):
 def test_the_collector_finds_the_snippets():
     """Guards the collector itself: the README's snippets are all found, fences included."""
     readme = snippets(ROOT / "README.md")
-    assert [s.kind for s in readme][:4] == ["shell", "shell", "python", "python"]
+    assert [s.kind for s in readme][:5] == ["shell", "shell", "shell", "python", "python"]
     assert readme[1].not_run and "python -m pytest" in readme[1].code
-    assert "s.regenerate()" in readme[3].code
+    assert "rwkvstate pull" in readme[2].code and "s.regenerate()" in readme[4].code
     assert substitute('Model.load("rwkv7-g1-0.1b.pth")', None) == f'Model.load("{BUNDLED_MODEL}")'
     assert shell_code('pip install -e . && rwkvstate x\npip install y\n') == "rwkvstate x\n"

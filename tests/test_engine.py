@@ -209,3 +209,58 @@ def test_ids_beyond_the_tokenizer_are_never_sampled():
     stream = s.generate(20, SamplingParams(temperature=1.0, seed=0))
     list(stream)
     assert len(stream.token_ids) == 20 and max(stream.token_ids) < 256
+
+
+def _streams(engine, n, params_of):
+    sessions = [engine.session() for _ in range(n)]
+    for i, s in enumerate(sessions):
+        s.feed(f"prompt {i}")
+    return sessions, [s.generate(8, params_of(i)) for i, s in enumerate(sessions)]
+
+
+def test_a_stream_with_non_finite_logits_fails_alone_among_32(model):
+    params_of = lambda i: SamplingParams(temperature=0.9, top_p=0.95, seed=i, stop_token_ids=[])  # noqa: E731
+    clean_engine = Engine(model, slots=32)
+    _, clean = _streams(clean_engine, 32, params_of)
+    clean_engine.run(clean)
+    engine = Engine(model, slots=32)
+    sessions, streams = _streams(engine, 32, params_of)
+    engine.residency.logits[sessions[13]._slot, 5] = float("nan")  # as a poisoned state would give
+    engine.run(streams)
+    assert streams[13].finish_reason == "error" and streams[13].token_ids == []
+    others = [i for i in range(32) if i != 13]
+    assert all(streams[i].finish_reason == "length" for i in others)
+    assert all(streams[i].token_ids == clean[i].token_ids for i in others)
+    sessions[13].feed("x")  # the session itself stays usable: new logits, a normal stream
+    retry = sessions[13].generate(3, SamplingParams(temperature=0, stop_token_ids=[]))
+    list(retry)
+    assert retry.finish_reason == "length" and len(retry.token_ids) == 3
+
+
+def test_logit_bias_steers_and_is_checked_against_the_vocabulary(engine):
+    s = engine.session()
+    s.feed("abc")
+    stream = s.generate(6, SamplingParams(temperature=0, logit_bias={ord("q"): 100.0}, stop_token_ids=[]))
+    assert "".join(stream) == "q" * 6
+    with pytest.raises(ValueError, match="logit_bias"):
+        s.generate(3, SamplingParams(logit_bias={10**6: 1.0}))
+    assert not s.is_generating
+
+
+def test_penalty_counts_follow_each_stream(engine):
+    """A slot's counts row is rebuilt when a penalised stream starts, whatever the slot held."""
+    s = engine.session()
+    s.feed("abc")
+    first = s.generate(12, SamplingParams(temperature=0, frequency_penalty=0.5, stop_token_ids=[]))
+    list(first)
+    slot = s._slot
+    expected = torch.bincount(torch.tensor(first.token_ids), minlength=engine.stepper.counts.shape[1])
+    assert torch.equal(engine.stepper.counts.row(slot), expected.to(torch.int32))
+    s.reset()
+    s.feed("abc")
+    again = s.generate(12, SamplingParams(temperature=0, frequency_penalty=0.5, stop_token_ids=[]))
+    list(again)
+    assert again.token_ids == first.token_ids  # counts started from zero again
+    plain = s.fork().generate(12, SamplingParams(temperature=0, stop_token_ids=[]))
+    list(plain)
+    assert plain.token_ids != first.token_ids  # the penalties did act

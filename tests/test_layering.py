@@ -23,7 +23,7 @@ LAYERS = {
     "model": 4,
     "runtime": 5, "evaluation": 5,
     "server": 6, "cluster": 6,
-    "cli": 7, "cli_chat": 7, "cli_speed": 7,
+    "cli": 7,
     "": 8,  # the package root: the public API, importing from everywhere
 }  # fmt: skip
 # private fields of Session (and the engine's parts) that only runtime/ may touch

@@ -218,6 +218,9 @@ def test_session_continue_fork_rollback_delete(server, ref_model):
     for bad in ({"tokens": 1, "turns": 1}, {}, {"tokens": 10**6}, {"turns": 0}):
         r = api(server, "POST", f"/v1/sessions/{child['id']}/rollback", json=bad)
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.json()["error"]["code"] is not None
+    r = api(server, "POST", f"/v1/sessions/{child['id']}/rollback", json={"tokens": 10**6})
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("rollback_not_possible", "tokens")
     assert api(server, "DELETE", f"/v1/sessions/{child['id']}").json()["deleted"] is True
     assert api(server, "GET", f"/v1/sessions/{child['id']}").status_code == 404
     assert api(server, "DELETE", f"/v1/sessions/{child['id']}").status_code == 404
@@ -347,6 +350,10 @@ def test_error_responses(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = api(server, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    for bad in ({"temperature": 1e-40}, {"repetition_penalty": 1e-300}, {"min_p": 2}, {"logit_bias": {"5": 1000}},
+                {"logit_bias": {"999999": 1}}, {"logit_bias": {"x": 1}}):  # fmt: skip
+        r = api(server, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", **bad})
+        assert r.status_code == 400, bad
     assert api(server, "GET", "/v1/nothing").json()["error"]["type"] == "invalid_request_error"
 
 
@@ -418,3 +425,11 @@ def test_64_concurrent_streams_equal_their_requests_run_alone(server):
 def test_cli_serve_checks_its_options(capsys):
     rc = main(["serve", "--max-queue", "-1"])
     assert rc == 1 and "max_queue must be >= 0" in capsys.readouterr().err
+
+
+def test_logit_bias_and_min_p(server):
+    out = complete(server, "abc", max_tokens=5, logit_bias={str(ord("q")): 100})
+    assert out.choices[0].text == "qqqqq"
+    out = client(server).completions.create(model=MODEL, prompt="abc", max_tokens=5, temperature=1.0, seed=3,
+                                            extra_body={"min_p": 1.0})  # fmt: skip
+    assert out.choices[0].text == complete(server, "abc", max_tokens=5).choices[0].text  # min_p 1: the best token

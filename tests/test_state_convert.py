@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -370,15 +371,23 @@ def test_load_state_tuning_file_formats(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, content",
-    [("missing.pth", None), ("garbage.pth", b"not a pickle"), ("garbage.safetensors", b"\x00\x01junk")],
-)
-def test_load_state_tuning_file_failures_are_one_line(tmp_path, name, content):
+    "name, content, message",
+    [("missing.pth", None, "state file not found"),
+     ("garbage.pth", b"not a pickle", "is neither a PyTorch (.pth) nor a safetensors state file"),
+     ("garbage.safetensors", b"\x00\x01junk", "is neither a PyTorch (.pth) nor a safetensors state file"),
+     ("cut.pth", "truncated-zip", "cannot read"),],
+)  # fmt: skip
+def test_load_state_tuning_file_failures_are_one_line(tmp_path, name, content, message):
     path = tmp_path / name
-    if content is not None:
+    if content == "truncated-zip":
+        torch.save({"blocks.0.att.time_state": torch.zeros(3, 8, 8)}, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] + data[-200:])  # the zip directory survives, the data does not
+    elif content is not None:
         path.write_bytes(content)
-    with pytest.raises(ValueError, match="cannot read state-tuning file") as info:
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
         load_state_tuning_file(path, 2, 24, 8)
+    assert "weights_only" not in str(info.value)
     assert "\n" not in str(info.value)
 
 
@@ -387,6 +396,6 @@ def test_load_state_tuning_file_rejects_non_dict_and_unsafe_pickle(tmp_path):
     with pytest.raises(ValueError, match="holds a Tensor, not a dict"):
         load_state_tuning_file(tmp_path / "t.pth", 2, 24, 8)
     torch.save({"blocks.0.att.time_state": object()}, tmp_path / "o.pth")  # weights_only refuses
-    with pytest.raises(ValueError, match="cannot read state-tuning file") as info:
+    with pytest.raises(ValueError, match="holds Python objects other than tensors") as info:
         load_state_tuning_file(tmp_path / "o.pth", 1, 24, 8)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)

@@ -440,3 +440,44 @@ def test_cli_load_into_another_model_is_refused(tmp_path, capsys, no_debug):
     assert main(["state", "load", str(path), "--model", str(other)]) == 1
     err = capsys.readouterr()[1]
     assert err.count("\n") == 1 and "different model" in err and "8 layers" in err and "2 layers" in err
+
+
+@pytest.mark.skipif(not BUNDLED_MODEL.exists(), reason="bundled model not present")
+def test_cli_state_flag_takes_an_rwkvstate_state_file(tmp_path, capsys, no_debug):
+    """--state accepts a file from `state save`: the session continues from its state, token
+    log and logits, exactly like `state load`."""
+    path = tmp_path / "saved.state"  # any suffix: the file is recognised by its header
+    assert main(["state", "save", "--prompt", "def add(a, b):\n", "-o", str(path)]) == 0
+    capsys.readouterr()
+    argv = ["--prompt", "    return", "--max-tokens", "6", "--temperature", "0"]
+    assert main(["generate", "--state", str(path), *argv]) == 0
+    with_state, err = capsys.readouterr()
+    assert main(["state", "load", str(path), *argv]) == 0
+    loaded = capsys.readouterr()[0]
+    assert with_state == loaded and "weights_only" not in err
+
+
+@pytest.mark.skipif(not BUNDLED_MODEL.exists(), reason="bundled model not present")
+def test_cli_state_save_refuses_to_overwrite_without_force(tmp_path, capsys, no_debug):
+    path = tmp_path / "keep.state"
+    path.write_bytes(b"precious")
+    assert main(["state", "save", "--prompt", "x = 1", "-o", str(path)]) == 1
+    err = capsys.readouterr()[1]
+    assert err == f"rwkvstate: error: {path} exists; pass --force to overwrite it (-o/--output)\n"
+    assert path.read_bytes() == b"precious"
+    assert main(["state", "save", "--prompt", "x = 1", "-o", str(path), "--force"]) == 0
+    assert files.is_state_file(path)
+
+
+@pytest.mark.skipif(not BUNDLED_MODEL.exists(), reason="bundled model not present")
+def test_cli_state_flag_never_suggests_unsafe_loading(tmp_path, capsys, no_debug):
+    for name, data in (("junk.state", b"\x00" * 64), ("pickle.pth", None)):
+        path = tmp_path / name
+        if data is None:
+            torch.save({"blocks.0.att.time_state": object()}, path)  # refused by the safe loader
+        else:
+            path.write_bytes(data)
+        assert main(["generate", "--prompt", "x", "--state", str(path)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith("rwkvstate: error: ")
+        assert "weights_only" not in err and "unsafe" not in err.lower()

@@ -1,7 +1,7 @@
 """Train the bundled byte-level RWKV-7 model on the CPython standard library.
 
     python tools/train_mini.py corpus --out .corpus           # build train/held-out text
-    python tools/train_mini.py train --corpus .corpus --out models/  # train (GPU), save, evaluate
+    python tools/train_mini.py train --corpus .corpus --out src/rwkvstate/data/  # train (GPU), save, evaluate
 
 Corpus: every `*.py` file of the running interpreter's standard library (site-packages
 excluded), which includes the bundled documentation text `pydoc_data/topics.py`. Split
@@ -348,7 +348,7 @@ def main(argv=None) -> None:
     c.add_argument("--out", type=Path, default=Path(".corpus"))
     t = sub.add_parser("train")
     t.add_argument("--corpus", default=".corpus")
-    t.add_argument("--out", default="models")
+    t.add_argument("--out", default="src/rwkvstate/data")
     t.add_argument("--name", default="stdlib-byte-l8-c256")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--seed", type=int, default=20261127)

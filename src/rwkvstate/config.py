@@ -48,7 +48,7 @@ class EngineConfig:
     """How an Engine runs a model: pool size, state storage, batching limits."""
 
     num_slots: int = 8
-    state_dtype: torch.dtype = torch.float32
+    state_dtype: torch.dtype | str = torch.float32  # a name (fp16, ...) becomes the torch dtype
     layout: str = "contiguous"
     max_prefill_chunk: int = 1024  # tokens fed per forward; longer prompts are chunked
     enforce_eager: bool = False  # True: no CUDA graphs for decode
@@ -80,13 +80,27 @@ class EngineConfig:
             self.history_capacity = 4 if self.layout == "contiguous" else 0
         self._check_lifecycle()
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """state_dtype, parsed (a name given to the constructor becomes a torch dtype)."""
+        return parse_dtype(self.state_dtype)
+
+    @property
+    def history_fmt(self) -> str:
+        """The ring history's snapshot format (history_format, else the storage dtype's name)."""
+        return self.history_format or dtype_name(self.storage_dtype)
+
+    @property
+    def prefix_cache_fmt(self) -> str:
+        """The prefix cache's snapshot format (prefix_cache_format, else the storage dtype's name)."""
+        return self.prefix_cache_format or dtype_name(self.storage_dtype)
+
     def _check_lifecycle(self) -> None:
-        storage = dtype_name(self.state_dtype)
         for name in ("host_format", "cold_format", "history_format", "prefix_cache_format"):
             if getattr(self, name) is not None:
                 check_format(getattr(self, name))
-        self.history_format = self.history_format or storage
-        self.prefix_cache_format = self.prefix_cache_format or storage
+        self.history_format = self.history_fmt
+        self.prefix_cache_format = self.prefix_cache_fmt
         for name in ("history_every", "prefix_cache_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -114,7 +114,7 @@ class _VariantRun:
                 self.result.max_abs_state = max(self.result.max_abs_state, peak)
 
 
-def _teacher_forced(runs, docs: torch.Tensor, prompt_len: int, bar) -> list[torch.Tensor]:
+def _teacher_forced(runs, docs: torch.Tensor, prompt_len: int, bar) -> list[list[dict[str, torch.Tensor]]]:
     """Feeds every document through every variant; returns each variant's states after the
     first prompt_len - 1 tokens."""
     num_docs, num_tokens = docs.shape

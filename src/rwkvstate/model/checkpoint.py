@@ -38,7 +38,7 @@ _LAYER0_OPTIONAL = {"att.v0", "att.v1", "att.v2"}  # present in layer 0 of relea
 
 def layer_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     C, H, N, F = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.ffn_dim
-    shapes = {name: (C,) for name in _VECTORS}
+    shapes: dict[str, tuple[int, ...]] = {name: (C,) for name in _VECTORS}
     shapes.update(
         {
             "att.w1": (C, cfg.decay_rank), "att.w2": (cfg.decay_rank, C),

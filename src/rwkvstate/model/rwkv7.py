@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Literal, Sequence, Union, overload
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import StateError
@@ -21,24 +22,31 @@ from ..ops.time_mix import GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import token_shift_mix
 from ..ops.wkv7 import wkv7
 from ..state.layout import StateLayout, parse_dtype
-from ..state.pool import StatePool, new_pool
+from ..state.pool import Device, StatePool, new_pool
 from .checkpoint import fingerprint, load_checkpoint
 from .packing import Packed, pack, pack_decode
 from .weights import LayerWeights, Weights, build_weights
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from ..tokenizer import Tokenizer
+
 OUTPUTS = ("last", "all", "none")
+Tokens = Union[Sequence[int], torch.Tensor]  # one sequence's token ids (a list or a 1-D integer tensor)
 
 
 class Model:
     """An RWKV-7 model: config, weights on one device, and the packed forward."""
 
-    def __init__(self, config: ModelConfig, weights: Weights, dtype: torch.dtype, device, path=None):
+    def __init__(self, config: ModelConfig, weights: Weights, dtype: torch.dtype, device: Device,
+                 path: str | Path | None = None):  # fmt: skip
         self.config = config
         self.weights = weights
         self.dtype = dtype
         self.device = torch.device(device)
         self.path = Path(path) if path else None
-        self._tokenizer = None
+        self._tokenizer: Tokenizer | None = None
         # op backends: None picks Triton kernels for CUDA tensors and the torch reference
         # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one.
         # time_mix: "torch" is the reference of ops/time_mix.py, "triton" its fused kernels
@@ -51,7 +59,8 @@ class Model:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def load(cls, path, device="cpu", dtype=torch.float32, tokenizer: str | None = None, progress=None) -> "Model":
+    def load(cls, path: str | Path, device: Device = "cpu", dtype: torch.dtype | str = torch.float32,
+             tokenizer: str | None = None, progress: bool | None = None) -> Model:  # fmt: skip
         """Loads a .pth or .safetensors RWKV-7 checkpoint into `dtype` compute on `device`.
 
         progress: True/False, or None to show a bar for files over 256 MB on a terminal.
@@ -64,7 +73,9 @@ class Model:
         return cls.from_tensors(tensors, config, device, dtype, path, progress)
 
     @classmethod
-    def from_tensors(cls, tensors, config, device="cpu", dtype=torch.float32, path=None, progress=None):
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], config: ModelConfig, device: Device = "cpu",
+                     dtype: torch.dtype = torch.float32, path: str | Path | None = None,
+                     progress: bool | None = None) -> Model:  # fmt: skip
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         bar = _progress_bar(total, progress, Path(path).name if path else "weights")
         try:
@@ -75,7 +86,7 @@ class Model:
         return cls(config, weights, dtype, device, path)
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             from ..tokenizer import get_tokenizer
 
@@ -104,12 +115,24 @@ class Model:
     def num_params(self) -> int:
         return self.weights.num_params()
 
-    def new_pool(self, slots: int = 8, state_dtype=torch.float32, layout: str = "contiguous") -> StatePool:
+    def new_pool(self, slots: int = 8, state_dtype: torch.dtype | str = torch.float32,
+                 layout: str = "contiguous") -> StatePool:  # fmt: skip
         return new_pool(self.state_layout, slots, parse_dtype(state_dtype), layout, self.device)
 
     # ---- forward ------------------------------------------------------------------------
+    @overload
+    def forward(self, pool: StatePool, slots: Sequence[int], tokens: Sequence[Tokens],
+                output: Literal["last"] = "last") -> Tensor: ...  # fmt: skip
+    @overload
+    def forward(self, pool: StatePool, slots: Sequence[int], tokens: Sequence[Tokens],
+                output: Literal["all"]) -> list[Tensor]: ...  # fmt: skip
+    @overload
+    def forward(self, pool: StatePool, slots: Sequence[int], tokens: Sequence[Tokens],
+                output: str) -> Tensor | list[Tensor] | None: ...  # fmt: skip
+
     @torch.inference_mode()
-    def forward(self, pool: StatePool, slots: Sequence[int], tokens: Sequence, output: str = "last"):
+    def forward(self, pool: StatePool, slots: Sequence[int], tokens: Sequence[Tokens],
+                output: str = "last") -> Tensor | list[Tensor] | None:  # fmt: skip
         """Feeds tokens[i] into pool slot slots[i], all sequences in one packed pass.
 
         output="last": float32 [len(slots), vocab], logits after each sequence's last token
@@ -158,7 +181,8 @@ class Model:
             x = x + self._channel_mix(lw, xx, packed, ffn_shift)
         return x
 
-    def _time_mix(self, lw: LayerWeights, x, packed, att_shift, wkv_state, v_first):
+    def _time_mix(self, lw: LayerWeights, x: Tensor, packed: Packed, att_shift: Tensor, wkv_state: Tensor,
+                  v_first: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
         mixed = token_shift_mix(x, att_shift, packed, lw.mix, backend=self.backends["token_shift"])
         xr, xw, xk, xv, xa, xg = mixed.unbind(0)
         r = F.linear(xr, lw.receptance)
@@ -170,39 +194,44 @@ class Model:
         if lw.v0 is None:
             v_first, v_lora = v, None
         else:
+            assert v_first is not None, "layer 0 sets v_first"
+            assert lw.v1 is not None and lw.v2 is not None  # layers >= 1 have the value-residual LoRA
             v_lora = F.linear(F.linear(xv, lw.v1), lw.v2)
         out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
         return F.linear(out, lw.output), v_first
 
-    def _time_mix_core(self, lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first):
+    def _time_mix_core(self, lw: LayerWeights, packed: Packed, wkv_state: Tensor, r: Tensor, w: Tensor, k: Tensor,
+                       v: Tensor, a_lora: Tensor, g: Tensor, v_lora: Tensor | None, v_first: Tensor) -> Tensor:  # fmt: skip
         """Everything between the GEMMs: the prologue, WKV-7, the epilogue (ops/time_mix.py; its
         torch reference on the CPU, one fused kernel each on CUDA unless backends say otherwise)."""
         H, N = self.config.n_head, self.config.head_size
         backend = self.backends["time_mix"]
-        v_first = None if v_lora is None else v_first  # layer 0 takes v as it is
+        v_mix = None if v_lora is None else v_first  # layer 0 takes v as it is
         decay, k, v, a_in, b_in = time_mix_prologue(
-            k, v, w, a_lora, v_lora, v_first, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H, N, backend=backend
+            k, v, w, a_lora, v_lora, v_mix, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H, N, backend=backend
         )
         y = self._wkv(wkv_state, packed, r, decay, k, v, a_in, b_in)
         return time_mix_epilogue(y, r, k, v, g, lw.r_k, *lw.ln_x, H, N, eps=GROUP_NORM_EPS, backend=backend)
 
-    def _wkv(self, wkv_state, packed, r, w, k, v, a, b) -> torch.Tensor:
+    def _wkv(self, wkv_state: Tensor, packed: Packed, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor,
+             b: Tensor) -> Tensor:  # fmt: skip
         """WKV-7 on [T, C] inputs viewed as [T, H, N]; returns y [T, C] float32."""
         T, C = r.shape
         H, N = self.config.n_head, self.config.head_size
-        heads = [t.view(T, H, N) for t in (r, w, k, v, a, b)]
+        r, w, k, v, a, b = (t.view(T, H, N) for t in (r, w, k, v, a, b))
         self._round_calls += 1  # a fresh stochastic-rounding seed per layer call
         backend = self.backends["wkv"]
         if not packed.is_decode and self.backends["wkv_prefill"] is not None:
             backend = self.backends["wkv_prefill"]
-        y = wkv7(wkv_state, packed, *heads, backend=backend, rounding=self.state_rounding, seed=self._round_calls)
+        rounding, seed = self.state_rounding, self._round_calls
+        y = wkv7(wkv_state, packed, r, w, k, v, a, b, backend=backend, rounding=rounding, seed=seed)
         return y.view(T, C)
 
-    def _channel_mix(self, lw: LayerWeights, x, packed, ffn_shift):
+    def _channel_mix(self, lw: LayerWeights, x: Tensor, packed: Packed, ffn_shift: Tensor) -> Tensor:
         k = token_shift_mix(x, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0), backend=self.backends["token_shift"])[0]
         return F.linear(torch.relu(F.linear(k, lw.ffn_key)).square(), lw.ffn_value)
 
-    def _output(self, x: torch.Tensor, packed: Packed, output: str):
+    def _output(self, x: Tensor, packed: Packed, output: str) -> Tensor | list[Tensor] | None:
         if output == "none":
             return None
         V = self.config.vocab_size
@@ -219,7 +248,7 @@ class Model:
         x = F.layer_norm(x, (x.shape[-1],), *self.weights.ln_out)
         return F.linear(x, self.weights.head).float()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         c = self.config
         return (
             f"Model(n_layer={c.n_layer}, n_embd={c.n_embd}, head_size={c.head_size}, vocab={c.vocab_size}, "
@@ -227,7 +256,7 @@ class Model:
         )
 
 
-def _progress_bar(total_bytes: int, progress, name: str):
+def _progress_bar(total_bytes: int, progress: bool | None, name: str) -> tqdm | None:
     if progress is None:
         progress = total_bytes > 256 * 2**20 and os.isatty(2)
     if not progress:

@@ -8,6 +8,7 @@ makes them a meaningful check of numerics, unlike all-small weights that wash ou
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ _PLAIN_VECTORS = ("ln0", "ln1", "ln2", "ln_x", "ln_out")  # LayerNorm params are
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
+    base: dict[str, Any] = dict(
         n_layer=2, n_embd=128, head_size=64, vocab_size=256, ffn_dim=512,
         decay_rank=16, aaa_rank=16, mv_rank=8, gate_rank=32, tokenizer="bytes",
     )  # fmt: skip

@@ -11,6 +11,8 @@ slot's shift vector is then replaced by the sequence's last row. The mixes are
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ._triton import HAS_TRITON, pick_backend, tl, triton
@@ -171,7 +173,7 @@ def token_shift_mix_per_mix(x, shift_state, packed, mix, *, out=None, block_t=No
     return out
 
 
-_BACKENDS = {
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "torch": token_shift_mix_reference,
     "triton": token_shift_mix_triton,
     "triton-per-mix": token_shift_mix_per_mix,

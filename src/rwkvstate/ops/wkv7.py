@@ -9,6 +9,7 @@ RWKV-7 calls it with a = -kk and b = kk * in_context_lr (see ops/README.md).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -251,7 +252,7 @@ def wkv7_fla(state, packed, r, w, k, v, a, b, rounding="nearest", seed=0) -> tor
     return y[0].float()
 
 
-_BACKENDS = {"torch": _wkv7_torch, "triton": wkv7_triton, "fla": wkv7_fla}
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": _wkv7_torch, "triton": wkv7_triton, "fla": wkv7_fla}
 
 
 def wkv7(state, packed, r, w, k, v, a, b, backend=None, rounding="nearest", seed=0) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .timeline import Timeline
 
 if TYPE_CHECKING:
     from ..model.rwkv7 import Model
+    from ..tokenizer import Tokenizer
 
 MAINTAIN_EVERY = 64  # steps between host-tier maintenance passes
 
@@ -45,7 +46,7 @@ class Engine:
                  layout: str = "contiguous", clock: Callable[[], float] = time.monotonic, **options: Any):  # fmt: skip
         cfg = self.config = EngineConfig(num_slots=slots, state_dtype=state_dtype, layout=layout, **options)
         self.model = model
-        self.pool: StatePool = model.new_pool(cfg.num_slots, cfg.state_dtype, cfg.layout)
+        self.pool: StatePool = model.new_pool(cfg.num_slots, cfg.storage_dtype, cfg.layout)
         vocab = model.config.vocab_size
         self.tier = HostTier(self.pool, cfg.host_format, cfg.cold_format, cfg.cold_after_s, clock)
         self.residency = Residency(self.pool, self.tier, vocab, model.device, on_free=self._forget_history)
@@ -56,7 +57,7 @@ class Engine:
 
     # ---- parts, as attributes of the engine ------------------------------------------------------
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         return self.model.tokenizer
 
     @property
@@ -232,11 +233,12 @@ class Engine:
         """Adds a new stream to the live ones (called by the stream itself): its start is an
         undo point, and its prompt starts from the longest cached prefix."""
         session = stream.session
+        stream.params.check_vocab(self.stepper.sample_limit)
         with self.residency.pinned_slots(session) as (slot,):
             self.timeline.mark(session, slot)
             stream.pending = self.timeline.use_prefix_cache(session, slot, stream.pending)
         self.timeline.generation_started(session, stream)
-        self.stepper.add(stream)  # a live stream keeps its session resident
+        self.stepper.add(stream, slot)  # a live stream keeps its session resident
         if not stream.pending:
             self.timeline.reply_started(session, slot, stream)
 
@@ -269,7 +271,7 @@ class Engine:
         """Counters for monitoring: slots, tiers, bytes, cache and history activity."""
         resident = self.residency.slots_in_use
         cache = self.prefix_cache
-        out = {
+        out: dict[str, int | float] = {
             "sessions": len(self.sessions), "slots_total": self.pool.num_slots, "slots_in_use": resident,
             "sessions_on_host": len(self.tier), "generating": self.num_generating, "steps": self.steps,
             "tokens_fed": self.tokens_fed, "tokens_generated": self.tokens_generated,

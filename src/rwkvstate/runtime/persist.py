@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 def save_session(session: Session, path: str | Path, *, extra: Mapping | None = None) -> Path:
     """Saves a session's state (in its pool's storage dtype), token log and logits."""
     snap = session.snapshot()
+    assert isinstance(snap.state, dict)  # fmt None: the canonical dict
     engine = session.engine
     return save_state_file(
         path, snap.state, fingerprint=engine.model.fingerprint, model_info=engine.model.description,

@@ -2,15 +2,19 @@
 
 A Session holds plain Python data (id, token log, undo points); its state lives in
 the engine's pool (or, evicted, in the engine's host tier) and its next-token logits
-in the engine's logits table. A GenerationStream is one generate() call: it registers with the
+in the engine's logits table. Its private fields (`_slot`, `_marks`, `_origin`,
+`_last_generation`, ...) belong to runtime/ (Residency sets the slot, Timeline the undo
+points, origin and last generation); everything else reads a session through its public
+methods and properties (`undo_points`, `can_regenerate`, `location`, `is_resident`, ...). A GenerationStream is one generate() call: it registers with the
 engine on creation, so all streams alive at the same time advance together, one
 packed forward per step, whichever stream the caller happens to iterate.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
@@ -117,7 +121,7 @@ class Session:
         self.engine.feed(self, ids)
         return ids
 
-    def _ids(self, data) -> list[int]:
+    def _ids(self, data: str | Sequence[int]) -> list[int]:
         ids = self.engine.tokenizer.encode(data) if isinstance(data, str) else [int(t) for t in data]
         return check_token_ids(ids, self.engine.model.config.vocab_size)
 
@@ -148,7 +152,7 @@ class Session:
         self._stream = GenerationStream(self, max_tokens, sampling or SamplingParams(), pending=ids, cut_at=cut)
         return self._stream
 
-    def regenerate(self, max_tokens: int | None = None, sampling: SamplingParams | None = None):
+    def regenerate(self, max_tokens: int | None = None, sampling: SamplingParams | None = None) -> GenerationStream:
         """Takes back the last generation's tokens and generates again from the same point
         (same limits and sampling unless given); returns the new stream."""
         self._check_usable()
@@ -179,7 +183,7 @@ class Session:
         self._check_usable()
         return self.engine.undo(self, n)
 
-    def snapshot(self, fmt: str | None = None, device=None) -> SessionSnapshot:
+    def snapshot(self, fmt: str | None = None, device: torch.device | str | None = None) -> SessionSnapshot:
         """The session's state; fmt None gives the canonical float32 dict, else an encoded
         snapshot ("fp32", "fp16", "bf16", "int8", "fp8") on `device` (default: the pool's)."""
         self._check_usable()
@@ -198,14 +202,14 @@ class Session:
         self.engine.load_state(self, state)
         self._lost = False
 
-    def save(self, path) -> None:
+    def save(self, path: str | Path) -> None:
         """Writes the session (state, token log, logits) to a state file, atomically."""
         from .persist import save_session
 
         self._check_usable()
         save_session(self, path)
 
-    def load(self, path) -> None:
+    def load(self, path: str | Path) -> None:
         """Replaces the session's state with a state file's; a bad file changes nothing."""
         from .persist import load_session
 
@@ -221,17 +225,17 @@ class Session:
             self.engine.release(self)
             self._closed = True
 
-    def __enter__(self):
+    def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed:
             raise RwkvStateError("this session is closed")
 
-    def _check_usable(self, replacing: bool = False):
+    def _check_usable(self, replacing: bool = False) -> None:
         """Open and not generating; and, unless the call replaces the whole state, not lost."""
         self._check_open()
         if self._lost and not replacing:
@@ -239,7 +243,7 @@ class Session:
         if self.is_generating:
             raise RwkvStateError("this session is generating; finish or close its stream first")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Session(id={self.id}, {self.location}, tokens={len(self.tokens)}, closed={self._closed})"
 
 
@@ -249,16 +253,15 @@ class GenerationStream:
     max_tokens: int
     params: SamplingParams
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (a failed forward)
+    finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (a failed forward or sample)
     text: str = ""  # everything yielded so far
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed
     start_position: int | None = None  # the session's position when sampling began
     cut_at: int | None = None  # a position where a prompt chunk must end and the prefix cache keeps the state
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         engine = self.session.engine
-        self.generator = self.params.make_generator()
-        self.counts: Counter = Counter()
+        self.seed = self.params.stream_seed()  # keys the stream's uniforms with its position
         self.decoder = StreamDecoder(engine.tokenizer)
         self.stop_ids = set(engine.stop_token_ids if self.params.stop_token_ids is None else self.params.stop_token_ids)
         self._held_text = ""  # decoded text held back while it may be the start of a stop string
@@ -301,7 +304,6 @@ class GenerationStream:
             self.finish("stop")
             return False
         self.token_ids.append(token)
-        self.counts[token] += 1
         self._held_text += self.decoder.push(token)
         self._emit_safe_text()
         if not self.done and len(self.token_ids) >= self.max_tokens:

@@ -21,7 +21,7 @@ from ..config import EngineConfig
 from ..state.pool import StatePool
 from .residency import Residency
 from .graphs import DecodeGraphs
-from .sampling import apply_penalties, sample
+from .sampling import TokenCounts, sample
 from .timeline import Timeline
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class Stepper:
         # a model whose vocabulary is larger than its tokenizer's must never sample
         # an id the tokenizer cannot decode
         self.sample_limit = min(model.config.vocab_size, model.tokenizer.vocab_size)
+        self.counts = TokenCounts(config.num_slots, self.sample_limit, model.device)  # for penalties
         self.steps = 0  # packed forwards run by step()
         self.tokens_fed = 0
         self.tokens_generated = 0
@@ -73,7 +74,9 @@ class Stepper:
         self.feed_ids(session, slot, tokens[start:target], cache=False)
 
     # ---- generation ---------------------------------------------------------------------------
-    def add(self, stream: GenerationStream) -> None:
+    def add(self, stream: GenerationStream, slot: int) -> None:
+        if stream.params.has_penalties():  # the slot's counts row may hold another stream's
+            self.counts.rebuild(slot, stream.token_ids)
         self.streams.append(stream)
 
     def remove(self, stream: GenerationStream) -> None:
@@ -115,12 +118,16 @@ class Stepper:
         if not streams:
             return []
         slots = [self._slot(s) for s in streams]
-        rows = self.residency.logits[slots, : self.sample_limit].clone()
-        for row, stream in zip(rows, streams):
-            apply_penalties(row, stream.params, stream.counts)
-        uniforms = [s.generator.random() for s in streams]
-        tokens = sample(rows, [s.params for s in streams], uniforms)
-        return [(s, [t]) for s, t in zip(streams, tokens) if s.accept(t)]
+        rows = self.residency.logits[slots, : self.sample_limit]  # a gathered copy: the sampler's work buffer
+        positions = [len(s.token_ids) for s in streams]
+        tokens = sample(rows, [s.params for s in streams], [s.seed for s in streams], positions, self.counts, slots)
+        items = []
+        for stream, token in zip(streams, tokens):
+            if token < 0:  # non-finite logits: this stream ends, the others go on
+                stream.finish("error")
+            elif stream.accept(token):
+                items.append((stream, [token]))
+        return items
 
     def _run(self, items: list[StepItem]) -> None:
         slots = [self._slot(s) for s, _ in items]

@@ -38,7 +38,7 @@ class Timeline:
         self.history: StateHistory | None = None
         if config.history_capacity:
             self.history = StateHistory(pool, config.history_every, config.history_capacity,
-                                        config.history_format, vocab_size, marks=config.history_marks)  # fmt: skip
+                                        config.history_fmt, vocab_size, marks=config.history_marks)  # fmt: skip
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
 
     # ---- a session's whole timeline ---------------------------------------------------------
@@ -48,7 +48,7 @@ class Timeline:
         becomes the origin, the earliest point rollbacks reach."""
         session._marks, session._last_generation = [], None
         session.from_zero = snap is None or snap.from_zero
-        session._origin = None if session.from_zero else Origin(len(snap.tokens), _own_copy(snap))
+        session._origin = None if snap is None or snap.from_zero else Origin(len(snap.tokens), _own_copy(snap))
 
     def copy(self, session: Session, child: Session) -> None:
         """A fork's child gets the parent's timeline (undo points, origin, last generation)."""
@@ -129,7 +129,7 @@ class Timeline:
         cache = self.prefix_cache
         at_cut = new % self.config.prefix_cache_every == 0 or cache_end
         if cache is not None and session.from_zero and at_cut and not cache.contains(session.tokens):
-            state = self.pool.encode_slot(slot, self.config.prefix_cache_format)
+            state = self.pool.encode_slot(slot, self.config.prefix_cache_fmt)
             cache.insert(list(session.tokens), state, logits.clone())
 
     # ---- going back ---------------------------------------------------------------------------

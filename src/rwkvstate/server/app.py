@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import RwkvStateError
 from ..runtime.chat import ASSISTANT_STOP, ReplyText, render_messages
 from ..runtime.sampling import SamplingParams
 from ..tokenizer import check_token_ids
@@ -184,22 +185,23 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext) -> None:
         text = metrics.render(ctx.worker.stats, ctx.requests, len(ctx.store.records))
         return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE)
 
-    def model_card() -> dict:
-        return {"id": ctx.model_name, "object": "model", "created": ctx.started, "owned_by": "rwkvstate"}
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": ctx.started, "owned_by": "rwkvstate"}
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in ctx.model_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         _check_model(ctx, model_id)
-        return model_card()
+        return model_card(model_id)
 
 
 def _check_model(ctx: ServerContext, name: str) -> None:
-    if name != ctx.model_name:
-        raise APIError(404, f"model {name!r} is not served here; this server serves {ctx.model_name!r}",
+    if name not in ctx.model_names:
+        served = ", ".join(repr(n) for n in ctx.model_names)
+        raise APIError(404, f"model {name!r} is not served here; this server serves {served}",
                        param="model", code="model_not_found")  # fmt: skip
 
 
@@ -248,7 +250,8 @@ def _sampling(body: GenerationRequest, extra_stop: tuple[str, ...] = ()) -> Samp
     try:
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+            logit_bias=body.logit_bias,
             repetition_penalty=body.repetition_penalty or 1.0,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             seed=body.seed, stop=tuple(extra_stop) + tuple(stops), stop_token_ids=body.stop_token_ids,
@@ -259,6 +262,7 @@ def _sampling(body: GenerationRequest, extra_stop: tuple[str, ...] = ()) -> Samp
 
 async def _respond(ctx: ServerContext, body: GenerationRequest, job: Job, reply: "Reply", request: Request):
     _check_model(ctx, body.model)
+    reply.model = body.model  # answer with the name (or alias) the client used
     unsupported = body.unsupported()
     if unsupported is not None:
         param, message = unsupported
@@ -327,6 +331,7 @@ async def _collect(ctx: ServerContext, job: Job, reply: Reply, request: Request)
             done = event
         elif isinstance(event, Failed):
             raise event.error
+    assert done is not None  # the events end with Done, or Failed raised above
     return JSONResponse(reply.full("".join(pieces), done))
 
 
@@ -438,15 +443,19 @@ def _add_session_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/sessions/{session_id}/rollback")
     async def rollback_session(session_id: str, body: RollbackRequest):
         if (body.tokens is None) == (body.turns is None):
-            raise APIError(400, 'give exactly one of "tokens" and "turns"', param="tokens")
+            raise APIError(400, 'give exactly one of "tokens" and "turns"', param="tokens", code="invalid_rollback")
 
         def rollback(engine, record):
             session = record.session
             before = len(session.tokens)
-            if body.tokens is not None:
-                session.rollback(body.tokens)
-            else:
-                session.undo(body.turns)
+            try:
+                if body.tokens is not None:
+                    session.rollback(body.tokens)
+                else:
+                    session.undo(body.turns)
+            except (RwkvStateError, ValueError) as e:
+                param = "tokens" if body.tokens is not None else "turns"
+                raise APIError(400, str(e), param=param, code="rollback_not_possible") from None
             store.persist(record)
             return dict(info(engine, record), busy=False, removed=before - len(session.tokens))
 

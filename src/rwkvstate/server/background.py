@@ -13,20 +13,26 @@ import uvicorn
 
 from .app import create_app
 from .config import ServerConfig
+from .requestlog import log_startup
 
 log = logging.getLogger("rwkvstate.server")
 GRACEFUL_SHUTDOWN_S = 10
 
 
-def serve(model, config: ServerConfig, log_level: str = "info") -> None:
-    """Serves until interrupted (Ctrl-C / SIGTERM); sessions are saved on the way out."""
+def serve(model, config: ServerConfig, log_level: str = "info", sockets=None) -> None:
+    """Serves until interrupted (Ctrl-C / SIGTERM); sessions are saved on the way out.
+
+    sockets: already bound listening sockets (the CLI binds before loading the model, so a
+    busy port fails fast); None binds config.host:config.port here."""
     if config.api_key is None and not _is_loopback(config.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
     if config.state_dir is not None:
         config.state_dir.mkdir(parents=True, exist_ok=True)  # fail here, with a plain OSError, if it cannot be
     app = create_app(model, config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
+    log_startup(model, config, config.served_names(model))
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))  # fmt: skip
+    server.run(sockets=sockets)
 
 
 def _is_loopback(host: str) -> bool:

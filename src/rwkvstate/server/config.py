@@ -17,6 +17,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str | None = None  # the id clients pass as `model`; None: the model file's stem
+    model_aliases: tuple[str, ...] = ()  # further ids accepted and listed by /v1/models
     slots: int = 8  # pool slots = the most requests generating at once
     state_dtype: torch.dtype = torch.float32
     prefix_cache_bytes: int = 64 << 20  # 0 turns the prefix cache off
@@ -46,3 +47,13 @@ class ServerConfig:
             self.state_dir = Path(self.state_dir)
         if self.api_key == "":
             self.api_key = None
+        self.model_aliases = tuple(self.model_aliases)
+        for name in (self.model_name, *self.model_aliases):
+            if name is not None and (not isinstance(name, str) or not name.strip()):
+                raise ValueError(f"ServerConfig: a served model name must be a non-empty string, got {name!r}")
+
+    def served_names(self, model) -> tuple[str, ...]:
+        """The model ids clients may use: the primary one (model_name, else the model file's
+        stem) first, then the aliases, without repeats."""
+        primary = self.model_name or (Path(str(model.path)).stem if getattr(model, "path", None) else "rwkv7")
+        return tuple(dict.fromkeys((primary, *self.model_aliases)))

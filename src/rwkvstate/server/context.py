@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import AsyncIterator
 
 from .config import ServerConfig
 from .metrics import RequestCounter
 from .protocol import APIError
+from .requestlog import RequestTimer
 from .sessions import SessionRecord, SessionStore
 from .worker import Command, Done, EngineWorker, Failed, Job, api_error
 
@@ -22,7 +22,8 @@ from .worker import Command, Done, EngineWorker, Failed, Job, api_error
 class ServerContext:
     def __init__(self, model, config: ServerConfig):
         self.model, self.config = model, config
-        self.model_name = config.model_name or (Path(str(model.path)).stem if model.path else "rwkv7")
+        self.model_names = config.served_names(model)  # the first is the one /health reports
+        self.model_name = self.model_names[0]
         self.started = int(time.time())
         self.store = SessionStore(config.state_dir)
         self.requests = RequestCounter()
@@ -78,7 +79,13 @@ class ServerContext:
         if session_id is not None:
             job.record = self.store.acquire(session_id, param="session")
         job.events = asyncio.Queue()
-        job.on_event = lambda event: self._on_event(job, event)
+        timer = RequestTimer("chat" if job.chat else "completion", session_id)
+
+        def on_event(event) -> None:
+            timer.on_event(event)
+            self._on_event(job, event)
+
+        job.on_event = on_event
         if c.request_timeout_s is not None:
             job.deadline = time.monotonic() + c.request_timeout_s
         self.inflight += 1

@@ -7,7 +7,7 @@ ignored (`extra="allow"`), except the few whose silent omission would change the
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,12 +20,18 @@ ERROR_TYPES = {
 }  # fmt: skip
 
 
+DEFAULT_CODES = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "request_too_large",
+                 429: "rate_limited", 500: "internal_error", 503: "unavailable"}  # fmt: skip
+
+
 class APIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None):  # fmt: skip
         super().__init__(message)
+        # never a null code: clients branch on it; specific codes are given where raised
+        code = code or DEFAULT_CODES.get(status, "invalid_request" if status < 500 else "server_error")
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
@@ -47,6 +53,8 @@ class GenerationRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # extension: 0 = off
+    min_p: float | None = Field(None, ge=0, le=1)  # extension: 0 = off
+    logit_bias: dict[int, float] | None = None  # token id (a string in JSON) -> bias in [-100, 100]
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100)  # extension: 1 = off
@@ -64,8 +72,6 @@ class GenerationRequest(BaseModel):
             return "n", "n must be 1: each request produces one choice"
         if getattr(self, "logprobs", None) not in (None, False, 0):
             return "logprobs", "logprobs are not supported"
-        if getattr(self, "logit_bias", None):
-            return "logit_bias", "logit_bias is not supported"
         if getattr(self, "tools", None) or getattr(self, "functions", None):
             return "tools", "tools and functions are not supported"
         return None
@@ -97,7 +103,7 @@ class CompletionRequest(GenerationRequest):
             if len(p) != 1:
                 raise APIError(400, f"one prompt per request, got {len(p)}", param="prompt")
             p = p[0]
-        return p
+        return cast(Union[str, list[int]], p)  # pydantic checked the element type
 
 
 class TextPart(BaseModel):

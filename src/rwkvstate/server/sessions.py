@@ -19,9 +19,13 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from ..errors import StateError
 from .protocol import APIError
+
+if TYPE_CHECKING:
+    from ..runtime.session import Session
 
 log = logging.getLogger("rwkvstate.server")
 
@@ -34,7 +38,7 @@ SNAPSHOTS_DIR = "snapshots"
 class SessionRecord:
     id: str
     created: int  # unix time
-    session: object = None  # the engine Session (worker thread only)
+    session: Session  # the engine Session (worker thread only)
     busy: bool = False  # held by a request or operation (event loop only)
 
 
@@ -46,6 +50,12 @@ class SessionStore:
     @property
     def persistent(self) -> bool:
         return self.state_dir is not None
+
+    @property
+    def _dir(self) -> Path:
+        """The state directory (callers check `persistent` or answer 400 first)."""
+        assert self.state_dir is not None
+        return self.state_dir
 
     # ---- event loop ----------------------------------------------------------------------------
     def get(self, session_id: str, param: str | None = None) -> SessionRecord:
@@ -115,7 +125,7 @@ class SessionStore:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             name = f"{SNAPSHOTS_DIR}/{record.id}-{stamp}-{secrets.token_hex(2)}.state"
         path = self.resolve(name, "name", must_exist=False)
-        if SESSIONS_DIR in path.relative_to(self.state_dir.resolve()).parts[:1]:
+        if SESSIONS_DIR in path.relative_to(self._dir.resolve()).parts[:1]:
             raise APIError(400, f"{SESSIONS_DIR}/ belongs to the server's own session files", param="name")
         if path.exists():
             raise APIError(409, f"a file named {name!r} already exists in the state directory", param="name",
@@ -131,8 +141,8 @@ class SessionStore:
 
         if not self.persistent:
             return 0
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted((self.state_dir / SESSIONS_DIR).glob("sess_*.state")):
+        self._dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted((self._dir / SESSIONS_DIR).glob("sess_*.state")):
             if not SESSION_ID.fullmatch(path.stem):
                 continue
             session = engine.session()
@@ -162,7 +172,7 @@ class SessionStore:
 
     # ---- paths -----------------------------------------------------------------------------------
     def _file(self, session_id: str) -> Path:
-        return self.state_dir / SESSIONS_DIR / f"{session_id}.state"
+        return self._dir / SESSIONS_DIR / f"{session_id}.state"
 
     def resolve(self, name: str, param: str, must_exist: bool = True) -> Path:
         """The path of `name` inside the state directory; APIError if it is not allowed."""

@@ -15,18 +15,22 @@ new requests cannot starve it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import RwkvStateError, SlotError
 from ..runtime.chat import turn_break
 from ..runtime.sampling import SamplingParams
 from .protocol import APIError
+
+if TYPE_CHECKING:
+    from ..runtime.engine import Engine
 
 log = logging.getLogger("rwkvstate.server")
 
@@ -42,7 +46,7 @@ class Text:
 
 @dataclass
 class Done:
-    finish_reason: str  # stop, length, timeout, cancelled
+    finish_reason: str  # stop, length, timeout, cancelled, error
     prompt_tokens: int
     completion_tokens: int
 
@@ -89,7 +93,7 @@ def api_error(e: BaseException) -> APIError:
     if isinstance(e, SlotError):
         return APIError(503, f"no pool slot is free: {e}", code="no_free_slot")
     if isinstance(e, (RwkvStateError, ValueError)):
-        return APIError(400, str(e))
+        return APIError(400, str(e), code="invalid_request")
     log.error("internal error in the engine worker", exc_info=e)
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
@@ -109,19 +113,19 @@ class _Rate:
 
 
 class EngineWorker:
-    def __init__(self, make_engine: Callable[[], Any], max_active: int,
-                 on_start: Callable[[Any], None] | None = None, on_stop: Callable[[Any], None] | None = None,
+    def __init__(self, make_engine: Callable[[], Engine], max_active: int,
+                 on_start: Callable[[Any], object] | None = None, on_stop: Callable[[Any], None] | None = None,
                  on_job_end: Callable[[Job], None] | None = None):  # fmt: skip
         self._make_engine, self.max_active = make_engine, max_active
         self._on_start, self._on_stop = on_start, on_stop
         self._on_job_end = on_job_end or (lambda job: None)  # worker thread, before the job's last event
-        self.engine = None
+        self.engine: Engine | None = None  # built on the worker thread
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._commands: deque[Command] = deque()
         self._active: list[Job] = []
         self._outbox: list[tuple[Job, object]] = []
-        self._loop = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -131,8 +135,13 @@ class EngineWorker:
         self._rate = _Rate()
         self.stats: dict = {}  # the latest engine.stats() plus worker counters, for /metrics
 
+    @property
+    def _engine(self) -> Engine:
+        assert self.engine is not None, "the worker thread builds the engine before anything uses it"
+        return self.engine
+
     # ---- any thread ------------------------------------------------------------------------
-    def start(self, loop, timeout: float = 600.0) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, timeout: float = 600.0) -> None:
         """Starts the thread (which builds the engine) and waits until it is ready."""
         self._loop = loop
         self._thread = threading.Thread(target=self._main, name="rwkvstate-engine", daemon=True)
@@ -210,12 +219,16 @@ class EngineWorker:
 
     def _cancel_and_expire(self) -> None:
         now = time.monotonic()
-        for job in [j for j in self._waiting if self._end_reason(j, now)]:
-            self._waiting.remove(job)
-            self._emit(job, Done(self._end_reason(job, now), 0, 0))
-        for job in [j for j in self._active if self._end_reason(j, now)]:
-            job.stream.close()
-            self._finish(job, self._end_reason(job, now))
+        for job in list(self._waiting):
+            reason = self._end_reason(job, now)
+            if reason is not None:
+                self._waiting.remove(job)
+                self._emit(job, Done(reason, 0, 0))
+        for job in list(self._active):
+            reason = self._end_reason(job, now)
+            if reason is not None:
+                job.stream.close()
+                self._finish(job, reason)
 
     @staticmethod
     def _end_reason(job: Job, now: float) -> str | None:
@@ -232,7 +245,7 @@ class EngineWorker:
                 return  # wait for streams to finish
             self._commands.popleft()
             try:
-                result, error = command.fn(self.engine), None
+                result, error = command.fn(self._engine), None
             except BaseException as e:
                 result, error = None, e
             command.on_done(result, error)
@@ -242,7 +255,7 @@ class EngineWorker:
             self._start(self._waiting.popleft())
 
     def _start(self, job: Job) -> None:
-        engine = self.engine
+        engine = self._engine
         job.session = job.record.session if job.record is not None else engine.session()
         try:
             ids, shared = self._prompt_ids(job)
@@ -259,7 +272,7 @@ class EngineWorker:
         line. A system prompt on an empty session is tokenized on its own and marked as a
         prefix, so the prefix cache keeps its state for other requests; like the rest of the
         prompt it is read inside the batched steps."""
-        session, tokenizer = job.session, self.engine.tokenizer
+        session, tokenizer = job.session, self._engine.tokenizer
         if isinstance(job.prompt, list):
             job.prompt_tokens += len(job.prompt)
             return list(job.prompt), 0
@@ -276,11 +289,11 @@ class EngineWorker:
         return ids, len(prefix_ids)
 
     def _can_share(self, session) -> bool:
-        return self.engine.prefix_cache is not None and session.from_zero and not session.tokens
+        return self._engine.prefix_cache is not None and session.from_zero and not session.tokens
 
     def _step(self) -> None:
         try:
-            self.engine.step()
+            self._engine.step()
         except Exception as e:
             error = api_error(e)
             for job in list(self._active):
@@ -322,6 +335,7 @@ class EngineWorker:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
+        assert self._loop is not None, "start() set the loop"
         try:
             self._loop.call_soon_threadsafe(_dispatch, batch)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -334,7 +348,7 @@ class EngineWorker:
         if not force and counts == self._published_counts and now - self._published < PUBLISH_EVERY_S:
             return
         self._published, self._published_counts = now, counts
-        stats = dict(self.engine.stats())
+        stats = dict(self._engine.stats())
         stats["tokens_per_second"] = self._rate.update(now, stats["tokens_generated"])
         stats["queued"] = len(self._waiting)
         stats["running"] = len(self._active)

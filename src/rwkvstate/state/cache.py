@@ -75,9 +75,10 @@ class PrefixCache:
         self.stats.lookups += 1
         node, best = self.root, None
         for depth, token in enumerate(tokens, 1):
-            node = node.children.get(token)
-            if node is None:
+            child = node.children.get(token)
+            if child is None:
                 break
+            node = child
             if node.entry is not None and depth >= min_length:
                 best = node.entry
         if best is None:
@@ -147,6 +148,7 @@ class PrefixCache:
         return out
 
     def _drop(self, node: _Node) -> None:
+        assert node.entry is not None
         self.nbytes -= node.entry.nbytes
         self.num_entries -= 1
         node.entry = None

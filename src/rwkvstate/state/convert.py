@@ -12,7 +12,9 @@ knowledge, so other modules can build on it freely.
 
 from __future__ import annotations
 
+import pickle
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -201,24 +203,43 @@ def load_state_tuning_file(
 ) -> dict[str, torch.Tensor]:
     """Read a `.pth`, `.safetensors` or web-rwkv `.st` state-tuning file into a canonical state.
 
-    orientation defaults by suffix: `.st` (web-rwkv converter output) is KEY_VALUE, anything
-    else VALUE_KEY. Any failure to read the file becomes a one-line StateError.
+    The container is recognised by content (a zip archive is a torch file, read with
+    `weights_only=True`; anything else must be safetensors), so a misnamed file still gets a
+    precise message. orientation defaults by suffix: `.st` (web-rwkv converter output) is
+    KEY_VALUE, anything else VALUE_KEY. Any failure becomes a one-line StateError, and none
+    of them suggests loading the file unsafely.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".safetensors", ".st"):
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(path), device="cpu")
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        lines = str(e).strip().splitlines()
-        raise StateError(f"cannot read state-tuning file {path}: {type(e).__name__}: "
-                         f"{lines[0] if lines else 'no details'}") from e  # fmt: skip
+    if not path.is_file():
+        raise StateError(f"state file not found: {path}" if not path.exists() else f"{path} is not a file")
+    tensors = _read_torch_state(path) if zipfile.is_zipfile(path) else _read_safetensors_state(path)
     if not isinstance(tensors, Mapping):
         raise StateError(f"state-tuning file {path} holds a {type(tensors).__name__}, not a dict of tensors")
     if orientation is None:
-        orientation = KEY_VALUE if suffix == ".st" else VALUE_KEY
+        orientation = KEY_VALUE if path.suffix.lower() == ".st" else VALUE_KEY
     return from_state_tuning(tensors, n_layer, n_embd, head_size, orientation=orientation)
+
+
+def _read_torch_state(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message goes on to advise weights_only=False: never relay that
+        raise StateError(f"{path} holds Python objects other than tensors; only plain tensor files are "
+                         "read (state-tuning .pth files are)") from None  # fmt: skip
+    except Exception as e:
+        raise StateError(f"cannot read {path} as a PyTorch file (truncated?): {_first_line(e)}") from None
+
+
+def _read_safetensors_state(path: Path):
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise StateError(f"{path} is neither a PyTorch (.pth) nor a safetensors state file: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else 'no details'}"

@@ -371,6 +371,21 @@ def read_state_file(
     return _validate(path, tensors, meta, fingerprint, model_info, layout, vocab_size)
 
 
+def is_state_file(path) -> bool:
+    """Whether `path` is an rwkvstate state file, judged from its safetensors header alone
+    (so a multi-GB file of another kind is not read); False for anything unreadable."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+
+
 def inspect_state_file(path) -> dict:
     """Metadata, tensors, size and a verdict, for `rwkvstate state inspect`.
 

@@ -92,19 +92,17 @@ class HostTier:
 
     def recompress_old(self, now: float | None = None) -> int:
         """Re-encodes entries older than cold_after_s into cold_format (on the host); returns how many."""
-        if self.cold_format is None:
+        cold = self.cold_format
+        if cold is None:
             return 0
         now = self.clock() if now is None else now
         count = 0
         for key, entry in self.entries.items():
-            if entry.fmt != self.cold_format and now - entry.stored_at >= self.cold_after_s:
-                entry.state = self._recode(entry.state)
+            if entry.fmt != cold and now - entry.stored_at >= self.cold_after_s:
+                entry.state = encode(to_float32(entry.state), cold, default_group(self.pool.layout))
                 count += 1
         self.recompressions += count
         return count
-
-    def _recode(self, state) -> Encoded:
-        return encode(to_float32(state), self.cold_format, default_group(self.pool.layout))
 
 
 def to_float32(state: torch.Tensor | Encoded) -> torch.Tensor:

@@ -24,7 +24,7 @@ and reused while the slot's generation has not moved. `bytes_to_host` and
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import torch
 
@@ -33,13 +33,15 @@ from .convert import validate_canonical
 from .layout import CANONICAL_KEYS, STORAGE_DTYPES, StateLayout
 from .snapshot import Encoded, decode, default_group, encode
 
+Device = Union[torch.device, str]  # what torch accepts as a device
+
 
 class StatePool:
     """Slot allocator plus state storage. Subclasses decide the memory layout."""
 
     layout_name = "abstract"
 
-    def __init__(self, layout: StateLayout, num_slots: int, dtype: torch.dtype, device):
+    def __init__(self, layout: StateLayout, num_slots: int, dtype: torch.dtype, device: Device):
         if num_slots < 1:
             raise SlotError(f"a pool needs at least one slot, got {num_slots}")
         if dtype not in STORAGE_DTYPES.values():
@@ -155,7 +157,7 @@ class StatePool:
             torch.cuda.current_stream(self.device).synchronize()
         self.bytes_to_host += buffer.numel() * buffer.element_size()
 
-    def _host_pairs(self, slot: int, buffer: torch.Tensor):
+    def _host_pairs(self, slot: int, buffer: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(device block, host part) copy units: one [L, (N+2)C] pair when contiguous, L when not."""
         blocks = self._slot_blocks(slot)
         return [(blocks[0], buffer)] if len(blocks) == 1 else list(zip(blocks, buffer))
@@ -247,7 +249,7 @@ class StatePool:
             if value.abs().max() > limit:
                 raise StateError(f"state '{name}' has values beyond the range of the pool's {self.dtype} storage")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(slots={self.num_slots}, dtype={self.dtype}, device={self.device}, "
             f"layers={self.layout.n_layer}, n_embd={self.layout.n_embd}, nbytes={self.nbytes})"
@@ -257,25 +259,27 @@ class StatePool:
 class ContiguousPool(StatePool):
     layout_name = "contiguous"
 
-    def __init__(self, layout, num_slots, dtype=torch.float32, device="cpu"):
+    def __init__(self, layout: StateLayout, num_slots: int, dtype: torch.dtype = torch.float32,
+                 device: Device = "cpu"):  # fmt: skip
         super().__init__(layout, num_slots, dtype, device)
         self.data = torch.zeros(num_slots + 1, layout.n_layer, layout.layer_numel, dtype=dtype, device=device)
 
-    def _layer_block(self, index):
+    def _layer_block(self, index: int) -> torch.Tensor:
         return self.data[:, index]
 
-    def _slot_blocks(self, slot):
+    def _slot_blocks(self, slot: int) -> list[torch.Tensor]:
         return [self.data[slot]]
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
 
 class FragmentedPool(StatePool):
     layout_name = "fragmented"
 
-    def __init__(self, layout, num_slots, dtype=torch.float32, device="cpu"):
+    def __init__(self, layout: StateLayout, num_slots: int, dtype: torch.dtype = torch.float32,
+                 device: Device = "cpu"):  # fmt: skip
         if dtype != torch.float32:
             raise StateError(f"the fragmented layout stores float32 only, got {dtype}")
         super().__init__(layout, num_slots, dtype, device)
@@ -283,18 +287,19 @@ class FragmentedPool(StatePool):
             torch.zeros(num_slots + 1, layout.layer_numel, dtype=dtype, device=device) for _ in range(layout.n_layer)
         ]
 
-    def _layer_block(self, index):
+    def _layer_block(self, index: int) -> torch.Tensor:
         return self.tensors[index]
 
-    def _slot_blocks(self, slot):
+    def _slot_blocks(self, slot: int) -> list[torch.Tensor]:
         return [t[slot] for t in self.tensors]
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-def new_pool(layout: StateLayout, num_slots: int, dtype=torch.float32, kind="contiguous", device="cpu") -> StatePool:
+def new_pool(layout: StateLayout, num_slots: int, dtype: torch.dtype = torch.float32, kind: str = "contiguous",
+             device: Device = "cpu") -> StatePool:  # fmt: skip
     pools = {"contiguous": ContiguousPool, "fragmented": FragmentedPool}
     if kind not in pools:
         raise StateError(f"pool layout must be 'contiguous' or 'fragmented', got {kind!r}")

@@ -106,7 +106,7 @@ class Encoded:
             raise StateError(f"cannot copy a {other.fmt} snapshot {list(other.data.shape)} (group {other.group}) "
                              f"into a {self.fmt} one {list(self.data.shape)} (group {self.group})")  # fmt: skip
         self.data.copy_(other.data, non_blocking=non_blocking)
-        if self.scales is not None:
+        if self.scales is not None and other.scales is not None:  # both or neither: same format
             self.scales.copy_(other.scales, non_blocking=non_blocking)
         return self
 

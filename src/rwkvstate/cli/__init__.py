@@ -1,7 +1,8 @@
-"""The `rwkvstate` command line: generate, chat, inspect.
+"""The `rwkvstate` command line: generate, chat, inspect, state files, models by name, serve.
 
 Errors are printed as one line on stderr with a non-zero exit, never a traceback
-(set RWKVSTATE_DEBUG=1 to see one).
+(set RWKVSTATE_DEBUG=1 to see one). Models by name live in `cli/models.py`, the server's
+flags, config file and environment in `cli/serve.py`.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .cli_speed import configure_threads, run_reply
-from .errors import RwkvStateError
-from .state.layout import dtype_name, parse_dtype
-
-# The small byte-level model trained on the CPython stdlib (docs/model.md), found in a
-# source checkout (pip install -e .).
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "models" / "stdlib-byte-l8-c256.safetensors"
+from ..errors import RwkvStateError
+from ..state.layout import dtype_name, parse_dtype
+from .models import BUNDLED_MODEL, BUNDLED_NAME
+from .speed import configure_threads, run_reply
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", type=Path, default=None,
-        help="RWKV-7 checkpoint (.pth or .safetensors); default: the bundled models/stdlib-byte-l8-c256",
+        "--model", default=None, metavar="NAME|PATH",
+        help=f"a model name from `rwkvstate models` (downloaded and cached on first use) or an RWKV-7 "
+             f".pth/.safetensors file; default: the bundled {BUNDLED_NAME}",
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="compute dtype: fp32, fp16, bf16 (default: fp32 on cpu, fp16 on cuda)")
@@ -38,7 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_state_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state", type=Path, default=None,
-        help="start from a state-tuning file (.pth/.safetensors with blocks.N.att.time_state, or web-rwkv .st)",
+        help="start from a state file: one written by `rwkvstate state save`, or a state-tuning file "
+             "(.pth/.safetensors with blocks.N.att.time_state, or web-rwkv .st)",
     )  # fmt: skip
 
 
@@ -57,6 +57,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling mass (default: 0.85)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: 0)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability, 0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
@@ -65,6 +66,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkvstate", description="RWKV-7 inference built around the recurrent state")
+    parser.add_argument("--version", action="version", version=f"rwkvstate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt, streamed to stdout")
@@ -97,33 +99,46 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="model config, parameter count and state bytes per sequence")
     _add_model_args(inspect)
     _add_state_file_parser(sub)
-    _add_serve_parser(sub)
+    from . import models, serve
+
+    serve.add_parser(sub, _add_model_args, _positive_int)
+    models.add_parsers(sub)
     _add_bench_parser(sub)
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # name -> subparser, for defaults from the environment and --config
     return parser
 
 
 def load_model(args):
-    from .model.rwkv7 import Model
+    from ..model.rwkv7 import Model
+    from .models import resolve_model
 
     parse_dtype(args.state_dtype)  # fail on a bad value before the (slow) load
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise RwkvStateError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N")
-    path = args.model
-    if path is None:
-        if not BUNDLED_MODEL.exists():
-            raise RwkvStateError("no model given: pass --model PATH to an RWKV-7 .pth or .safetensors file")
-        path = BUNDLED_MODEL
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    return Model.load(path, device=device, dtype=dtype, tokenizer=args.tokenizer)
+    path, table_tokenizer = resolve_model(args.model, BUNDLED_MODEL)
+    model = Model.load(path, device=device, dtype=dtype, tokenizer=args.tokenizer or table_tokenizer)
+    _check_tokenizer_fits(model, args.tokenizer)
+    return model
+
+
+def _check_tokenizer_fits(model, override: str | None) -> None:
+    """A --tokenizer whose ids do not match the model's vocabulary would fail on the first
+    token (or emit ids it cannot decode): refuse it here, naming the flag."""
+    vocab, ids = model.config.vocab_size, model.tokenizer.vocab_size
+    if override is not None and ids != vocab:
+        kind = {256: "a byte-level model", 65536: "a world-vocabulary model"}.get(vocab, "this model")
+        raise RwkvStateError(f"--tokenizer {override} has {ids} token ids, but {kind} has a vocabulary of {vocab}: "
+                             f"leave --tokenizer out to use the model's own")  # fmt: skip
 
 
 def _sampling(args):
-    from .runtime.sampling import SamplingParams
+    from ..runtime.sampling import SamplingParams
 
     return SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed,
     )  # fmt: skip
@@ -131,14 +146,25 @@ def _sampling(args):
 
 def _session(args, model):
     """A one-slot engine's session, started from --state when given."""
-    from .runtime.engine import Engine
-    from .state.convert import load_state_tuning_file
+    from ..runtime.engine import Engine
 
     session = Engine(model, slots=1, state_dtype=parse_dtype(args.state_dtype)).session()
     if args.state is not None:
-        c = model.config
-        session.load_state(load_state_tuning_file(args.state, c.n_layer, c.n_embd, c.head_size))
+        load_start_state(session, args.state)
     return session
+
+
+def load_start_state(session, path: Path) -> None:
+    """--state: an rwkvstate state file (state, token log and logits) or a state-tuning file."""
+    from ..runtime.persist import load_session
+    from ..state import files
+    from ..state.convert import load_state_tuning_file
+
+    if files.is_state_file(path):
+        load_session(session, path)
+        return
+    c = session.engine.model.config
+    session.load_state(load_state_tuning_file(path, c.n_layer, c.n_embd, c.head_size))
 
 
 def cmd_generate(args) -> int:
@@ -157,7 +183,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .cli_chat import ChatConsole, base_model_warning
+    from .chat import ChatConsole, base_model_warning
 
     sampling = _sampling(args)
     model = load_model(args)
@@ -193,7 +219,7 @@ def cmd_eval_state(args) -> int:
     import json
     import platform
 
-    from .evaluation import (
+    from ..evaluation import (
         default_variants,
         evaluate_state_precision,
         held_out_token_docs,
@@ -202,6 +228,11 @@ def cmd_eval_state(args) -> int:
         snapshot_variants,
     )
 
+    if args.prompt >= args.tokens:
+        raise RwkvStateError(f"--prompt {args.prompt} must be less than --tokens {args.tokens}: the greedy "
+                             "continuation starts inside each document")  # fmt: skip
+    if args.prompt < 2:
+        raise RwkvStateError(f"--prompt must be at least 2 tokens, got {args.prompt}")
     model = load_model(args)
     docs = held_out_token_docs(model.tokenizer, args.tokens, args.docs, args.stdlib)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
@@ -236,6 +267,7 @@ def _add_state_file_parser(sub) -> None:
     text.add_argument("--prompt", help="text to feed")
     text.add_argument("--prompt-file", type=Path, help="a UTF-8 text file to feed")
     save.add_argument("-o", "--output", type=Path, required=True, help="state file to write")
+    save.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     load = verbs.add_parser("load", help="load a state file into a new session and continue it")
     load.add_argument("file", type=Path, help="a file written by `rwkvstate state save`")
     _add_model_args(load)
@@ -246,9 +278,16 @@ def _add_state_file_parser(sub) -> None:
     inspect.add_argument("file", type=Path)
 
 
+def _read_prompt_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RwkvStateError(f"--prompt-file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
+
+
 def cmd_state(args) -> int:
-    from .runtime.persist import load_session, save_session
-    from .state import files
+    from ..runtime.persist import load_session, save_session
+    from ..state import files
 
     if args.state_command == "inspect":
         info = files.inspect_state_file(args.file)
@@ -267,10 +306,12 @@ def cmd_state(args) -> int:
             return 1
         return 0
     sampling = _sampling(args) if args.state_command == "load" else None
+    if args.state_command == "save" and args.output.exists() and not args.force:
+        raise RwkvStateError(f"{args.output} exists; pass --force to overwrite it (-o/--output)")
     model = load_model(args)
     session = _session(args, model)
     if args.state_command == "save":
-        session.feed(args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8"))
+        session.feed(args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file))
         path = save_session(session, args.output)
         dtype = dtype_name(session.engine.pool.dtype)
         size = path.stat().st_size
@@ -288,53 +329,10 @@ def cmd_state(args) -> int:
     return 0
 
 
-def _add_serve_parser(sub) -> None:
-    """`rwkvstate serve`: the OpenAI-compatible HTTP server (docs/server.md)."""
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and sessions")
-    _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--slots", type=_positive_int, default=8,
-                   help="pool slots = requests generating at once (default: 8)")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="directory for persistent sessions, state files to load, and snapshots")
-    p.add_argument("--api-key", default=os.environ.get("RWKVSTATE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $RWKVSTATE_API_KEY; none if unset)")
-    p.add_argument("--model-name", default=None, help="the model id clients use (default: the model file's stem)")
-    p.add_argument("--max-tokens-cap", type=_positive_int, default=4096,
-                   help="largest max_tokens a request may ask for (default: 4096)")
-    p.add_argument("--max-request-bytes", type=_positive_int, default=1 << 20,
-                   help="largest request body (default: 1 MiB)")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a slot; more are refused with 429 (default: 256)")
-    p.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds from arrival to the last token, 0 = none (default: 300)")
-    p.add_argument("--prefix-cache-mb", type=float, default=64.0,
-                   help="prefix-cache budget in MiB, 0 = off (default: 64)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-
-
-def cmd_serve(args) -> int:
-    try:
-        from .server import ServerConfig, serve
-    except ImportError as e:
-        raise RwkvStateError(
-            f"rwkvstate serve needs the server extra ({e.name} is not installed): pip install 'rwkvstate[server]'"
-        )
-    config = ServerConfig(
-        host=args.host, port=args.port, model_name=args.model_name, slots=args.slots,
-        state_dtype=parse_dtype(args.state_dtype), prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
-        state_dir=args.state_dir, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
-        max_request_bytes=args.max_request_bytes, max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout or None,
-    )  # fmt: skip
-    serve(load_model(args), config, log_level=args.log_level)
-    return 0
-
-
 def _add_bench_parser(sub) -> None:
-    """`rwkvstate bench impact`: benchmarks/bench_impact.py, which needs a source checkout."""
-    kinds = sub.add_parser("bench", help="benchmarks (from a source checkout)").add_subparsers(
+    """`rwkvstate bench impact`: benchmarks/bench_impact.py of the source checkout (not installed with
+    the package: the benchmarks live beside it, with their results under docs/)."""
+    kinds = sub.add_parser("bench", help="benchmarks (a source-checkout command: pip install -e . from a clone)").add_subparsers(
         dest="bench_command", required=True
     )
     p = kinds.add_parser("impact", help="the seed design's Estimated Impact table, measured (docs/impact.md)")
@@ -355,26 +353,89 @@ def _add_bench_parser(sub) -> None:
 def cmd_bench(args) -> int:
     import importlib.util
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_impact.py"
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_impact.py"
     if not path.exists():
-        raise RwkvStateError(f"rwkvstate bench needs a source checkout: {path} does not exist")
+        raise RwkvStateError(
+            f"rwkvstate bench needs a source checkout: it runs benchmarks/bench_impact.py of the clone the "
+            f"package is installed from (pip install -e .), and this installation has none ({path} does not exist)"
+        )
     spec = importlib.util.spec_from_file_location("bench_impact", path)
+    if spec is None or spec.loader is None:
+        raise RwkvStateError(f"rwkvstate bench cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.run_from_args(args)
 
 
+def cmd_serve(args) -> int:
+    from .serve import cmd_serve as run
+
+    return run(args, load_model)
+
+
+def cmd_pull(args) -> int:
+    from .models import cmd_pull as run
+
+    return run(args)
+
+
+def cmd_models(args) -> int:
+    from .models import cmd_models as run
+
+    return run(args)
+
+
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "eval-state": cmd_eval_state,
-    "state": cmd_state, "serve": cmd_serve, "bench": cmd_bench,
+    "state": cmd_state, "serve": cmd_serve, "bench": cmd_bench, "pull": cmd_pull, "models": cmd_models,
 }  # fmt: skip
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if hasattr(args, "threads"):  # before any model work: torch fixes its thread pools on first use
-        configure_threads(args.threads)
+def _version() -> str:
+    """The installed distribution's version, else the package's own (running from a checkout)."""
+    import importlib.metadata
+
     try:
+        return importlib.metadata.version("rwkvstate")
+    except importlib.metadata.PackageNotFoundError:
+        from ..version import __version__
+
+        return __version__
+
+
+def parse_args(argv=None):
+    """Parses twice: once to learn the command (and --config), then with the defaults that the
+    config file and RWKVSTATE_* variables give, which flags on the command line override."""
+    from .serve import apply_layered_defaults
+
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = parser.parse_args(argv)
+    apply_layered_defaults(parser.commands, first)
+    args = parser.parse_args(argv)
+    _check_text_flags(args)
+    return args
+
+
+def _check_text_flags(args) -> None:
+    """A text flag that is not valid UTF-8 (bytes the OS could not decode arrive as surrogate
+    escapes) is refused naming the flag, instead of a codec error later."""
+    for dest, value in vars(args).items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raw = value[e.start].encode("utf-8", "surrogateescape") if 0xDC80 <= ord(value[e.start]) <= 0xDCFF else b""
+            byte = f" (byte {raw[0]:#04x} at character {e.start})" if raw else ""
+            raise RwkvStateError(f"--{dest.replace('_', '-')} is not valid UTF-8 text{byte}")
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        if hasattr(args, "threads"):  # before any model work: torch fixes its thread pools on first use
+            configure_threads(args.threads)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -64,7 +64,7 @@ def _rate(tokens: int, seconds: float) -> str:
     return f"{tokens / seconds:.1f} tokens/s" if seconds > 0 and tokens else "- tokens/s"
 
 
-def run_reply(stream, write: Callable[[str], None], stop: Callable[[], bool] = lambda: False,
+def run_reply(stream, write: Callable[[str], object], stop: Callable[[], bool] = lambda: False,
               progress: bool | None = None) -> Timing:  # fmt: skip
     """Drives a GenerationStream to its end, writing each text piece; returns its timing.
 

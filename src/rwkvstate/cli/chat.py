@@ -12,10 +12,11 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
-from .cli_speed import run_reply
-from .errors import RwkvStateError
-from .runtime.chat import ASSISTANT_STOP, format_user_turn, render_messages, turn_break
+from .speed import run_reply
+from ..errors import RwkvStateError
+from ..runtime.chat import ASSISTANT_STOP, format_user_turn, render_messages, turn_break
 
 HELP = (
     "chat: type a message (end a line with \\ to continue it, or wrap lines in \"\"\" ... \"\"\"); "
@@ -29,7 +30,7 @@ BLOCK = '"""'
 def base_model_warning(model) -> str | None:
     """A warning when the model is known not to be tuned for chat: a byte-level model, or one
     whose sidecar describes it as a base model (its "kind")."""
-    from .model.checkpoint import read_sidecar
+    from ..model.checkpoint import read_sidecar
 
     kind = str(read_sidecar(model.path).get("kind", "")) if model.path is not None else ""
     if model.config.tokenizer != "bytes" and "base" not in kind.lower():
@@ -95,7 +96,7 @@ class ChatConsole:
 
     def handle(self, text: str) -> None:
         command, _, arg = text.partition(" ")
-        commands = {"/reset": self.reset, "/undo": self.undo, "/retry": self.retry, "/help": self.help,
+        commands: dict[str, Callable[[str], None]] = {"/reset": self.reset, "/undo": self.undo, "/retry": self.retry, "/help": self.help,
                     "/save": self.save, "/load": self.load}  # fmt: skip
         if command in commands:
             commands[command](arg.strip())

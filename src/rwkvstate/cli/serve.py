@@ -1,0 +1,221 @@
+"""`rwkvstate serve`: its flags, its TOML config file, and RWKVSTATE_* environment variables.
+
+Where a setting comes from, highest first: the command-line flag, the RWKVSTATE_* variable,
+the `--config` file, the built-in default (docs/server.md). The model flags' variables
+(RWKVSTATE_MODEL, _DEVICE, _DTYPE, _STATE_DTYPE) apply to every command that loads a model.
+Values from a variable or the file are converted and checked as the flag's would be, and a
+bad one is reported naming where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from ..state.layout import parse_dtype
+from ..errors import RwkvStateError
+
+# dest -> variable. Model flags apply to every command; the rest to `serve` only.
+ENV_VARS = {
+    "model": "RWKVSTATE_MODEL", "device": "RWKVSTATE_DEVICE", "dtype": "RWKVSTATE_DTYPE",
+    "state_dtype": "RWKVSTATE_STATE_DTYPE", "host": "RWKVSTATE_HOST", "port": "RWKVSTATE_PORT",
+    "slots": "RWKVSTATE_SLOTS", "state_dir": "RWKVSTATE_STATE_DIR", "api_key": "RWKVSTATE_API_KEY",
+    "served_model_name": "RWKVSTATE_SERVED_MODEL_NAME", "log_level": "RWKVSTATE_LOG_LEVEL",
+}  # fmt: skip
+_NOT_IN_FILE = {"help", "config", "command"}
+
+
+def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and sessions")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a TOML file of serve settings (keys are the flag names); "
+                        "flags and RWKVSTATE_* variables override it")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    p.add_argument("--slots", type=positive_int, default=8,
+                   help="pool slots = requests generating at once (default: 8)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="directory for persistent sessions, state files to load, and snapshots")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $RWKVSTATE_API_KEY; none if unset)")
+    p.add_argument("--served-model-name", "--model-name", dest="served_model_name", action="append", default=None,
+                   metavar="NAME", help="a model id clients may use; repeat for aliases, the first is the main one "
+                                        "(default: the model file's stem)")
+    p.add_argument("--max-tokens-cap", type=positive_int, default=4096,
+                   help="largest max_tokens a request may ask for (default: 4096)")
+    p.add_argument("--max-request-bytes", type=positive_int, default=1 << 20,
+                   help="largest request body (default: 1 MiB)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a slot; more are refused with 429 (default: 256)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds from arrival to the last token, 0 = none (default: 300)")
+    p.add_argument("--prefix-cache-mb", type=float, default=64.0,
+                   help="prefix-cache budget in MiB, 0 = off (default: 64)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return p  # fmt: skip
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"a port must be in 0..65535, got {value}")
+    return value
+
+
+# ---- layered defaults: config file < environment < flags ---------------------------------------
+
+
+def apply_layered_defaults(commands: dict, first) -> None:
+    """Sets the command's parser defaults from the config file (serve only) and RWKVSTATE_*
+    variables, so that a flag on the command line still wins when argv is parsed again."""
+    parser = _leaf_parser(commands.get(first.command), first)
+    if parser is None:
+        return
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    values = {}
+    if first.command == "serve" and first.config is not None:
+        values.update(read_config(first.config, actions))
+    for dest, var in ENV_VARS.items():
+        if dest not in actions or os.environ.get(var, "") == "":
+            continue
+        if first.command == "serve" or dest in ("model", "device", "dtype", "state_dtype"):
+            values[dest] = _convert(actions[dest], os.environ[var], f"environment variable {var}")
+    # a repeatable flag appends to its default: when given, it must replace the layered value
+    given = [d for d in values if isinstance(actions[d], argparse._AppendAction) and getattr(first, d) is not None]
+    parser.set_defaults(**{d: v for d, v in values.items() if d not in given})
+
+
+def _leaf_parser(parser, first):
+    """The parser of a nested command (`state save`), or the command's own."""
+    while parser is not None:
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not nested:
+            return parser
+        parser = nested[0].choices.get(getattr(first, nested[0].dest, None))
+    return None
+
+
+def read_config(path: Path, actions: dict) -> dict:
+    """The settings of a TOML file, by parser dest, converted like their flags."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise RwkvStateError(f"--config {path}: file not found")
+    except tomllib.TOMLDecodeError as e:
+        raise RwkvStateError(f"--config {path}: not valid TOML: {e}")
+    out = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        if dest not in actions or dest in _NOT_IN_FILE:
+            known = ", ".join(sorted(a.replace("_", "-") for a in actions if a not in _NOT_IN_FILE))
+            raise RwkvStateError(f"--config {path}: unknown setting {key!r} (settings are the serve flags: {known})")
+        out[dest] = _convert(actions[dest], value, f"{path}: {key}")
+    return out
+
+
+def _convert(action: argparse.Action, value, where: str):
+    """A file or environment value checked and converted the way its flag would be."""
+    if action.nargs == 0:  # a switch: none of serve's flags is one today
+        raise RwkvStateError(f"{where}: {action.option_strings[0]} cannot be set here")
+    if isinstance(action, argparse._AppendAction):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) and i.strip() for i in items):
+            raise RwkvStateError(f"{where}: expected a list of names, got {value!r}")
+        return [i.strip() for i in items]
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        raise RwkvStateError(f"{where}: expected a single value, got {value!r}")
+    text = str(value)
+    try:
+        converted = action.type(text) if callable(action.type) else text
+        if action.dest in ("dtype", "state_dtype"):
+            parse_dtype(text)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise RwkvStateError(f"{where}: {e}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise RwkvStateError(f"{where}: {converted!r} is not one of {', '.join(map(str, action.choices))}")
+    return converted
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Binds the listening address before the (slow) model load, so a busy port or a bad host
+    is a one-line error at once rather than uvicorn's traceback later."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except socket.gaierror as e:
+        raise RwkvStateError(f"--host {host!r} is not an address to listen on: {e.strerror}")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise RwkvStateError(f"port {port} on {host} is already in use: stop what is listening there "
+                                 f"or pick another --port")  # fmt: skip
+        if e.errno == errno.EACCES:
+            raise RwkvStateError(f"no permission to listen on port {port} (ports below 1024 need privileges): "
+                                 f"pick another --port")  # fmt: skip
+        raise RwkvStateError(f"cannot listen on {host}:{port} (--host/--port): {e.strerror}")
+    return sock
+
+
+def cmd_serve(args, load_model) -> int:
+    try:
+        from ..server import ServerConfig, serve
+    except ImportError as e:
+        raise RwkvStateError(
+            f"rwkvstate serve needs the server extra ({e.name} is not installed): pip install 'rwkvstate[server]'"
+        )
+    names = args.served_model_name or _name_of(args.model)
+    config = ServerConfig(
+        host=args.host, port=args.port, model_name=names[0] if names else None, model_aliases=tuple(names[1:]),
+        slots=args.slots, state_dtype=parse_dtype(args.state_dtype),
+        prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)), state_dir=args.state_dir, api_key=args.api_key,
+        max_tokens_cap=args.max_tokens_cap, max_request_bytes=args.max_request_bytes, max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout or None,
+    )  # fmt: skip
+    _log_to_stderr(args.log_level)
+    sock = bind_socket(args.host, args.port)
+    try:
+        serve(load_model(args), config, log_level=args.log_level, sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def _name_of(model: str | None) -> list[str]:
+    """A model given by name is served under that name, not its file's stem."""
+    from ..model import hub
+    from .models import looks_like_path
+
+    entry = hub.lookup(model) if model is not None and not looks_like_path(model) else None
+    return [entry.name] if entry is not None else []
+
+
+def _log_to_stderr(level: str) -> None:
+    """rwkvstate's server log (start-up summary, one line per request) in uvicorn's style."""
+    logger = logging.getLogger("rwkvstate")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
