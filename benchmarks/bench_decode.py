@@ -42,8 +42,11 @@ class Variant:
     layout: str
     state_dtype: torch.dtype
     token_shift: str  # backend of token_shift_mix
-    wkv: str = "triton"
+    wkv: str | None = "triton"  # None: the token-by-token kernel, chunked-parallel for prompts >= 64 tokens
     time_mix: str = "triton"  # "triton": fused elementwise prologue/epilogue around the WKV kernel
+    channel_mix: str | None = "torch"  # None: the sparse feed-forward kernels for batches of 1-16
+    lora: str | None = "torch"  # None: the LoRA chains in two launches for batches of 1-16
+    norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
 
 
 VARIANTS = [
@@ -54,10 +57,19 @@ VARIANTS = [
     Variant("contiguous f16, per-mix shift", "contiguous", torch.float16, "triton-per-mix"),
     Variant("contiguous f16, fused shift, unfused time mix", "contiguous", torch.float16, "triton", time_mix="torch"),
     Variant("contiguous f16, fused shift", "contiguous", torch.float16, "triton"),
+    Variant("contiguous f16, all fused, sparse channel mix", "contiguous", torch.float16, "triton", channel_mix=None),
+    Variant("same + LoRA, norm+shift fused, chunked WKV prefill", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix=None, lora=None, norm_shift=None),
 ]
-OURS = VARIANTS[-1]  # the runtime's default configuration, the one compared with peers
+OURS = VARIANTS[-1]  # the runtime's default configuration (every backend None), the one compared with peers
+OLD_DEFAULT = "contiguous f16, fused shift"  # the default of runs whose JSON names none
 WARMUP = 3  # untimed calls before the first repeat (1 before each later repeat)
 REFERENCE = Variant("pytorch reference, contiguous f32", "contiguous", torch.float32, "torch", "torch", "torch")
+
+
+def use(model, variant: Variant) -> None:
+    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, time_mix=variant.time_mix,
+                          channel_mix=variant.channel_mix, lora=variant.lora, norm_shift=variant.norm_shift)  # fmt: skip
 
 
 def config_for(shape: str) -> ModelConfig:
@@ -72,6 +84,19 @@ def copy_bandwidth(device) -> float:
     return 2 * src.numel() / statistics.median(call_seconds(lambda: dst.copy_(src), device, 20, 3))
 
 
+def matmul_rate(device) -> float:
+    """FLOP/s of an 8192^3 fp16 matmul on random data (median of 10 calls): the prefill ceiling."""
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.float16) for _ in range(2))
+    return 2 * 8192**3 / statistics.median(call_seconds(lambda: a @ b, device, 10, 3))
+
+
+def prefill_flops(model, tokens: int, batch: int) -> int:
+    """2 FLOPs per layer weight per token, plus the head for each sequence's last token."""
+    head = model.weights.head.numel()
+    layer_params = (weight_bytes(model, 0) - head * model.weights.head.element_size()) // model.weights.head.element_size()
+    return 2 * layer_params * tokens + 2 * head * batch
+
+
 def weight_bytes(model: Model, batch: int) -> int:
     """Bytes of weights one decode step must read: everything but the embedding, plus B rows of it."""
     emb = model.weights.emb
@@ -80,7 +105,7 @@ def weight_bytes(model: Model, batch: int) -> int:
 
 def decode_time(model, variant: Variant, batch: int, graphs: bool, args) -> dict:
     """One decode step of `batch` sequences through the runner: the common timer's measurement."""
-    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, time_mix=variant.time_mix)
+    use(model, variant)
     pool = model.new_pool(batch, state_dtype=variant.state_dtype, layout=variant.layout)
     for layer in range(model.config.n_layer):  # realistic, non-zero states
         for part in pool.layer(layer):
@@ -96,7 +121,7 @@ def decode_time(model, variant: Variant, batch: int, graphs: bool, args) -> dict
 
 
 def prefill_time(model, variant: Variant, batch: int, length: int, args) -> dict:
-    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, time_mix=variant.time_mix)
+    use(model, variant)
     pool = model.new_pool(batch, state_dtype=variant.state_dtype, layout=variant.layout)
     prompts = torch.randint(0, model.config.vocab_size, (batch, length)).tolist()
     t = measure(lambda: model.forward(pool, list(range(batch)), prompts, output="last"), "cuda", args.repeats, 3, 1,
@@ -131,32 +156,79 @@ def official_time(tensors: dict, workdir: Path, args) -> dict:
     return t
 
 
+def channel_mix_rows(shape: str, batch: int, density: float, bandwidth: float) -> list[dict]:
+    """The feed-forward alone (after its token shift, residual add included) at a chosen activation
+    density: cuBLAS + elementwise ("torch") against the sparse kernels ("triton"), each call on its
+    own copy of the weights (at least 1 GiB of them, so no call finds its weights in L2), timed
+    as one CUDA-graph replay. Random weights give ~50% zeros, trained ones more
+    (docs/benchmarks/ffn-sparsity.md). Here the inputs are positive and each row of K either
+    positive (a non-zero activation) or -1/C (an exact zero), which fixes the density."""
+    from rwkvstate.ops.channel_mix import channel_mix
+
+    C = SHAPES[shape]["n_embd"]
+    F = 4 * C
+    copies = max(2, 2**30 // (2 * F * C * 2))
+    k = torch.rand(batch, C, device="cuda", dtype=torch.float16) + 0.01
+    residual = torch.randn(batch, C, device="cuda", dtype=torch.float16)
+    weights = []
+    for _ in range(copies):
+        key = torch.randn(F, C, device="cuda", dtype=torch.float16).abs_() * C**-0.5  # live rows: act > 0
+        key[torch.rand(F, device="cuda") >= density] = -1.0 / C
+        weights.append((key, (torch.randn(F, C, device="cuda", dtype=torch.float16) * F**-0.5).t()))
+    active = (torch.relu(k @ weights[0][0].t()) != 0).any(0).float().mean().item()
+    rows = []
+    for backend in ("torch", "triton"):
+        for key, value in weights[:2]:  # compile and warm up outside the graph
+            channel_mix(k, key, value, residual, backend=backend)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for key, value in weights:
+                channel_mix(k, key, value, residual, backend=backend)
+        seconds = statistics.median(call_seconds(graph.replay, "cuda", 20, 3)) / copies
+        dense = (2 * F * C * 2) / bandwidth
+        rows.append({"shape": shape, "batch": batch, "density": density, "rows_read": active, "backend": backend,
+                     "us": seconds * 1e6, "dense_floor_us": dense * 1e6, "share_of_dense_floor": dense / seconds})  # fmt: skip
+        print(f"  channel mix {shape} B={batch} density {density:.2f} (rows read {active:.2f}) {backend}: "
+              f"{seconds * 1e6:.1f} us, {100 * dense / seconds:.0f}% of the dense floor", flush=True)  # fmt: skip
+    del weights, graph
+    torch.cuda.empty_cache()
+    return rows
+
+
 def run(args) -> dict:
     device = torch.device("cuda")
     card = torch.cuda.get_device_name(device)
     bandwidth = copy_bandwidth(device)
+    rate = matmul_rate(device) if args.prefill_batches else None
     print(f"{card}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
-    rows, prefill, official = [], [], []
+    rows, prefill, official, ffn = [], [], [], []
     for shape in args.shapes:
+        for density in args.ffn_densities:
+            for batch in (1, 8):
+                ffn += channel_mix_rows(shape, batch, density, bandwidth)
         cfg = config_for(shape)
         t0 = time.time()
         tensors = random_checkpoint(cfg, seed=0, dtype=torch.float16, device=device)
         model = Model.from_tensors(tensors, cfg, device=device, dtype=torch.float16)
-        if not args.official:
+        official_here = args.official and shape in args.official_shapes
+        if not official_here:
             del tensors
         print(f"{shape}: {model.num_params() / 1e9:.2f} B params, built in {time.time() - t0:.0f} s", flush=True)
         for batch in args.batches:
             rows += decode_rows(model, shape, batch, bandwidth, args)
         for batch in args.prefill_batches:
-            for variant in (VARIANTS[0], OURS):
+            floor = prefill_flops(model, batch * args.prefill_len, batch) / rate
+            for variant in dict.fromkeys((variants_of(args)[0], variants_of(args)[-1])):
                 t = prefill_time(model, variant, batch, args.prefill_len, args)
+                s = t["median_s"]
                 prefill.append({"shape": shape, "batch": batch, "length": args.prefill_len, "variant": variant.name,
-                                **t, "seconds": t["median_s"], "tokens_per_s": batch * args.prefill_len / t["median_s"]})  # fmt: skip
-                print(f"  prefill B={batch} T={args.prefill_len} {variant.name}: "
-                      f"{batch * args.prefill_len / t['median_s']:,.0f} tok/s{flag(t)}", flush=True)  # fmt: skip
+                                **t, "seconds": s, "tokens_per_s": batch * args.prefill_len / s,
+                                "matmul_floor_ms": floor * 1e3, "share_of_floor": floor / s})  # fmt: skip
+                print(f"  prefill B={batch} T={args.prefill_len} {variant.name}: {batch * args.prefill_len / s:,.0f} "
+                      f"tok/s, {100 * floor / s:.0f}% of the fp16 matmul floor{flag(t)}", flush=True)  # fmt: skip
         del model
         torch.cuda.empty_cache()
-        if args.official:
+        if official_here:
             t = official_time(tensors, args.workdir, args)
             del tensors
             official.append({"shape": shape, "batch": 1, **t, "tokens_per_s": 1 / t["median_s"]})
@@ -166,26 +238,38 @@ def run(args) -> dict:
             "copy_bandwidth_bytes_per_s": bandwidth, "ours": OURS.name, "official_setup": OFFICIAL_SETUP,
             "method": {"timer": "wall clock per call, device synchronised", "repeats": args.repeats,
                        "calls": args.steps, "warmup": WARMUP, "max_spread": args.max_spread},
-            "decode": rows, "prefill": prefill, "official": official}  # fmt: skip
+            "matmul_flops_per_s": rate, "decode": rows, "prefill": prefill, "official": official,
+            **({"channel_mix": ffn} if ffn else {})}  # fmt: skip
 
 
 def flag(t: dict) -> str:
     return f"  UNSTABLE (spread {t['spread']:.0%} after {t['attempts']} attempts)" if t.get("unstable") else ""
 
 
+def variants_of(args) -> list[Variant]:
+    """--variants: "all", "default" (OURS) or comma-separated indices into VARIANTS."""
+    if args.variants == "all":
+        return VARIANTS
+    if args.variants == "default":
+        return [OURS]
+    return [VARIANTS[int(i)] for i in args.variants.split(",")]
+
+
 def decode_rows(model, shape, batch, bandwidth, args) -> list[dict]:
     rows = []
     slot_bytes = {dt: model.state_layout.slot_nbytes(dt) for dt in (torch.float32, torch.float16)}
-    variants = [OURS] if args.variants == "default" else VARIANTS + ([REFERENCE] if batch in (1, 64) else [])
+    variants = variants_of(args)
+    variants = variants + ([REFERENCE] if batch in (1, 64) and args.variants == "all" and not args.no_reference else [])
     for variant in variants:
-        for graphs in (False, True):
+        for graphs in (True,) if args.graphs_only else (False, True):
             t = decode_time(model, variant, batch, graphs, args)
             s = t["median_s"]
             moved = weight_bytes(model, batch) + 2 * batch * slot_bytes[variant.state_dtype]
             floor = moved / bandwidth
             rows.append({"shape": shape, "batch": batch, "variant": variant.name, "graphs": graphs, **t,
                          "step_ms": s * 1e3, "tokens_per_s": batch / s, "floor_ms": floor * 1e3,
-                         "floor_ratio": s / floor, "state_dtype": dtype_name(variant.state_dtype)})  # fmt: skip
+                         "floor_ratio": s / floor, "share_of_floor": floor / s,
+                         "state_dtype": dtype_name(variant.state_dtype)})  # fmt: skip
             print(f"  B={batch:<3} graphs={graphs!s:<5} {variant.name:<40} {s * 1e3:8.3f} ms "
                   f"{batch / s:10,.0f} tok/s  floor {floor * 1e3:.3f} ms (x{s / floor:.2f}){flag(t)}", flush=True)  # fmt: skip
     return rows
@@ -214,21 +298,43 @@ def markdown(result: dict) -> str:
            f"torch {result['torch']}; measured device-to-device copy bandwidth {bw / 1e9:.0f} GB/s (read + write). "
            "Floor = (weight bytes read once + state bytes read and written) / that bandwidth. "
            f"Random fp16 weights, world vocabulary. {timing}", ""]  # fmt: skip
+    share = any("share_of_floor" in r for r in result["decode"])  # runs before that column rendered without it
     for shape in dict.fromkeys(r["shape"] for r in result["decode"]):
-        out += [f"## {shape} ({card})", "", "| batch | variant | graphs | step ms | tokens/s | spread | floor ms | x floor |",
-                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += [f"## {shape} ({card})", "", "| batch | variant | graphs | step ms | tokens/s | spread | floor ms | x floor |"
+                + (" share of floor |" if share else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if share else "")]  # fmt: skip
         for r in (r for r in result["decode"] if r["shape"] == shape):
             out.append(f"| {r['batch']} | {r['variant']} | {'on' if r['graphs'] else 'off'} | {r['step_ms']:.3f} | "
-                       f"{r['tokens_per_s']:,.0f} | {_spread(r)} | {r['floor_ms']:.3f} | {r['floor_ratio']:.2f} |")  # fmt: skip
+                       f"{r['tokens_per_s']:,.0f} | {_spread(r)} | {r['floor_ms']:.3f} | {r['floor_ratio']:.2f} |"
+                       + (f" {100 / r['floor_ratio']:.0f}% |" if share else ""))  # fmt: skip
         out.append("")
-    out += official_table(result)
+    out += official_table(result) + channel_mix_table(result)
     if result["prefill"]:
-        out += [f"## Prefill ({card})", "", "| shape | batch | prompt | variant | tokens/s | spread |",
-                "|---|---|---|---|---|---|"]  # fmt: skip
+        floors = any("matmul_floor_ms" in r for r in result["prefill"])
+        out += [f"## Prefill ({card})", ""]
+        if floors:
+            out += [f"fp16 matmul floor: 2 FLOPs per layer weight per token over the measured 8192^3 fp16 matmul "
+                    f"rate ({result['matmul_flops_per_s'] / 1e12:,.0f} TFLOP/s).", ""]  # fmt: skip
+        out += ["| shape | batch | prompt | variant | tokens/s | spread |" + (" matmul floor ms | share of floor |" if floors else ""),
+                "|---|---|---|---|---|---|" + ("---|---|" if floors else "")]  # fmt: skip
         for r in result["prefill"]:
+            tail = f" {r['matmul_floor_ms']:.2f} | {100 * r['share_of_floor']:.0f}% |" if floors else ""
             out.append(f"| {r['shape']} | {r['batch']} | {r['length']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
-                       f"{_spread(r)} |")  # fmt: skip
+                       f"{_spread(r)} |" + tail)  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def channel_mix_table(result: dict) -> list[str]:
+    """The feed-forward alone at fixed activation densities (runs with --ffn-densities)."""
+    if not result.get("channel_mix"):
+        return []
+    out = [f"## Feed-forward alone at fixed activation densities ({result['card']})", "",
+           "Dense floor: K and V read once over the copy bandwidth. `torch`: cuBLAS, relu, square, cuBLAS, add; "
+           "`triton`: the sparse channel mix (3 launches).", "",
+           "| shape | batch | density | rows of V read | backend | us | share of dense floor |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["channel_mix"]:
+        out.append(f"| {r['shape']} | {r['batch']} | {r['density']:.2f} | {r['rows_read']:.2f} | {r['backend']} | "
+                   f"{r['us']:.1f} | {100 * r['share_of_dense_floor']:.0f}% |")  # fmt: skip
+    return out + [""]
 
 
 def official_table(result: dict) -> list[str]:
@@ -236,7 +342,7 @@ def official_table(result: dict) -> list[str]:
     (the runtime's default, named in advance, not the fastest of the variants measured)."""
     if not result.get("official"):
         return []
-    ours = result.get("ours", OURS.name)
+    ours = result.get("ours", OLD_DEFAULT)
     setup = result.get("official_setup", "rwkv==0.8.32, RWKV_CUDA_ON=1, strategy cuda fp16")
     out = [f"## Against the official rwkv package, batch 1 ({result['card']})", "",
            f"Official: {setup}; same random weights. Ours: `{ours}` (the runtime's default), without and with "
@@ -273,9 +379,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed calls per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every measurement (their spread is checked)")
     parser.add_argument("--max-spread", type=float, default=MAX_SPREAD, help="spread above which a row is re-run")
-    parser.add_argument("--variants", choices=("all", "default"), default="all",
-                        help="every state variant, or only the runtime's default (with and without graphs)")
+    parser.add_argument("--variants", default="all",
+                        help='"all" (every variant), "default" (only the runtime\'s default) or indices into VARIANTS, e.g. 6,7,8')
     parser.add_argument("--official", action="store_true", help="also time the official rwkv package at batch 1")
+    parser.add_argument("--official-shapes", type=lambda s: s.split(","), default=list(SHAPES))
+    parser.add_argument("--ffn-densities", type=lambda s: [float(d) for d in s.split(",") if d], default=[],
+                        help="also time the feed-forward alone at these activation densities (e.g. 0.1,0.5,1)")
+    parser.add_argument("--graphs-only", action="store_true", help="skip the eager rows")
+    parser.add_argument("--no-reference", action="store_true", help="skip the pytorch-reference rows")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where the official package's .pth goes")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)

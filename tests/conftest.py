@@ -92,3 +92,14 @@ def assert_same_run(logits, state: dict, ref_logits, ref_state: dict, tol: float
 
 def random_tokens(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def poison_empty(monkeypatch, module) -> None:
+    """Every torch.empty called from `module` returns NaN-filled memory, so unwritten outputs show."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(module.torch, "empty", empty)

@@ -22,6 +22,13 @@ def bench(name: str):
     return importlib.import_module(name)
 
 
+def tool(name: str):
+    """A writer under tools/ (which imports from benchmarks/, already on sys.path)."""
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+    return importlib.import_module(name)
+
+
 def tokenizer_markdown(data: dict, tmp_path: Path) -> str:
     path = tmp_path / "tokenizer.md"
     bench("bench_tokenizer").write_markdown(data, path)
@@ -35,6 +42,8 @@ WRITERS = {
     "decode-fused-small-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-fused-7b-h200": lambda d, _: bench("bench_decode").markdown(d),
     "prefill-wkv": lambda d, _: bench("bench_prefill").markdown(d),
+    "ffn-sparsity": lambda d, _: bench("bench_ffn_sparsity").markdown(d),
+    "profile-before-h200": lambda d, _: tool("profile_step").markdown(d),
     "state-h200": lambda d, _: bench("bench_state").markdown(d),
     "server-h200": lambda d, _: bench("bench_server").markdown(d),
     "server-h200-rerun": lambda d, _: bench("bench_server").markdown(d),

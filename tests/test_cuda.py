@@ -113,6 +113,22 @@ def test_cuda_fla_prefill_backend_agrees():
     assert rel_err(outs[1][1], outs[0][1]) <= 1e-2
 
 
+def test_cuda_chunked_prefill_agrees_with_the_recurrent_kernel():
+    """The default (chunked WKV for these long prompts, compiled) against the token-by-token kernel."""
+    cfg = SHAPES["L3-C192-N64-V300"]
+    tensors = random_checkpoint(cfg, seed=9)
+    seqs = [random_tokens(n, cfg.vocab_size, seed=n) for n in (200, 0, 1, 77)]
+    outs = []
+    for prefill in (None, "triton"):
+        model = Model.from_tensors(tensors, cfg, device="cuda")
+        model.backends["wkv_prefill"] = prefill
+        pool = model.new_pool(4, state_dtype=torch.float16)
+        logits = model.forward(pool, [0, 1, 2, 3], seqs)[[0, 2, 3]]
+        outs.append((logits, pool.export(0)["wkv"], pool.export(3)["wkv"]))
+    for got, want in zip(*outs):
+        assert rel_err(got, want) <= 1e-3  # float32 math, the state stored in fp16
+
+
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "fp8"])
 def test_cuda_lifecycle_matches_cpu(fmt):
     """On the GPU: compressed ring history, host tier, prefix cache and CUDA-graph decode together,

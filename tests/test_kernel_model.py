@@ -21,9 +21,11 @@ CFG = tiny_config(n_layer=2, n_embd=48, head_size=16, vocab_size=61, ffn_dim=96,
 def models():
     tensors = random_checkpoint(CFG, seed=21)
     ref = Model.from_tensors(tensors, CFG, device=DEVICE)
-    ref.backends.update(token_shift="torch", wkv="torch", time_mix="torch", wkv_prefill="torch")
+    ref.backends.update(token_shift="torch", wkv="torch", time_mix="torch", wkv_prefill="torch", channel_mix="torch",
+                        lora="torch", norm_shift="torch")  # fmt: skip
     fast = Model.from_tensors(tensors, CFG, device=DEVICE)
-    fast.backends.update(token_shift="triton", wkv="triton", time_mix="triton", wkv_prefill="triton")
+    fast.backends.update(token_shift="triton", wkv="triton", time_mix="triton", wkv_prefill="triton",
+                         channel_mix="triton", lora="triton", norm_shift="triton")  # fmt: skip  (<= 16 rows per call)
     for model in (ref, fast):  # every backend chosen here, none left to the device's default
         assert None not in model.backends.values(), model.backends
     return ref, fast
@@ -59,3 +61,24 @@ def test_decode_step_matches_forward(models):
     slots = torch.tensor([2, 0, pool_b.scratch_slot], device=DEVICE)  # a padding row on the scratch slot
     got = fast.decode_step(pool_b, slots, torch.tensor([5, 6, 0], device=DEVICE))[:2]
     assert rel_err(got, want) <= 1e-5
+
+
+def test_chunked_prefill_matches_reference(models):
+    """wkv_prefill="triton-chunked": a 37-token prompt (two chunks and a tail) next to a short one."""
+    ref, fast = models
+    seqs = [random_tokens(37, CFG.vocab_size, seed=5), random_tokens(3, CFG.vocab_size, seed=6)]
+    outs = []
+    saved = dict(fast.backends)
+    fast.backends.update(wkv_prefill="triton-chunked", channel_mix="torch", lora="torch")  # 40 rows: past 16
+    try:
+        for model in (ref, fast):
+            pool = model.new_pool(3)
+            logits = model.forward(pool, [2, 0], seqs)
+            outs.append((logits, pool.export(2), pool.export(0)))
+    finally:
+        fast.backends = saved
+    for got, want in zip(outs[1], outs[0]):
+        if isinstance(got, dict):
+            assert all(rel_err(got[key], want[key]) <= 1e-5 for key in got)
+        else:
+            assert rel_err(got, want) <= 1e-5

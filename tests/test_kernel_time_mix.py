@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 # tests/conftest.py sets TRITON_INTERPRET=1 before rwkvstate is imported when there is no GPU
-from conftest import random_tokens, rel_err  # noqa: E402
+from conftest import poison_empty, random_tokens, rel_err  # noqa: E402
 from rwkvstate import Model  # noqa: E402
 from rwkvstate.model.synthetic import random_checkpoint, tiny_config  # noqa: E402
 from rwkvstate.ops import time_mix as tm  # noqa: E402
@@ -58,13 +58,7 @@ def _epilogue_args(T, H, N, dtype, seed):
 @pytest.fixture
 def poisoned_empty(monkeypatch):
     """Every torch.empty inside the ops returns NaN-filled memory, so unwritten outputs show."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(tm.torch, "empty", empty)
+    poison_empty(monkeypatch, tm)
 
 
 @pytest.mark.parametrize("layer0", [True, False], ids=["layer0", "layer1"])
@@ -121,11 +115,13 @@ def test_rejects_bad_shapes():
 # ---- end to end --------------------------------------------------------------------------------
 CFG = tiny_config(n_layer=3, n_embd=48, head_size=16, vocab_size=61, ffn_dim=96, decay_rank=4, aaa_rank=4,
                   mv_rank=4, gate_rank=8)  # fmt: skip
-TRITON = {"token_shift": "triton", "wkv": "triton", "time_mix": "triton"}
-TORCH = {"token_shift": "torch", "wkv": "torch", "time_mix": "torch"}
+TRITON = {"token_shift": "triton", "wkv": "triton", "time_mix": "triton", "channel_mix": "triton", "lora": "triton",
+          "norm_shift": "triton"}
+TORCH = {"token_shift": "torch", "wkv": "torch", "time_mix": "torch", "channel_mix": "torch", "lora": "torch",
+         "norm_shift": "torch"}
 
 
-def test_model_with_fused_time_mix_matches_torch():
+def test_model_with_fused_time_and_channel_mix_matches_torch():
     tensors = random_checkpoint(CFG, seed=33)
     seqs = [random_tokens(n, CFG.vocab_size, seed=10 + n) for n in (4, 0, 1, 6)]
     slots = [2, 0, 3, 1]

@@ -186,3 +186,54 @@ def test_imports_and_runs_torch_path_without_triton():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# ---- residual add + layer norm + token shift in one launch (decode) ----------------------------
+NORM_BATCHES = {"decode": ([2, 5, 0], [1, 1, 1]), "with-empty": ([4, 3, 1], [1, 0, 1])}
+
+
+@pytest.mark.parametrize("batch", NORM_BATCHES)
+@pytest.mark.parametrize("C, K, dtype, with_delta", [(40, 6, torch.float32, True), (104, 1, torch.float32, False),
+                                                     (96, 6, torch.float16, True), (200, 1, torch.bfloat16, True)])  # fmt: skip
+def test_norm_shift_matches_reference(batch, C, K, dtype, with_delta, monkeypatch):
+    from conftest import poison_empty, rel_err
+
+    poison_empty(monkeypatch, ts)
+    slots, lengths = NORM_BATCHES[batch]
+    gen = torch.Generator().manual_seed(C + K)
+    packed = pack(slots, [[1] * n for n in lengths], 10, DEVICE)
+    x, delta = (torch.randn(packed.num_tokens, C, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    ln_w, ln_b = (torch.randn(C, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    mix = torch.rand(K, C, generator=gen).to(DEVICE, dtype)
+    delta = delta if with_delta else None
+    pool = _pool(C, torch.float32, "contiguous", 5)
+    twin = _copy_pool(pool)
+    f32 = [None if t is None else t.float() for t in (x, delta, ln_w, ln_b, mix)]
+    want_x, want = ts.norm_shift_mix_reference(*f32[:4], twin.layer(1)[0], packed, f32[4], shift_backend="torch")
+    got_x, got = ts.norm_shift_mix_triton(x, delta, ln_w, ln_b, pool.layer(1)[0], packed, mix)
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # a rounding or two of 16 bits
+    assert got.dtype == dtype and not got.isnan().any()
+    assert rel_err(got, want) <= tol and rel_err(got_x, want_x) <= tol
+    if delta is None:
+        assert got_x is x
+    live = packed.live_slots
+    for l, (a, b) in enumerate(zip(_snapshot(pool), _snapshot(twin))):
+        if l == 3:  # layer 1's att shift: the live slots hold the norm's output, all else untouched
+            assert rel_err(a[live], b[live]) <= tol
+            rest = torch.ones(NUM_SLOTS + 1, dtype=torch.bool)
+            rest[live.cpu()] = False
+            assert torch.equal(a[rest.to(DEVICE)], b[rest.to(DEVICE)])
+        else:
+            assert torch.equal(a, b)
+
+
+def test_norm_shift_backends():
+    packed = pack([1, 0], [[1, 2], [3]], 10, DEVICE)  # a prefill: the fused kernel refuses it
+    x, ln_w, ln_b = torch.randn(3, 40, device=DEVICE), torch.ones(40, device=DEVICE), torch.zeros(40, device=DEVICE)
+    mix = torch.rand(6, 40, device=DEVICE)
+    with pytest.raises(ValueError, match="decode batches"):
+        ts.norm_shift_mix_triton(x, None, ln_w, ln_b, _pool(40, torch.float32, "contiguous", 1).layer(0)[0], packed, mix)
+    pools = [_pool(40, torch.float32, "contiguous", 1) for _ in range(2)]
+    outs = [ts.norm_shift_mix(x, None, ln_w, ln_b, p.layer(0)[0], packed, mix, backend=b, shift_backend=b)
+            for p, b in zip(pools, ("triton", "torch"))]  # fmt: skip
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-6)

@@ -19,7 +19,13 @@ pytest.importorskip("triton")
 
 from conftest import rel_err  # noqa: E402
 from rwkvstate.model.packing import pack  # noqa: E402
-from rwkvstate.ops.wkv7 import stochastic_round_reference, wkv7, wkv7_reference, wkv7_triton  # noqa: E402
+from rwkvstate.ops.wkv7 import (  # noqa: E402
+    stochastic_round_reference,
+    wkv7,
+    wkv7_chunked,
+    wkv7_reference,
+    wkv7_triton,
+)
 from rwkvstate.state.layout import StateLayout  # noqa: E402
 from rwkvstate.state.pool import new_pool  # noqa: E402
 
@@ -271,3 +277,113 @@ def test_module_imports_and_runs_without_triton():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# ---- the chunked-parallel kernel -------------------------------------------------------------------
+DECAYS = {  # (low, high) of the uniform decay w: the model's range, strong decays, almost none
+    "model": (0.545, 1.0),
+    "near-0": (1e-4, 1e-2),
+    "near-1": (0.999, 1.0),
+}
+CHUNK_BATCHES = {  # lengths 1, 13, 63, 200: empty, shorter than a chunk, odd chunk tails
+    "mixed": ([4, 1, 0, 2], [13, 1, 0, 63]),
+    "long": ([3], [200]),
+}
+
+
+def chunk_batch(name: str, H: int, N: int, decay: str, seed: int):
+    """make_batch's inputs for CHUNK_BATCHES with the decay drawn from DECAYS[decay]."""
+    slots, lengths = CHUNK_BATCHES[name]
+    packed = pack(slots, [[1] * n for n in lengths], 2, DEVICE)
+    T, g = packed.num_tokens, _gen(seed)
+    r, k, v = (torch.randn(T, H, N, generator=g) for _ in range(3))
+    low, high = DECAYS[decay]
+    w = low + (high - low) * torch.rand(T, H, N, generator=g)
+    kk = torch.nn.functional.normalize(torch.randn(T, H, N, generator=g), dim=-1)
+    a, b = -kk, kk * torch.rand(T, H, N, generator=g)
+    return packed, [t.to(DEVICE) for t in (r, w, k, v, a, b)]
+
+
+@pytest.mark.parametrize(
+    "batch, decay, chunk, H, N",
+    [("mixed", "model", 16, 3, 16), ("mixed", "near-0", 32, 1, 32), ("mixed", "near-1", 16, 2, 16),
+     ("long", "model", 32, 1, 16), ("long", "near-0", 16, 1, 16), ("long", "near-1", 16, 1, 32)],
+)  # fmt: skip
+def test_chunked_matches_reference(batch, decay, chunk, H, N):
+    pool = make_pool("contiguous", torch.float32, H, N, seed=21)
+    before = pool.data.clone()
+    ref_pool = copy.deepcopy(pool)
+    packed, inputs = chunk_batch(batch, H, N, decay, seed=22)
+    y = torch.full(inputs[0].shape, float("nan"), device=DEVICE)
+
+    assert wkv7_chunked(pool.layer(LAYER)[1], packed, *inputs, out=y, chunk=chunk) is y
+    y_ref = wkv7_reference(ref_pool.layer(LAYER)[1], packed, *inputs)
+
+    assert not y.isnan().any(), "some outputs were never written"
+    assert rel_err(y, y_ref) <= 1e-5
+    live = packed.live_slots
+    assert rel_err(pool.layer(LAYER)[1][live], ref_pool.layer(LAYER)[1][live]) <= 1e-5
+    mask = touched_mask(pool, live)[0]
+    assert torch.equal(pool.data[~mask].view(torch.int32), before[~mask].view(torch.int32))  # guard band
+
+
+@pytest.mark.parametrize("kind, storage", [("fragmented", torch.float32), ("contiguous", torch.bfloat16)])
+def test_chunked_on_other_pools_and_input_dtypes(kind, storage):
+    pool = make_pool(kind, storage, 2, 16, seed=23)
+    ref_pool = copy.deepcopy(pool)
+    packed, inputs = make_batch("uneven", 2, 16, torch.bfloat16, seed=24)  # bf16 inputs, float32 w
+    y = wkv7_chunked(pool.layer(LAYER)[1], packed, *inputs)
+    y_ref = wkv7_reference(ref_pool.layer(LAYER)[1], packed, *inputs)
+    assert rel_err(y, y_ref) <= 1e-5
+    live = packed.live_slots
+    state, state_ref = pool.layer(LAYER)[1][live], ref_pool.layer(LAYER)[1][live]
+    if storage == torch.float32:
+        assert rel_err(state, state_ref) <= 1e-5
+    else:
+        assert (ordered_bits(state) - ordered_bits(state_ref)).abs().max() <= 1
+
+
+def test_chunked_block_v_split_agrees():
+    packed, inputs = chunk_batch("mixed", 1, 32, "model", seed=25)
+    results = []
+    for block_v in (32, 16):
+        pool = make_pool("contiguous", torch.float32, 1, 32, seed=26)
+        results.append((wkv7_chunked(pool.layer(LAYER)[1], packed, *inputs, block_v=block_v), pool.data))
+    (y0, s0), (y1, s1) = results
+    assert rel_err(y1, y0) <= 1e-6 and rel_err(s1, s0) <= 1e-6
+
+
+def test_chunked_stochastic_store_stays_within_one_ulp():
+    pool = make_pool("contiguous", torch.float16, 1, 16, seed=27)
+    ref_pool = copy.deepcopy(pool)
+    packed, inputs = make_batch("uneven", 1, 16, torch.float32, seed=28)
+    y = wkv7_chunked(pool.layer(LAYER)[1], packed, *inputs, rounding="stochastic", seed=1)
+    wkv7_reference(ref_pool.layer(LAYER)[1], packed, *inputs)
+    diff = (ordered_bits(pool.data) - ordered_bits(ref_pool.data)).abs()
+    assert diff.max() == 1 and not y.isnan().any()
+
+
+def test_chunked_bad_arguments_change_nothing():
+    pool = make_pool("contiguous", torch.float32, 1, 16, seed=1)
+    before = pool.data.clone()
+    packed, inputs = make_batch("uneven", 1, 16, torch.float32, seed=2)
+    for kwargs, match in (({"chunk": 24}, "chunk"), ({"block_v": 8}, "block_v"), ({"rounding": "up"}, "rounding")):
+        with pytest.raises(ValueError, match=match):
+            wkv7_chunked(pool.layer(LAYER)[1], packed, *inputs, **kwargs)
+    assert torch.equal(pool.data, before)
+
+
+def test_default_backend_picks_the_chunked_kernel_by_length(monkeypatch):
+    """With Triton chosen (CUDA), None takes the chunked kernel from CHUNKED_MIN_LEN tokens on."""
+    from rwkvstate.ops import wkv7 as mod
+
+    calls = []
+    for name in ("triton", "triton-chunked"):
+        monkeypatch.setitem(mod._BACKENDS, name, lambda *args, _n=name, **kw: calls.append(_n))
+    monkeypatch.setattr(mod, "pick_backend", lambda backend, t, allowed: backend or "triton")
+    state = torch.zeros(1, 1, 16, 16)
+    for length, backend in ((mod.CHUNKED_MIN_LEN - 1, None), (mod.CHUNKED_MIN_LEN, None), (500, "triton")):
+        packed = pack([0], [[1] * length], 2, "cpu")
+        x = torch.zeros(length, 1, 16)
+        wkv7(state, packed, x, x, x, x, x, x, backend=backend)
+    assert calls == ["triton", "triton-chunked", "triton"]

@@ -18,8 +18,10 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import StateError
+from ..ops.channel_mix import channel_mix
+from ..ops.lora import lora
 from ..ops.time_mix import GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
-from ..ops.token_shift import token_shift_mix
+from ..ops.token_shift import norm_shift_mix
 from ..ops.wkv7 import wkv7
 from ..state.layout import StateLayout, parse_dtype
 from ..state.pool import Device, StatePool, new_pool
@@ -50,9 +52,20 @@ class Model:
         # op backends: None picks Triton kernels for CUDA tensors and the torch reference
         # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one.
         # time_mix: "torch" is the reference of ops/time_mix.py, "triton" its fused kernels
+        # wkv: None takes, on CUDA, the token-by-token kernel and, for batches whose longest
+        # sequence has at least ops.wkv7.CHUNKED_MIN_LEN tokens, the chunked-parallel one.
         # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
-        # sequence, e.g. "fla" for the chunked-parallel kernel of fla-core on long prompts
-        self.backends: dict[str, str | None] = {"token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None}
+        # sequence: "triton-chunked" forces the chunked kernel, "fla" fla-core's chunk_rwkv7
+        # channel_mix: "triton" is the sparse feed-forward for up to 16 rows (None: for CUDA decode
+        # batches of at most 16), "torch" the reference
+        # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (None: for
+        # CUDA decode batches of at most 16), "torch" the reference (eight GEMMs, two activations)
+        # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for
+        # decode (None: on CUDA), "torch" as separate ops (the shift with the token_shift backend)
+        self.backends: dict[str, str | None] = {
+            "token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None, "channel_mix": None,
+            "lora": None, "norm_shift": None,
+        }  # fmt: skip
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
         self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
@@ -174,29 +187,32 @@ class Model:
         v_first = None
         for index, lw in enumerate(self.weights.layers):
             att_shift, wkv_state, ffn_shift = pool.layer(index)
-            xx = F.layer_norm(x, (x.shape[-1],), *lw.ln1)
-            dx, v_first = self._time_mix(lw, xx, packed, att_shift, wkv_state, v_first)
-            x = x + dx
-            xx = F.layer_norm(x, (x.shape[-1],), *lw.ln2)
-            x = x + self._channel_mix(lw, xx, packed, ffn_shift)
+            dx, v_first = self._time_mix(lw, x, packed, att_shift, wkv_state, v_first)
+            x = self._channel_mix(lw, x, dx, packed, ffn_shift)
         return x
+
+    def _norm_shift(self, x: Tensor, delta: Tensor | None, ln: tuple[Tensor, Tensor], shift_state: Tensor,
+                    packed: Packed, mix: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(x + delta, the token-shift mixes of LayerNorm(x + delta)), updating the shift state."""
+        b = self.backends
+        return norm_shift_mix(x, delta, *ln, shift_state, packed, mix, backend=b["norm_shift"], shift_backend=b["token_shift"])
 
     def _time_mix(self, lw: LayerWeights, x: Tensor, packed: Packed, att_shift: Tensor, wkv_state: Tensor,
                   v_first: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
-        mixed = token_shift_mix(x, att_shift, packed, lw.mix, backend=self.backends["token_shift"])
-        xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+        """The time mix of LayerNorm_1(x), without the residual add: returns (its output, v_first)."""
+        _, mixed = self._norm_shift(x, None, lw.ln1, att_shift, packed, lw.mix)
+        xr, _, xk, xv, _, _ = mixed.unbind(0)
         r = F.linear(xr, lw.receptance)
-        w = F.linear(torch.tanh(F.linear(xw, lw.w1)), lw.w2)
         k = F.linear(xk, lw.key)
         v = F.linear(xv, lw.value)
-        a_lora = F.linear(F.linear(xa, lw.a1), lw.a2)  # a0 and v0 are added after the LoRAs
-        g = F.linear(torch.sigmoid(F.linear(xg, lw.g1)), lw.g2)
+        # w = tanh(xw W1) W2, a_lora = (xa A1) A2, g = sigmoid(xg G1) G2, v_lora = (xv V1) V2 (layers >= 1);
+        # a0 and v0 are added after the LoRAs
+        w, a_lora, g, *v_lora_ = lora(mixed, lw.lora, backend=self.backends["lora"])
         if lw.v0 is None:
             v_first, v_lora = v, None
         else:
             assert v_first is not None, "layer 0 sets v_first"
-            assert lw.v1 is not None and lw.v2 is not None  # layers >= 1 have the value-residual LoRA
-            v_lora = F.linear(F.linear(xv, lw.v1), lw.v2)
+            v_lora = v_lora_[0]  # layers >= 1 have the value-residual LoRA
         out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
         return F.linear(out, lw.output), v_first
 
@@ -227,9 +243,10 @@ class Model:
         y = wkv7(wkv_state, packed, r, w, k, v, a, b, backend=backend, rounding=rounding, seed=seed)
         return y.view(T, C)
 
-    def _channel_mix(self, lw: LayerWeights, x: Tensor, packed: Packed, ffn_shift: Tensor) -> Tensor:
-        k = token_shift_mix(x, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0), backend=self.backends["token_shift"])[0]
-        return F.linear(torch.relu(F.linear(k, lw.ffn_key)).square(), lw.ffn_value)
+    def _channel_mix(self, lw: LayerWeights, x: Tensor, dx: Tensor, packed: Packed, ffn_shift: Tensor) -> Tensor:
+        """x + dx (the time mix's residual add) plus the channel mix of LayerNorm_2(x + dx)."""
+        x, mixed = self._norm_shift(x, dx, lw.ln2, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0))
+        return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=self.backends["channel_mix"])
 
     def _output(self, x: Tensor, packed: Packed, output: str) -> Tensor | list[Tensor] | None:
         if output == "none":

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..ops.lora import LoraPack, pack_lora
 
 
 @dataclass
@@ -17,6 +18,7 @@ class LayerWeights:
     ln2: tuple[torch.Tensor, torch.Tensor]
     mix: torch.Tensor  # [6, C]: x_r, x_w, x_k, x_v, x_a, x_g
     w0: torch.Tensor
+    # the LoRA matrices w1 .. g2, v1, v2 are views into `lora`'s stacks (ops/lora.py)
     w1: torch.Tensor  # [D, C] (transposed from the file's [C, D])
     w2: torch.Tensor  # [C, D]
     a0: torch.Tensor
@@ -37,7 +39,10 @@ class LayerWeights:
     ln_x: tuple[torch.Tensor, torch.Tensor]
     ffn_x_k: torch.Tensor
     ffn_key: torch.Tensor  # [F, C]
-    ffn_value: torch.Tensor  # [C, F]
+    ffn_value: torch.Tensor  # [C, F]: the transposed view of a contiguous [F, C] tensor, so that a
+    #                          row of value^T (one activation's contribution) is contiguous for
+    #                          the sparse channel mix (ops/channel_mix.py); F.linear takes the view
+    lora: LoraPack  # chains w (mix 1, tanh), a (mix 4), g (mix 5, sigmoid), v (mix 3, layers >= 1)
 
 
 @dataclass
@@ -53,7 +58,7 @@ class Weights:
                 return [obj]
             if isinstance(obj, (tuple, list)):
                 return [t for o in obj for t in walk(o)]
-            if obj is None:
+            if obj is None or isinstance(obj, LoraPack):  # its stacks are seen through the w1 .. g2 views
                 return []
             return [t for v in vars(obj).values() for t in walk(v)]
 
@@ -99,15 +104,18 @@ def _layer(get, l: int) -> LayerWeights:
         return get(p + name, transpose=True)
 
     mix = torch.stack([vec(f"att.x_{c}") for c in "rwkvag"])
+    chains = [(1, "tanh", "w"), (4, "none", "a"), (5, "sigmoid", "g")] + ([(3, "none", "v")] if l else [])
+    pack = pack_lora((m, act, lora(f"att.{c}1"), lora(f"att.{c}2")) for m, act, c in chains)
+    down = {c: pack.down_weight(i) for i, (_, _, c) in enumerate(chains)}
+    up = {c: pack.up_weight(i) for i, (_, _, c) in enumerate(chains)}
     return LayerWeights(
         ln1=(vec("ln1.weight"), vec("ln1.bias")), ln2=(vec("ln2.weight"), vec("ln2.bias")), mix=mix,
-        w0=vec("att.w0"), w1=lora("att.w1"), w2=lora("att.w2"),
-        a0=vec("att.a0"), a1=lora("att.a1"), a2=lora("att.a2"),
-        v0=vec("att.v0") if l else None, v1=lora("att.v1") if l else None, v2=lora("att.v2") if l else None,
-        g1=lora("att.g1"), g2=lora("att.g2"),
+        w0=vec("att.w0"), w1=down["w"], w2=up["w"], a0=vec("att.a0"), a1=down["a"], a2=up["a"],
+        v0=vec("att.v0") if l else None, v1=down.get("v"), v2=up.get("v"), g1=down["g"], g2=up["g"],
         k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=get(p + "att.r_k"),
         receptance=get(p + "att.receptance.weight"), key=get(p + "att.key.weight"),
         value=get(p + "att.value.weight"), output=get(p + "att.output.weight"),
         ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
-        ffn_x_k=vec("ffn.x_k"), ffn_key=get(p + "ffn.key.weight"), ffn_value=get(p + "ffn.value.weight"),
+        ffn_x_k=vec("ffn.x_k"), ffn_key=get(p + "ffn.key.weight"), ffn_value=get(p + "ffn.value.weight", transpose=True).t(),
+        lora=pack,
     )  # fmt: skip

@@ -7,6 +7,10 @@ slot's shift vector is then replaced by the sequence's last row. The mixes are
     out[m, t] = x[t] + (prev[t] - x[t]) * mix[m]        m = 0 .. K-1
 
 (K = 6 for the time mix: r, w, k, v, a, g; K = 1 for the channel mix).
+
+In the model x is a layer norm's output, and before the channel mix's norm comes the residual
+add; `norm_shift_mix` does add, norm and mixes in one launch for decode batches (the norm of a
+single row is otherwise a kernel of 3-8 us on an H200, twice per layer).
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ from typing import Callable
 
 import torch
 
+import torch.nn.functional as F
+
 from ._triton import HAS_TRITON, pick_backend, tl, triton
+
+LAYER_NORM_EPS = 1e-5  # F.layer_norm's default, which the model uses
 
 
 def token_shift_reference(x: torch.Tensor, shift_state: torch.Tensor, packed) -> torch.Tensor:
@@ -185,3 +193,90 @@ def token_shift_mix(x: torch.Tensor, shift_state: torch.Tensor, packed, mix: tor
     backend: None ("triton" for CUDA tensors when triton imports, else "torch"), "torch", "triton",
     "triton-per-mix"."""
     return _BACKENDS[pick_backend(backend, x, tuple(_BACKENDS))](x, shift_state, packed, mix)
+
+
+# ---- residual add + layer norm + token shift (decode) -------------------------------------------
+def norm_shift_mix_reference(x, delta, ln_w, ln_b, shift_state, packed, mix, shift_backend=None):
+    """x [T, C] the residual stream, delta [T, C] or None (added to x first), ln_w, ln_b [C].
+    Returns (x + delta, the mixes [K, T, C] of LayerNorm(x + delta)) and updates shift_state with
+    the norm's output, as the model's separate add, F.layer_norm and token_shift_mix do."""
+    if delta is not None:
+        x = x + delta
+    xx = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps=LAYER_NORM_EPS)
+    return x, token_shift_mix(xx, shift_state, packed, mix, backend=shift_backend)
+
+
+# Grid (row blocks,): a program owns BLOCK_T whole rows (BLOCK_C = next_pow2(C) >= C channels), so
+# the norm's moments stay in the program. Decode only: every row is its sequence's first and
+# last, so the program reads the slot's old shift row and stores the new one (the norm's output)
+# through the same pointers, as _token_shift_mix_kernel does with IS_DECODE.
+if HAS_TRITON:
+    from .wkv7 import _round_nearest
+
+    @triton.jit
+    def _norm_shift_mix_kernel(
+        x, delta, ln_w, ln_b, state, slots, x_out, out, T, C, eps,
+        stride_x, stride_d, stride_s, stride_m, stride_xo, stride_ok, stride_ot, mix,
+        K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DELTA: tl.constexpr,
+    ):  # fmt: skip
+        i_t = tl.program_id(0)
+        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        o_c = tl.arange(0, BLOCK_C)
+        m_t, m_c = o_t < T, o_c < C
+        m_tc = m_t[:, None] & m_c[None, :]
+        o_r = o_t.to(tl.int64)[:, None]
+        b_x = tl.load(x + o_r * stride_x + o_c[None, :], mask=m_tc, other=0).to(tl.float32)
+        if HAS_DELTA:  # the residual add, rounded to the stream's dtype as torch's add is
+            b_x += tl.load(delta + o_r * stride_d + o_c[None, :], mask=m_tc, other=0).to(tl.float32)
+            b_x = _round_nearest(b_x, x_out.dtype.element_ty)
+            tl.store(x_out + o_r * stride_xo + o_c[None, :], b_x, mask=m_tc)
+            b_x = b_x.to(tl.float32)
+        b_mean = tl.sum(b_x, axis=1) / C
+        b_d = tl.where(m_c[None, :], b_x - b_mean[:, None], 0.0)
+        b_rstd = 1 / tl.sqrt(tl.sum(b_d * b_d, axis=1) / C + eps)
+        b_w = tl.load(ln_w + o_c, mask=m_c, other=0).to(tl.float32)
+        b_b = tl.load(ln_b + o_c, mask=m_c, other=0).to(tl.float32)
+        b_xx = _round_nearest(b_d * b_rstd[:, None] * b_w[None, :] + b_b[None, :], out.dtype.element_ty).to(tl.float32)
+        b_slot = tl.load(slots + o_t, mask=m_t, other=0).to(tl.int64)
+        p_s = state + b_slot[:, None] * stride_s + o_c[None, :]
+        b_old = tl.load(p_s, mask=m_tc, other=0).to(tl.float32)
+        tl.store(p_s, _round_nearest(b_xx, state.dtype.element_ty), mask=m_tc)
+        for i_m in tl.static_range(K):
+            b_mix = tl.load(mix + i_m * stride_m + o_c, mask=m_c, other=0).to(tl.float32)
+            b_o = b_xx + (b_old - b_xx) * b_mix[None, :]
+            tl.store(out + i_m * stride_ok + o_r * stride_ot + o_c[None, :], _round_nearest(b_o, out.dtype.element_ty), mask=m_tc)
+
+
+def norm_shift_mix_triton(x, delta, ln_w, ln_b, shift_state, packed, mix, shift_backend=None):
+    """One launch for a decode batch (every live sequence one row, rows in slot order as
+    pack_decode lays them out); same arguments and results as norm_shift_mix_reference."""
+    if not packed.is_decode:
+        raise ValueError("the fused norm + token shift kernel handles decode batches (one token per sequence)")
+    _check(x, shift_state, mix)
+    if delta is not None and delta.shape != x.shape:
+        raise ValueError(f"delta must be {list(x.shape)}, got {list(delta.shape)}")
+    (T, C), K = x.shape, mix.shape[0]
+    mix = mix.contiguous()
+    out = torch.empty(K, T, C, dtype=x.dtype, device=x.device)
+    x_out = x if delta is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if T == 0:
+        return x_out, out
+    block_c = triton.next_power_of_2(C)
+    block_t = min(max(4096 // block_c, 1), triton.next_power_of_2(T))
+    d = x if delta is None else delta  # unread without a delta
+    _norm_shift_mix_kernel[(triton.cdiv(T, block_t),)](
+        x, d, ln_w, ln_b, shift_state, packed.live_slots, x_out, out, T, C, LAYER_NORM_EPS,
+        x.stride(0), d.stride(0), shift_state.stride(0), mix.stride(0), x_out.stride(0), out.stride(0), out.stride(1), mix,
+        K=K, BLOCK_T=block_t, BLOCK_C=block_c, HAS_DELTA=delta is not None, num_warps=4 if block_c * block_t <= 2048 else 8,
+    )  # fmt: skip
+    return x_out, out
+
+
+def norm_shift_mix(x, delta, ln_w, ln_b, shift_state, packed, mix, backend=None, shift_backend=None):
+    """-> (x + delta, mixes [K, T, C] of LayerNorm(x + delta)); updates shift_state. backend: None
+    picks "triton" for CUDA tensors; "triton" is one fused launch for decode batches; "torch",
+    and "triton" for other batches, are the add, F.layer_norm and token_shift_mix with
+    `shift_backend`, as separate ops."""
+    if pick_backend(backend, x) == "triton" and packed.is_decode:
+        return norm_shift_mix_triton(x, delta, ln_w, ln_b, shift_state, packed, mix)
+    return norm_shift_mix_reference(x, delta, ln_w, ln_b, shift_state, packed, mix, shift_backend)

@@ -153,6 +153,120 @@ if HAS_TRITON:
             tl.store(p_s, _round_nearest(b_s, state.dtype.element_ty))
 
 
+# ---- chunked-parallel form (long prompts) --------------------------------------------------------
+# Per head, with M_t = diag(w_t) + a_t b_t^T the step is S_t = S_{t-1} M_t + v_t k_t^T. Inside a chunk
+# of BT tokens starting from S_0, with G_t = sum_{s<=t} log w_s (inclusive, relative to the chunk
+# start) and z_t = S_{t-1} a_t, everything is a product of [BT, .] tiles (ops/README.md derives it):
+#   z_t = S_0 (a_t e^{G_{t-1}}) + sum_{s<t} [a_t . (b_s e^{G_{t-1}-G_s})] z_s + [a_t . (k_s e^{G_{t-1}-G_s})] v_s
+#   y_t = S_0 (r_t e^{G_t})     + sum_{s<=t} [r_t . (b_s e^{G_t-G_s})] z_s + [r_t . (k_s e^{G_t-G_s})] v_s
+#   S_BT = S_0 diag(e^{G_BT}) + sum_s z_s (b_s e^{G_BT-G_s})^T + v_s (k_s e^{G_BT-G_s})^T
+# The z recurrence is a unit lower-triangular solve of BT rows. Every exponent above is <= 0 (a
+# later cumulative log decay minus an earlier one), so nothing overflows however strong the decay
+# (a factorisation e^{G_t} * e^{-G_s} would overflow float32 once a chunk decays past e^-88). The
+# [BT, BT] matrices are therefore built elementwise over [BT, BT, BK] blocks of keys, not by tl.dot;
+# the products with the state and with v, z are tl.dot in full float32 ("ieee").
+# Grid and ownership as _wkv7_kernel: (live sequence, head, value-row block); value rows are
+# independent, so each program solves the chunk for its BLOCK_V rows and recomputes the key-side
+# matrices (they depend on r, w, k, a, b only).
+if HAS_TRITON:
+
+    @triton.jit
+    def _chunk_rows(p, o_x, o_c, m_t, other: tl.constexpr):
+        """[BT, len(o_c)] float32 tile of a [T, H, N] input: rows o_x (token, head offsets), columns
+        o_c; rows past the sequence read `other` (the neutral value: w = 1, everything else 0)."""
+        return tl.load(p + o_x[:, None] + o_c[None, :], mask=m_t[:, None], other=other).to(tl.float32)
+
+    @triton.jit
+    def _chunk_matrices(r, w, k, a, b, o_x, m_t, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+        """The chunk's [BT, BT] key-side matrices, rows t and columns s:
+        L_ab[t, s] = a_t . (b_s e^{G_{t-1}-G_s}), L_ak the same with k_s (both s < t);
+        Q_b[t, s] = r_t . (b_s e^{G_t-G_s}), Q_k the same with k_s (both s <= t)."""
+        o_t = tl.arange(0, BT)
+        m_lower = (o_t[:, None] > o_t[None, :])[:, :, None]  # [BT, BT, 1]: s < t
+        m_diag = (o_t[:, None] == o_t[None, :])[:, :, None]
+        b_lab = tl.zeros([BT, BT], dtype=tl.float32)
+        b_lak = tl.zeros([BT, BT], dtype=tl.float32)
+        b_qb = tl.zeros([BT, BT], dtype=tl.float32)
+        b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in tl.static_range(N // BK):
+            o_c = i_k * BK + tl.arange(0, BK)
+            b_w = _chunk_rows(w, o_x, o_c, m_t, 1.0)
+            b_lw = tl.log(b_w)
+            b_g = tl.cumsum(b_lw, axis=0)  # G_t, inclusive
+            b_gx = b_g - b_lw  # G_{t-1}
+            # [t, s, j] = e^{G_{t-1}[j] - G_s[j]} for s < t, 0 elsewhere (masked before the exp)
+            b_e = tl.exp(tl.where(m_lower, b_gx[:, None, :] - b_g[None, :, :], float("-inf")))
+            b_bs = _chunk_rows(b, o_x, o_c, m_t, 0.0)[None, :, :]
+            b_ks = _chunk_rows(k, o_x, o_c, m_t, 0.0)[None, :, :]
+            b_p = _chunk_rows(a, o_x, o_c, m_t, 0.0)[:, None, :] * b_e
+            b_lab += tl.sum(b_p * b_bs, axis=2)
+            b_lak += tl.sum(b_p * b_ks, axis=2)
+            # e^{G_t - G_s} = w_t e^{G_{t-1} - G_s} for s < t, and 1 for s = t
+            b_q = _chunk_rows(r, o_x, o_c, m_t, 0.0)[:, None, :] * tl.where(m_diag, 1.0, b_e * b_w[:, None, :])
+            b_qb += tl.sum(b_q * b_bs, axis=2)
+            b_qk += tl.sum(b_q * b_ks, axis=2)
+        return b_lab, b_lak, b_qb, b_qk
+
+    @triton.jit
+    def _solve_lower(b_l, b_z, BT: tl.constexpr):
+        """z = (I - L)^-1 z for strictly lower-triangular L [BT, BT], z [BT, BLOCK_V]: row by row,
+        z_t += sum_{s<t} L[t, s] z_s (rows s < t are final when row t is reached)."""
+        o_t = tl.arange(0, BT)
+        for t in range(1, BT):
+            b_row = tl.sum(tl.where(o_t[:, None] == t, b_l, 0.0), axis=0)  # L[t, :]
+            b_add = tl.sum(b_row[:, None] * b_z, axis=0)  # [BLOCK_V]
+            b_z = tl.where(o_t[:, None] == t, b_z + b_add[None, :], b_z)
+        return b_z
+
+    @triton.jit
+    def _wkv7_chunk_step(b_s, r, w, k, v, a, b, y, o_x, m_t, o_v,
+                         N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+        """One chunk: stores its y rows (this program's value rows), returns the new state tile."""
+        o_k = tl.arange(0, N)
+        b_lab, b_lak, b_qb, b_qk = _chunk_matrices(r, w, k, a, b, o_x, m_t, N, BT, BK)
+        b_lw = tl.log(_chunk_rows(w, o_x, o_k, m_t, 1.0))
+        b_g = tl.cumsum(b_lw, axis=0)
+        b_glast = tl.sum(b_lw, axis=0)  # G at the chunk's last token (rows past the end add log 1 = 0)
+        b_v = tl.load(v + o_x[:, None] + o_v[None, :], mask=m_t[:, None], other=0).to(tl.float32)  # [BT, BLOCK_V]
+        b_sT = tl.trans(b_s)  # [N, BLOCK_V]
+        b_a = _chunk_rows(a, o_x, o_k, m_t, 0.0) * tl.exp(b_g - b_lw)
+        b_z = tl.dot(b_a, b_sT, input_precision="ieee") + tl.dot(b_lak, b_v, input_precision="ieee")
+        b_z = _solve_lower(b_lab, b_z, BT)  # [BT, BLOCK_V]: z_t = S_{t-1} a_t, this program's rows
+        b_r = _chunk_rows(r, o_x, o_k, m_t, 0.0) * tl.exp(b_g)
+        b_y = tl.dot(b_r, b_sT, input_precision="ieee") + tl.dot(b_qb, b_z, input_precision="ieee")
+        b_y += tl.dot(b_qk, b_v, input_precision="ieee")
+        tl.store(y + o_x[:, None] + o_v[None, :], b_y, mask=m_t[:, None])
+        b_tail = tl.exp(b_glast[None, :] - b_g)  # [BT, N]: e^{G_BT - G_s}
+        b_bt = _chunk_rows(b, o_x, o_k, m_t, 0.0) * b_tail
+        b_kt = _chunk_rows(k, o_x, o_k, m_t, 0.0) * b_tail
+        b_s = b_s * tl.exp(b_glast)[None, :] + tl.dot(tl.trans(b_z), b_bt, input_precision="ieee")
+        return b_s + tl.dot(tl.trans(b_v), b_kt, input_precision="ieee")
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _wkv7_chunk_kernel(
+        state, live_slots, cu_seqlens, r, w, k, v, a, b, y, stride_slot, seed,
+        H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
+    ):  # fmt: skip
+        i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_slot = tl.load(live_slots + i_n).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        o_s = i_h * N * N + o_v[:, None] * N + tl.arange(0, N)[None, :]
+        p_s = state + i_slot * stride_slot + o_s
+        b_s = tl.load(p_s).to(tl.float32)  # [BLOCK_V, N], on chip across all chunks
+        for t0 in range(bos, eos, BT):
+            o_t = t0 + tl.arange(0, BT)
+            o_x = (o_t * H + i_h) * N  # [BT] row offsets of the [T, H, N] inputs
+            b_s = _wkv7_chunk_step(b_s, r, w, k, v, a, b, y, o_x, o_t < eos, o_v, N, BT, BK)
+        if STOCHASTIC:
+            b_u = _uniform_tile(i_slot * 4294967296 + seed, i_h, o_v, BLOCK_V, N)
+            tl.store(p_s, _stochastic_round(b_s, b_u, state.dtype.element_ty))
+        else:
+            tl.store(p_s, _round_nearest(b_s, state.dtype.element_ty))
+
+
 def _launch_config(N: int, num_seqs: int, num_heads: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps). Large tiles when there are many (sequence, head) pairs (fewer
     programs, fewer repeated loads of the key vectors), small ones when there are few, so a lone
@@ -179,6 +293,23 @@ def _check(state: torch.Tensor, r: torch.Tensor, inputs) -> None:
         raise ValueError(f"state heads must be contiguous [N, N] row-major blocks, got strides {state.stride()}")
 
 
+def _prepare(state, packed, inputs, rounding, out) -> tuple[torch.Tensor, bool]:
+    """Checks a Triton call; returns (y, whether there is anything to compute)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    r = inputs[0]
+    _check(state, r, inputs)
+    y = torch.empty(r.shape, dtype=torch.float32, device=r.device) if out is None else out
+    if y.shape != r.shape or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 {list(r.shape)} tensor")
+    return y, r.shape[0] > 0 and packed.live_slots.numel() > 0
+
+
+def _check_block_v(block_v: int, N: int) -> None:
+    if N % block_v or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two dividing N = {N}, got {block_v}")
+
+
 def wkv7_triton(
     state, packed, r, w, k, v, a, b, rounding="nearest", seed=0, *, out=None, block_v=None, num_warps=None
 ) -> torch.Tensor:
@@ -187,25 +318,61 @@ def wkv7_triton(
     (seed, slot, element): pass a new seed every call, or the same noise repeats step after step.
     out: an optional float32 [T, H, N] tensor for y. block_v / num_warps override the heuristic
     (tests and benchmarks)."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     inputs = (r, w, k, v, a, b)
-    _check(state, r, inputs)
-    T, H, N = r.shape
-    y = torch.empty(T, H, N, dtype=torch.float32, device=r.device) if out is None else out
-    if y.shape != r.shape or y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 {list(r.shape)} tensor")
-    num_live = packed.live_slots.numel()
-    if T == 0 or num_live == 0:
+    y, work = _prepare(state, packed, inputs, rounding, out)
+    if not work:
         return y
+    T, H, N = r.shape
+    num_live = packed.live_slots.numel()
     bv, nw = _launch_config(N, num_live, H)
     block_v, num_warps = block_v or bv, num_warps or nw
-    if N % block_v or block_v & (block_v - 1):
-        raise ValueError(f"block_v must be a power of two dividing N = {N}, got {block_v}")
+    _check_block_v(block_v, N)
     stochastic = rounding == "stochastic" and state.dtype != torch.float32
     _wkv7_kernel[(num_live, H, N // block_v)](
         state, packed.live_slots, packed.cu_seqlens, *(t.contiguous() for t in inputs), y,
         state.stride(0), seed & 0xFFFFFFFF, H=H, N=N, BLOCK_V=block_v, STOCHASTIC=stochastic, num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
+CHUNK_SIZES = (16, 32)
+CHUNKED_MIN_LEN = 64  # backend None: sequences this long (the longest in the batch) take the chunked kernel
+
+
+def _chunk_config(N: int, num_seqs: int, num_heads: int) -> int:
+    """BLOCK_V for the chunked kernel: whole heads (the key-side matrices are computed once per
+    program) unless that leaves fewer than 256 programs, then down to 16 rows."""
+    block_v = N
+    while block_v > 16 and num_seqs * num_heads * (N // block_v) < 256:
+        block_v //= 2
+    return block_v
+
+
+def wkv7_chunked(
+    state, packed, r, w, k, v, a, b, rounding="nearest", seed=0, *, out=None, block_v=None, chunk=16, num_warps=4
+) -> torch.Tensor:
+    """The chunked-parallel form: same arguments, results (to float32 rounding) and in-place state
+    update as wkv7_triton, one launch, but each program advances `chunk` tokens per step with
+    matrix products instead of one token at a time. w must lie in (0, 1]. block_v overrides the
+    value rows per program (a power of two, at least 16)."""
+    inputs = (r, w, k, v, a, b)
+    y, work = _prepare(state, packed, inputs, rounding, out)
+    if not work:
+        return y
+    T, H, N = r.shape
+    if chunk not in CHUNK_SIZES:
+        raise ValueError(f"chunk must be one of {CHUNK_SIZES}, got {chunk}")
+    num_live = packed.live_slots.numel()
+    block_v = block_v or _chunk_config(N, num_live, H)
+    _check_block_v(block_v, N)
+    if block_v < 16:
+        raise ValueError(f"the chunked kernel needs block_v >= 16 (tl.dot tiles), got {block_v}")
+    block_k = min(N, 4096 // (chunk * chunk))  # [chunk, chunk, block_k] blocks of 4096 elements
+    stochastic = rounding == "stochastic" and state.dtype != torch.float32
+    _wkv7_chunk_kernel[(num_live, H, N // block_v)](
+        state, packed.live_slots, packed.cu_seqlens, *(t.contiguous() for t in inputs), y,
+        state.stride(0), seed & 0xFFFFFFFF, H=H, N=N, BLOCK_V=block_v, BT=chunk, BK=block_k,
+        STOCHASTIC=stochastic, num_warps=num_warps,
     )  # fmt: skip
     return y
 
@@ -252,13 +419,19 @@ def wkv7_fla(state, packed, r, w, k, v, a, b, rounding="nearest", seed=0) -> tor
     return y[0].float()
 
 
-_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": _wkv7_torch, "triton": wkv7_triton, "fla": wkv7_fla}
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "torch": _wkv7_torch, "triton": wkv7_triton, "triton-chunked": wkv7_chunked, "fla": wkv7_fla,
+}  # fmt: skip
 
 
 def wkv7(state, packed, r, w, k, v, a, b, backend=None, rounding="nearest", seed=0) -> torch.Tensor:
     """state [S, H, N, N] pool view, r, w, k, v, a, b [T, H, N] -> y [T, H, N] float32; updates
-    the live slots' state. backend: None ("triton" for CUDA tensors when triton imports, else
-    "torch"), "torch", "triton". rounding: "nearest" or "stochastic" (fp16/bf16 storage; seed
-    picks the noise)."""
-    fn = _BACKENDS[pick_backend(backend, r, tuple(_BACKENDS))]
+    the live slots' state. backend: None (for CUDA tensors when triton imports: "triton-chunked"
+    if the batch's longest sequence has at least CHUNKED_MIN_LEN tokens, else "triton"; otherwise
+    "torch"), "torch", "triton" (the token-by-token kernel), "triton-chunked", "fla". rounding:
+    "nearest" or "stochastic" (fp16/bf16 storage; seed picks the noise)."""
+    name = pick_backend(backend, r, tuple(_BACKENDS))
+    if backend is None and name == "triton" and packed.max_len >= CHUNKED_MIN_LEN:
+        name = "triton-chunked"
+    fn = _BACKENDS[name]
     return fn(state, packed, r, w, k, v, a, b, rounding=rounding, seed=seed)

@@ -1,0 +1,188 @@
+"""The time mix's low-rank chains (decay w, in-context rate a, gate g, value residual v) in two
+launches for a few rows:
+
+    h_s   = act_s(x_s D_s^T)        x_s = token-shift mix m_s [T, C], D_s [R_s, C]
+    out_s = h_s U_s^T               U_s [C, R_s]  ->  out [S, T, C]
+
+with act tanh (w), none (a, v), sigmoid (g). At batch 1 each of these eight GEMVs and two
+activations is its own kernel of 2-5 us for a few hundred kilobytes of weights. Here the down
+matrices are stacked into one [R, C] matrix at load time, each padded with zero rows to a multiple
+of BLOCK_R so that a block of rows belongs to one chain, and the up matrices (transposed) into
+another: one GEMV-shaped kernel computes every h (the activation applied per row block), one
+computes every out. The model keeps views into the stacks as its w1, w2, ... weights, so nothing
+is stored twice. Rounding follows the torch chain step by step (GEMM output, activation, GEMM
+output, each rounded to the compute dtype); padded rows are zero in both stacks and add exact
+zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import HAS_TRITON, is_interpreting, pick_backend, tl, triton
+
+ACTIVATIONS = ("none", "tanh", "sigmoid")
+BLOCK_R = 16  # rows of a stacked matrix per program step; every chain is padded to a multiple
+MAX_ROWS = 16  # the Triton path pads the token rows to one 16-row tl.dot tile
+
+
+@dataclass
+class LoraPack:
+    """Stacked low-rank chains of one layer. Segment s uses mix `mixes[s]`, activation
+    `activations[s]` and rows starts[s] .. starts[s] + ranks[s] - 1 of both stacks."""
+
+    down: torch.Tensor  # [R_pad, C]: D_s stacked, zero rows up to a multiple of BLOCK_R each
+    up_t: torch.Tensor  # [R_pad, C]: U_s^T stacked the same way
+    block_codes: torch.Tensor  # [R_pad / BLOCK_R] int32: mix * 4 + activation index, per row block
+    bounds: torch.Tensor  # [S + 1] int32: padded first row of each segment, then R_pad
+    mixes: tuple[int, ...]
+    activations: tuple[str, ...]
+    starts: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    def down_weight(self, s: int) -> torch.Tensor:
+        """D_s [R_s, C], a view: the F.linear weight of chain s's first GEMM."""
+        return self.down[self.starts[s] : self.starts[s] + self.ranks[s]]
+
+    def up_weight(self, s: int) -> torch.Tensor:
+        """U_s [C, R_s], a transposed view: the F.linear weight of chain s's second GEMM."""
+        return self.up_t[self.starts[s] : self.starts[s] + self.ranks[s]].t()
+
+
+def pack_lora(chains) -> LoraPack:
+    """chains: (mix index, activation, down [R, C], up [C, R]) per segment, all on one device and
+    dtype. Returns the stacks (new tensors); the inputs can be dropped afterwards."""
+    chains = list(chains)
+    C = chains[0][2].shape[1]
+    starts, codes, bounds = [], [], [0]
+    for mix, act, down, up in chains:
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
+        if down.dim() != 2 or down.shape[1] != C or up.shape != (C, down.shape[0]):
+            raise ValueError(f"expected down [R, {C}] and up [{C}, R], got {list(down.shape)} and {list(up.shape)}")
+        starts.append(bounds[-1])
+        blocks = -(-down.shape[0] // BLOCK_R)
+        codes += [mix * 4 + ACTIVATIONS.index(act)] * blocks
+        bounds.append(bounds[-1] + blocks * BLOCK_R)
+    ref = chains[0][2]
+    down_all = torch.zeros(bounds[-1], C, dtype=ref.dtype, device=ref.device)
+    up_all = torch.zeros(bounds[-1], C, dtype=ref.dtype, device=ref.device)
+    for start, (_, _, down, up) in zip(starts, chains):
+        down_all[start : start + down.shape[0]] = down
+        up_all[start : start + down.shape[0]] = up.t()
+
+    def ints(values):
+        return torch.tensor(values, dtype=torch.int32, device=ref.device)
+
+    return LoraPack(
+        down=down_all, up_t=up_all, block_codes=ints(codes), bounds=ints(bounds),
+        mixes=tuple(c[0] for c in chains), activations=tuple(c[1] for c in chains),
+        starts=tuple(starts), ranks=tuple(c[2].shape[0] for c in chains),
+    )  # fmt: skip
+
+
+_TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda x: x, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+}  # fmt: skip
+
+
+def lora_reference(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
+    """mixed [K, T, C] (the token-shift mixes) -> S tensors [T, C] in mixed's dtype: the torch chains."""
+    outs = []
+    for s, (mix, act) in enumerate(zip(pack.mixes, pack.activations)):
+        h = _TORCH_ACTIVATIONS[act](F.linear(mixed[mix], pack.down_weight(s)))
+        outs.append(F.linear(h, pack.up_weight(s)))
+    return outs
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+# Both kernels pad the T <= 16 token rows to one 16-row tl.dot tile and accumulate in float32.
+# _lora_down_kernel: grid (R_pad / BLOCK_R,); a program owns one row block of the down stack (one
+#   chain: its code gives the mix to read and the activation), steps over C by BLOCK_C, and writes
+#   h[:, rows] = act(round(x_mix D_rows^T)), rounded. Reads each weight once.
+# _lora_up_kernel: grid (C / BLOCK_C, S); a program owns channels o_c of chain s's output and sums
+#   h[:, rows] U^T[rows, o_c] over the chain's rows, writing out[s, :, o_c] rounded.
+if HAS_TRITON:
+    from .channel_mix import _dot, _rows_times_weight_t  # float32 products (IEEE where needed)
+    from .wkv7 import _round_nearest
+
+    @triton.jit
+    def _lora_down_kernel(
+        x, down, codes, h, T, C, stride_xm, stride_xt, stride_h,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        i_r = tl.program_id(0)
+        code = tl.load(codes + i_r)
+        i_m, act = code // 4, code % 4
+        o_t = tl.arange(0, BLOCK_T)
+        o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_t = o_t < T
+        p_x = x + i_m.to(tl.int64) * stride_xm  # this block's mix
+        b_acc = _rows_times_weight_t(p_x, stride_xt, o_t, m_t, down, C, o_r, o_r >= 0, C, BLOCK_T, BLOCK_R, BLOCK_C, IEEE)
+        b_h = _round_nearest(b_acc, h.dtype.element_ty).to(tl.float32)
+        b_sig = tl.sigmoid(b_h)
+        b_tanh = 2 * tl.sigmoid(2 * b_h) - 1  # tanh, from the sigmoid Triton has everywhere
+        b_h = tl.where(act == 1, b_tanh, tl.where(act == 2, b_sig, b_h))
+        tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _round_nearest(b_h, h.dtype.element_ty), mask=m_t[:, None])
+
+    @triton.jit
+    def _lora_up_kernel(
+        h, up_t, bounds, out, T, C, stride_h, stride_os, stride_ot,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        i_c, i_s = tl.program_id(0), tl.program_id(1)
+        r_start, r_end = tl.load(bounds + i_s), tl.load(bounds + i_s + 1)
+        o_t = tl.arange(0, BLOCK_T)
+        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_t, m_c = o_t < T, o_c < C
+        b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            o_r = r0 + tl.arange(0, BLOCK_R)
+            b_h = tl.load(h + o_t[:, None] * stride_h + o_r[None, :], mask=m_t[:, None], other=0)
+            b_u = tl.load(up_t + o_r[:, None].to(tl.int64) * C + o_c[None, :], mask=m_c[None, :], other=0)
+            b_acc += _dot(b_h, b_u, IEEE)
+        p_o = out + i_s * stride_os + o_t[:, None] * stride_ot + o_c[None, :]
+        tl.store(p_o, _round_nearest(b_acc, out.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+
+
+def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None) -> list[torch.Tensor]:
+    """Two launches; same arguments and result as lora_reference for T <= 16 rows. block_c
+    overrides the channel block (tests use it to cover several blocks)."""
+    K, T, C = mixed.shape
+    if T > MAX_ROWS:
+        raise ValueError(f"the Triton LoRA kernels take at most {MAX_ROWS} rows, got {T}")
+    if pack.down.shape[1] != C or mixed.stride(2) != 1 or max(pack.mixes) >= K:
+        raise ValueError(f"mixed must be [K > {max(pack.mixes)}, T, {pack.down.shape[1]}] with unit channel stride, "
+                         f"got {list(mixed.shape)}")  # fmt: skip
+    S = len(pack.mixes)
+    out = torch.empty(S, T, C, dtype=mixed.dtype, device=mixed.device)
+    if T == 0:
+        return list(out.unbind(0))
+    ieee = mixed.dtype == torch.float32 or (mixed.dtype == torch.bfloat16 and is_interpreting())
+    h = torch.empty(T, pack.down.shape[0], dtype=mixed.dtype, device=mixed.device)
+    _lora_down_kernel[(pack.block_codes.numel(),)](
+        mixed, pack.down, pack.block_codes, h, T, C, mixed.stride(0), mixed.stride(1), h.stride(0),
+        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=128, IEEE=ieee, num_warps=4,
+    )  # fmt: skip
+    block_c = block_c or min(128, triton.next_power_of_2(C))
+    _lora_up_kernel[(triton.cdiv(C, block_c), S)](
+        h, pack.up_t, pack.bounds, out, T, C, h.stride(0), out.stride(0), out.stride(1),
+        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=block_c, IEEE=ieee, num_warps=4,
+    )  # fmt: skip
+    return list(out.unbind(0))
+
+
+_BACKENDS: dict[str, Callable[..., list[torch.Tensor]]] = {"torch": lora_reference, "triton": lora_triton}
+
+
+def lora(mixed: torch.Tensor, pack: LoraPack, backend=None) -> list[torch.Tensor]:
+    """mixed [K, T, C] -> S tensors [T, C]: every chain of `pack`, in its order. backend: None
+    picks "triton" for CUDA tensors with at most 16 rows (decode of 1-16 sequences) when triton
+    imports, else "torch"; "torch" and "triton" force one."""
+    if backend is None and mixed.shape[1] > MAX_ROWS:
+        backend = "torch"
+    return _BACKENDS[pick_backend(backend, mixed, tuple(_BACKENDS))](mixed, pack)
