@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench_decode import median_seconds  # noqa: E402  (benchmarks/ is the script's directory)
-from common import write_results  # noqa: E402
+from common import measure, write_results  # noqa: E402  (benchmarks/ is the script's directory)
 from rwkvstate.ops import sampling as ops
 from rwkvstate.runtime.sampling import SamplingParams, TokenCounts, sample, sampling_rows
 
@@ -56,8 +55,11 @@ def sort_sample(logits: torch.Tensor, params, uniforms: torch.Tensor) -> torch.T
 
 
 def device_seconds(fn, repeats: int) -> float:
-    """Median device time of fn on CUDA; wall time on CPU (a smoke run only)."""
-    return median_seconds(fn, repeats) if torch.cuda.is_available() else wall_seconds(fn, repeats)
+    """Median seconds of fn through the benchmarks' common timer on CUDA (device synchronised
+    around each call, repeats checked for spread); wall time on CPU (a smoke run only)."""
+    if torch.cuda.is_available():
+        return measure(fn, "cuda", repeats=3, calls=repeats)["median_s"]
+    return wall_seconds(fn, repeats)
 
 
 def wall_seconds(fn, repeats: int, warmup: int = 3) -> float:

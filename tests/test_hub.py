@@ -126,13 +126,13 @@ def test_pull_downloads_verifies_and_caches(capsys, fake, byte_bytes, tmp_path):
 def test_model_by_name_generates_like_the_file(capsys, fake, byte_bytes, tmp_path):
     file = tmp_path / "same.pth"
     file.write_bytes(byte_bytes)
-    argv = ["--prompt", "abc", "--max-tokens", 10, "--temperature", 0]
+    argv = ["--prompt", "abc", "--max-tokens", 10, "--temperature", 0, "--quiet"]
     rc, by_name, err = run(capsys, "generate", "--model", TINY.name, *argv)
     assert rc == 0 and "downloaded tiny-bytes to" in err
     rc, by_path, _ = run(capsys, "generate", "--model", file, *argv)
     assert by_name == by_path and by_name.startswith("abc")
     rc, again, err = run(capsys, "generate", "--model", TINY.name, *argv)  # from the cache, silently
-    assert again == by_name and err == "" and len(cdn_gets(fake)) == 1
+    assert again == by_name and err == "" and len(cdn_gets(fake)) == 1  # nothing on stderr: no download
 
 
 def test_a_dropped_transfer_resumes_with_a_range_request(capsys, fake, byte_bytes, monkeypatch):

@@ -14,8 +14,10 @@ per forward call, so the state passes through its storage format after every tok
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -112,12 +114,12 @@ class _VariantRun:
                 self.result.max_abs_state = max(self.result.max_abs_state, peak)
 
 
-def _teacher_forced(runs, docs: torch.Tensor, prompt_len: int) -> list[list[dict[str, torch.Tensor]]]:
+def _teacher_forced(runs, docs: torch.Tensor, prompt_len: int, bar) -> list[list[dict[str, torch.Tensor]]]:
     """Feeds every document through every variant; returns each variant's states after the
     first prompt_len - 1 tokens."""
     num_docs, num_tokens = docs.shape
     saved = []
-    for t in range(num_tokens - 1):
+    for t in bar(range(num_tokens - 1), "teacher-forced"):
         tokens = docs[:, t].tolist()
         logps = [r.step(tokens, t) for r in runs]
         target = docs[:, t + 1].to(logps[0].device)
@@ -140,7 +142,7 @@ def _pool_copy(pool) -> list[dict]:
     return [pool.export(slot) for slot in range(pool.num_slots)]
 
 
-def _greedy(runs, docs: torch.Tensor, prompt_len: int, saved, gen_len: int) -> None:
+def _greedy(runs, docs: torch.Tensor, prompt_len: int, saved, gen_len: int, bar) -> None:
     """Greedy continuation of each document's prompt; compares tokens with the reference's."""
     outputs = []
     for r, states in zip(runs, saved):
@@ -148,7 +150,7 @@ def _greedy(runs, docs: torch.Tensor, prompt_len: int, saved, gen_len: int) -> N
             r.pool.load(slot, state)
         tokens = docs[:, prompt_len - 1].tolist()
         generated = []
-        for i in range(gen_len):
+        for i in bar(range(gen_len), f"greedy {r.result.name}"):
             logits = r.step(tokens, prompt_len - 1 + i)
             tokens = logits.argmax(-1).tolist()
             generated.append(tokens)
@@ -161,8 +163,10 @@ def _greedy(runs, docs: torch.Tensor, prompt_len: int, saved, gen_len: int) -> N
         r.result.first_divergence_mean = first.float().mean().item()
 
 
-def evaluate_state_precision(model, docs: list[list[int]], variants=None, prompt_len=2048, gen_len=256, log=print):
-    """Runs the harness; returns (results, info). docs must all have the same length > prompt_len."""
+def evaluate_state_precision(model, docs: list[list[int]], variants=None, prompt_len=2048, gen_len=256, log=print,
+                             progress: bool = False):  # fmt: skip
+    """Runs the harness; returns (results, info). docs must all have the same length > prompt_len.
+    `progress` shows progress bars on stderr."""
     variants = variants or default_variants()
     lengths = {len(d) for d in docs}
     if prompt_len < 2 or len(lengths) != 1 or min(lengths) <= prompt_len:
@@ -170,9 +174,10 @@ def evaluate_state_precision(model, docs: list[list[int]], variants=None, prompt
     data = torch.tensor(docs, dtype=torch.int64)
     runs = [_VariantRun(model, v, len(docs), prompt_len) for v in variants]
     start = time.time()
-    saved = _teacher_forced(runs, data, prompt_len)
+    bar = partial(_bar, enabled=progress)
+    saved = _teacher_forced(runs, data, prompt_len, bar)
     log(f"teacher-forced {data.shape[1]} tokens x {len(docs)} docs x {len(variants)} variants: {time.time() - start:.0f} s")
-    _greedy(runs, data, prompt_len, saved, gen_len)
+    _greedy(runs, data, prompt_len, saved, gen_len, bar)
     log(f"greedy {gen_len} tokens: {time.time() - start:.0f} s")
     for r in runs:
         r.result.nll_diff_nats = r.nll_sum / r.count
@@ -182,6 +187,12 @@ def evaluate_state_precision(model, docs: list[list[int]], variants=None, prompt
         "reference_nll_nats": runs[0].ref_nll_sum / runs[0].count, "seconds": time.time() - start,
     }  # fmt: skip
     return [r.result for r in runs], info
+
+
+def _bar(steps, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(steps, desc=desc, unit="tok", file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 def held_out_token_docs(tokenizer, num_tokens: int, max_docs: int, stdlib_root=None) -> list[list[int]]:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..state.layout import dtype_name, parse_dtype
 from ..errors import RwkvStateError
+from ..state.layout import dtype_name, parse_dtype
 from .models import BUNDLED_MODEL, BUNDLED_NAME
+from .speed import configure_threads, run_reply
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype: fp32, fp16, bf16 (default: fp32 on cpu, fp16 on cuda)")
     p.add_argument("--state-dtype", default="fp32", help="state storage dtype: fp32, fp16, bf16 (default: fp32)")
     p.add_argument("--tokenizer", choices=("world", "bytes"), default=None, help="override the tokenizer kind")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: $OMP_NUM_THREADS, else half the cores; README)")
 
 
 def _add_state_arg(p: argparse.ArgumentParser) -> None:
@@ -71,11 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="text to continue")
     _add_state_arg(gen)
     _add_sampling_args(gen, max_tokens=200)
+    gen.add_argument("--quiet", action="store_true", help="no speed summary on stderr")
 
     chat = sub.add_parser("chat", help="interactive chat that keeps the session state between turns")
     _add_model_args(chat)
     _add_state_arg(chat)
     _add_sampling_args(chat, max_tokens=500)
+    chat.add_argument("--system", default=None, help="a system prompt that starts the conversation")
+    chat.add_argument("--quiet", action="store_true", help="no speed summary on stderr after each reply")
 
     ev = sub.add_parser(
         "eval-state", help="quality cost of fp16/bf16 state storage and snapshots, on held-out stdlib text"
@@ -165,66 +171,27 @@ def cmd_generate(args) -> int:
     sampling = _sampling(args)
     model = load_model(args)
     session = _session(args, model)
-    session.feed(args.prompt)
     out = sys.stdout
     out.write(args.prompt)
-    for piece in session.generate(max_tokens=args.max_tokens, sampling=sampling):
-        out.write(piece)
-        out.flush()
+    out.flush()
+    stream = session.generate(max_tokens=args.max_tokens, sampling=sampling, prompt=args.prompt)
+    timing = run_reply(stream, lambda piece: (out.write(piece), out.flush()))
     out.write("\n")
+    if not args.quiet:
+        print(timing.summary(), file=sys.stderr)
     return 0
 
 
-CHAT_HELP = "chat: type a message; /undo takes back the last exchange, /retry redoes the last reply, /reset clears the conversation, /quit or Ctrl-D leaves"
-
-
 def cmd_chat(args) -> int:
-    from ..runtime.chat import ASSISTANT_STOP, format_user_turn
+    from .chat import ChatConsole, base_model_warning
 
     sampling = _sampling(args)
-    sampling.stop = (ASSISTANT_STOP,)
     model = load_model(args)
-    session = _session(args, model)
-    start = session.snapshot()  # /reset returns here: the zero state or the --state file
-    print(CHAT_HELP, file=sys.stderr)
-    while True:
-        try:
-            line = input("User: ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            session.restore(start)
-            print("(conversation cleared)", file=sys.stderr)
-        elif line == "/undo":
-            _chat_undo(session)
-        elif line == "/retry":
-            _chat_reply(session.regenerate() if session.can_regenerate else None)
-        elif line:
-            session.feed(format_user_turn(line))
-            _chat_reply(session.generate(max_tokens=args.max_tokens, sampling=sampling))
-
-
-def _chat_undo(session) -> None:
-    """Takes back the last user message and its reply (two undo steps: the feed, the generation)."""
-    if len(session.undo_points) < 2:
-        print("(nothing to undo)", file=sys.stderr)
-        return
-    session.undo(2)
-    print("(last exchange removed)", file=sys.stderr)
-
-
-def _chat_reply(stream) -> None:
-    if stream is None:
-        print("(nothing to retry)", file=sys.stderr)
-        return
-    sys.stdout.write("Assistant:")
-    for piece in stream:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n\n")
+    warning = base_model_warning(model)
+    if warning:
+        print(warning, file=sys.stderr)
+    console = ChatConsole(_session(args, model), sampling, args.max_tokens, quiet=args.quiet, system=args.system)
+    return console.run()
 
 
 def cmd_inspect(args) -> int:
@@ -270,7 +237,8 @@ def cmd_eval_state(args) -> int:
     docs = held_out_token_docs(model.tokenizer, args.tokens, args.docs, args.stdlib)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     variants = snapshot_variants() if args.variants == "snapshots" else default_variants()
-    results, info = evaluate_state_precision(model, docs, variants, args.prompt, args.generate, log=log)
+    results, info = evaluate_state_precision(model, docs, variants, args.prompt, args.generate, log=log,
+                                             progress=sys.stderr.isatty())
     if model.device.type == "cuda":
         where = torch.cuda.get_device_name(model.device)
     else:
@@ -468,6 +436,8 @@ def _check_text_flags(args) -> None:
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        if hasattr(args, "threads"):  # before any model work: torch fixes its thread pools on first use
+            configure_threads(args.threads)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -37,6 +37,7 @@ from .protocol import (
     SnapshotRequest,
 )
 from .context import ServerContext
+from .web import add_web_routes
 from .worker import Done, Failed, Job, Text
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -64,6 +65,7 @@ def create_app(model, config: ServerConfig | None = None) -> FastAPI:
     _add_info_routes(app, ctx)
     _add_generation_routes(app, ctx)
     _add_session_routes(app, ctx)
+    add_web_routes(app)
     ctx.metrics.routes = frozenset(str(route.path) for route in app.routes if hasattr(route, "path"))
     app.add_middleware(Guard, ctx=ctx)
     return app
