@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import measure, write_results  # noqa: E402  (benchmarks/ is the script's directory)
+from common import measure as common_measure, write_results  # noqa: E402  (benchmarks/ is the script's directory)
 from rwkvstate.ops import sampling as ops
 from rwkvstate.runtime.sampling import SamplingParams, TokenCounts, sample, sampling_rows
 
@@ -58,7 +58,7 @@ def device_seconds(fn, repeats: int) -> float:
     """Median seconds of fn through the benchmarks' common timer on CUDA (device synchronised
     around each call, repeats checked for spread); wall time on CPU (a smoke run only)."""
     if torch.cuda.is_available():
-        return measure(fn, "cuda", repeats=3, calls=repeats)["median_s"]
+        return common_measure(fn, "cuda", repeats=3, calls=repeats)["median_s"]
     return wall_seconds(fn, repeats)
 
 
