@@ -42,7 +42,8 @@ class Variant:
     layout: str
     state_dtype: torch.dtype
     token_shift: str  # backend of token_shift_mix
-    wkv: str | None = "triton"  # None: the token-by-token kernel, chunked-parallel for prompts >= 64 tokens
+    wkv: str | None = "triton"  # None: the runtime's choice (the token-by-token kernel on CUDA)
+    wkv_prefill: str | None = None  # None: as wkv; "triton-chunked": the chunked-parallel kernel for prompts
     time_mix: str = "triton"  # "triton": fused elementwise prologue/epilogue around the WKV kernel
     channel_mix: str | None = "torch"  # None: the sparse feed-forward kernels for batches of 1-16
     lora: str | None = "torch"  # None: the LoRA chains in two launches for batches of 1-16
@@ -58,18 +59,22 @@ VARIANTS = [
     Variant("contiguous f16, fused shift, unfused time mix", "contiguous", torch.float16, "triton", time_mix="torch"),
     Variant("contiguous f16, fused shift", "contiguous", torch.float16, "triton"),
     Variant("contiguous f16, all fused, sparse channel mix", "contiguous", torch.float16, "triton", channel_mix=None),
-    Variant("same + LoRA, norm+shift fused, chunked WKV prefill", "contiguous", torch.float16, "triton", wkv=None,
+    Variant("same + LoRA, norm+shift fused", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix=None, lora=None, norm_shift=None),
+    # only when asked for (--variants 9): the runtime never chooses the chunked kernel by itself
+    Variant("same + chunked WKV prefill", "contiguous", torch.float16, "triton", wkv=None,
+            wkv_prefill="triton-chunked", channel_mix=None, lora=None, norm_shift=None),
 ]
-OURS = VARIANTS[-1]  # the runtime's default configuration (every backend None), the one compared with peers
+OURS = VARIANTS[8]  # the runtime's default configuration (every backend None), the one compared with peers
 OLD_DEFAULT = "contiguous f16, fused shift"  # the default of runs whose JSON names none
 WARMUP = 3  # untimed calls before the first repeat (1 before each later repeat)
 REFERENCE = Variant("pytorch reference, contiguous f32", "contiguous", torch.float32, "torch", "torch", "torch")
 
 
 def use(model, variant: Variant) -> None:
-    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, time_mix=variant.time_mix,
-                          channel_mix=variant.channel_mix, lora=variant.lora, norm_shift=variant.norm_shift)  # fmt: skip
+    model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, wkv_prefill=variant.wkv_prefill,
+                          time_mix=variant.time_mix, channel_mix=variant.channel_mix, lora=variant.lora,
+                          norm_shift=variant.norm_shift)  # fmt: skip
 
 
 def config_for(shape: str) -> ModelConfig:
@@ -218,7 +223,7 @@ def run(args) -> dict:
             rows += decode_rows(model, shape, batch, bandwidth, args)
         for batch in args.prefill_batches:
             floor = prefill_flops(model, batch * args.prefill_len, batch) / rate
-            for variant in dict.fromkeys((variants_of(args)[0], variants_of(args)[-1])):
+            for variant in prefill_variants(args):
                 t = prefill_time(model, variant, batch, args.prefill_len, args)
                 s = t["median_s"]
                 prefill.append({"shape": shape, "batch": batch, "length": args.prefill_len, "variant": variant.name,
@@ -247,18 +252,27 @@ def flag(t: dict) -> str:
 
 
 def variants_of(args) -> list[Variant]:
-    """--variants: "all", "default" (OURS) or comma-separated indices into VARIANTS."""
+    """--variants: "all" (all but the chunked-prefill one), "default" (OURS) or comma-separated
+    indices into VARIANTS."""
     if args.variants == "all":
-        return VARIANTS
+        return [v for v in VARIANTS if v.wkv_prefill is None]
     if args.variants == "default":
         return [OURS]
     return [VARIANTS[int(i)] for i in args.variants.split(",")]
 
 
+def prefill_variants(args) -> list[Variant]:
+    """The prompt is timed for the first and last variant asked for, the default (OURS) and every
+    variant with its own prefill backend (the chunked WKV kernel), in the order asked."""
+    variants = variants_of(args)
+    return list(dict.fromkeys(v for i, v in enumerate(variants)
+                              if i in (0, len(variants) - 1) or v is OURS or v.wkv_prefill))  # fmt: skip
+
+
 def decode_rows(model, shape, batch, bandwidth, args) -> list[dict]:
     rows = []
     slot_bytes = {dt: model.state_layout.slot_nbytes(dt) for dt in (torch.float32, torch.float16)}
-    variants = variants_of(args)
+    variants = [v for v in variants_of(args) if v.wkv_prefill is None]  # a prefill backend leaves decode as is
     variants = variants + ([REFERENCE] if batch in (1, 64) and args.variants == "all" and not args.no_reference else [])
     for variant in variants:
         for graphs in (True,) if args.graphs_only else (False, True):
@@ -380,7 +394,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every measurement (their spread is checked)")
     parser.add_argument("--max-spread", type=float, default=MAX_SPREAD, help="spread above which a row is re-run")
     parser.add_argument("--variants", default="all",
-                        help='"all" (every variant), "default" (only the runtime\'s default) or indices into VARIANTS, e.g. 6,7,8')
+                        help='"all" (every variant but 9, the chunked WKV prefill), "default" (only the runtime\'s default) or indices into VARIANTS, e.g. 6,7,8')
     parser.add_argument("--official", action="store_true", help="also time the official rwkv package at batch 1")
     parser.add_argument("--official-shapes", type=lambda s: s.split(","), default=list(SHAPES))
     parser.add_argument("--ffn-densities", type=lambda s: [float(d) for d in s.split(",") if d], default=[],

@@ -373,8 +373,9 @@ def test_chunked_bad_arguments_change_nothing():
     assert torch.equal(pool.data, before)
 
 
-def test_default_backend_picks_the_chunked_kernel_by_length(monkeypatch):
-    """With Triton chosen (CUDA), None takes the chunked kernel from CHUNKED_MIN_LEN tokens on."""
+def test_default_backend_never_picks_the_chunked_kernel(monkeypatch):
+    """With Triton chosen (CUDA), None takes the token-by-token kernel however long the prompt
+    (the chunked one is slower, ops/README.md); "triton-chunked" is taken only when asked for."""
     from rwkvstate.ops import wkv7 as mod
 
     calls = []
@@ -382,8 +383,8 @@ def test_default_backend_picks_the_chunked_kernel_by_length(monkeypatch):
         monkeypatch.setitem(mod._BACKENDS, name, lambda *args, _n=name, **kw: calls.append(_n))
     monkeypatch.setattr(mod, "pick_backend", lambda backend, t, allowed: backend or "triton")
     state = torch.zeros(1, 1, 16, 16)
-    for length, backend in ((mod.CHUNKED_MIN_LEN - 1, None), (mod.CHUNKED_MIN_LEN, None), (500, "triton")):
+    for length, backend in ((1, None), (63, None), (64, None), (4096, None), (500, "triton-chunked")):
         packed = pack([0], [[1] * length], 2, "cpu")
         x = torch.zeros(length, 1, 16)
         wkv7(state, packed, x, x, x, x, x, x, backend=backend)
-    assert calls == ["triton", "triton-chunked", "triton"]
+    assert calls == ["triton"] * 4 + ["triton-chunked"]

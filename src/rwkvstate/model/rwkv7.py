@@ -53,8 +53,8 @@ class Model:
         # op backends: None picks Triton kernels for CUDA tensors and the torch reference
         # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one.
         # time_mix: "torch" is the reference of ops/time_mix.py, "triton" its fused kernels
-        # wkv: None takes, on CUDA, the token-by-token kernel and, for batches whose longest
-        # sequence has at least ops.wkv7.CHUNKED_MIN_LEN tokens, the chunked-parallel one.
+        # wkv: None takes, on CUDA, the token-by-token kernel for decode and prompts alike
+        # (the chunked-parallel kernel is slower on an H200, docs/benchmarks/decode.md).
         # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
         # sequence: "triton-chunked" forces the chunked kernel, "fla" fla-core's chunk_rwkv7
         # channel_mix: "triton" is the sparse feed-forward for up to 16 rows (None: for CUDA decode

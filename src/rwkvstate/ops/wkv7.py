@@ -336,7 +336,6 @@ def wkv7_triton(
 
 
 CHUNK_SIZES = (16, 32)
-CHUNKED_MIN_LEN = 64  # backend None: sequences this long (the longest in the batch) take the chunked kernel
 
 
 def _chunk_config(N: int, num_seqs: int, num_heads: int) -> int:
@@ -354,7 +353,8 @@ def wkv7_chunked(
     """The chunked-parallel form: same arguments, results (to float32 rounding) and in-place state
     update as wkv7_triton, one launch, but each program advances `chunk` tokens per step with
     matrix products instead of one token at a time. w must lie in (0, 1]. block_v overrides the
-    value rows per program (a power of two, at least 16)."""
+    value rows per program (a power of two, at least 16). Only an explicit choice: on an H200 it is
+    about 3.3x slower than wkv7_triton for one 4,096-token prompt (ops/README.md)."""
     inputs = (r, w, k, v, a, b)
     y, work = _prepare(state, packed, inputs, rounding, out)
     if not work:
@@ -426,12 +426,9 @@ _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
 
 def wkv7(state, packed, r, w, k, v, a, b, backend=None, rounding="nearest", seed=0) -> torch.Tensor:
     """state [S, H, N, N] pool view, r, w, k, v, a, b [T, H, N] -> y [T, H, N] float32; updates
-    the live slots' state. backend: None (for CUDA tensors when triton imports: "triton-chunked"
-    if the batch's longest sequence has at least CHUNKED_MIN_LEN tokens, else "triton"; otherwise
-    "torch"), "torch", "triton" (the token-by-token kernel), "triton-chunked", "fla". rounding:
-    "nearest" or "stochastic" (fp16/bf16 storage; seed picks the noise)."""
-    name = pick_backend(backend, r, tuple(_BACKENDS))
-    if backend is None and name == "triton" and packed.max_len >= CHUNKED_MIN_LEN:
-        name = "triton-chunked"
-    fn = _BACKENDS[name]
+    the live slots' state. backend: None ("triton", the token-by-token kernel, for CUDA tensors
+    when triton imports, whatever the sequence lengths; otherwise "torch"), "torch", "triton",
+    "triton-chunked" (the chunked-parallel kernel, only when asked for: it is slower, ops/README.md),
+    "fla". rounding: "nearest" or "stochastic" (fp16/bf16 storage; seed picks the noise)."""
+    fn = _BACKENDS[pick_backend(backend, r, tuple(_BACKENDS))]
     return fn(state, packed, r, w, k, v, a, b, rounding=rounding, seed=seed)
