@@ -59,17 +59,59 @@ def test_many_channel_blocks_and_slices(poisoned_empty):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_skipped_rows_are_never_read():
-    """Rows of value^T whose activations are all zero may hold anything: NaN there must not leak."""
+@pytest.fixture
+def poisoned_all(monkeypatch):
+    """As poisoned_empty, and integer buffers (the lists of needed rows) filled with a huge index,
+    so reading an entry past a block's count would gather far outside the weights."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
+
+    monkeypatch.setattr(cm.torch, "empty", empty)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_rows_of_zero_activations_are_never_read(poison, poisoned_all):
+    """Rows of value^T whose activations are zero for every token may hold anything: NaN or Inf
+    there must not reach the output (0 * Inf would), which stays exact. Rows dead for some tokens
+    only are read (their zeros multiply finite values)."""
     k, key, value, residual = _args(4, 48, 128, torch.float32, seed=3, zero_rows=0.5)
+    k[1, :7] = -3.0  # per-token differences: some rows live for a few tokens only
     act = torch.relu(k @ key.t()).square()
     dead = (act == 0).all(0)
-    assert dead.any() and not dead.all()
+    assert dead.any() and not dead.all() and ((act == 0).any(0) & ~dead).any()
     value_t = value.t().clone()
-    value_t[dead] = float("nan")
+    value_t[dead] = poison
     got = cm.channel_mix_triton(k, key, value_t.t(), residual)
+    assert got.isfinite().all()
     value_t[dead] = 0
     torch.testing.assert_close(got, cm.channel_mix_reference(k, key, value_t.t(), residual), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,F,zero_rows", [(1, 200, 0.9), (3, 97, 0.0), (2, 300, 1.0)])
+def test_lists_of_needed_rows_are_exact(T, F, zero_rows):
+    """The key kernel lists, block by block and in order, exactly the rows with a non-zero stored
+    activation: the value kernel reads those rows of V^T and no others."""
+    k, key, _, _ = _args(T, 40, F, torch.float16, seed=F + T, zero_rows=zero_rows)
+    act, idx, counts, block_f = cm._key_launch(k, key, ieee=False)
+    want = act.ne(0).any(0).nonzero().flatten().int()
+    listed = [idx[b * block_f : b * block_f + int(n)] for b, n in enumerate(counts.tolist())]
+    assert torch.equal(torch.cat(listed), want)
+    assert counts.sum().item() == want.numel()
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+@pytest.mark.parametrize("zero_rows", [0.0, 0.8, 1.0])
+def test_any_split_of_the_needed_rows_agrees(num_splits, zero_rows, poisoned_all):
+    """One program per channel block, a few, or more programs than BLOCK_J steps of work (most
+    exit with zeros); no needed rows at all gives the residual exactly."""
+    k, key, value, residual = _args(3, 40, 230, torch.float32, seed=11, zero_rows=zero_rows)
+    got = cm.channel_mix_triton(k, key, value, residual, num_splits=num_splits)
+    torch.testing.assert_close(got, cm.channel_mix_reference(k, key, value, residual), rtol=1e-5, atol=1e-5)
+    if zero_rows == 1.0:
+        assert torch.equal(got, residual)
 
 
 def test_backend_choice_and_errors():

@@ -11,11 +11,19 @@ hands F.linear its transposed view), so a needed row is C contiguous elements.
 
 Three launches instead of five (GEMM, relu, square, GEMM, add):
     _ffn_key_kernel     act = relu(k K^T)^2, [T, F] in k's dtype; a GEMV-shaped GEMM (rows padded
-                        to 16 for tl.dot), grid over blocks of F
-    _ffn_value_kernel   fp32 partial sums of act V^T over slices of F, grid (C blocks, F slices):
-                        a [BLOCK_F, BLOCK_C] tile of V^T is loaded only for rows f where some
-                        act[:, f] != 0 (masked-off rows move no memory)
+                        to 16 for tl.dot), grid over blocks of BLOCK_F rows of K. Each program also
+                        lists, in order, the rows f of its block with some act[:, f] != 0 (the
+                        stored, rounded value): idx[block * BLOCK_F + j] for j < counts[block]
+    _ffn_value_kernel   fp32 partial sums of act V^T, grid (C blocks, NUM_SPLITS). The non-zero
+                        rows, numbered 0 .. total-1 across blocks (a prefix sum of counts, in each
+                        program), are split evenly over the NUM_SPLITS programs of a C block; a
+                        program gathers BLOCK_J of them at a time and loads only those rows of V^T
+                        (contiguous along C). Rows of zero activations are never read, and the
+                        loop runs density * F / BLOCK_J times, not F / BLOCK_J times
     _ffn_reduce_kernel  out = residual + round(sum of the partials), in k's dtype
+The grid is fixed (CUDA graphs replay it whatever the density): programs past the work exit
+after storing zeros. The order of every sum depends only on the activations, never on
+scheduling, so results are deterministic.
 Rounding follows the torch reference step by step: k K^T is rounded to the compute dtype before
 the relu, its square is rounded, the value GEMM's result is rounded, then added to the residual.
 """
@@ -67,7 +75,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ffn_key_kernel(
-        k, key, act, T, C, NF, stride_k, stride_w, stride_a,
+        k, key, act, idx, counts, T, C, NF, stride_k, stride_w, stride_a,
         BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         i_f = tl.program_id(0)
@@ -76,26 +84,50 @@ if HAS_TRITON:
         m_t, m_f = o_t < T, o_f < NF
         b_acc = _rows_times_weight_t(k, stride_k, o_t, m_t, key, stride_w, o_f, m_f, C, BLOCK_T, BLOCK_F, BLOCK_C, IEEE)
         b_h = tl.maximum(_round_nearest(b_acc, act.dtype.element_ty).to(tl.float32), 0)
-        p_a = act + o_t[:, None] * stride_a + o_f[None, :]
-        tl.store(p_a, _round_nearest(b_h * b_h, act.dtype.element_ty), mask=m_t[:, None] & m_f[None, :])
+        b_act = _round_nearest(b_h * b_h, act.dtype.element_ty)
+        m_a = m_t[:, None] & m_f[None, :]
+        tl.store(act + o_t[:, None] * stride_a + o_f[None, :], b_act, mask=m_a)
+        # this block's needed rows, compacted in order: row f is needed iff a stored act[:, f] != 0
+        b_need = (tl.sum((m_a & (b_act != 0)).to(tl.int32), axis=0) > 0).to(tl.int32)  # [BLOCK_F]
+        b_pos = tl.cumsum(b_need, axis=0) - 1
+        tl.store(idx + i_f * BLOCK_F + b_pos, o_f, mask=b_need > 0)
+        tl.store(counts + i_f, tl.sum(b_need, axis=0))
+
+    @triton.jit
+    def _needed_rows(idx, b_cnt, b_incl, o_q, m_q, BLOCK_F: tl.constexpr):
+        """Rows f of the non-zero rows numbered o_q [BLOCK_J] (0 .. total-1 across key blocks):
+        entry q lies in the block after every block whose inclusive count b_incl is <= q, at the
+        position q minus those blocks' counts."""
+        b_before = b_incl[None, :] <= o_q[:, None]  # [BLOCK_J, NB_PAD]: blocks wholly before entry q
+        b_blk = tl.sum(b_before.to(tl.int32), axis=1)
+        b_base = tl.sum(tl.where(b_before, b_cnt[None, :], 0), axis=1)
+        return tl.load(idx + b_blk * BLOCK_F + o_q - b_base, mask=m_q, other=0)
 
     @triton.jit
     def _ffn_value_kernel(
-        act, value_t, partial, T, C, NF, stride_a, stride_v, F_PER_SPLIT,
-        BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+        act, value_t, idx, counts, partial, T, C, NB, stride_a, stride_v,
+        NUM_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_J: tl.constexpr,
+        BLOCK_C: tl.constexpr, NB_PAD: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         i_c, i_s = tl.program_id(0), tl.program_id(1)
         o_t = tl.arange(0, BLOCK_T)
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_t, m_c = o_t < T, o_c < C
+        o_b = tl.arange(0, NB_PAD)
+        b_cnt = tl.load(counts + o_b, mask=o_b < NB, other=0)
+        b_incl = tl.cumsum(b_cnt, axis=0)
+        total = tl.sum(b_cnt, axis=0)
+        per = (total + NUM_SPLITS * BLOCK_J - 1) // (NUM_SPLITS * BLOCK_J) * BLOCK_J  # whole BLOCK_J steps
+        q_start = i_s * per
+        q_end = tl.minimum(q_start + per, total)
         b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        f_start = i_s * F_PER_SPLIT
-        for f0 in range(f_start, f_start + F_PER_SPLIT, BLOCK_F):
-            o_f = f0 + tl.arange(0, BLOCK_F)
-            b_a = tl.load(act + o_t[:, None] * stride_a + o_f[None, :], mask=m_t[:, None] & (o_f < NF)[None, :], other=0)
-            b_need = tl.sum((b_a != 0).to(tl.int32), axis=0) > 0  # [BLOCK_F]: row f of V^T is used
-            p_v = value_t + o_f[:, None].to(tl.int64) * stride_v + o_c[None, :]
-            b_v = tl.load(p_v, mask=b_need[:, None] & m_c[None, :], other=0)
+        for q0 in range(q_start, q_end, BLOCK_J):
+            o_q = q0 + tl.arange(0, BLOCK_J)
+            m_q = o_q < q_end
+            b_f = _needed_rows(idx, b_cnt, b_incl, o_q, m_q, BLOCK_F)  # [BLOCK_J] rows of V^T
+            b_a = tl.load(act + o_t[:, None] * stride_a + b_f[None, :], mask=m_t[:, None] & m_q[None, :], other=0)
+            p_v = value_t + b_f[:, None].to(tl.int64) * stride_v + o_c[None, :]
+            b_v = tl.load(p_v, mask=m_q[:, None] & m_c[None, :], other=0)
             b_acc += _dot(b_a, b_v, IEEE)
         p_p = partial + (i_s * BLOCK_T + o_t[:, None]) * C + o_c[None, :]
         tl.store(p_p, b_acc, mask=m_t[:, None] & m_c[None, :])
@@ -119,18 +151,20 @@ if HAS_TRITON:
         tl.store(out + o_t[:, None] * stride_o + o_c[None, :], b_o, mask=m)
 
 
+VALUE_PROGRAMS = 512  # programs of the value kernel: enough loads in flight for a sparse gather
+BLOCK_J = 32  # needed rows of V^T gathered per step (a tl.dot depth)
+
+
 def _key_blocks(NF: int) -> int:
-    """BLOCK_F: about 256 programs over F (two per SM on an H200), 16 to 64 rows of K each."""
-    return max(16, min(64, triton.next_power_of_2(max(NF // 256, 1))))
+    """BLOCK_F: at most 256 programs over F (two per SM on an H200) and at most 256 blocks (the
+    value kernel's prefix sum over the blocks' counts is one [256] tile), 16 rows of K or more."""
+    return max(16, triton.next_power_of_2(triton.cdiv(NF, 256)))
 
 
-def _value_splits(C: int, NF: int, block_c: int, block_f: int) -> tuple[int, int]:
-    """(number of F slices, rows per slice): about 256 programs in all, whole BLOCK_F steps."""
-    c_blocks = triton.cdiv(C, block_c)
-    steps = triton.cdiv(NF, block_f)
-    splits = max(1, min(steps, 256 // c_blocks))
-    per_split = triton.cdiv(steps, splits) * block_f
-    return triton.cdiv(NF, per_split), per_split
+def _value_splits(C: int, NF: int, block_c: int) -> int:
+    """Programs per C block, VALUE_PROGRAMS in all (each stores a [T, BLOCK_C] float32 partial
+    sum, so more splits cost more partial traffic), no more than there are BLOCK_J steps of F."""
+    return max(1, min(triton.cdiv(NF, BLOCK_J), VALUE_PROGRAMS // triton.cdiv(C, block_c)))
 
 
 def _check(k, key, value_t, residual) -> None:
@@ -145,10 +179,10 @@ def _check(k, key, value_t, residual) -> None:
         raise ValueError(f"residual must be {list(k.shape)}, got {list(residual.shape)}")
 
 
-def channel_mix_triton(k, key, value, residual=None, *, block_c=None):
+def channel_mix_triton(k, key, value, residual=None, *, block_c=None, num_splits=None):
     """Three launches; same arguments and result as channel_mix_reference for T <= 16 rows.
-    value must be the transposed view of a contiguous [F, C] tensor. block_c overrides the
-    value kernel's channel block (tests use it to cover several blocks)."""
+    value must be the transposed view of a contiguous [F, C] tensor. block_c and num_splits
+    override the value kernel's channel block and programs per channel block (tests use them)."""
     value_t = value.t()
     _check(k, key, value_t, residual)
     T, C = k.shape
@@ -158,18 +192,14 @@ def channel_mix_triton(k, key, value, residual=None, *, block_c=None):
         return out
     k = k if k.stride(1) == 1 else k.contiguous()
     ieee = k.dtype == torch.float32 or (k.dtype == torch.bfloat16 and is_interpreting())
-    act = torch.empty(T, NF, dtype=k.dtype, device=k.device)
-    block_f = _key_blocks(NF)
-    _ffn_key_kernel[(triton.cdiv(NF, block_f),)](
-        k, key, act, T, C, NF, k.stride(0), key.stride(0), act.stride(0),
-        BLOCK_T=MAX_SPARSE_ROWS, BLOCK_F=block_f, BLOCK_C=128, IEEE=ieee, num_warps=4, num_stages=3,
-    )  # fmt: skip
+    act, idx, counts, block_f = _key_launch(k, key, ieee)
     block_c = block_c or min(128, triton.next_power_of_2(C))
-    splits, per_split = _value_splits(C, NF, block_c, 32)
+    splits = num_splits or _value_splits(C, NF, block_c)
     partial = torch.empty(splits, MAX_SPARSE_ROWS, C, dtype=torch.float32, device=k.device)
     _ffn_value_kernel[(triton.cdiv(C, block_c), splits)](
-        act, value_t, partial, T, C, NF, act.stride(0), value_t.stride(0), per_split,
-        BLOCK_T=MAX_SPARSE_ROWS, BLOCK_F=32, BLOCK_C=block_c, IEEE=ieee, num_warps=4, num_stages=3,
+        act, value_t, idx, counts, partial, T, C, counts.numel(), act.stride(0), value_t.stride(0),
+        NUM_SPLITS=splits, BLOCK_T=MAX_SPARSE_ROWS, BLOCK_F=block_f, BLOCK_J=BLOCK_J, BLOCK_C=block_c,
+        NB_PAD=triton.next_power_of_2(counts.numel()), IEEE=ieee, num_warps=4, num_stages=3,
     )  # fmt: skip
     res = residual if residual is not None else out  # unread without a residual
     _ffn_reduce_kernel[(triton.cdiv(C, 128),)](
@@ -177,6 +207,22 @@ def channel_mix_triton(k, key, value, residual=None, *, block_c=None):
         NUM_SPLITS=splits, BLOCK_T=MAX_SPARSE_ROWS, BLOCK_C=128, HAS_RESIDUAL=residual is not None, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def _key_launch(k, key, ieee: bool):
+    """act [T, F], the needed rows per block (idx [blocks * BLOCK_F], counts [blocks]), BLOCK_F."""
+    T, C = k.shape
+    NF = key.shape[0]
+    block_f = _key_blocks(NF)
+    blocks = triton.cdiv(NF, block_f)
+    act = torch.empty(T, NF, dtype=k.dtype, device=k.device)
+    idx = torch.empty(blocks * block_f, dtype=torch.int32, device=k.device)  # read only below counts
+    counts = torch.empty(blocks, dtype=torch.int32, device=k.device)
+    _ffn_key_kernel[(blocks,)](
+        k, key, act, idx, counts, T, C, NF, k.stride(0), key.stride(0), act.stride(0),
+        BLOCK_T=MAX_SPARSE_ROWS, BLOCK_F=block_f, BLOCK_C=128, IEEE=ieee, num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return act, idx, counts, block_f
 
 
 _BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton}
