@@ -14,9 +14,9 @@ Three launches instead of five (GEMM, relu, square, GEMM, add):
                         to 16 for tl.dot), grid over blocks of BLOCK_F rows of K. Each program also
                         lists, in order, the rows f of its block with some act[:, f] != 0 (the
                         stored, rounded value): idx[block * BLOCK_F + j] for j < counts[block]
-    _ffn_value_kernel   fp32 partial sums of act V^T, grid (C blocks, NUM_SPLITS). The non-zero
+    _ffn_value_kernel   fp32 partial sums of act V^T, grid (C blocks, num_splits). The non-zero
                         rows, numbered 0 .. total-1 across blocks (a prefix sum of counts, in each
-                        program), are split evenly over the NUM_SPLITS programs of a C block; a
+                        program), are split evenly over the num_splits programs of a C block; a
                         program gathers BLOCK_J of them at a time and loads only those rows of V^T
                         (contiguous along C). Rows of zero activations are never read, and the
                         loop runs density * F / BLOCK_J times, not F / BLOCK_J times
@@ -105,8 +105,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _ffn_value_kernel(
-        act, value_t, idx, counts, partial, T, C, NB, stride_a, stride_v,
-        NUM_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_J: tl.constexpr,
+        act, value_t, idx, counts, partial, T, C, NB, stride_a, stride_v, num_splits,
+        BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_J: tl.constexpr,
         BLOCK_C: tl.constexpr, NB_PAD: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         i_c, i_s = tl.program_id(0), tl.program_id(1)
@@ -117,7 +117,7 @@ if HAS_TRITON:
         b_cnt = tl.load(counts + o_b, mask=o_b < NB, other=0)
         b_incl = tl.cumsum(b_cnt, axis=0)
         total = tl.sum(b_cnt, axis=0)
-        per = (total + NUM_SPLITS * BLOCK_J - 1) // (NUM_SPLITS * BLOCK_J) * BLOCK_J  # whole BLOCK_J steps
+        per = (total + num_splits * BLOCK_J - 1) // (num_splits * BLOCK_J) * BLOCK_J  # whole BLOCK_J steps
         q_start = i_s * per
         q_end = tl.minimum(q_start + per, total)
         b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
@@ -197,8 +197,8 @@ def channel_mix_triton(k, key, value, residual=None, *, block_c=None, num_splits
     splits = num_splits or _value_splits(C, NF, block_c)
     partial = torch.empty(splits, MAX_SPARSE_ROWS, C, dtype=torch.float32, device=k.device)
     _ffn_value_kernel[(triton.cdiv(C, block_c), splits)](
-        act, value_t, idx, counts, partial, T, C, counts.numel(), act.stride(0), value_t.stride(0),
-        NUM_SPLITS=splits, BLOCK_T=MAX_SPARSE_ROWS, BLOCK_F=block_f, BLOCK_J=BLOCK_J, BLOCK_C=block_c,
+        act, value_t, idx, counts, partial, T, C, counts.numel(), act.stride(0), value_t.stride(0), splits,
+        BLOCK_T=MAX_SPARSE_ROWS, BLOCK_F=block_f, BLOCK_J=BLOCK_J, BLOCK_C=block_c,
         NB_PAD=triton.next_power_of_2(counts.numel()), IEEE=ieee, num_warps=4, num_stages=3,
     )  # fmt: skip
     res = residual if residual is not None else out  # unread without a residual
