@@ -94,12 +94,15 @@ def random_tokens(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def poison_empty(monkeypatch, module) -> None:
-    """Every torch.empty called from `module` returns NaN-filled memory, so unwritten outputs show."""
+def poison_empty(monkeypatch, module, int_fill: int | None = None) -> None:
+    """Every torch.empty called from `module` returns NaN-filled memory, so unwritten outputs show;
+    integer tensors are filled with int_fill when given (e.g. an index far out of bounds)."""
     real = torch.empty
 
     def empty(*args, **kwargs):
         t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t if int_fill is None else t.fill_(int_fill)
 
     monkeypatch.setattr(module.torch, "empty", empty)

@@ -63,13 +63,7 @@ def test_many_channel_blocks_and_slices(poisoned_empty):
 def poisoned_all(monkeypatch):
     """As poisoned_empty, and integer buffers (the lists of needed rows) filled with a huge index,
     so reading an entry past a block's count would gather far outside the weights."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
-
-    monkeypatch.setattr(cm.torch, "empty", empty)
+    poison_empty(monkeypatch, cm, int_fill=2**30)
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
