@@ -85,6 +85,32 @@ def test_cuda_graph_decode_equals_eager(state_dtype):
         assert all(rel_err(b[k], a[k]) <= 2e-3 for k in a)
 
 
+def test_cuda_graph_steps_mask_stop_ids_and_failed_rows_on_the_device():
+    """Graph steps feed the sampled ids without a host round trip: a row that hits a stop id must
+    leave its slot untouched there, as the eager path does on the host."""
+    cfg = SHAPES["L3-C192-N64-V300"]
+    tensors = random_checkpoint(cfg, seed=9)
+
+    def run(eager: bool, stop: list[int]):
+        engine = Engine(Model.from_tensors(tensors, cfg, device="cuda"), slots=4, enforce_eager=eager)
+        sessions = [engine.session() for _ in range(3)]
+        for i, s in enumerate(sessions):
+            s.feed(random_tokens(4 + 3 * i, cfg.vocab_size, seed=40 + i))
+        streams = [s.generate(10, SamplingParams(temperature=0.8, seed=i, stop_token_ids=stop))
+                   for i, s in enumerate(sessions)]  # fmt: skip
+        engine.run(streams)
+        return engine, streams, [s.tokens for s in sessions], [engine.pool.export(s.slot) for s in sessions]
+
+    _, free_run, _, _ = run(True, [])
+    stop = [free_run[0].token_ids[4]]
+    results = [run(eager, stop) for eager in (True, False)]
+    (_, s_eager, tokens_eager, states_eager), (engine, s_graph, tokens_graph, states_graph) = results
+    assert engine.graphs.replays > 0 and s_graph[0].finish_reason == "stop"
+    assert tokens_eager == tokens_graph and stop[0] not in s_graph[0].token_ids
+    for a, b in zip(states_eager, states_graph):
+        assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)
+
+
 def test_cuda_graph_padding_touches_only_the_scratch_slot():
     cfg = SHAPES["L2-C128-N64"]
     model = Model.from_tensors(random_checkpoint(cfg, seed=7), cfg, device="cuda")

@@ -106,6 +106,60 @@ def test_stop_strings_end_generation_and_are_not_emitted(engine, model):
     assert out == text[: text.find(stop)]
 
 
+def test_a_stop_string_found_late_takes_the_extra_tokens_back(model):
+    """The engine runs ahead of a stream's reader; the stream still ends at its stop string, with
+    the tokens after it taken back from its session, as if it had been read step by step."""
+    text = model.tokenizer.decode(greedy_reference(model, list(b"abc"), 40))
+    stop = text[10:13]
+    params = SamplingParams(temperature=0, stop=[stop], stop_token_ids=[])
+    alone = Engine(model, slots=1).session()
+    alone.feed("abc")
+    expected = alone.generate(40, params)
+    expected_text = "".join(expected)
+
+    engine = Engine(model, slots=4)
+    other, s = engine.session(), engine.session()
+    other.feed("xyz")
+    s.feed("abc")
+    ahead = other.generate(40, SamplingParams(temperature=0, stop_token_ids=[]))
+    late = s.generate(40, params)
+    list(ahead)  # steps both: late runs 40 tokens before anyone reads it
+    assert late.finish_reason == "stop" and len(late.token_ids) == len(expected.token_ids) < 40
+    assert "".join(late) == expected_text == text[: text.find(stop)]
+    assert s.tokens == alone.tokens and rel_err(s.logits, alone.logits) < 1e-5  # re-fed from the ring
+    assert s.undo() == len(late.token_ids)  # the reply is one undo point, as usual
+
+
+def test_stop_text_holds_back_what_may_start_a_stop_string(model):
+    from rwkvstate.runtime.text import StopText, find_stop
+
+    tok = model.tokenizer
+    text = StopText(tok, ["END", "xy"])
+    assert text.push_many(list(b"abcE")) == "abc" and text.push_many(list(b"N")) == ""
+    assert text.push_many(list(b"Dzz")) == "" and text.stopped_at == 6 and text.flush() == ""
+    assert find_stop(tok, ["END"], list(b"aEND")) == 4 and find_stop(tok, ["END"], list(b"aEN")) is None
+    plain = StopText(tok, ["Q"])
+    assert plain.push_many(list("é".encode())[:1]) == "" and plain.push_many(list("é".encode())[1:]) == "é"
+
+
+def test_decode_goes_first_and_prompts_share_a_token_budget(model):
+    engine = Engine(model, slots=3, max_prefill_tokens=8)
+    a = engine.session()
+    running = a.generate(40, SamplingParams(temperature=0, stop_token_ids=[]), prompt="go")
+    engine.step()
+    long_prompts = [engine.session().generate(2, GREEDY, prompt=bytes(range(65, 85)).decode()) for _ in range(2)]
+    reads = []
+    while any(s.pending for s in long_prompts):
+        before = len(running.token_ids)
+        fed = engine.tokens_fed
+        engine.step()
+        assert len(running.token_ids) == before + 1  # the decoding stream moves every step
+        reads.append(engine.tokens_fed - fed)
+    assert all(r <= 8 for r in reads) and sum(reads) == 40 and len(reads) == 5
+    ref = Engine(model, slots=1).session().generate(2, GREEDY, prompt=bytes(range(65, 85)).decode())
+    assert engine.run(long_prompts) == ["".join(ref)] * 2
+
+
 def test_stop_token_is_not_fed(engine, model):
     s = engine.session()
     s.feed("abc")
@@ -158,7 +212,7 @@ def test_restore_rejects_bad_snapshot_and_keeps_state(engine):
     assert torch.equal(s.logits, before) and s.tokens == list(b"keep me")
 
 
-def test_more_sessions_than_slots_until_every_slot_is_generating(model):
+def test_more_sessions_than_slots_wait_for_a_slot(model):
     engine = Engine(model, slots=2)
     a, b, c = engine.session(), engine.session(), engine.session()
     for s, text in ((a, "first"), (b, "second"), (c, "third")):
@@ -167,20 +221,38 @@ def test_more_sessions_than_slots_until_every_slot_is_generating(model):
     alone = Engine(model, slots=1).session()
     alone.feed("first")
     assert torch.equal(a.logits, alone.logits)  # read from the host tier
-    streams = [b.generate(50, GREEDY), c.generate(50, GREEDY)]
+    streams = [b.generate(50, GREEDY), c.generate(20, GREEDY)]
     next(streams[0])
-    with pytest.raises(SlotError, match="all 2 slots hold sessions that are generating"):
-        a.feed(" more")
-    assert a.tokens == list(b"first") and not a.is_resident  # nothing changed
-    for stream in streams:
-        stream.close()
-    a.feed(" more")
+    a.feed(" more")  # every slot holds a generating session: the engine steps them until one ends
+    assert streams[1].done and not streams[0].done and len(streams[1].token_ids) == 20
     alone.feed(" more")
     assert torch.equal(a.logits, alone.logits)
-    a.close()
+
+    late = a.generate(30, GREEDY)  # a holds c's slot: it starts at once
+    d = engine.session()
+    queued = d.generate(5, GREEDY, prompt="fourth")  # b and a generate: d waits for a slot
+    assert engine.num_waiting == 1 and d.is_generating and not d.is_resident
+    ref = Engine(model, slots=1).session()
+    assert "".join(queued) == "".join(ref.generate(5, GREEDY, prompt="fourth"))
+    engine.run([late, streams[0]])
+    ref_b = Engine(model, slots=1).session().generate(50, GREEDY, prompt="second")
+    list(ref_b)
+    assert streams[0].token_ids == ref_b.token_ids  # waiting and stepping changed nobody's tokens
+    for s in (a, b, c, d):
+        s.close()
     with pytest.raises(RwkvStateError, match="closed"):
         a.feed("x")
-    assert engine.pool.free_slots == 1 and len(engine.sessions) == 2
+    assert engine.pool.free_slots == 2 and len(engine.sessions) == 0
+
+
+def test_a_slot_is_refused_only_when_waiting_cannot_help(model):
+    engine = Engine(model, slots=1)
+    a, b = engine.session(), engine.session()
+    a.feed("x")
+    with engine.residency.pinned_slots(a):  # an operation holds a's slot; nothing runs that could end
+        with pytest.raises(SlotError, match="all 1 slots"):
+            b.feed("y")
+    assert b.tokens == [] and b.location == "none"
 
 
 def test_session_is_busy_while_generating(engine):

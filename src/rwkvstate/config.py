@@ -51,6 +51,7 @@ class EngineConfig:
     state_dtype: torch.dtype | str = torch.float32  # a name (fp16, ...) becomes the torch dtype
     layout: str = "contiguous"
     max_prefill_chunk: int = 1024  # tokens fed per forward; longer prompts are chunked
+    max_prefill_tokens: int = 0  # prompt tokens per generation step, all streams together; 0: max_prefill_chunk
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     max_decode_batch: int = 256  # largest captured decode batch; larger steps run eagerly
     # sessions beyond the pool's slots live on the host; None keeps them in the storage dtype (lossless)
@@ -76,6 +77,10 @@ class EngineConfig:
             raise ValueError("the fragmented layout stores float32 only")
         if self.max_prefill_chunk < 1:
             raise ValueError(f"max_prefill_chunk must be >= 1, got {self.max_prefill_chunk}")
+        if self.max_prefill_tokens == 0:
+            self.max_prefill_tokens = self.max_prefill_chunk
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1 (0: max_prefill_chunk), got {self.max_prefill_tokens}")
         if self.history_capacity is None:
             self.history_capacity = 4 if self.layout == "contiguous" else 0
         self._check_lifecycle()

@@ -4,11 +4,17 @@ The engine is an orchestrator; each job is done by one part:
 
     Residency (residency.py)  which session is in which slot, the host tier, the logits table
     Timeline (timeline.py)    undo points, the ring history, the prefix cache, rollback targets
+    Scheduler (scheduler.py)  waiting streams, admission, each step's prompt chunks
     Stepper (stepper.py)      every forward: prompt feeds, the packed step of all live streams
 
 Sessions are not tied to slots: a session takes a slot when touched, and the least recently
 used idle session moves to the host tier when none is free. Every generation stream alive at
-the same time advances in one packed forward per step (`step()`).
+the same time advances in one packed forward per step (`step()`). A stream that finds every
+slot held by a generating session waits in the scheduler's queue; an operation that needs a
+slot then (feed, fork, ...) steps the running streams until one ends.
+
+The engine emits token ids and finish reasons; text and stop strings are the reader's
+(runtime/text.py), who tells the engine where a stop string ended a stream (`stop_at`).
 
 Every public method that changes a session is reached through the Session (which checks that
 it is open, usable and not generating) and leaves the session unchanged when it raises.
@@ -16,6 +22,7 @@ it is open, usable and not generating) and leaves the session unchanged when it 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -30,6 +37,7 @@ from ..state.pool import StatePool
 from ..state.snapshot import Encoded, check_format
 from .residency import Residency
 from .graphs import DecodeGraphs
+from .scheduler import Scheduler
 from .session import GenerationStream, Session, SessionSnapshot
 from .stepper import Stepper
 from .timeline import Timeline
@@ -38,6 +46,7 @@ if TYPE_CHECKING:
     from ..model.rwkv7 import Model
     from ..tokenizer import Tokenizer
 
+log = logging.getLogger("rwkvstate.engine")
 MAINTAIN_EVERY = 64  # steps between host-tier maintenance passes
 
 
@@ -49,11 +58,15 @@ class Engine:
         self.pool: StatePool = model.new_pool(cfg.num_slots, cfg.storage_dtype, cfg.layout)
         vocab = model.config.vocab_size
         self.tier = HostTier(self.pool, cfg.host_format, cfg.cold_format, cfg.cold_after_s, clock)
-        self.residency = Residency(self.pool, self.tier, vocab, model.device, on_free=self._forget_history)
+        self.residency = Residency(self.pool, self.tier, vocab, model.device, on_free=self._forget_history,
+                                   wait=self._wait_for_slot)  # fmt: skip
         self.timeline = Timeline(self.pool, self.residency, cfg, vocab)
         self.stepper = Stepper(model, self.pool, self.residency, self.timeline, cfg)
+        self.scheduler = Scheduler(self.residency, self.timeline, self.stepper, cfg)
         self.sessions: dict[int, Session] = {}
         self._next_id = 0
+        self._in_step = False
+        self._take_back: list[tuple[Session, int]] = []  # tokens after a stop string, taken back after the step
 
     # ---- parts, as attributes of the engine ------------------------------------------------------
     @property
@@ -91,7 +104,17 @@ class Engine:
 
     @property
     def num_generating(self) -> int:
-        return len(self.stepper.streams)
+        """Streams admitted and running (reading their prompts or decoding)."""
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        """Streams waiting for a slot."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
 
     # ---- sessions and slots -----------------------------------------------------------------
     def session(self) -> Session:
@@ -230,29 +253,62 @@ class Engine:
 
     # ---- batched generation ------------------------------------------------------------------
     def register(self, stream: GenerationStream) -> None:
-        """Adds a new stream to the live ones (called by the stream itself): its start is an
-        undo point, and its prompt starts from the longest cached prefix."""
-        session = stream.session
+        """Adds a new stream (called by the stream itself): it starts at once if a slot can be had,
+        else it waits for one."""
         stream.params.check_vocab(self.stepper.sample_limit)
-        with self.residency.pinned_slots(session) as (slot,):
-            self.timeline.mark(session, slot)
-            stream.pending = self.timeline.use_prefix_cache(session, slot, stream.pending)
-        self.timeline.generation_started(session, stream)
-        self.stepper.add(stream, slot)  # a live stream keeps its session resident
-        if not stream.pending:
-            self.timeline.reply_started(session, slot, stream)
+        self.scheduler.add(stream)
 
     def unregister(self, stream: GenerationStream) -> None:
-        self.stepper.remove(stream)
+        self.scheduler.remove(stream)
 
-    def step(self) -> None:
-        """One packed forward for every live stream: one sampled token for each stream that is
-        generating, and the next prompt chunk of each stream still reading its prompt."""
-        if not self.stepper.streams:
-            return
-        self.stepper.step()
-        if self.steps % MAINTAIN_EVERY == 0:
+    def step(self) -> bool:
+        """One packed forward for the running streams: one sampled token for each stream that is
+        generating, and prompt chunks of streams still reading their prompts, after admitting
+        waiting streams that can start. Returns whether a forward ran."""
+        if self._in_step:
+            return False
+        self._in_step = True
+        try:
+            self.scheduler.admit()
+            ran = self.stepper.step(self.scheduler.prefill_chunks())
+        finally:
+            self._in_step = False
+            self._take_back_after_stops()
+        if ran and self.steps % MAINTAIN_EVERY == 0:
             self.maintain()
+        return ran
+
+    def stop_at(self, stream: GenerationStream, n_tokens: int) -> None:
+        """A reader found a stop string completed by the stream's n_tokens-th token: the stream
+        ends there ("stop"), and the tokens generated after it are taken back from the session."""
+        if not 0 <= n_tokens <= len(stream.token_ids):
+            raise ValueError(f"stop_at: the stream has {len(stream.token_ids)} tokens, got {n_tokens!r}")
+        extra = len(stream.token_ids) - n_tokens
+        if not stream.done:
+            self.unregister(stream)
+        stream.finish_reason = "stop"
+        if extra:
+            del stream.token_ids[n_tokens:]
+            self._take_back.append((stream.session, extra))
+            if not self._in_step:
+                self._take_back_after_stops()
+
+    def _take_back_after_stops(self) -> None:
+        while self._take_back:
+            session, extra = self._take_back.pop(0)
+            try:
+                self.rollback(session, extra)
+            except Exception:  # the session keeps the extra tokens rather than a broken state
+                log.exception("taking back %d tokens after a stop string failed", extra)
+
+    def _wait_for_slot(self) -> bool:
+        """Steps the running streams, admitting none, so one can end and free a slot; False when
+        none runs (or a step is in progress), so waiting cannot help."""
+        if self._in_step or not (self.scheduler.prefilling or len(self.stepper.batch)):
+            return False
+        with self.scheduler.hold():
+            self.step()
+        return True
 
     def run(self, streams: Sequence[GenerationStream]) -> list[str]:
         """Drives the given streams to the end; returns their texts.
@@ -273,7 +329,8 @@ class Engine:
         cache = self.prefix_cache
         out: dict[str, int | float] = {
             "sessions": len(self.sessions), "slots_total": self.pool.num_slots, "slots_in_use": resident,
-            "sessions_on_host": len(self.tier), "generating": self.num_generating, "steps": self.steps,
+            "sessions_on_host": len(self.tier), "generating": self.num_generating, "waiting": self.num_waiting,
+            "steps": self.steps,
             "tokens_fed": self.tokens_fed, "tokens_generated": self.tokens_generated,
             "bytes_pool": self.pool.nbytes, "bytes_host_tier": self.tier.nbytes,
             "bytes_history": 0 if self.history is None else self.history.nbytes,

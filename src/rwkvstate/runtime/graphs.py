@@ -60,6 +60,11 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         self._captured = True
 
+    def can_replay(self, batch: int) -> bool:
+        """Whether a decode step of this many rows replays a captured graph."""
+        # stochastic rounding draws a new seed per call, which a replayed graph would freeze
+        return self.use_graphs and batch <= self.max_batch and self.model.state_rounding == "nearest"
+
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """float32 logits [B, vocab] after feeding tokens[i] into slots[i].
 
@@ -67,19 +72,27 @@ class DecodeGraphs:
         B = len(slots)
         self.pool.check_slots(slots)  # the eager path writes through Model.forward, the graph below
         check_token_ids(tokens, self.model.config.vocab_size)
-        # stochastic rounding draws a new seed per call, which a replayed graph would freeze
-        if not self.use_graphs or B > self.max_batch or self.model.state_rounding != "nearest":
+        if not self.can_replay(B):
             self.eager_steps += 1
             return self.model.forward(self.pool, slots, [[t] for t in tokens], output="last")
+        host = torch.tensor([list(slots), list(tokens)], dtype=torch.int64).pin_memory()
+        device = host.to(self.device, non_blocking=True)
+        return self.replay(device[0], device[1], slots)
+
+    def replay(self, slots: torch.Tensor, tokens: torch.Tensor, written: Sequence[int]) -> torch.Tensor:
+        """The graph step from device tensors slots [B] and tokens [B] (int64; rows may point at the
+        scratch slot), with no host synchronisation: the decode batch feeds the sampled ids in
+        without copying them to the host first. `written`: the live slots among them (checked
+        by the caller), whose write generations move."""
+        B = slots.numel()
         if not self._captured:
             self.capture()
         size = next(s for s in self.batch_sizes if s >= B)
-        host = torch.tensor([list(slots), list(tokens)], dtype=torch.int64).pin_memory()
-        self._slots[:B].copy_(host[0], non_blocking=True)
-        self._tokens[:B].copy_(host[1], non_blocking=True)
+        self._slots[:B].copy_(slots)
+        self._tokens[:B].copy_(tokens)
         self._slots[B:size].fill_(self.pool.scratch_slot)
         graph, out = self._graphs[size]
-        self.pool.begin_write(slots)
+        self.pool.begin_write(written, check=False)
         graph.replay()
         self.replays += 1
         return out[:B]

@@ -6,7 +6,8 @@ reused; touching it again brings it back, unchanged. Sessions an operation in pr
 resident together are pinned, so bringing one back never evicts another. Next to the pool
 lives the logits table: the next-token logits of every slot (float32 [slots, vocab] on the
 model's device), valid per slot once the slot has been fed; a session on the host keeps its
-logits in its host-tier entry.
+logits in its host-tier entry. When every slot holds a generating session, a slot is waited
+for (`wait`: the engine steps its streams until one ends) rather than refused.
 
 Only this module moves a session between slot and host (it sets `Session._slot`).
 """
@@ -31,14 +32,17 @@ if TYPE_CHECKING:
 
 class Residency:
     def __init__(self, pool: StatePool, tier: HostTier, vocab_size: int, device: torch.device,
-                 on_free: Callable[[int], None] = lambda slot: None):  # fmt: skip
+                 on_free: Callable[[int], None] = lambda slot: None,
+                 wait: Callable[[], bool] = lambda: False):  # fmt: skip
         self.pool = pool
         self.tier = tier
-        self.logits = torch.zeros(pool.num_slots, vocab_size, dtype=torch.float32, device=device)
+        # one row per slot and one for the scratch slot, where a decode step's masked rows write
+        self.logits = torch.zeros(pool.num_slots + 1, vocab_size, dtype=torch.float32, device=device)
         self.has_logits = [False] * pool.num_slots
         self.owner: list[Session | None] = [None] * pool.num_slots
         self.pinned: set[int] = set()  # ids of sessions an operation in progress needs resident
         self._on_free = on_free  # a slot is given up: what was kept about it goes too (its history)
+        self._wait = wait  # makes progress towards a free slot; False when nothing can
         self._tick = 0
 
     @property
@@ -76,8 +80,15 @@ class Residency:
                 self.pinned.discard(s.id)
 
     def _acquire_slot(self) -> int:
-        if not self.pool.can_allocate():
-            self.evict(self._victim())
+        while not self.pool.can_allocate():
+            victim = self._victim()
+            if victim is not None:
+                self.evict(victim)
+            elif not self._wait():
+                raise SlotError(
+                    f"all {self.pool.num_slots} slots hold sessions that are generating; "
+                    "wait for a generation to finish or create the Engine with more slots"
+                )
         slot = self.pool.allocate()
         self.has_logits[slot] = False
         return slot
@@ -85,14 +96,14 @@ class Residency:
     def _evictable(self, session: Session | None) -> bool:
         return session is not None and not session.is_generating and session.id not in self.pinned
 
-    def _victim(self) -> Session:
+    def can_acquire(self) -> bool:
+        """Whether a slot can be had now, without waiting (free, or held by an idle session)."""
+        return self.pool.can_allocate() or any(self._evictable(s) for s in self.owner)
+
+    def _victim(self) -> Session | None:
+        """The least recently used idle session, None if every slot's session is busy."""
         idle = [s for s in self.owner if s is not None and self._evictable(s)]
-        if not idle:
-            raise SlotError(
-                f"all {self.pool.num_slots} slots hold sessions that are generating; "
-                "wait for a generation to finish or create the Engine with more slots"
-            )
-        return min(idle, key=lambda s: s.last_used)
+        return min(idle, key=lambda s: s.last_used) if idle else None
 
     def second_slot_available(self, session: Session) -> bool:
         """Whether a slot other than session's can be had (free, or held by an idle session)."""
@@ -171,3 +182,4 @@ class Residency:
             return self.pool.export(self.resident(session))
         parts = lay.split_layer(to_float32(entry.state).view(lay.n_layer, lay.layer_numel))
         return {name: part.clone(memory_format=torch.contiguous_format) for name, part in zip(CANONICAL_KEYS, parts)}
+

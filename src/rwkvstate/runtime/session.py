@@ -21,8 +21,9 @@ import torch
 
 from ..errors import RwkvStateError
 from ..state.snapshot import Encoded
-from ..tokenizer import StreamDecoder, check_token_ids
+from ..tokenizer import check_token_ids
 from .sampling import SamplingParams
+from .text import StopText
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -248,13 +249,18 @@ class Session:
         return f"Session(id={self.id}, {self.location}, tokens={len(self.tokens)}, closed={self._closed})"
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationStream:
+    """One generate() call. The engine fills `token_ids` and sets `finish_reason`; iterating
+    the stream reads them as text (the engine never decodes). A new stream starts at once when
+    a slot can be had, else it waits for one; iterating steps the engine meanwhile."""
+
     session: Session
     max_tokens: int
     params: SamplingParams
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (a failed forward or sample)
+    # "stop", "length", "cancelled", or "error" (a failed forward or sample, or a start that failed)
+    finish_reason: str | None = None
     text: str = ""  # everything yielded so far
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet fed
     start_position: int | None = None  # the session's position when sampling began
@@ -263,9 +269,11 @@ class GenerationStream:
     def __post_init__(self) -> None:
         engine = self.session.engine
         self.seed = self.params.stream_seed()  # keys the stream's uniforms with its position
-        self.decoder = StreamDecoder(engine.tokenizer)
-        self.stop_ids = set(engine.stop_token_ids if self.params.stop_token_ids is None else self.params.stop_token_ids)
-        self._held_text = ""  # decoded text held back while it may be the start of a stop string
+        self.stop_ids = frozenset(engine.stop_token_ids if self.params.stop_token_ids is None
+                                  else self.params.stop_token_ids)  # fmt: skip
+        self._text: StopText | None = None  # the reader's side, made on first read
+        self._read = 0  # token_ids turned into text so far
+        self._flushed = False
         self._out: deque[str] = deque()
         engine.register(self)
 
@@ -277,68 +285,58 @@ class GenerationStream:
         return self
 
     def __next__(self) -> str:
-        while not self._out and not self.done:
-            self.session.engine.step()
-        if self._out:
-            piece = self._out.popleft()
-            self.text += piece
-            return piece
-        raise StopIteration
+        engine = self.session.engine
+        while not self._out:
+            if self._read < len(self.token_ids) or (self.done and not self._flushed):
+                self._read_text()
+            elif self.done:
+                raise StopIteration
+            elif not engine.step():
+                raise RwkvStateError("the engine cannot advance this stream")  # nothing runs and nothing can start
+        piece = self._out.popleft()
+        self.text += piece
+        return piece
 
-    def drain(self) -> list[str]:
-        """The text pieces produced so far and not yet taken, without stepping the engine (for a
-        loop that calls engine.step() itself, like the server's)."""
-        pieces = list(self._out)
+    def read(self) -> str:
+        """The text of the tokens produced so far and not read yet, without stepping the engine
+        (for a loop that calls engine.step() itself)."""
+        if self._read < len(self.token_ids) or (self.done and not self._flushed):
+            self._read_text()
+        piece = "".join(self._out)
         self._out.clear()
-        self.text += "".join(pieces)
-        return pieces
+        self.text += piece
+        return piece
 
     def close(self) -> None:
         """Stops generating (the state keeps every token fed so far)."""
         if not self.done:
             self.finish("cancelled")
 
+    def _read_text(self) -> None:
+        """Turns the tokens not read yet into text; a stop string ends the stream where it ends."""
+        if self._text is None:
+            self._text = StopText(self.session.engine.tokenizer, self.params.stop)
+        text, new = self._text, self.token_ids[self._read :]
+        self._read = len(self.token_ids)
+        piece = text.push_many(new)
+        if text.stopped_at is not None and (not self.done or len(self.token_ids) > text.stopped_at
+                                            or self.finish_reason != "stop"):  # fmt: skip
+            self.session.engine.stop_at(self, text.stopped_at)
+            self._read = len(self.token_ids)
+        if self.done and self._read == len(self.token_ids) and not self._flushed:
+            piece += text.flush()
+            self._flushed = True
+        if piece:
+            self._out.append(piece)
+
     # ---- called by the engine -------------------------------------------------------------
-    def accept(self, token: int) -> bool:
-        """Takes a sampled token; returns True if it must be fed into the state."""
-        if token in self.stop_ids:
-            self.finish("stop")
-            return False
-        self.token_ids.append(token)
-        self._held_text += self.decoder.push(token)
-        self._emit_safe_text()
-        if not self.done and len(self.token_ids) >= self.max_tokens:
-            self.finish("length")
-        return True
-
-    def _emit_safe_text(self) -> None:
-        stops = self.params.stop
-        for stop in stops:
-            at = self._held_text.find(stop)
-            if at >= 0:
-                self._push(self._held_text[:at])
-                self._held_text = ""
-                self.finish("stop", flush=False)
-                return
-        hold = max((_overlap(self._held_text, s) for s in stops), default=0)
-        self._push(self._held_text[: len(self._held_text) - hold])
-        self._held_text = self._held_text[len(self._held_text) - hold :]
-
-    def finish(self, reason: str, flush: bool = True) -> None:
-        if flush:
-            self._push(self._held_text + self.decoder.flush())
-            self._held_text = ""
+    def finish(self, reason: str) -> None:
+        """Ends the stream. A stream with stop strings reads its remaining tokens first, so it
+        ends at a stop string its reader has not reached yet (and the tokens after it are taken
+        back)."""
+        if self.done:
+            return
         self.finish_reason = reason
         self.session.engine.unregister(self)
-
-    def _push(self, text: str) -> None:
-        if text:
-            self._out.append(text)
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of stop."""
-    for size in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:size]):
-            return size
-    return 0
+        if self.params.stop:
+            self._read_text()

@@ -1,14 +1,20 @@
-"""Stepping: every forward the engine runs, and the live generation streams.
+"""Stepping: every forward the engine runs.
 
-A prompt fed outside generation goes through `feed_ids` in chunks. Every generation stream
-alive at the same time advances in one packed forward per `step()`: one sampled token for
-each stream that is generating, and the next prompt chunk of each stream still reading its
-prompt, through the same pass over the weights (decode-only steps replay a captured graph).
+A prompt fed outside generation goes through `feed_ids` in chunks. A generation step
+(`step(chunks)`) samples one token for every stream of the decode batch and feeds it, together
+with the prompt chunks the scheduler chose, in one packed forward.
 
-`plan_step` decides what runs in a step: all live streams, prompt chunks within a budget of
-`max_prefill_chunk` tokens. A scheduler (a waiting queue, admission by free slots) goes in
-front of `streams`: it holds a stream back until it may join, and `plan_step` is where a
-per-step token budget is applied.
+The decode-only step is the hot loop, and its Python work per stream is a few list operations:
+
+    sample on the device (per-row tensors of the decode batch; only the ids come back)
+    -> mask rows whose sample failed or hit a stop id (on the device) -> replay the decode graph
+       with the sampled ids as its input, no host round trip in between
+    -> while the GPU decodes: the ids reach the host; each stream appends its token, and ends on
+       a stop id, a failed row or max_tokens.
+
+History and prefix-cache bookkeeping run only at their cut points: each stream's next cut is
+scheduled at the step (tick) it will reach it, so a step without cuts costs nothing there.
+Detokenisation and stop strings are not done here at all (runtime/text.py).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import EngineConfig
+from ..ops import sampling as ops
 from ..state.pool import StatePool
-from .residency import Residency
+from .batch import DecodeBatch
 from .graphs import DecodeGraphs
-from .sampling import TokenCounts, sample
+from .residency import Residency
+from .sampling import TokenCounts
 from .timeline import Timeline
 
 if TYPE_CHECKING:
@@ -43,14 +51,17 @@ class Stepper:
         self.config = config
         max_batch = min(config.max_decode_batch, config.num_slots)
         self.graphs = DecodeGraphs(model, pool, max_batch=max_batch, enforce_eager=config.enforce_eager)
-        self.streams: list[GenerationStream] = []  # a live stream keeps its session resident
         # a model whose vocabulary is larger than its tokenizer's must never sample
         # an id the tokenizer cannot decode
         self.sample_limit = min(model.config.vocab_size, model.tokenizer.vocab_size)
         self.counts = TokenCounts(config.num_slots, self.sample_limit, model.device)  # for penalties
+        self.batch = DecodeBatch(config.num_slots, self.sample_limit, model.device, self.counts)
         self.steps = 0  # packed forwards run by step()
         self.tokens_fed = 0
         self.tokens_generated = 0
+        self.tick = 0  # decode steps so far: the clock cut points are scheduled on
+        self._cuts: dict[int, list[tuple[GenerationStream, int]]] = {}  # tick -> (stream, position)
+        self._host_ids: torch.Tensor | None = None  # pinned buffer the sampled ids come back through
 
     # ---- prompts outside generation -----------------------------------------------------------
     def feed_ids(self, session: Session, slot: int, ids: list[int], cache: bool) -> None:
@@ -75,128 +86,201 @@ class Stepper:
         session.tokens = tokens[:start]
         self.feed_ids(session, slot, tokens[start:target], cache=False)
 
-    # ---- generation ---------------------------------------------------------------------------
-    def add(self, stream: GenerationStream, slot: int) -> None:
-        if stream.params.has_penalties():  # the slot's counts row may hold another stream's
-            self.counts.rebuild(slot, stream.token_ids)
-        self.streams.append(stream)
+    # ---- the decode batch ---------------------------------------------------------------------
+    def join(self, stream: GenerationStream) -> None:
+        """The stream has read its prompt: from the next step on it samples a token every step."""
+        self.batch.join(stream)
+        self._schedule_cut(stream)
 
-    def remove(self, stream: GenerationStream) -> None:
-        if stream in self.streams:
-            self.streams.remove(stream)
+    def leave(self, stream: GenerationStream) -> None:
+        self.batch.leave(stream)
 
-    def step(self) -> bool:
-        """One packed forward for every live stream; returns whether a forward ran."""
-        if not self.streams:
+    def _schedule_cut(self, stream: GenerationStream) -> None:
+        """Files the stream under the tick at which it reaches its next history or prefix-cache
+        position (every stream in the batch moves one position per tick)."""
+        position = len(stream.session.tokens)
+        cut = self.timeline.next_cut(stream.session, position)
+        if cut is not None:
+            self._cuts.setdefault(self.tick + cut - position, []).append((stream, cut))
+
+    def _run_cuts(self) -> None:
+        for stream, cut in self._cuts.pop(self.tick, ()):
+            session = stream.session
+            if len(session.tokens) != cut or session._slot is None or stream.session._stream is not stream:
+                continue  # the stream ended before it got there
+            self.timeline.after_forward(session, session._slot, cut - 1)
+            if not stream.done:
+                self._schedule_cut(stream)
+
+    # ---- a generation step ----------------------------------------------------------------------
+    def step(self, chunks: list[StepItem]) -> bool:
+        """One packed forward: a sampled token for every stream of the decode batch, and the given
+        prompt chunks. Returns whether a forward ran."""
+        batch = self.batch
+        if not len(batch) and not chunks:
             return False
-        items = self.plan_step(list(self.streams))
-        if not items:
-            return False
-        fed = [len(stream.session.tokens) for stream, _ in items]
-        try:
-            self._run(items)
-        except Exception:
-            # items whose tokens went into the log before the failure are done
-            pending = [item for item, n in zip(items, fed) if len(item[0].session.tokens) == n]
-            self._recover(items, finish=False)
-            self._run_alone(pending)
-        except BaseException:  # an interrupt: every stream of the step ends
-            self._recover(items)
-            raise
+        if len(batch) and not chunks and self.graphs.can_replay(len(batch)):
+            self._decode_on_device()
+        else:
+            self._packed_step(chunks)
         self.steps += 1
         return True
 
+    def _sample(self) -> torch.Tensor:
+        """One id per stream of the decode batch (int64 on the device; -1: the row failed). If the
+        batched draw raises, each row draws alone, and a row that still raises gets -1: one
+        stream's failure never ends another's."""
+        batch = self.batch
+        batch.prepare()
+        logits = self.residency.logits[batch.slots, : self.sample_limit]  # a gathered copy: the work buffer
+        try:
+            ids = ops.sample(logits, batch.rows, batch.count_tensor())
+        except Exception:  # the work buffer may be half-changed: gather the rows again
+            logits = self.residency.logits[batch.slots, : self.sample_limit]
+            ids = torch.stack([self._sample_alone(logits[i : i + 1], i) for i in range(len(batch))])
+        batch.advance()
+        return ids
+
+    def _sample_alone(self, logits: torch.Tensor, row: int) -> torch.Tensor:
+        try:
+            return ops.sample(logits, self.batch.row(row), self.batch.count_tensor())[0]
+        except Exception:
+            log.exception("sampling failed for one stream; it ends with 'error', the others go on")
+            return torch.tensor(ops.FAILED, dtype=torch.int64, device=logits.device)
+
+    def _decode_on_device(self) -> None:
+        """The hot loop: the sampled ids go into the decode graph on the device, and to the host
+        while the graph runs."""
+        batch = self.batch
+        streams, slots = list(batch.streams), batch.slot_list
+        ids = self._sample()
+        host = self._to_host(ids)  # enqueued before the decode, so it does not wait for it
+        copied = torch.cuda.Event()
+        copied.record()
+        feed = batch.feed_mask(ids)
+        try:
+            logits = self.graphs.replay(feed, ids.clamp(0, self.sample_limit - 1), slots)
+            self.residency.logits.index_copy_(0, feed, logits)
+        except Exception:  # states rebuilt, then each stream runs again alone, through the host
+            fed, ended = self._take(streams, ids.tolist())
+            self._recover(fed, finish=False)
+            self._run_alone(fed)
+            self._end_decode(ended)
+            return
+        except BaseException:  # an interrupt: every stream of the step ends
+            self._recover([(s, []) for s in streams])
+            raise
+        copied.synchronize()
+        _, ended = self._take(streams, host[: len(streams)].tolist())
+        self._end_decode(ended)
+
+    def _to_host(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._host_ids is None:
+            self._host_ids = torch.empty(self.pool.num_slots, dtype=torch.int64, pin_memory=True)
+        host = self._host_ids[: ids.numel()]
+        host.copy_(ids, non_blocking=True)
+        return host
+
+    def _packed_step(self, chunks: list[StepItem]) -> None:
+        """A step with prompt chunks (or without graphs): the ids come to the host first, and the
+        kept ones are fed with the chunks through Model.forward."""
+        streams = list(self.batch.streams)
+        fed, ended = self._take(streams, self._sample().tolist()) if streams else ([], [])
+        items = fed + chunks
+        try:
+            if items:
+                self._forward(items)
+        except Exception:  # states rebuilt, then each item runs alone: only a failing one ends
+            self._recover(items, finish=False)
+            self._run_alone(items)
+        except BaseException:  # an interrupt: every stream of the step ends
+            self._recover(items)
+            self._end_decode(ended)
+            raise
+        if streams:
+            self._end_decode(ended)
+
     def _run_alone(self, items: list[StepItem]) -> None:
-        """After a packed forward raised: each item runs alone, so only the stream that makes the
-        forward fail ends ("error"); the others advance as they would have in the packed pass."""
-        for item in items:
-            stream = item[0]
-            if stream.session._lost:  # its state could not be rebuilt
+        """After a packed forward raised (and its states were rebuilt): each item runs alone, so
+        only the stream that makes the forward fail ends ("error"); the others advance as they
+        would have in the packed pass."""
+        for stream, ids in items:
+            session = stream.session
+            if session._lost:  # its state could not be rebuilt
                 if not stream.done:
                     stream.finish("error")
                 continue
+            if stream.start_position is not None:  # the decode token goes back into the log
+                session.tokens.extend(ids)
             try:
-                self._run([item])
+                self._forward([(stream, ids)])
             except Exception:
                 log.exception("a forward failed for one stream; it ends with 'error', the others go on")
-                self._recover([item])
+                self._recover([(stream, ids)])
 
-    def plan_step(self, streams: list[GenerationStream]) -> list[StepItem]:
-        """What this step feeds: a sampled token for each generating stream, then prompt chunks,
-        max_prefill_chunk tokens in all."""
-        items = self._sample([s for s in streams if not s.pending])
-        budget = self.config.max_prefill_chunk
-        for stream in (s for s in streams if s.pending):
-            if budget <= 0:
-                break
-            position = len(stream.session.tokens)
-            size = min(budget, self.timeline.chunk_size(position, len(stream.pending), True, stream.cut_at))
-            items.append((stream, stream.pending[:size]))
-            del stream.pending[:size]
-            budget -= size
-        return items
+    def _take(self, streams: list[GenerationStream], ids: list[int]) -> tuple[list[StepItem], list]:
+        """Each stream's sampled id, on the host: appended to the stream and its session's token
+        log (the decode fed it, or is about to), or the stream is to end (a failed row, a stop id:
+        not fed; max_tokens: fed). Returns the fed (stream, [id]) items and the (stream, reason)
+        pairs to end once the step's forward has run."""
+        fed, ended = [], []
+        limit = self.sample_limit
+        for stream, token in zip(streams, ids):
+            if not 0 <= token < limit or token in stream.stop_ids:  # -1: the row failed
+                ended.append((stream, "stop" if 0 <= token < limit else "error"))
+                continue
+            stream.token_ids.append(token)
+            stream.session.tokens.append(token)
+            fed.append((stream, [token]))
+            if len(stream.token_ids) >= stream.max_tokens:
+                ended.append((stream, "length"))
+        self.tokens_generated += len(fed)
+        return fed, ended
 
-    def _sample(self, streams: list[GenerationStream]) -> list[StepItem]:
-        """A token for each stream; those it does not end are fed this step. A stream whose draw
-        fails, or gives no valid token (non-finite logits), ends ("error") alone."""
-        items = []
-        for stream, token in self._draw_isolated(streams):
-            if token is None or not 0 <= token < self.sample_limit:  # -1: non-finite logits
-                stream.finish("error")
-            elif stream.accept(token):
-                items.append((stream, [token]))
-        return items
+    def _end_decode(self, ended: list) -> None:
+        """After the decode forward: the clock moves on, due cut points run, streams end."""
+        self.tick += 1
+        self._run_cuts()
+        for stream, reason in ended:
+            if not stream.done:
+                stream.finish(reason)
 
-    def _draw_isolated(self, streams: list[GenerationStream]) -> list[tuple[GenerationStream, int | None]]:
-        """(stream, token) pairs; when the batched draw raises, each stream draws alone and the
-        one that still raises gets None."""
-        try:
-            return list(zip(streams, self._draw(streams)))
-        except Exception:
-            if len(streams) == 1:
-                log.exception("sampling failed for one stream; it ends with 'error', the others go on")
-                return [(streams[0], None)]
-        return [pair for stream in streams for pair in self._draw_isolated([stream])]
-
-    def _draw(self, streams: list[GenerationStream]) -> list[int]:
-        if not streams:
-            return []
-        slots = [self._slot(s) for s in streams]
-        rows = self.residency.logits[slots, : self.sample_limit]  # a gathered copy: the sampler's work buffer
-        positions = [len(s.token_ids) for s in streams]
-        return sample(rows, [s.params for s in streams], [s.seed for s in streams], positions, self.counts, slots)
-
-    def _run(self, items: list[StepItem]) -> None:
+    def _forward(self, items: list[StepItem]) -> None:
+        """Feeds decode tokens (already in the token logs) and prompt chunks in one forward."""
         slots = [self._slot(s) for s, _ in items]
-        if all(len(ids) == 1 for _, ids in items) and all(s.start_position is not None for s, _ in items):
+        decode = all(len(ids) == 1 for _, ids in items) and all(s.start_position is not None for s, _ in items)
+        if decode:
             logits = self.graphs.decode(slots, [ids[0] for _, ids in items])
         else:
             logits = self.model.forward(self.pool, slots, [ids for _, ids in items], output="last")
         self.residency.logits[slots] = logits
         for (stream, ids), slot in zip(items, slots):
-            session = stream.session
-            old = len(session.tokens)
-            session.tokens.extend(ids)
-            self.residency.has_logits[slot] = True
             if stream.start_position is None:  # a prompt chunk
-                self.tokens_fed += len(ids)
-                at_cut = not stream.pending or len(session.tokens) == stream.cut_at
-                self.timeline.after_forward(session, slot, old, cache_end=at_cut)
-                if not stream.pending:  # the reply starts here: what regenerate() returns to
-                    self.timeline.reply_started(session, slot, stream)
-            else:
-                self.tokens_generated += 1
-                self.timeline.after_forward(session, slot, old)
+                self._prompt_chunk_done(stream, slot, ids)
+
+    def _prompt_chunk_done(self, stream: GenerationStream, slot: int, ids: list[int]) -> None:
+        session = stream.session
+        old = len(session.tokens)
+        session.tokens.extend(ids)
+        self.residency.has_logits[slot] = True
+        self.tokens_fed += len(ids)
+        at_cut = not stream.pending or len(session.tokens) == stream.cut_at
+        self.timeline.after_forward(session, slot, old, cache_end=at_cut)
+        if not stream.pending and not stream.done:  # the reply starts here: what regenerate() returns to
+            self.timeline.reply_started(session, slot, stream)
+            self.join(stream)
 
     def _recover(self, items: list[StepItem], finish: bool = True) -> None:
         """A forward that raised may have written part of its slots. Each session's state is
-        rebuilt from its token log, which holds only what was fed successfully; a session whose
-        rebuild fails too is marked lost, so it is never used with a half-written state.
-        finish: the streams end ("error")."""
-        for stream, _ in items:
+        rebuilt from its token log, which holds only what was fed successfully (a decode token
+        put there for this forward comes out again); a session whose rebuild fails too is marked
+        lost, so it is never used with a half-written state. finish: the streams end ("error")."""
+        for stream, ids in items:
+            session = stream.session
+            if stream.start_position is not None and ids:  # not fed: the forward failed
+                del session.tokens[-1]
             if finish and not stream.done:
                 stream.finish("error")
-            session = stream.session
             try:
                 self.rewind(session, self._slot(stream), len(session.tokens))
             except Exception:

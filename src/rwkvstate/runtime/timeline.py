@@ -120,6 +120,17 @@ class Timeline:
                 size = min(size, cut - position)
         return size
 
+    def next_cut(self, session: Session, position: int) -> int | None:
+        """The first position after `position` where after_forward has work to do (a history
+        boundary, or a prefix-cache boundary for a session fed from the zero state); None: none."""
+        cuts = []
+        if self.history is not None:
+            cuts.append((position // self.history.every + 1) * self.history.every)
+        if self.prefix_cache is not None and session.from_zero:
+            every = self.config.prefix_cache_every
+            cuts.append((position // every + 1) * every)
+        return min(cuts, default=None)
+
     def after_forward(self, session: Session, slot: int, old: int, cache_end: bool = False) -> None:
         """History and prefix-cache bookkeeping after the slot moved from position old."""
         new = len(session.tokens)

@@ -316,9 +316,9 @@ class EngineWorker:
                     self._end_session(job)
                     self._emit(job, Failed(error))
         for job in list(self._active):
-            pieces = job.stream.drain()
-            if pieces:
-                self._emit(job, Text("".join(pieces)))
+            text = job.stream.read()
+            if text:
+                self._emit(job, Text(text))
             if job.stream.done:
                 self._finish(job, job.stream.finish_reason)
 
@@ -326,9 +326,9 @@ class EngineWorker:
         """Ends an admitted job: its last text, then its session is closed or saved, then Done;
         Failed instead if the stream failed in the engine or the session could not be saved."""
         self._active.remove(job)
-        pieces = job.stream.drain()
-        if pieces:
-            self._emit(job, Text("".join(pieces)))
+        text = job.stream.read()
+        if text:
+            self._emit(job, Text(text))
         if reason == "error":
             self._undo(job)
             self._end_session(job)

@@ -94,11 +94,11 @@ class StatePool:
         return slots
 
     # ---- write generations and host copies ----------------------------------------------
-    def begin_write(self, slots: Iterable[int]) -> list[int]:
-        """Checks the slots a forward is about to write (distinct, in range) and bumps their write
-        generations. Bumping before the write is safe: a forward that fails midway has written
-        part of its slots, and their host copies must not be reused."""
-        checked = self.check_slots(list(slots))
+    def begin_write(self, slots: Iterable[int], check: bool = True) -> list[int]:
+        """Checks the slots a forward is about to write (distinct, in range; check=False: the
+        caller has) and bumps their write generations. Bumping before the write is safe: a forward
+        that fails midway has written part of its slots, and their host copies must not be reused."""
+        checked = self.check_slots(list(slots)) if check else list(slots)
         self._bump(checked)
         return checked
 
