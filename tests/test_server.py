@@ -1,13 +1,19 @@
 """The HTTP server (rwkvstate.server) driven through the official `openai` client.
 
 Servers run in a background thread of this process on a free 127.0.0.1 port, with the
-bundled byte-level model on the CPU. Greedy outputs are compared with the engine run
-directly (a second copy of the model) or with the same request run alone.
+bundled byte-level model on the CPU and the engine core on a thread of this process (the
+same messages over the same local socket as a core process; one test runs a core process and
+kills it). Greedy outputs are compared with the engine run directly (a second copy of the
+model) or with the same request run alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,11 +25,13 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytest.importorskip("zmq")
+pytest.importorskip("msgspec")
 
 from rwkvstate import Engine, Model, SamplingParams  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL, main  # noqa: E402
+from rwkvstate.runtime.core import ModelSpec  # noqa: E402
 from rwkvstate.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
-from rwkvstate.server.worker import Command  # noqa: E402
 
 KEY = "test-key"
 MODEL = "stdlib-byte-l8-c256"
@@ -49,7 +57,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def ref_model():
-    """A second copy for reference runs on the test thread while the server's worker runs."""
+    """A second copy for reference runs on the test thread while the server's engine core runs."""
     return Model.load(BUNDLED_MODEL)
 
 
@@ -90,11 +98,26 @@ def complete(srv, prompt, max_tokens=8, **kw):
     return client(srv).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
 
 
-def block_worker(srv) -> threading.Event:
-    """Stops the engine loop (a command that waits) until the returned event is set."""
-    gate = threading.Event()
-    state_of(srv).worker.run_command(Command(lambda engine: gate.wait(30)))
+def pause_engine(srv) -> threading.Event:
+    """Holds the engine's steps (the core still answers messages) until the returned event is set."""
+    gate, paused = threading.Event(), threading.Event()
+
+    def pause(core):
+        step = core.engine.step
+        core.engine.step = lambda: gate.is_set() and step()
+        paused.set()
+
+    state_of(srv).core.call_soon(pause)
+    paused.wait(10)
     return gate
+
+
+def stats(srv) -> dict:
+    return state_of(srv).stats
+
+
+def is_busy(srv, sid: str) -> bool:
+    return api(srv, "GET", f"/v1/sessions/{sid}").json()["busy"]
 
 
 def wait_for(condition, timeout=10.0) -> None:
@@ -245,10 +268,10 @@ def test_chat_session_feeds_only_new_messages(server):
 
 def test_busy_session_answers_409(server):
     sid = new_session(server)["id"]
-    gate = block_worker(server)
+    gate = pause_engine(server)
     try:
         first = in_thread(lambda: complete(server, "x = 1\n", max_tokens=4, extra_body={"session": sid}))
-        wait_for(lambda: state_of(server).store.records[sid].busy)
+        wait_for(lambda: is_busy(server, sid))
         with pytest.raises(openai.ConflictError) as err:
             complete(server, "y = 2\n", extra_body={"session": sid})
         assert err.value.body["code"] == "session_busy" and err.value.body["param"] == "session"
@@ -323,6 +346,71 @@ def test_sessions_survive_a_restart(model, tmp_path):
         assert complete(b, "    return", extra_body={"session": sid}).choices[0].text == expected
 
 
+@pytest.mark.timeout(240)
+def test_a_killed_engine_core_restarts_and_nothing_acknowledged_is_lost(ref_model, tmp_path):
+    """The default deployment: the engine core in a process of its own. Killing it ends the
+    requests in flight with an error; it restarts, and every saved session is back."""
+    config = ServerConfig(slots=2, api_key=KEY, state_dir=tmp_path)
+    with BackgroundServer(create_app(ModelSpec(path=str(BUNDLED_MODEL)), config)) as srv:
+        core = state_of(srv).core
+        sid = new_session(srv)["id"]
+        first = complete(srv, "def main():\n", extra_body={"session": sid}).choices[0].text
+        info = api(srv, "GET", f"/v1/sessions/{sid}").json()
+        stream = complete(srv, "def forever():\n", max_tokens=250, stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        os.kill(core.pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine process stopped"):
+            list(chunks)
+        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200 and core.restarts == 1, timeout=120)
+        assert api(srv, "GET", f"/v1/sessions/{sid}").json()["tokens"] == info["tokens"]
+        second = complete(srv, "    return", extra_body={"session": sid}).choices[0].text
+    assert [first, second] == greedy(ref_model, "def main():\n", "    return", max_tokens=8)
+
+
+@pytest.mark.timeout(240)
+def test_serve_with_two_api_processes(tmp_path):
+    """`rwkvstate serve --api-processes 2`: two uvicorn workers on one port, one engine core."""
+    with socket_port() as port:
+        pass
+    cmd = [sys.executable, "-m", "rwkvstate.cli", "serve", "--port", str(port), "--api-processes", "2",
+           "--state-dir", str(tmp_path), "--api-key", KEY, "--log-level", "warning"]  # fmt: skip
+    server = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(url), timeout=180)
+        srv = type("Srv", (), {"url": url})()
+        sid = new_session(srv)["id"]
+        texts = [complete(srv, "import os\n", extra_body={"session": sid}).choices[0].text for _ in range(2)]
+        assert api(srv, "GET", f"/v1/sessions/{sid}").json()["tokens"] == len(b"import os\n") * 2 + 16
+        assert all(texts) and complete(srv, "import os\n").choices[0].text == texts[0]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    assert (tmp_path / "sessions" / f"{sid}.state").is_file()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class socket_port:
+    """A free TCP port on 127.0.0.1."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
+
+
 # ---- errors and limits -----------------------------------------------------------------------------
 def test_error_responses(server):
     with pytest.raises(openai.AuthenticationError):
@@ -360,7 +448,7 @@ def test_error_responses(server):
 def test_queue_full_timeout_and_body_cap(model):
     config = ServerConfig(slots=1, max_queue=0, request_timeout_s=1.0, max_request_bytes=2048, max_tokens_cap=5000)
     with BackgroundServer(create_app(model, config)) as srv:
-        gate = block_worker(srv)
+        gate = pause_engine(srv)
         try:
             waiting = in_thread(lambda: complete(srv, "a = 1\n", max_tokens=4))
             wait_for(lambda: state_of(srv).inflight == 1)
@@ -385,14 +473,14 @@ def test_queue_full_timeout_and_body_cap(model):
 
 def test_client_disconnect_cancels_the_stream(server):
     state = state_of(server)
-    wait_for(lambda: state.worker.stats.get("running") == 0)
-    sessions, generated = state.worker.stats["sessions"], state.worker.stats["tokens_generated"]
+    wait_for(lambda: state.stats.get("running") == 0)
+    sessions, generated = state.stats["sessions"], state.stats["tokens_generated"]
     stream = complete(server, "def forever():\n", max_tokens=250, stream=True)
     next(iter(stream))
     stream.close()
-    wait_for(lambda: state.worker.stats["running"] == 0 and state.inflight == 0)
-    assert state.worker.stats["sessions"] == sessions  # the per-request session was closed
-    assert state.worker.stats["tokens_generated"] - generated < 250
+    wait_for(lambda: state.stats["running"] == 0 and state.inflight == 0)
+    assert state.stats["sessions"] == sessions  # the per-request session was closed
+    assert state.stats["tokens_generated"] - generated < 250
 
 
 @pytest.mark.timeout(120)

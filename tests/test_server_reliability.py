@@ -27,7 +27,6 @@ from test_state_files import rewrite as resign  # noqa: E402
 
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
 from rwkvstate.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
-from rwkvstate.server.worker import Command  # noqa: E402
 from rwkvstate.state import files  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not BUNDLED_MODEL.exists(), reason="the bundled model is not in this checkout")
@@ -91,7 +90,7 @@ def test_32_concurrent_streams_with_one_poisoned(model):
         tokens = session_tokens(srv, sid)
 
         def poison(engine):
-            record = state_of(srv).store.records[sid]
+            record = core_of(srv).store.records[sid]
             slot = record.session.slot
             engine.residency.set_logits(slot, torch.full((model.config.vocab_size,), float("nan")))
 
@@ -106,15 +105,23 @@ def test_32_concurrent_streams_with_one_poisoned(model):
 
 
 def on_worker(srv, fn):
-    """Runs fn(engine) on the server's engine thread and waits for it."""
+    """Runs fn(engine) on the server's engine core thread and waits for it."""
     done, out = threading.Event(), {}
 
-    def finished(result, error):
-        out["error"] = error
+    def run(core):
+        try:
+            fn(core.engine)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            out["error"] = e
         done.set()
 
-    state_of(srv).worker.run_command(Command(fn, 0, finished))
-    assert done.wait(30) and out["error"] is None, out
+    state_of(srv).core.call_soon(run)
+    assert done.wait(30) and "error" not in out, out
+
+
+def core_of(srv):
+    """The engine core of a server whose core runs on a thread of this process."""
+    return state_of(srv).core.core
 
 
 async def _concurrently(srv, prompts, sid):
@@ -180,7 +187,7 @@ def test_a_failed_save_is_a_503_and_changes_nothing(model, tmp_path, monkeypatch
 
 
 def test_a_read_only_state_dir_shows_at_startup(model, tmp_path, monkeypatch):
-    monkeypatch.setattr("rwkvstate.server.storage._write_probe", _read_only)
+    monkeypatch.setattr("rwkvstate.runtime.storage._write_probe", _read_only)
     with serve(model, slots=1, state_dir=tmp_path) as srv:
         health = httpx.get(f"{srv.url}/health").json()
         assert health["status"] == "degraded" and "Read-only file system" in health["storage"]["error"]
@@ -311,7 +318,7 @@ def test_every_error_is_openai_shaped_without_host_paths(model, tmp_path, monkey
         def boom(*args, **kwargs):
             raise RuntimeError(f"something broke in {tmp_path}")
 
-        monkeypatch.setattr(state_of(srv).store, "info", boom)
+        monkeypatch.setattr(core_of(srv).store, "info", boom)
         error = assert_error(api(srv, "GET", f"/v1/sessions/{sid}"), 500, "internal_error", hidden)
         assert "RuntimeError" in error["message"]
 

@@ -110,18 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(args):
     from ..model.rwkv7 import Model
+
+    path, device, dtype, tokenizer = _model_options(args)
+    model = Model.load(path, device=device, dtype=dtype, tokenizer=tokenizer)
+    _check_tokenizer_fits(model, args.tokenizer)
+    return model
+
+
+def model_spec(args):
+    """What an engine core process loads (`serve`): the model options checked, and a model given
+    by name fetched, here, so a bad value fails before any process starts."""
+    from ..runtime.core import ModelSpec
+
+    path, device, dtype, tokenizer = _model_options(args)
+    return ModelSpec(path=str(path), device=str(device), dtype=dtype_name(dtype), tokenizer=tokenizer)
+
+
+def _model_options(args):
+    """(path, device, dtype, tokenizer) from --model (a path or a name), --device, --dtype and
+    --tokenizer, with --state-dtype checked: bad values fail before the (slow) load."""
     from .models import resolve_model
 
-    parse_dtype(args.state_dtype)  # fail on a bad value before the (slow) load
+    parse_dtype(args.state_dtype)
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise RwkvStateError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N")
     dtype = parse_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     path, table_tokenizer = resolve_model(args.model, BUNDLED_MODEL)
-    model = Model.load(path, device=device, dtype=dtype, tokenizer=args.tokenizer or table_tokenizer)
-    _check_tokenizer_fits(model, args.tokenizer)
-    return model
+    return path, device, dtype, args.tokenizer or table_tokenizer
 
 
 def _check_tokenizer_fits(model, override: str | None) -> None:
@@ -372,7 +389,7 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import cmd_serve as run
 
-    return run(args, load_model)
+    return run(args, load_model, model_spec)
 
 
 def cmd_pull(args) -> int:

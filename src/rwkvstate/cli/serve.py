@@ -27,7 +27,7 @@ ENV_VARS = {
     "slots": "RWKVSTATE_SLOTS", "state_dir": "RWKVSTATE_STATE_DIR", "api_key": "RWKVSTATE_API_KEY",
     "served_model_name": "RWKVSTATE_SERVED_MODEL_NAME", "log_level": "RWKVSTATE_LOG_LEVEL",
 }  # fmt: skip
-_NOT_IN_FILE = {"help", "config", "command"}
+_NOT_IN_FILE = {"help", "config", "command", "in_process_core"}
 
 
 def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
@@ -71,6 +71,11 @@ def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=positive_int, default=1000,
                    help="open connections; more are closed at once (default: 1000)")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the API key if set)")
+    p.add_argument("--api-processes", type=positive_int, default=1,
+                   help="HTTP processes sharing the port, each connected to the engine core (default: 1)")
+    p.add_argument("--in-process-core", action="store_true",
+                   help="run the engine core on a thread of the single API process instead of a process of its "
+                        "own: one interpreter lock for HTTP and engine (small CPU runs)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p  # fmt: skip
 
@@ -144,7 +149,7 @@ def read_config(path: Path, actions: dict) -> dict:
 
 def _convert(action: argparse.Action, value, where: str):
     """A file or environment value checked and converted the way its flag would be."""
-    if action.nargs == 0:  # a switch: none of serve's flags is one today
+    if action.nargs == 0:  # a switch (--in-process-core): for the command line only
         raise RwkvStateError(f"{where}: {action.option_strings[0]} cannot be set here")
     if isinstance(action, argparse._AppendAction):
         items = value.split(",") if isinstance(value, str) else value
@@ -192,7 +197,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def cmd_serve(args, load_model) -> int:
+def cmd_serve(args, load_model, model_spec) -> int:
     try:
         from ..server import ServerConfig, serve
     except ImportError as e:
@@ -209,11 +214,15 @@ def cmd_serve(args, load_model) -> int:
         max_snapshots=args.max_snapshots or None, max_state_dir_bytes=int(args.max_state_dir_mb * (1 << 20)) or None,
         allow_other_weights=args.allow_other_weights, header_timeout_s=args.header_timeout,
         keep_alive_s=args.keep_alive, max_connections=args.max_connections, docs=args.docs,
+        api_processes=args.api_processes,
     )  # fmt: skip
+    if args.in_process_core and args.api_processes != 1:
+        raise RwkvStateError("--in-process-core runs one API process: leave out --api-processes")
     _log_to_stderr(args.log_level)
     sock = bind_socket(args.host, args.port)
-    try:
-        serve(load_model(args), config, log_level=args.log_level, sockets=[sock])
+    try:  # the engine core loads the model in a process of its own, unless --in-process-core
+        model = load_model(args) if args.in_process_core else model_spec(args)
+        serve(model, config, log_level=args.log_level, sockets=[sock])
     finally:
         sock.close()
     return 0

@@ -103,7 +103,9 @@ def _until(stream, stop):
     """The stream's pieces until it ends or stop() turns true (then the stream is closed)."""
     engine = stream.session.engine
     while True:
-        yield from stream.drain()
+        text = stream.read()
+        if text:
+            yield text
         if stream.done:
             return
         if stop():

@@ -1,8 +1,8 @@
 """The FastAPI application: OpenAI-compatible endpoints, sessions, health and metrics.
 
-Handlers run on the event loop and never touch the engine: generation requests become Jobs
-for the engine worker, session operations become commands run on its thread
-(ServerContext.call). docs/server.md describes the API.
+An API process is transport: handlers validate, authenticate, send generation requests and
+session operations to the engine core (ServerContext), turn the token ids that come back into
+text and write it out (JSON or server-sent events). docs/server.md describes the API.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import RwkvStateError
 from ..runtime.chat import ASSISTANT_STOP, ReplyText, render_messages
 from ..runtime.sampling import SamplingParams
 from ..tokenizer import check_token_ids
@@ -36,17 +35,19 @@ from .protocol import (
     RollbackRequest,
     SnapshotRequest,
 )
-from .context import ServerContext
+from .context import Done, Failed, Job, ServerContext, Text
 from .web import add_web_routes
-from .worker import Done, Failed, Job, Text
 
 DONE_EVENT = b"data: [DONE]\n\n"
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
-def create_app(model, config: ServerConfig | None = None) -> FastAPI:
-    """The server for a loaded model. The engine is built (on its worker thread) and persisted
-    sessions are loaded when the app starts (ASGI lifespan), and saved when it stops."""
+def create_app(model=None, config: ServerConfig | None = None) -> FastAPI:
+    """The server for a model: a loaded Model (its engine core runs on a thread of this
+    process), a ModelSpec (the core runs in a process of its own, restarted if it dies) or None
+    with `config.core_address` (a core that is already running). The core is started, and
+    persisted sessions are loaded, when the app starts (ASGI lifespan); they are saved when a
+    core this app started stops."""
     ctx = ServerContext(model, config or ServerConfig())
 
     @asynccontextmanager
@@ -61,7 +62,7 @@ def create_app(model, config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="rwkvstate", version=__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)  # fmt: skip
     app.state.context = ctx
-    add_error_handlers(app, ctx.store.roots)
+    add_error_handlers(app, ctx.roots)
     _add_info_routes(app, ctx)
     _add_generation_routes(app, ctx)
     _add_session_routes(app, ctx)
@@ -148,9 +149,9 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext) -> None:
     async def health():
         """ok (200); degraded (503) after a write to the state directory failed, until one
         succeeds; stopped (503) when the engine is not running."""
-        stats = ctx.worker.stats
-        storage = ctx.store.storage.health()
-        status = "stopped" if not ctx.worker.alive else "degraded" if storage["status"] == "degraded" else "ok"
+        stats = ctx.stats
+        storage = stats.get("storage", {"status": "none"})
+        status = "stopped" if not ctx.alive else "degraded" if storage["status"] == "degraded" else "ok"
         body = {"status": status, "model": ctx.model_name, "running": stats.get("running", 0),
                 "queued": stats.get("queued", 0), "storage": storage}  # fmt: skip
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
@@ -185,7 +186,8 @@ def _add_generation_routes(app: FastAPI, ctx: ServerContext) -> None:
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.single_prompt()
         _check_prompt(ctx, prompt, body.session)
-        job = Job(prompt=prompt, max_tokens=_max_tokens(ctx.config, body.max_tokens), sampling=_sampling(body))
+        job = Job(prompt=prompt, max_tokens=_max_tokens(ctx.config, body.max_tokens), sampling=_sampling(body),
+                  session=body.session)  # fmt: skip
         return await _respond(ctx, body, job, Reply(False, ctx.model_name, body.session), request)
 
     @app.post("/v1/chat/completions")
@@ -193,7 +195,8 @@ def _add_generation_routes(app: FastAPI, ctx: ServerContext) -> None:
         prefix, prompt = render_messages([(m.role, m.text()) for m in body.messages])
         max_tokens = _max_tokens(ctx.config, body.max_completion_tokens or body.max_tokens)
         sampling = _sampling(body, extra_stop=(ASSISTANT_STOP,))
-        job = Job(prompt=prompt, prefix=prefix, max_tokens=max_tokens, sampling=sampling, chat=True)
+        job = Job(prompt=prompt, prefix=prefix, max_tokens=max_tokens, sampling=sampling, chat=True,
+                  session=body.session)  # fmt: skip
         return await _respond(ctx, body, job, Reply(True, ctx.model_name, body.session), request)
 
 
@@ -202,7 +205,7 @@ def _check_prompt(ctx: ServerContext, prompt, session: str | None) -> None:
         raise APIError(400, "prompt is empty (a request without a session needs at least one token)", param="prompt")
     if isinstance(prompt, list):
         try:
-            check_token_ids(prompt, ctx.model.config.vocab_size)
+            check_token_ids(prompt, ctx.vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
 
@@ -241,7 +244,8 @@ async def _respond(ctx: ServerContext, body: GenerationRequest, job: Job, reply:
     if unsupported is not None:
         param, message = unsupported
         raise APIError(400, message, param=param, code="unsupported_parameter")
-    ctx.submit(job, body.session)
+    ctx.check_alive()
+    ctx.submit(job)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStreamResponse(_sse(ctx, job, reply, usage), headers={"cache-control": "no-cache"})
@@ -334,7 +338,7 @@ async def _sse(ctx: ServerContext, job: Job, reply: Reply, include_usage: bool):
         yield DONE_EVENT
     finally:
         if not job.ended:
-            ctx.worker.cancel(job)
+            ctx.cancel(job)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -364,92 +368,35 @@ class EventStreamResponse(StreamingResponse):
 
 # ---- sessions -------------------------------------------------------------------------------------
 def _add_session_routes(app: FastAPI, ctx: ServerContext) -> None:
-    store = ctx.store
-
-    def info(engine, record) -> dict:
-        return dict(store.info(engine, record), busy=record.busy, persistent=store.persistent)
+    """Session operations run on the engine core, between steps; the core holds the sessions,
+    their busy flags (409), their files and the limits on them."""
 
     @app.post("/v1/sessions")
     async def create_session(body: CreateSessionRequest | None = None):
-        name = body.state_file if body is not None else None
-        path = None if name is None else store.resolve(name, "state_file")
-
-        def create(engine):
-            record = store.create(engine, path, name)
-            return record, info(engine, record)
-
-        store.reserve(with_state=path is not None)
-        try:
-            record, out = await ctx.call(create, slots=0 if path is None else 1)
-        except BaseException:
-            store.unreserve()
-            raise
-        store.added(record)
-        return out
+        return await ctx.call("create", state_file=body.state_file if body is not None else None)
 
     @app.get("/v1/sessions")
     async def list_sessions():
-        records = list(store.records.values())
-        data = await ctx.call(lambda engine: [info(engine, r) for r in records])
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": await ctx.call("list")}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str):
-        record = store.get(session_id)
-        return await ctx.call(lambda engine: info(engine, record))
+        return await ctx.call("get", session=session_id)
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str):
-        record = store.acquire(session_id)
-        try:
-            await ctx.call(lambda engine: store.delete(record))
-        except BaseException:
-            store.release(record)
-            raise
-        store.records.pop(session_id, None)
-        return {"id": session_id, "object": "session.deleted", "deleted": True}
+        return await ctx.call("delete", session=session_id)
 
     @app.post("/v1/sessions/{session_id}/fork")
     async def fork_session(session_id: str):
-        def fork(engine, record):
-            child = store.fork(engine, record)
-            return child, info(engine, child)
-
-        store.get(session_id)  # 404 before 429
-        store.reserve(with_state=True)
-        try:
-            child, out = await ctx.with_session(session_id, fork, slots=2)
-        except BaseException:
-            store.unreserve()
-            raise
-        store.added(child)
-        return out
+        return await ctx.call("fork", session=session_id)
 
     @app.post("/v1/sessions/{session_id}/rollback")
     async def rollback_session(session_id: str, body: RollbackRequest):
         if (body.tokens is None) == (body.turns is None):
             raise APIError(400, 'give exactly one of "tokens" and "turns"', param="tokens", code="invalid_rollback")
-
-        def rollback(engine, record):
-            session = record.session
-            before = len(session.tokens)
-            with store.saved_or_undone(record):
-                try:
-                    if body.tokens is not None:
-                        session.rollback(body.tokens)
-                    else:
-                        session.undo(body.turns)
-                except (RwkvStateError, ValueError) as e:
-                    param = "tokens" if body.tokens is not None else "turns"
-                    raise APIError(400, str(e), param=param, code="rollback_not_possible") from None
-            return dict(info(engine, record), busy=False, removed=before - len(session.tokens))
-
-        return await ctx.with_session(session_id, rollback, slots=1)
+        return await ctx.call("rollback", session=session_id, tokens=body.tokens, turns=body.turns)
 
     @app.post("/v1/sessions/{session_id}/snapshot")
     async def snapshot_session(session_id: str, body: SnapshotRequest | None = None):
-        name = body.name if body is not None else None
-        if name is not None:
-            store.resolve(name, "name", must_exist=False)  # refuse a bad name before queueing
-        out = await ctx.with_session(session_id, lambda engine, record: store.snapshot(record, name), slots=1)
-        return dict(out, object="session.snapshot", session=session_id)
+        return await ctx.call("snapshot", session=session_id, name=body.name if body is not None else None)

@@ -1,29 +1,50 @@
 """Running the app: `serve` (blocking, for the CLI) and BackgroundServer (a thread, for tests
-and benchmarks)."""
+and benchmarks).
+
+`serve` with one API process: uvicorn serves one app, whose lifespan starts the engine core
+(a process of its own for a ModelSpec, a thread for a loaded Model) and watches it. With N API
+processes: this process starts and watches the core process, and uvicorn runs N worker
+processes on one listening socket, each building its app from the environment (`worker_app`)
+and connecting to the core.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import os
 import socket
 import threading
 import time
 
-import uvicorn
+from dataclasses import replace
 
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from ..state.layout import dtype_name
 from .app import create_app
 from .config import ServerConfig
-from .http import limited_h11
+from .http import LIMITS_ENV, WorkerH11Protocol, limited_h11
+from .context import core_config, new_address
 from .requestlog import log_startup
 
 log = logging.getLogger("rwkvstate.server")
 GRACEFUL_SHUTDOWN_S = 10
+CONFIG_ENV = "RWKVSTATE_SERVER_CONFIG"  # the ServerConfig of API worker processes, as JSON
+
 SPARE_FDS = 64  # file descriptors kept for state files, the model and logs
 
 
 def uvicorn_options(config: ServerConfig) -> dict:
-    """uvicorn settings from the config: header and keep-alive timeouts, the connection limit
-    (lowered to fit the process's file-descriptor limit)."""
+    """uvicorn settings from the config: header and keep-alive timeouts, the connection limit."""
+    return {"http": limited_h11(config.header_timeout_s, connection_limit(config)),
+            "timeout_keep_alive": config.keep_alive_s}  # fmt: skip
+
+
+def connection_limit(config: ServerConfig) -> int:
+    """max_connections, lowered to fit the process's file-descriptor limit."""
     limit = config.max_connections
     try:
         import resource
@@ -35,24 +56,60 @@ def uvicorn_options(config: ServerConfig) -> dict:
                         config.max_connections, limit, soft)  # fmt: skip
     except (ImportError, OSError, ValueError):
         pass
-    return {"http": limited_h11(config.header_timeout_s, limit), "timeout_keep_alive": config.keep_alive_s}
+    return limit
 
 
 def serve(model, config: ServerConfig, log_level: str = "info", sockets=None) -> None:
     """Serves until interrupted (Ctrl-C / SIGTERM); sessions are saved on the way out.
 
-    sockets: already bound listening sockets (the CLI binds before loading the model, so a
-    busy port fails fast); None binds config.host:config.port here."""
+    model: a ModelSpec (the engine core runs in a process of its own: the CLI's default) or a
+    loaded Model (the core runs on a thread of the one API process). sockets: already bound
+    listening sockets (the CLI binds before anything loads, so a busy port fails fast); None
+    binds config.host:config.port here."""
+    from ..runtime.core import CoreProcess, ModelSpec
+
     if config.api_key is None and not _is_loopback(config.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
     if config.state_dir is not None:
         config.state_dir.mkdir(parents=True, exist_ok=True)  # fail here, with a plain OSError, if it cannot be
-    app = create_app(model, config)
-    log_startup(model, config, config.served_names(model))
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                           **uvicorn_options(config)))  # fmt: skip
-    server.run(sockets=sockets)
+    if config.api_processes == 1:  # the app's lifespan starts the engine core
+        uvicorn.Server(uvicorn.Config(create_app(model, config), host=config.host, port=config.port,
+                                      log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                      **uvicorn_options(config))).run(sockets=sockets)  # fmt: skip
+        return
+    if not isinstance(model, ModelSpec):
+        raise ValueError("several API processes need the engine core in a process of its own (a ModelSpec)")
+    names = config.served_names(model)
+    config = replace(config, model_name=names[0], model_aliases=names[1:])
+    address = new_address()
+    core = CoreProcess(model, core_config(config, model), address)
+    core.start()
+    log_startup(core.summary, config, names)
+    try:
+        os.environ[CONFIG_ENV] = _config_json(config, address)
+        # the workers build their h11 protocol from the environment (see http.py)
+        os.environ[LIMITS_ENV] = json.dumps([config.header_timeout_s, connection_limit(config)])
+        workers = uvicorn.Config("rwkvstate.server.background:worker_app", factory=True, host=config.host,
+                                 port=config.port, workers=config.api_processes, log_level=log_level,
+                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                 **dict(uvicorn_options(config), http=WorkerH11Protocol))  # fmt: skip
+        Multiprocess(workers, sockets=sockets or [workers.bind_socket()]).run()
+    finally:
+        core.stop()
+
+
+def worker_app():
+    """The app of one API worker process (uvicorn's factory): the config comes from the
+    environment, the engine core is already running."""
+    fields = json.loads(os.environ[CONFIG_ENV])
+    return create_app(None, ServerConfig(**fields))
+
+
+def _config_json(config: ServerConfig, address: str) -> str:
+    fields = dict(vars(config), state_dtype=dtype_name(config.state_dtype), core_address=address, api_processes=1)
+    fields["state_dir"] = None if config.state_dir is None else str(config.state_dir)
+    fields["model_aliases"] = list(config.model_aliases)
+    return json.dumps(fields)
 
 
 def _is_loopback(host: str) -> bool:

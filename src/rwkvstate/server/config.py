@@ -37,10 +37,13 @@ class ServerConfig:
     max_connections: int = 1000  # open connections; more are closed at once
     docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
     engine_options: dict = field(default_factory=dict)  # further Engine(...) keyword arguments
+    api_processes: int = 1  # HTTP processes sharing the port, each connected to the one engine core
+    core_address: str | None = None  # an engine core that is already running (ipc://... or tcp://...)
 
     def __post_init__(self):
         self.state_dtype = parse_dtype(self.state_dtype)
-        positive = ("slots", "max_tokens_cap", "default_max_tokens", "max_request_bytes", "max_connections")
+        positive = ("slots", "max_tokens_cap", "default_max_tokens", "max_request_bytes", "max_connections",
+                    "api_processes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")

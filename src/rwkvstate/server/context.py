@@ -1,139 +1,189 @@
-"""ServerContext: what the HTTP handlers share (config, engine worker, sessions, counters).
+"""ServerContext: what the HTTP handlers of one API process share (config, core client, counters).
 
-Lives on the event loop. Generation requests become Jobs for the worker; their events come
-back into a per-request asyncio.Queue. Admission control is here: at most
-`slots + max_queue` generation requests in flight, the rest answered 429 at once.
+Lives on the event loop and runs no model code. The engine core runs elsewhere: in a process
+of its own (a ModelSpec: the default for `rwkvstate serve`), on a thread of this process (a
+loaded Model: tests and the CPU), or already running (`ServerConfig.core_address`: API worker
+processes of `serve --api-processes N`). Generation requests go to the core; their token ids
+come back one step at a time and are turned into text here (runtime/text.py), stop strings
+included. Admission control is here too: at most `slots + max_queue` generation requests in
+flight per API process, the rest answered 429 at once (the core enforces the same limit over
+all API processes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from ..runtime import messages as m
+from ..runtime.core import CoreConfig, CoreProcess, CoreThread, ModelSpec
+from ..runtime.sampling import SamplingParams
+from ..runtime.text import StopText
+from ..state.layout import dtype_name
+from ..tokenizer import Tokenizer, get_tokenizer
+from .client import CoreClient, from_wire
 from .config import ServerConfig
-from .errors import api_error
 from .metrics import Metrics
 from .protocol import APIError
-from .requestlog import RequestTimer
-from .sessions import SessionRecord, SessionStore
-from .worker import Command, Done, EngineWorker, Failed, Job
+from .requestlog import RequestTimer, log_startup
+
+
+# ---- events of one request, as the handlers see them ----------------------------------------
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Done:
+    finish_reason: str  # stop, length, timeout, cancelled, error
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    error: APIError
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request. The handler fills the request fields; ServerContext the rest."""
+
+    prompt: str | list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    prefix: str = ""  # a system prompt, fed as its own prompt when the prefix cache can share it
+    chat: bool = False  # a chat turn: starts after a blank line if earlier text did not end in one
+    session: str | None = None  # a named session to continue
+    rid: int = 0
+    stop_sent: bool = False
+    ended: bool = False
+    # set by ServerContext.submit
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # the core's updates for this request
+    text: StopText = field(init=False)  # ids -> text, stop strings
+    timer: RequestTimer = field(init=False)  # the request's log line
 
 
 class ServerContext:
     def __init__(self, model, config: ServerConfig):
-        self.model, self.config = model, config
-        self.model_names = config.served_names(model)  # the first is the one /health reports
-        self.model_name = self.model_names[0]
+        self.config = config
         self.started = int(time.time())
-        file_bytes = model.state_layout.slot_nbytes(config.state_dtype) + 4 * model.config.vocab_size
-        self.store = SessionStore(config.state_dir, config.max_sessions, config.max_state_dir_bytes,
-                                  config.max_snapshots, config.allow_other_weights, file_bytes)  # fmt: skip
+        # engine figures and the server's own (sessions, storage) both come from the core's stats
+        self.metrics = Metrics(lambda: self.stats, lambda: self.stats)
+        self.roots = () if config.state_dir is None else (config.state_dir,)  # never shown in errors
         self.inflight = 0  # generation requests accepted and not yet ended
-        self.metrics = Metrics(lambda: self.worker.stats, self.figures)
-        self.worker = EngineWorker(self._make_engine, config.slots, on_start=self.store.load_all,
-                                   on_stop=lambda engine: self.store.save_all(),
-                                   on_job_end=lambda job: self.store.persist(job.record),
-                                   on_job_undo=lambda job: self.store.revert(job.record, job.start_tokens),
-                                   error_of=self.error_of)  # fmt: skip
-
-    def error_of(self, e: BaseException) -> APIError:
-        """The HTTP error for an exception, without host paths."""
-        return api_error(e, self.store.roots)
-
-    def figures(self) -> dict:
-        """The server's own figures for /metrics."""
-        storage = self.store.storage
-        out = {"persistent_sessions": len(self.store.records)}
-        if self.store.persistent:
-            out.update(storage_ok=int(storage.ok), save_failures=storage.failures,
-                       skipped_files=storage.skipped_files, state_dir_bytes=storage.bytes_used)  # fmt: skip
-        return out
-
-    def _make_engine(self):
-        from ..runtime.engine import Engine
-
-        c = self.config
-        return Engine(self.model, slots=c.slots, state_dtype=c.state_dtype, prefix_cache_bytes=c.prefix_cache_bytes,
-                      **c.engine_options)  # fmt: skip
+        self.address = config.core_address or new_address()
+        self.core: CoreThread | CoreProcess | None = None
+        if config.core_address is None:
+            settings = core_config(config, model)
+            if isinstance(model, ModelSpec):
+                self.core = CoreProcess(model, settings, self.address)
+            else:
+                self.core = CoreThread(model, settings, self.address)
+        self._model = model if not isinstance(model, ModelSpec) else None
+        self.client = CoreClient(self.address)
+        # the ids clients may use, the first the one /health reports (API workers get them resolved)
+        self.model_names = config.served_names(model)
+        self.model_name = self.model_names[0]
+        self.vocab_size = 0
+        self.tokenizer: Tokenizer | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.worker.start, loop)
+        if self.core is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.core.start)
+            log_startup(self.core.summary, self.config, self.model_names)
+        await self.client.start()
+        welcome = self.client.welcome
+        assert welcome is not None  # start() returns once the core answered
+        self.vocab_size = welcome.vocab_size
+        self.tokenizer = self._model.tokenizer if self._model is not None else get_tokenizer(welcome.tokenizer)
 
     async def stop(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+        await self.client.stop()
+        if self.core is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.core.stop)
 
-    # ---- commands ----------------------------------------------------------------------------
-    async def call(self, fn, slots: int = 0):
-        """Runs fn(engine) on the worker thread; returns its result or raises its error."""
-        self._check_alive()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+    @property
+    def stats(self) -> dict:
+        """The core's latest stats (refreshed by the heartbeat, every 0.1 s)."""
+        return self.client.stats
 
-        def done(result, error):  # worker thread: engine errors become HTTP errors here
-            loop.call_soon_threadsafe(_settle, future, result, None if error is None else self.error_of(error))
+    @property
+    def alive(self) -> bool:
+        return self.client.alive
 
-        self.worker.run_command(Command(fn, min(slots, self.config.slots), done))
-        return await future
-
-    async def with_session(self, session_id: str, fn, slots: int = 0):
-        """Runs fn(engine, record) on the worker while holding the session (409 if busy)."""
-        record = self.store.acquire(session_id)
-        try:
-            return await self.call(lambda engine: fn(engine, record), slots)
-        finally:
-            self.store.release(record)
+    async def call(self, op: str, **args):
+        """A session operation on the core; its errors come back as APIErrors."""
+        return await self.client.call(op, **args)
 
     # ---- generation --------------------------------------------------------------------------
-    def submit(self, job: Job, session_id: str | None) -> Job:
-        """Queues a job (429 when the queue is full), holding its session if it names one."""
-        self._check_alive()
+    def submit(self, job: Job) -> Job:
+        """Sends a job to the core (429 when this process has too many in flight)."""
         c = self.config
         limit = c.slots + c.max_queue
         if self.inflight >= limit:
             raise APIError(429, f"the server is at capacity ({self.inflight} requests running or waiting, "
                                 f"limit {limit}); retry later", code="queue_full")  # fmt: skip
-        if session_id is not None:
-            job.record = self.store.acquire(session_id, param="session")
-        job.events = asyncio.Queue()
-        timer = RequestTimer("chat" if job.chat else "completion", session_id)
-
-        def on_event(event) -> None:
-            timer.on_event(event)
-            self._on_event(job, event)
-
-        job.on_event = on_event
-        if c.request_timeout_s is not None:
-            job.deadline = time.monotonic() + c.request_timeout_s
+        request = m.Generate(0, job.prompt, job.max_tokens, _sampling_fields(job.sampling), job.prefix, job.chat,
+                             job.session, c.request_timeout_s)  # fmt: skip
+        job.events = self.client.generate(request)
+        job.rid = request.rid
+        assert self.tokenizer is not None, "start() set the tokenizer"
+        job.text = StopText(self.tokenizer, job.sampling.stop)
+        job.timer = RequestTimer("chat" if job.chat else "completion", job.session)
         self.inflight += 1
-        self.worker.submit(job)
         return job
 
-    def _on_event(self, job: Job, event) -> None:
-        if isinstance(event, (Done, Failed)):
-            self.inflight -= 1
-            job.ended = True
-            if job.record is not None:
-                self.store.release(job.record)
-        job.events.put_nowait(event)
-
     async def events(self, job: Job, request=None) -> AsyncIterator[object]:
-        """The job's events up to Done or Failed. Leaving early (a disconnected client, a
-        cancelled task) cancels the job; with `request`, a client that goes away while we
+        """The job's Text events up to its Done or Failed. Leaving early (a disconnected client,
+        a cancelled task) cancels the job; with `request`, a client that goes away while we
         wait cancels it too."""
         watcher = asyncio.ensure_future(self._watch(request, job)) if request is not None else None
         try:
             while True:
-                event = await job.events.get()
-                yield event
-                if isinstance(event, (Done, Failed)):
+                for event in self._translate(job, await job.events.get()):
+                    job.timer.on_event(event)
+                    yield event
+                if job.ended:
                     return
         finally:
             if watcher is not None:
                 watcher.cancel()
             if not job.ended:
-                self.worker.cancel(job)
+                self.cancel(job)
+                self._ended(job)
+
+    def _translate(self, job: Job, update: m.Update) -> list[object]:
+        """An update of the core as events: ids become text; a stop string found here is sent
+        back to the core, which ends the stream there."""
+        if update.error is not None:
+            self._ended(job)
+            return [Failed(from_wire(update.error))]
+        text = job.text.push_many(update.ids) if update.ids else ""
+        if job.text.stopped_at is not None and not job.stop_sent:
+            job.stop_sent = True
+            self.client.stop_at(job.rid, job.text.stopped_at)
+        if update.finish is None:
+            return [Text(text)] if text else []
+        text += job.text.flush()
+        self._ended(job)
+        done = Done(update.finish, update.prompt_tokens, update.completion_tokens)
+        return [Text(text), done] if text else [done]
+
+    def _ended(self, job: Job) -> None:
+        if not job.ended:
+            job.ended = True
+            self.inflight -= 1
+            self.client.forget(job.rid)
+
+    def cancel(self, job: Job) -> None:
+        if not job.ended:
+            self.client.cancel(job.rid)
 
     async def _watch(self, request, job: Job) -> None:
         """Cancels the job when the client disconnects (the body has been read already, so the
@@ -141,21 +191,37 @@ class ServerContext:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                self.worker.cancel(job)
+                self.cancel(job)
                 return
 
-    def _check_alive(self) -> None:
-        if not self.worker.alive:
+    def check_alive(self) -> None:
+        if not self.client.alive:
             raise APIError(503, "the engine is not running", code="engine_stopped")
 
 
-def _settle(future: asyncio.Future, result, error) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def core_config(config: ServerConfig, model) -> CoreConfig:
+    """The engine core's settings for this server config."""
+    return CoreConfig(model_name=config.served_names(model)[0], slots=config.slots, state_dtype=dtype_name(config.state_dtype),
+                      prefix_cache_bytes=config.prefix_cache_bytes,
+                      state_dir=None if config.state_dir is None else str(config.state_dir),
+                      max_jobs=config.slots + config.max_queue, engine_options=dict(config.engine_options),
+                      max_sessions=config.max_sessions, max_snapshots=config.max_snapshots,
+                      max_state_dir_bytes=config.max_state_dir_bytes,
+                      allow_other_weights=config.allow_other_weights)  # fmt: skip
 
 
-__all__ = ["ServerContext", "SessionRecord"]
+def _sampling_fields(p: SamplingParams) -> dict:
+    return {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+            "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty, "seed": p.seed, "stop": list(p.stop),
+            "stop_token_ids": None if p.stop_token_ids is None else list(p.stop_token_ids),
+            "logit_bias": p.logit_bias}  # fmt: skip
+
+
+def new_address() -> str:
+    """A fresh socket path of this user's (ipc: a local socket, never on the network)."""
+    directory = tempfile.mkdtemp(prefix="rwkvstate-")
+    return f"ipc://{os.path.join(directory, 'core.sock')}"
+
+
+__all__ = ["ServerContext", "Job", "Text", "Done", "Failed"]

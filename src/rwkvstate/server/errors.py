@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import RwkvStateError, SlotError, StorageError
+from ..errors import describe
 from .protocol import APIError
 
 log = logging.getLogger("rwkvstate.server")
@@ -26,39 +26,12 @@ MAX_ECHOED_PATH = 200  # characters of a request path quoted back in a 404 or 40
 
 
 def api_error(e: BaseException, roots: tuple[Path, ...] = ()) -> APIError:
-    """The HTTP error for an exception raised by the engine, a session or the state directory;
-    `roots`: directories whose paths are cut out of the message."""
+    """The HTTP error for an exception raised here or reported by the engine core; `roots`:
+    directories whose paths are cut out of the message."""
     if isinstance(e, APIError):
         return e
-    if isinstance(e, SlotError):
-        return APIError(503, f"no pool slot is free: {scrub(str(e), roots)}", code="no_free_slot")
-    if isinstance(e, StorageError):
-        return storage_error(e, roots)
-    if isinstance(e, RecursionError):
-        return APIError(400, "the request is nested too deeply to process", code="invalid_value")
-    if isinstance(e, (RwkvStateError, ValueError)):
-        return APIError(400, scrub(str(e), roots))
-    if isinstance(e, OSError):
-        log.error("file system error", exc_info=e)
-        return APIError(503, f"the server's storage failed: {e.strerror or type(e).__name__}",
-                        code="storage_unavailable")  # fmt: skip
-    log.error("internal error", exc_info=e)
-    return APIError(500, f"internal error ({type(e).__name__}); the server log has the details", code="internal_error")
-
-
-def storage_error(e: BaseException, roots: tuple[Path, ...] = ()) -> APIError:
-    return APIError(503, f"the session could not be saved, so the request was not applied: {scrub(str(e), roots)}",
-                    code="storage_unavailable")  # fmt: skip
-
-
-def scrub(message: str, roots: tuple[Path, ...]) -> str:
-    """The message with every root directory's path (as given and resolved) cut out, so a file
-    inside it reads as its relative name."""
-    for root in roots:
-        for form in {str(root.resolve()), str(root)}:
-            if form not in (".", "/"):
-                message = message.replace(form + "/", "").replace(form, "<state-dir>")
-    return message
+    status, message, code, param = describe(e, roots)
+    return APIError(status, message, code=code, param=param)
 
 
 def error_response(error: APIError) -> JSONResponse:

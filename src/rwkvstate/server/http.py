@@ -12,7 +12,9 @@ is capped in size (the app), generation by the request timeout.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -66,3 +68,11 @@ def limited_h11(header_timeout_s: float, max_connections: int) -> type[H11Protoc
             self.transport.close()
 
     return LimitedH11Protocol
+
+
+# The API worker processes of `serve --api-processes N` get their uvicorn config from the parent,
+# pickled, so their protocol class must be importable by name: its limits come from the
+# environment the parent set (LIMITS_ENV: [header_timeout_s, max_connections]).
+LIMITS_ENV = "RWKVSTATE_HTTP_LIMITS"
+WorkerH11Protocol = limited_h11(*json.loads(os.environ.get(LIMITS_ENV, "[10.0, 1000]")))
+WorkerH11Protocol.__qualname__ = WorkerH11Protocol.__name__ = "WorkerH11Protocol"

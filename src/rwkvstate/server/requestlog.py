@@ -25,7 +25,7 @@ class RequestTimer:
 
     def on_event(self, event) -> None:
         """Feeds every event of the job; logs the line at Done or Failed."""
-        from .worker import Done, Failed, Text
+        from .context import Done, Failed, Text
 
         now = time.monotonic()
         if isinstance(event, Text) and self.first_token is None:
@@ -53,13 +53,14 @@ class RequestTimer:
         return " ".join(parts)
 
 
-def log_startup(model, config, names) -> None:
-    """What is being served, on what, with how much: the first lines an operator reads."""
+def log_startup(summary: dict, config, names) -> None:
+    """What is being served, on what, with how much: the first lines an operator reads.
+    summary: the engine core's model_summary() (the model may live in another process)."""
     from ..state.layout import dtype_name
 
-    c = model.config
-    log.info("model %s: RWKV-7, %d layers, n_embd %d, vocab %d (%s tokenizer); served as %s",
-             model.path, c.n_layer, c.n_embd, c.vocab_size, c.tokenizer, ", ".join(names))  # fmt: skip
+    log.info("model %s: RWKV-7, %d layers, n_embd %d, vocab %d (%s tokenizer); served as %s", summary["path"],
+             summary["n_layer"], summary["n_embd"], summary["vocab_size"], summary["tokenizer"],
+             ", ".join(names))  # fmt: skip
     log.info("device %s, %d slots, compute dtype %s, state dtype %s, prefix cache %d MiB, state dir %s",
-             model.device, config.slots, dtype_name(model.dtype), dtype_name(config.state_dtype),
+             summary["device"], config.slots, summary["dtype"], dtype_name(config.state_dtype),
              config.prefix_cache_bytes >> 20, config.state_dir or "none")  # fmt: skip

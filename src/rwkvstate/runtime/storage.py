@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from ..errors import StorageError
-from .errors import scrub
-from .protocol import APIError
+from ..errors import RequestError, StorageError, scrub
 
-log = logging.getLogger("rwkvstate.server")
+log = logging.getLogger("rwkvstate.core")
 T = TypeVar("T")
 SESSIONS_DIR = "sessions"
 
@@ -91,11 +89,11 @@ class Storage:
             return
         self.scan()  # files may have been removed by hand since the last scan
         if self.max_bytes is not None and self.bytes_used + estimate > self.max_bytes:
-            raise APIError(429, f"the state directory holds {self.bytes_used:,} bytes; a new file of about "
+            raise RequestError(429, f"the state directory holds {self.bytes_used:,} bytes; a new file of about "
                                 f"{estimate:,} would pass this server's limit of {self.max_bytes:,} bytes: delete "
                                 "sessions or snapshots first", code="state_dir_full")  # fmt: skip
         if snapshot and self.max_snapshots is not None and self.snapshots >= self.max_snapshots:
-            raise APIError(429, f"the state directory holds {self.snapshots} snapshot files, this server's limit "
+            raise RequestError(429, f"the state directory holds {self.snapshots} snapshot files, this server's limit "
                                 f"is {self.max_snapshots}: remove some first", param="name",
                            code="snapshot_limit")  # fmt: skip
 

@@ -1,8 +1,8 @@
-"""Persistent sessions: the registry, the state directory and its path rules.
+"""Named sessions of the engine core: the registry, the state directory and its path rules.
 
-A SessionRecord names an engine Session for HTTP clients. Its `session` is touched only on
-the worker thread; its `busy` flag only on the event loop (a request or operation holds it).
-With a state directory, sessions are written through the state-file format
+A SessionRecord names an engine Session for API clients (`sess_<hex>`). The engine core owns
+the registry and touches it only on its own thread, so `busy` (a request or operation holds
+the session) is decided in one place for every API process. With a state directory, sessions are written through the state-file format
 (`sessions/<id>.state`, atomic writes) after every request and operation that changes them,
 before it is answered, and on shutdown; they are loaded back at startup, where a bad file of
 any kind is logged, counted and skipped, and temporary files of interrupted writes are removed.
@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from ..errors import RwkvStateError, StateError, StorageError
-from .protocol import APIError
+from ..errors import RequestError, RwkvStateError, StateError, StorageError
 from .storage import SESSIONS_DIR, Storage
 
 if TYPE_CHECKING:
-    from ..runtime.session import Session
+    from .session import Session
 
-log = logging.getLogger("rwkvstate.server")
+log = logging.getLogger("rwkvstate.core")
 
 SESSION_ID = re.compile(r"sess_[0-9a-f]{16}")
 SNAPSHOTS_DIR = "snapshots"
@@ -46,8 +45,8 @@ EMPTY_FILE_BYTES = 4096  # about what the file of an empty session takes (no sta
 class SessionRecord:
     id: str
     created: int  # unix time
-    session: Session  # the engine Session (worker thread only)
-    busy: bool = False  # held by a request or operation (event loop only)
+    session: Session  # the engine Session
+    busy: bool = False  # held by a request or operation
 
 
 class SessionStore:
@@ -59,7 +58,6 @@ class SessionStore:
         self.storage = Storage(self.state_dir, max_state_dir_bytes, max_snapshots)
         self.allow_other_weights = allow_other_weights
         self.file_bytes = file_bytes  # about what one saved session with a state takes on disk
-        self.creating = 0  # session creations queued on the worker (event loop side)
 
     @property
     def persistent(self) -> bool:
@@ -76,18 +74,18 @@ class SessionStore:
         """Directories whose paths never appear in an error message."""
         return () if self.state_dir is None else (self.state_dir,)
 
-    # ---- event loop ----------------------------------------------------------------------------
+    # ---- holding a session ----------------------------------------------------------------------------
     def get(self, session_id: str, param: str | None = None) -> SessionRecord:
         record = self.records.get(session_id)
         if record is None:
-            raise APIError(404, f"no session {session_id!r}", param=param, code="session_not_found")
+            raise RequestError(404, f"no session {session_id!r}", param=param, code="session_not_found")
         return record
 
     def acquire(self, session_id: str, param: str | None = None) -> SessionRecord:
         """The record, marked busy; 409 if a request or operation is using it."""
         record = self.get(session_id, param)
         if record.busy:
-            raise APIError(409, f"session {session_id!r} is busy with another request; retry when it is done",
+            raise RequestError(409, f"session {session_id!r} is busy with another request; retry when it is done",
                            param=param, code="session_busy")  # fmt: skip
         record.busy = True
         return record
@@ -96,24 +94,16 @@ class SessionStore:
     def release(record: SessionRecord) -> None:
         record.busy = False
 
-    def reserve(self, with_state: bool) -> None:
-        """Holds room for a session about to be created (429 past a limit); `added` or
-        `unreserve` gives it back."""
-        if self.max_sessions is not None and len(self.records) + self.creating >= self.max_sessions:
-            raise APIError(429, f"this server holds {len(self.records)} sessions, its limit is {self.max_sessions}: "
-                                "delete sessions first", code="session_limit")  # fmt: skip
+    def check_room(self, with_state: bool) -> None:
+        """429 if a new session would pass a limit: the number of sessions, or the state
+        directory's bytes (a session with a state takes about `file_bytes`)."""
+        if self.max_sessions is not None and len(self.records) >= self.max_sessions:
+            raise RequestError(429, f"this server holds {len(self.records)} sessions, its limit is "
+                                    f"{self.max_sessions}: delete sessions first", code="session_limit")  # fmt: skip
         if self.persistent:
             self.storage.check_room(self.file_bytes if with_state else EMPTY_FILE_BYTES)
-        self.creating += 1
 
-    def added(self, record: SessionRecord) -> None:
-        self.records[record.id] = record
-        self.creating -= 1
-
-    def unreserve(self) -> None:
-        self.creating -= 1
-
-    # ---- worker thread -------------------------------------------------------------------------
+    # ---- operations -------------------------------------------------------------------------
     def create(self, engine, state_file: Path | None = None, name: str | None = None) -> SessionRecord:
         """A new session, started from a state file or a state-tuning file when given."""
         session = engine.session()
@@ -154,7 +144,7 @@ class SessionStore:
     def persist(self, record: SessionRecord) -> None:
         """Saves the session (durably: fsync, rename); StorageError if it cannot be written."""
         if self.persistent:
-            from ..runtime.persist import save_session
+            from .persist import save_session
 
             path = self._file(record.id)
             extra = {"server_session": {"id": record.id, "created": record.created}}
@@ -190,22 +180,22 @@ class SessionStore:
         except Exception as e:
             log.warning("session %s: rollback after a failed request failed (%s); reloading its file", record.id, e)
         if self.persistent and self._file(record.id).is_file():
-            from ..runtime.persist import load_session
+            from .persist import load_session
 
             load_session(session, self._file(record.id), allow_other_weights=True)  # its own file
 
     def snapshot(self, record: SessionRecord, name: str | None) -> dict:
         """Saves the session to a state file in the state directory; returns its name and size."""
-        from ..runtime.persist import save_session
+        from .persist import save_session
 
         if name is None:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             name = f"{SNAPSHOTS_DIR}/{record.id}-{stamp}-{secrets.token_hex(2)}.state"
         path = self.resolve(name, "name", must_exist=False)
         if SESSIONS_DIR in path.relative_to(self._dir.resolve()).parts[:1]:
-            raise APIError(400, f"{SESSIONS_DIR}/ belongs to the server's own session files", param="name")
+            raise RequestError(400, f"{SESSIONS_DIR}/ belongs to the server's own session files", param="name")
         if path.exists():
-            raise APIError(409, f"a file named {name!r} already exists in the state directory", param="name",
+            raise RequestError(409, f"a file named {name!r} already exists in the state directory", param="name",
                            code="file_exists")  # fmt: skip
         self.storage.check_room(self.file_bytes, snapshot=True)
         self.storage.write(path, lambda: _save(save_session, record.session, path))
@@ -232,7 +222,7 @@ class SessionStore:
         return len(self.records)
 
     def _load_saved(self, engine, path: Path) -> SessionRecord | None:
-        from ..runtime.persist import load_session
+        from .persist import load_session
 
         session = engine.session()
         try:
@@ -266,9 +256,9 @@ class SessionStore:
         return self._dir / SESSIONS_DIR / f"{session_id}.state"
 
     def resolve(self, name: str, param: str, must_exist: bool = True) -> Path:
-        """The path of `name` inside the state directory; APIError if it is not allowed."""
+        """The path of `name` inside the state directory; RequestError if it is not allowed."""
         if self.state_dir is None:
-            raise APIError(400, "this server has no state directory (start it with --state-dir)", param=param)
+            raise RequestError(400, "this server has no state directory (start it with --state-dir)", param=param)
         pure = _check_name(name, param)
         root = self.state_dir.resolve()
         try:
@@ -276,29 +266,29 @@ class SessionStore:
             inside = path != root and root in path.parents
             exists = inside and path.is_file()
         except (OSError, RuntimeError, RecursionError):  # too long for this file system, a symlink loop
-            raise APIError(400, f"{param} {_short(name)} cannot be resolved in the state directory", param=param) from None
+            raise RequestError(400, f"{param} {_short(name)} cannot be resolved in the state directory", param=param) from None
         if not inside:
-            raise APIError(400, f"{param} {_short(name)} leads outside the state directory", param=param)
+            raise RequestError(400, f"{param} {_short(name)} leads outside the state directory", param=param)
         if must_exist and not exists:
-            raise APIError(404, f"no state file {_short(name)} in the state directory", param=param,
+            raise RequestError(404, f"no state file {_short(name)} in the state directory", param=param,
                            code="state_file_not_found")  # fmt: skip
         return path
 
 
 def _check_name(name: str, param: str) -> PurePosixPath:
-    """The name as a relative path; APIError if it is not one this server accepts."""
+    """The name as a relative path; RequestError if it is not one this server accepts."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise APIError(400, f"{param} is not valid UTF-8 text", param=param) from None
+        raise RequestError(400, f"{param} is not valid UTF-8 text", param=param) from None
     if len(name) > MAX_NAME_CHARS:
-        raise APIError(400, f"{param} is {len(name)} characters long, more than {MAX_NAME_CHARS}", param=param)
+        raise RequestError(400, f"{param} is {len(name)} characters long, more than {MAX_NAME_CHARS}", param=param)
     pure = PurePosixPath(name)
     if (not name or "\x00" in name or "\\" in name or pure.is_absolute() or ".." in pure.parts
             or re.match(r"[A-Za-z]:", name)):  # fmt: skip
-        raise APIError(400, f"{param} must be a relative path inside the state directory, without '..'", param=param)
+        raise RequestError(400, f"{param} must be a relative path inside the state directory, without '..'", param=param)
     if len(pure.parts) > MAX_NAME_PARTS or any(len(part.encode()) > 255 for part in pure.parts):
-        raise APIError(400, f"{param} must have at most {MAX_NAME_PARTS} path components of at most 255 bytes each",
+        raise RequestError(400, f"{param} must have at most {MAX_NAME_PARTS} path components of at most 255 bytes each",
                        param=param)  # fmt: skip
     return pure
 
@@ -338,7 +328,7 @@ def _load_file(session, path: Path, name: str, allow_other_weights: bool = False
     """Loads an rwkvstate state file or a state-tuning file (told apart by the safetensors
     metadata) into a fresh session. Error messages name the file as the client did."""
     from ..state.convert import load_state_tuning_file
-    from ..runtime.persist import load_session
+    from .persist import load_session
     from ..state.files import FORMAT_NAME, max_file_bytes
 
     engine = session.engine
@@ -354,7 +344,7 @@ def _load_file(session, path: Path, name: str, allow_other_weights: bool = False
     except (StorageError, OSError) as e:
         raise StorageError(str(e).replace(str(path), name)) from None
     except (RwkvStateError, ValueError) as e:
-        raise APIError(400, str(e).replace(str(path), name), param="state_file", code="invalid_state_file") from None
+        raise RequestError(400, str(e).replace(str(path), name), param="state_file", code="invalid_state_file") from None
 
 
 def _format(path: Path) -> str | None:
