@@ -1,17 +1,22 @@
-"""HTTP serving: throughput, time to first token and latency of concurrent streaming requests.
+"""Serving, layer by layer: bare decode, the engine, the HTTP server, at 1, 64 and 256 streams.
 
-    python benchmarks/bench_server.py --shape 1.5B --out docs/benchmarks/server        # on a GPU
-    python benchmarks/bench_server.py --levels 1,4 --requests 8 --max-tokens 16 --out /tmp/server   # CPU smoke run
+    python benchmarks/bench_server.py --shape 1.5B --state-dtype fp16 --out docs/benchmarks/serving-h200   # a GPU
+    python benchmarks/bench_server.py --levels 1,2 --max-tokens 4 --core thread --out /tmp/serving         # CPU smoke
 
-Starts `rwkvstate.server` in this process (uvicorn on a thread, 127.0.0.1, free port) on the GPU
-if there is one, else on the CPU (the report says which), and fires streaming
-/v1/completions requests at each concurrency level: `--requests` requests per level, at most
-`level` in flight at once. Per request it records the time to the first text chunk and to
-the last one; per level, completion tokens per second over the level's wall time and the
-p50/p90/p99 of both latencies. The load generator runs in a process of its own (`--client
-inprocess` puts it beside the server, sharing its interpreter lock). With `--shape`, random weights of a
-released model shape (world vocabulary) replace the bundled model; generations never stop
-early (`stop_token_ids: []`), so every request produces exactly --max-tokens tokens.
+For each level (streams at once), in one run and on one device:
+
+- bare decode: `DecodeGraphs.decode` steps of that batch (captured graphs on a GPU): the ceiling;
+- engine: `level` streams through `Engine` with top-p sampling (temperature 1, top_p 0.9,
+  seeded), in `--waves` waves; tokens/s while every stream decodes (against bare decode), and
+  from the first prompt to the last token (the server's workload, against the server);
+- server: the same requests as streaming /v1/completions against `rwkvstate serve` (engine
+  core in a process of its own, `--api-processes` HTTP processes), fired by `--client-processes`
+  load-generator processes; tokens/s from the first request to the last [DONE], time to the
+  first text chunk (TTFT) and the gaps between text chunks (inter-token latency), p50 and p99.
+
+Generations never stop early (`stop_token_ids: []`), so every request produces --max-tokens
+tokens. With `--shape`, random weights of a released shape (world vocabulary) replace the
+bundled model. Writes OUT.json, OUT.md and OUT.png (a chart, with matplotlib).
 """
 
 from __future__ import annotations
@@ -19,35 +24,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import math
+import multiprocessing
 import platform
+import socket
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import SHAPES, config_for  # noqa: E402
-from common import write_results  # noqa: E402
+from bench_decode import config_for  # noqa: E402
+from common import measure, write_results  # noqa: E402
 
-from rwkvstate import Model  # noqa: E402
+from rwkvstate import Engine, Model, SamplingParams  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
+from rwkvstate.runtime.core import ModelSpec  # noqa: E402
+from rwkvstate.runtime.graphs import DecodeGraphs  # noqa: E402
 from rwkvstate.state.layout import dtype_name, parse_dtype  # noqa: E402
-from rwkvstate.model.synthetic import random_checkpoint  # noqa: E402
-from rwkvstate.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
 PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
+TOP_P = dict(temperature=1.0, top_p=0.9)
 
 
-def load(args) -> Model:
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    dtype = parse_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+def model_spec(args) -> ModelSpec:
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
     if args.shape:
-        cfg = config_for(args.shape)
-        return Model.from_tensors(random_checkpoint(cfg, seed=0, dtype=dtype), cfg, device, dtype)
-    return Model.load(args.model or BUNDLED_MODEL, device=device, dtype=dtype)
+        return ModelSpec(device=device, dtype=dtype, synthetic={"config": asdict(config_for(args.shape)), "seed": 0})
+    return ModelSpec(path=str(args.model or BUNDLED_MODEL), device=device, dtype=dtype)
 
 
 def device_name(model: Model) -> str:
@@ -56,147 +63,277 @@ def device_name(model: Model) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-async def one_request(client, url: str, body: dict) -> dict:
-    """One streaming request: seconds to the first text chunk and to [DONE], completion tokens."""
+def sync(model: Model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+# ---- bare decode and the engine ---------------------------------------------------------------
+def bare_decode(model: Model, level: int, state_dtype, steps: int) -> dict:
+    """Graph decode steps of `level` rows, nothing else: tokens/s and the step time (the
+    benchmarks' common timer: the median of 3 medians of `steps` steps)."""
+    pool = model.new_pool(level, state_dtype)
+    graphs = DecodeGraphs(model, pool, max_batch=level)
+    slots, tokens = list(range(level)), [1] * level
+    seconds = measure(lambda: graphs.decode(slots, tokens), model.device, repeats=3, calls=steps)["median_s"]
+    return {"bare_tokens_per_s": level / seconds, "bare_step_ms": 1000 * seconds}
+
+
+def prompt(i: int) -> str:
+    return f"# request {i}\n{PROMPT}"
+
+
+def engine_run(model: Model, level: int, waves: int, max_tokens: int, state_dtype) -> dict:
+    """`level` streams at a time through one Engine: decode-phase and end-to-end tokens/s."""
+    engine = Engine(model, slots=level, state_dtype=state_dtype)
+    warm = engine.session().generate(2, SamplingParams(temperature=0), prompt=PROMPT)  # captures the graphs
+    engine.run([warm])
+    warm.session.close()
+    decode_tokens, decode_s, total, steps_ms = 0, 0.0, 0, []
+    sync(model)
     start = time.perf_counter()
-    first = None
-    tokens = 0
+    for wave in range(waves):
+        streams = [engine.session().generate(max_tokens, SamplingParams(**TOP_P, seed=i, stop_token_ids=[]),
+                                             prompt=prompt(wave * level + i)) for i in range(level)]  # fmt: skip
+        while any(not s.token_ids for s in streams):  # prompts, then every stream's first token
+            engine.step()
+        sync(model)
+        t0, n0 = time.perf_counter(), engine.tokens_generated
+        while engine.has_work:
+            t = time.perf_counter()
+            engine.step()
+            steps_ms.append(1000 * (time.perf_counter() - t))
+        sync(model)
+        decode_s += time.perf_counter() - t0
+        decode_tokens += engine.tokens_generated - n0
+        total += sum(len(s.token_ids) for s in streams)
+        for s in streams:
+            s.session.close()
+    sync(model)
+    wall = time.perf_counter() - start
+    return {"engine_decode_tokens_per_s": decode_tokens / decode_s, "engine_tokens_per_s": total / wall,
+            "engine_step_p50_ms": percentile(steps_ms, 50), "engine_step_p99_ms": percentile(steps_ms, 99)}  # fmt: skip
+
+
+# ---- the server ---------------------------------------------------------------------------------
+def _serve_main(spec: ModelSpec, config) -> None:
+    """A server process: `rwkvstate serve` with this spec and config (engine core in its own process)."""
+    from rwkvstate.server import serve
+
+    serve(spec, config, log_level="warning")
+
+
+class Server:
+    """`rwkvstate serve` in a process of its own (core="process"), or the app on a thread of
+    this process with its engine core on another thread (core="thread": quick CPU runs)."""
+
+    def __init__(self, args, spec: ModelSpec, model: Model | None, slots: int):
+        from rwkvstate.server import ServerConfig
+
+        self.port = free_port()
+        self.config = ServerConfig(port=self.port, slots=slots, state_dtype=args.state_dtype,
+                                   max_tokens_cap=max(args.max_tokens, 8), max_queue=max(args.levels) * args.waves,
+                                   request_timeout_s=None, prefix_cache_bytes=0,
+                                   api_processes=args.api_processes if args.core == "process" else 1)  # fmt: skip
+        self.spec, self.model, self.core = spec, model, args.core
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Server":
+        if self.core == "thread":
+            from rwkvstate.server import BackgroundServer, create_app
+
+            self.background = BackgroundServer(create_app(self.model, self.config), port=self.port).start()
+        else:
+            self.process = multiprocessing.get_context("spawn").Process(target=_serve_main, args=(self.spec, self.config))
+            self.process.start()
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self, timeout: float = 600.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.core == "process" and not self.process.is_alive():
+                break
+            time.sleep(0.2)
+        raise RuntimeError("the server did not start")
+
+    def model_name(self) -> str:
+        import httpx
+
+        return httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+
+    def __exit__(self, *exc) -> None:
+        if self.core == "thread":
+            self.background.stop()
+        else:
+            self.process.terminate()  # SIGTERM: uvicorn shuts down, then the engine core
+            self.process.join(120)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def one_request(client, url: str, body: dict) -> dict:
+    """One streaming request: when it started and ended, its first text chunk, the gaps between
+    text chunks, and its completion tokens (from the usage chunk). Chunks are not parsed as
+    JSON except the last ones, so the load generator stays light."""
+    start = time.monotonic()
+    arrivals, tokens = [], 0
     async with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data: {"):
                 continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - start
-    end = time.perf_counter() - start
-    return {"ttft_s": first if first is not None else end, "e2e_s": end, "tokens": tokens}
+            if '"usage":{' in line:
+                import json
+
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif '"error"' in line[:20]:
+                raise RuntimeError(line)
+            elif '"text":""' not in line:
+                arrivals.append(time.monotonic())
+    end = time.monotonic()
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return {"start": start, "end": end, "ttft_s": (arrivals[0] if arrivals else end) - start, "gaps": gaps,
+            "tokens": tokens}  # fmt: skip
 
 
-async def run_level(base_url: str, model_name: str, level: int, n: int, max_tokens: int, offset: int) -> dict:
+async def fire(url: str, model_name: str, indices: list[int], concurrency: int, max_tokens: int) -> list[dict]:
     import httpx
 
-    limits = httpx.Limits(max_connections=level + 4, max_keepalive_connections=level + 4)
-    gate = asyncio.Semaphore(level)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
 
         async def limited(i: int) -> dict:
-            body = {"model": model_name, "prompt": f"# request {offset + i}\n{PROMPT}", "max_tokens": max_tokens,
-                    "temperature": 1.0, "top_p": 0.9, "seed": i, "stream": True, "stop_token_ids": [],
-                    "stream_options": {"include_usage": True}}  # fmt: skip
+            body = {"model": model_name, "prompt": prompt(i), "max_tokens": max_tokens, **TOP_P, "seed": i,
+                    "stream": True, "stop_token_ids": [], "stream_options": {"include_usage": True}}  # fmt: skip
             async with gate:
-                return await one_request(client, f"{base_url}/v1/completions", body)
+                return await one_request(client, f"{url}/v1/completions", body)
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(limited(i) for i in range(n)))
-        wall = time.perf_counter() - start
-    tokens = sum(r["tokens"] for r in results)
-    row = {"concurrency": level, "requests": n, "wall_s": wall, "completion_tokens": tokens,
-           "tokens_per_s": tokens / wall, "requests_per_s": n / wall}  # fmt: skip
-    for key in ("ttft_s", "e2e_s"):
-        values = sorted(r[key] for r in results)
-        for q in (50, 90, 99):
-            row[f"{key[:-2]}_p{q}_ms"] = 1000 * percentile(values, q)
-    return row
+        return await asyncio.gather(*(limited(i) for i in indices))
 
 
 def _client_main(args: tuple, results) -> None:
-    """A load generator in its own process (spawned): the client's parsing does not share the
-    server's interpreter lock."""
-    results.put(asyncio.run(run_level(*args)))
+    """A load generator in its own process (spawned)."""
+    results.put(asyncio.run(fire(*args)))
 
 
-def run_level_elsewhere(*args) -> dict:
-    import multiprocessing
-
+def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: int, clients: int) -> dict:
+    """`level` requests at a time, waves * level in all, split over `clients` processes."""
+    clients = max(1, min(clients, level))
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    client = ctx.Process(target=_client_main, args=(args, results))
-    client.start()
-    try:
-        return results.get(timeout=1800)
-    finally:
-        client.join(30)
+    share = [list(range(c, waves * level, clients)) for c in range(clients)]
+    procs = [ctx.Process(target=_client_main, args=((url, model_name, idx, len(range(c, level, clients)), max_tokens),
+                                                    results)) for c, idx in enumerate(share)]  # fmt: skip
+    for p in procs:
+        p.start()
+    rows = [r for _ in procs for r in results.get(timeout=1800)]
+    for p in procs:
+        p.join(30)
+    wall = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    gaps = [g for r in rows for g in r["gaps"]]
+    ttft = [r["ttft_s"] for r in rows]
+    return {"server_tokens_per_s": sum(r["tokens"] for r in rows) / wall, "server_requests": len(rows),
+            "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
+            "itl_p50_ms": 1000 * percentile(gaps, 50), "itl_p99_ms": 1000 * percentile(gaps, 99)}  # fmt: skip
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-def engine_only(model, level: int, n: int, max_tokens: int, slots: int, state_dtype) -> dict:
-    """The same requests straight through an Engine on this thread (no HTTP, no event loop):
-    the ceiling the server can reach, `level` streams at a time."""
-    from rwkvstate import Engine, SamplingParams
-
-    engine = Engine(model, slots=slots, state_dtype=state_dtype)
-    warm = engine.session()  # captures the CUDA graphs outside the timing
-    engine.run([warm.generate(2, SamplingParams(temperature=0), prompt=PROMPT)])
-    warm.close()
-    done = 0
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for first in range(0, n, level):
-        streams = []
-        for i in range(first, min(first + level, n)):
-            params = SamplingParams(temperature=1.0, top_p=0.9, seed=i, stop_token_ids=[])
-            streams.append(engine.session().generate(max_tokens, params, prompt=f"# request {i}\n{PROMPT}"))
-        engine.run(streams)
-        done += sum(len(st.token_ids) for st in streams)
-        for st in streams:
-            st.session.close()
-    sync()
-    return {"concurrency": level, "tokens_per_s": done / (time.perf_counter() - start)}
-
-
+# ---- the run ------------------------------------------------------------------------------------
 def run(args) -> dict:
-    model = load(args)
-    slots = args.slots or max(args.levels)
-    config = ServerConfig(slots=slots, state_dtype=args.state_dtype, max_tokens_cap=max(args.max_tokens, 1),
-                          max_queue=max(args.requests, 1), request_timeout_s=None,
-                          prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)))  # fmt: skip
-    app = create_app(model, config)
+    spec = model_spec(args)
+    model = spec.load()
+    device = device_name(model)
+    state_dtype = parse_dtype(args.state_dtype)
+    slots = max(args.levels)
     rows = []
-    with BackgroundServer(app) as server:
-        name = app.state.context.model_name
-        asyncio.run(run_level(server.url, name, 1, 2, min(args.max_tokens, 8), offset=-2))  # warm-up
-        for i, level in enumerate(args.levels):
-            level_args = (server.url, name, level, args.requests, args.max_tokens, 1000 * i)
-            if args.client == "process":
-                rows.append(run_level_elsewhere(*level_args))
-            else:
-                rows.append(asyncio.run(run_level(*level_args)))
-            print(f"concurrency {level}: {rows[-1]['tokens_per_s']:,.1f} tokens/s", file=sys.stderr)
-    for row in rows:  # in waves of `level` requests: a lower bound of the engine's continuous batching
-        alone = engine_only(model, row["concurrency"], args.requests, args.max_tokens, slots, config.state_dtype)
-        row["engine_only_tokens_per_s"] = alone["tokens_per_s"]
-        print(f"engine alone, {row['concurrency']} at a time: {alone['tokens_per_s']:,.1f} tokens/s", file=sys.stderr)
+    for level in args.levels:
+        row = {"streams": level}
+        row.update(bare_decode(model, level, state_dtype, args.steps))
+        row.update(engine_run(model, level, args.waves, args.max_tokens, state_dtype))
+        rows.append(row)
+        print(f"{level} streams: bare {row['bare_tokens_per_s']:,.0f}, engine {row['engine_decode_tokens_per_s']:,.0f} "
+              f"tok/s", file=sys.stderr)  # fmt: skip
+    if args.core == "process":  # the server's core loads its own copy
+        model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    with Server(args, spec, model, slots) as server:
+        name = server.model_name()
+        asyncio.run(fire(server.url, name, [-1], 1, 4))  # warm-up: graph capture in the core
+        for row in rows:
+            row.update(server_level(server.url, name, row["streams"], args.waves, args.max_tokens,
+                                    args.client_processes))  # fmt: skip
+            print(f"{row['streams']} streams: server {row['server_tokens_per_s']:,.0f} tok/s", file=sys.stderr)
+    for row in rows:
+        row["engine_vs_bare"] = row["engine_decode_tokens_per_s"] / row["bare_tokens_per_s"]
+        row["server_vs_engine"] = row["server_tokens_per_s"] / row["engine_tokens_per_s"]
+        row["itl_p99_vs_bare_step"] = row["itl_p99_ms"] / row["bare_step_ms"]
     return {
-        "device": device_name(model), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "model": args.shape and f"random {args.shape} shape" or Path(str(model.path)).name,
-        "compute_dtype": dtype_name(model.dtype), "state_dtype": dtype_name(config.state_dtype), "slots": slots,
-        "max_tokens": args.max_tokens, "prompt_tokens": len(model.tokenizer.encode(PROMPT)) + 4,
-        "prefix_cache_mb": args.prefix_cache_mb, "client": args.client, "rows": rows,
+        "device": device, "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "model": f"random {args.shape} shape" if args.shape else Path(spec.path).name,
+        "compute_dtype": spec.dtype, "state_dtype": dtype_name(state_dtype), "max_tokens": args.max_tokens,
+        "waves": args.waves, "core": args.core, "api_processes": args.api_processes if args.core == "process" else 1,
+        "client_processes": args.client_processes, "sampling": TOP_P, "rows": rows,
     }  # fmt: skip
 
 
-def markdown(result: dict) -> str:
-    r = result
+def markdown(r: dict) -> str:
+    if r["rows"] and "concurrency" in r["rows"][0]:
+        return markdown_http_only(r)
+    out = [f"# Serving: bare decode, engine, HTTP server ({r['device']}, {r['date']})", "",
+           f"Model {r['model']} (compute {r['compute_dtype']}, state {r['state_dtype']}); {r['max_tokens']} tokens "
+           f"per request, top-p sampling (temperature 1, top_p 0.9), {r['waves']} waves of `streams` requests; "
+           f"server: engine core in {'its own process' if r['core'] == 'process' else 'a thread'}, "
+           f"{r['api_processes']} API process(es), {r['client_processes']} load-generator process(es); "
+           f"torch {r['torch']}.", "",
+           "| streams | bare decode tok/s | engine decode tok/s (vs bare) | engine end-to-end tok/s | "
+           "server tok/s (vs engine) | TTFT p50 / p99 ms | inter-token p50 / p99 ms (p99 vs bare step) |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in r["rows"]:
+        out.append(f"| {row['streams']} | {row['bare_tokens_per_s']:,.0f} | {row['engine_decode_tokens_per_s']:,.0f} "
+                   f"({100 * row['engine_vs_bare']:.0f}%) | {row['engine_tokens_per_s']:,.0f} | "
+                   f"{row['server_tokens_per_s']:,.0f} ({100 * row['server_vs_engine']:.0f}%) | "
+                   f"{row['ttft_p50_ms']:.1f} / {row['ttft_p99_ms']:.1f} | {row['itl_p50_ms']:.2f} / "
+                   f"{row['itl_p99_ms']:.2f} ({row['itl_p99_vs_bare_step']:.1f}x of {row['bare_step_ms']:.2f}) |")  # fmt: skip
+    out += ["", "Targets (H200, 1.5B, fp16 state): engine >= 90% of bare decode at 1 and 64 streams, >= 85% at 256; "
+            "server >= 85% of the engine at 64 and 256 streams and >= 40,000 tok/s at 256; inter-token p99 at 256 "
+            "<= 2x the bare step.", ""]  # fmt: skip
+    return "\n".join(out)
+
+
+def markdown_http_only(r: dict) -> str:
+    """The table of this script's earlier form (the HTTP server alone, against waves of the
+    engine), which results under docs/benchmarks/ (server-h200*) were written with."""
+    client = "in its own process" if r.get("client") == "process" else "in the same process"
     out = [f"# HTTP serving, {r['device']}, {r['date']}", "",
            f"Model {r['model']} (compute {r['compute_dtype']}, state {r['state_dtype']}), {r['slots']} slots, "
            f"prompts of about {r['prompt_tokens']} tokens, {r['max_tokens']} tokens generated per request, "
-           f"streaming /v1/completions; client {'in its own process' if r.get('client') == 'process' else 'in the same process'}; "
-           f"torch {r['torch']}.", "",
+           f"streaming /v1/completions; client {client}; torch {r['torch']}.", "",
            "The last column runs the same requests through the Engine directly on one thread, in waves of "
            "`concurrency` requests (no HTTP, no event loop): what the engine alone sustains.", "",
-           "| concurrency | requests | tokens/s | requests/s | TTFT p50/p90/p99 ms | end-to-end p50/p90/p99 ms | engine alone tokens/s |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| concurrency | requests | tokens/s | requests/s | TTFT p50/p90/p99 ms | end-to-end p50/p90/p99 ms | "
+           "engine alone tokens/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["rows"]:
         ttft = " / ".join(f"{row[f'ttft_p{q}_ms']:.0f}" for q in (50, 90, 99))
         e2e = " / ".join(f"{row[f'e2e_p{q}_ms']:.0f}" for q in (50, 90, 99))
@@ -205,24 +342,54 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv=None):
+def chart(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = r["rows"]
+    labels = [str(row["streams"]) for row in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.27
+    for k, (key, name) in enumerate((("bare_tokens_per_s", "bare decode"), ("engine_decode_tokens_per_s", "engine"),
+                                     ("server_tokens_per_s", "server"))):  # fmt: skip
+        left.bar([i + (k - 1) * width for i in range(len(rows))], [row[key] for row in rows], width, label=name)
+    left.set(xticks=range(len(rows)), xticklabels=labels, xlabel="streams", ylabel="tokens/s", yscale="log",
+             title="throughput")  # fmt: skip
+    left.legend()
+    for key, name in (("bare_step_ms", "bare step"), ("itl_p50_ms", "inter-token p50"), ("itl_p99_ms", "inter-token p99")):
+        right.plot(labels, [row[key] for row in rows], marker="o", label=name)
+    right.set(xlabel="streams", ylabel="ms", title="latency (server, client in its own process)")
+    right.legend()
+    fig.suptitle(f"{r['model']}, {r['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: the bundled model)")
-    parser.add_argument("--shape", choices=list(SHAPES), default=None, help="random weights of a released shape")
+    parser.add_argument("--shape", choices=("0.1B", "1.5B", "7.2B"), default=None, help="random weights of a shape")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto: the GPU if there is one")
     parser.add_argument("--dtype", default=None, help="compute dtype (default: fp16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--state-dtype", default="fp32")
-    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
-    parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
+    parser.add_argument("--state-dtype", default="fp16")
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64, 256])
+    parser.add_argument("--waves", type=int, default=2, help="waves of `level` requests per level")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--slots", type=int, default=None, help="pool slots (default: the largest level)")
-    parser.add_argument("--prefix-cache-mb", type=float, default=64.0)
-    parser.add_argument("--client", choices=("process", "inprocess"), default="process",
-                        help="run the load generator in its own process (default) or in the server's")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--steps", type=int, default=50, help="timed bare decode steps per level")
+    parser.add_argument("--core", choices=("process", "thread"), default="process",
+                        help="the server's engine core in its own process (default) or on a thread")
+    parser.add_argument("--api-processes", type=int, default=4, help="HTTP processes of the server")
+    parser.add_argument("--client-processes", type=int, default=4, help="load-generator processes")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)
     result = run(args)
     write_results(args.out, result, markdown(result))
+    if args.out:
+        chart(result, args.out.with_suffix(".png"))
+    return result
 
 
 if __name__ == "__main__":
