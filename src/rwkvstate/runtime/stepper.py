@@ -156,7 +156,7 @@ class Stepper:
         ids = self._sample()
         host = self._to_host(ids)  # enqueued before the decode, so it does not wait for it
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(self.model.device))
         feed = batch.feed_mask(ids)
         try:
             logits = self.graphs.replay(feed, ids.clamp(0, self.sample_limit - 1), slots)
