@@ -57,8 +57,8 @@ class Model:
         # (the chunked-parallel kernel is slower on an H200, docs/benchmarks/decode.md).
         # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
         # sequence: "triton-chunked" forces the chunked kernel, "fla" fla-core's chunk_rwkv7
-        # channel_mix: "triton" is the sparse feed-forward for up to 16 rows (None: for CUDA decode
-        # batches of at most 16), "torch" the reference
+        # channel_mix: "triton" is the sparse feed-forward for up to 16 rows (opt-in: slower than
+        # cuBLAS on an H200 at every density measured), None and "torch" the reference
         # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (None: for
         # CUDA decode batches of at most 16), "torch" the reference (eight GEMMs, two activations)
         # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for

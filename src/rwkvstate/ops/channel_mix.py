@@ -230,9 +230,10 @@ _BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton}
 
 def channel_mix(k, key, value, residual=None, backend=None):
     """residual + relu(k key^T)^2 value^T, [T, C] in k's dtype (residual None: no add).
-    backend: None picks "triton" for CUDA tensors with at most 16 rows (decode of 1-16
-    sequences) when the value weight is a [C, F] view of a contiguous [F, C] tensor, else
-    "torch"; "torch" and "triton" force one."""
-    if backend is None and (k.shape[0] > MAX_SPARSE_ROWS or value.stride(0) != 1):
+    backend: None picks "torch" (cuBLAS): on an H200 the sparse kernel is slower than the two dense
+    GEMMs at every activation density measured, 0.1 included (docs/benchmarks/decode.md,
+    decode-recheck-h200.json); "triton" forces the sparse kernel (at most 16 rows, the value
+    weight a [C, F] view of a contiguous [F, C] tensor), "torch" the reference."""
+    if backend is None:
         backend = "torch"
     return _BACKENDS[pick_backend(backend, k, tuple(_BACKENDS))](k, key, value, residual)
