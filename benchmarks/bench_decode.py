@@ -45,7 +45,7 @@ class Variant:
     wkv: str | None = "triton"  # None: the runtime's choice (the token-by-token kernel on CUDA)
     wkv_prefill: str | None = None  # None: as wkv; "triton-chunked": the chunked-parallel kernel for prompts
     time_mix: str = "triton"  # "triton": fused elementwise prologue/epilogue around the WKV kernel
-    channel_mix: str | None = "torch"  # None: the sparse feed-forward kernels for batches of 1-16
+    channel_mix: str | None = "torch"  # None: the runtime's choice: cuBLAS (the sparse kernel before it was opt-in)
     lora: str | None = "torch"  # None: the LoRA chains in two launches for batches of 1-16
     norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
 

@@ -8,6 +8,8 @@ V^T contributes nothing. For a few rows (decode of 1-16 sequences) the Triton pa
 the rows of V^T that some row's activation needs, which is exact: skipped terms are exact zeros.
 It takes V^T as a contiguous [F, C] tensor (the model stores the value weight that way and
 hands F.linear its transposed view), so a needed row is C contiguous elements.
+The Triton path is opt-in (backend "triton"): on an H200 it is slower than the two cuBLAS GEMMs
+at every activation density measured, 0.1 included (docs/benchmarks/decode-recheck-h200.md).
 
 Three launches instead of five (GEMM, relu, square, GEMM, add):
     _ffn_key_kernel     act = relu(k K^T)^2, [T, F] in k's dtype; a GEMV-shaped GEMM (rows padded
