@@ -45,7 +45,7 @@ class Variant:
     wkv: str | None = "triton"  # None: the runtime's choice (the token-by-token kernel on CUDA)
     wkv_prefill: str | None = None  # None: as wkv; "triton-chunked": the chunked-parallel kernel for prompts
     time_mix: str = "triton"  # "triton": fused elementwise prologue/epilogue around the WKV kernel
-    channel_mix: str | None = "torch"  # None: the runtime's choice: cuBLAS (the sparse kernel before it was opt-in)
+    channel_mix: str | None = "torch"  # None: the runtime's choice (cuBLAS); "triton": the sparse kernel for decode
     lora: str | None = "torch"  # None: the LoRA chains in two launches for batches of 1-16
     norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
 
@@ -58,7 +58,7 @@ VARIANTS = [
     Variant("contiguous f16, per-mix shift", "contiguous", torch.float16, "triton-per-mix"),
     Variant("contiguous f16, fused shift, unfused time mix", "contiguous", torch.float16, "triton", time_mix="torch"),
     Variant("contiguous f16, fused shift", "contiguous", torch.float16, "triton"),
-    Variant("contiguous f16, all fused, sparse channel mix", "contiguous", torch.float16, "triton", channel_mix=None),
+    Variant("contiguous f16, all fused, sparse channel mix", "contiguous", torch.float16, "triton", channel_mix="triton"),
     Variant("same + LoRA, norm+shift fused", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix=None, lora=None, norm_shift=None),
     # only when asked for (--variants 9): the runtime never chooses the chunked kernel by itself

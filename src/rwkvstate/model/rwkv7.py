@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import StateError
-from ..ops.channel_mix import channel_mix
+from ..ops.channel_mix import MAX_SPARSE_ROWS, channel_mix
 from ..ops.lora import lora
 from ..ops.time_mix import GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import norm_shift_mix
@@ -57,8 +57,9 @@ class Model:
         # (the chunked-parallel kernel is slower on an H200, docs/benchmarks/decode.md).
         # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
         # sequence: "triton-chunked" forces the chunked kernel, "fla" fla-core's chunk_rwkv7
-        # channel_mix: "triton" is the sparse feed-forward for up to 16 rows (opt-in: slower than
-        # cuBLAS on an H200 at every density measured), None and "torch" the reference
+        # channel_mix: "triton" is the sparse feed-forward for passes of up to 16 rows, larger ones
+        # take the reference (opt-in: slower than cuBLAS on an H200 at every density measured),
+        # None and "torch" the reference
         # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (None: for
         # CUDA decode batches of at most 16), "torch" the reference (eight GEMMs, two activations)
         # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for
@@ -249,7 +250,10 @@ class Model:
     def _channel_mix(self, lw: LayerWeights, x: Tensor, dx: Tensor, packed: Packed, ffn_shift: Tensor) -> Tensor:
         """x + dx (the time mix's residual add) plus the channel mix of LayerNorm_2(x + dx)."""
         x, mixed = self._norm_shift(x, dx, lw.ln2, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0))
-        return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=self.backends["channel_mix"])
+        backend = self.backends["channel_mix"]
+        if backend == "triton" and mixed[0].shape[0] > MAX_SPARSE_ROWS:  # the sparse kernel is for decode
+            backend = "torch"
+        return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=backend)
 
     def _output(self, x: Tensor, packed: Packed, output: str) -> Tensor | list[Tensor] | None:
         if output == "none":
