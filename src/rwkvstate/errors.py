@@ -30,6 +30,18 @@ class StorageError(RwkvStateError):
     read-only disk, permissions, an I/O error. Nothing was changed (atomic writes)."""
 
 
+class StoreUnavailable(StorageError):
+    """The shared session store (Redis) cannot be reached, or failed mid-command: retry when it is back."""
+
+
+class StoreConflict(StorageError):
+    """A session was written to the shared store by another replica since this one read it."""
+
+
+class StoreFull(StorageError):
+    """One session's blob is larger than the shared store's whole byte cap."""
+
+
 class RequestError(RwkvStateError):
     """A request to the engine core that cannot be served, answered by the server with `status`
     (an HTTP status code), naming the request field at fault (`param`) and a stable `code`."""
@@ -58,6 +70,12 @@ def describe(e: BaseException, roots: tuple[Path, ...] = ()) -> tuple[int, str, 
         return e.status, scrub(e.message, roots), e.code, e.param
     if isinstance(e, SlotError):
         return 503, f"no pool slot is free: {scrub(str(e), roots)}", "no_free_slot", None
+    if isinstance(e, StoreUnavailable):
+        return 503, scrub(str(e), roots), "session_store_unavailable", None
+    if isinstance(e, StoreConflict):
+        return 409, str(e), "session_conflict", None
+    if isinstance(e, StoreFull):
+        return 507, str(e), "session_store_full", None
     if isinstance(e, StorageError):
         return (503, f"the session could not be saved, so the request was not applied: {scrub(str(e), roots)}",
                 "storage_unavailable", None)  # fmt: skip

@@ -76,7 +76,22 @@ def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
     p.add_argument("--in-process-core", action="store_true",
                    help="run the engine core on a thread of the single API process instead of a process of its "
                         "own: one interpreter lock for HTTP and engine (small CPU runs)")
+    p.add_argument("--max-state-bytes", type=positive_int, default=64 << 20,
+                   help="largest state file a stateless request may carry (default: 64 MiB)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    c = p.add_argument_group("sessions in Redis and replicas on Ray Serve (docs/cluster.md; the cluster extra)")
+    c.add_argument("--session-store", default=None, metavar="redis://HOST:PORT/DB",
+                   help="keep sessions in this Redis instead of --state-dir; needed by --replicas")
+    c.add_argument("--store-format", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+                   help="storage dtype of stored sessions (default: the pool's state dtype)")
+    c.add_argument("--store-ttl", type=float, default=7 * 24 * 3600.0,
+                   help="seconds an idle session stays in the store, 0 = forever (default: 7 days)")
+    c.add_argument("--store-max-mb", type=float, default=0.0,
+                   help="cap on the store's session bytes in MiB; the least recently used go first; 0 = none")
+    c.add_argument("--replicas", type=positive_int, default=None,
+                   help="run N engine replicas on Ray Serve behind one ingress (one per GPU with --device cuda)")
+    c.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto, or HOST:PORT) instead of starting a local one")
     return p  # fmt: skip
 
 
@@ -214,17 +229,64 @@ def cmd_serve(args, load_model, model_spec) -> int:
         max_snapshots=args.max_snapshots or None, max_state_dir_bytes=int(args.max_state_dir_mb * (1 << 20)) or None,
         allow_other_weights=args.allow_other_weights, header_timeout_s=args.header_timeout,
         keep_alive_s=args.keep_alive, max_connections=args.max_connections, docs=args.docs,
-        api_processes=args.api_processes,
+        api_processes=args.api_processes, max_state_bytes=args.max_state_bytes,
+        session_store=None if args.session_store is None else _store_config(args),
     )  # fmt: skip
     if args.in_process_core and args.api_processes != 1:
         raise RwkvStateError("--in-process-core runs one API process: leave out --api-processes")
     _log_to_stderr(args.log_level)
+    if args.replicas is not None:
+        return _serve_replicas(args, config, model_spec)
     sock = bind_socket(args.host, args.port)
     try:  # the engine core loads the model in a process of its own, unless --in-process-core
         model = load_model(args) if args.in_process_core else model_spec(args)
         serve(model, config, log_level=args.log_level, sockets=[sock])
     finally:
         sock.close()
+    return 0
+
+
+def _store_config(args):
+    try:
+        from ..cluster.store import StoreConfig
+    except ImportError as e:
+        raise RwkvStateError(f"--session-store needs the cluster extra ({e.name} is not installed): "
+                             "pip install 'rwkvstate[cluster]'")  # fmt: skip
+    try:
+        import redis  # noqa: F401  # the store's client: fail here, not in the engine core
+    except ImportError:
+        raise RwkvStateError("--session-store needs the cluster extra (redis is not installed): "
+                             "pip install 'rwkvstate[cluster]'") from None  # fmt: skip
+    try:
+        return StoreConfig(url=args.session_store, format=args.store_format, ttl_s=int(args.store_ttl) or None,
+                           max_bytes=int(args.store_max_mb * (1 << 20)) or None)  # fmt: skip
+    except ValueError as e:
+        raise RwkvStateError(str(e)) from None
+
+
+def _serve_replicas(args, config, model_spec) -> int:
+    """`serve --replicas N`: the same server, N times on Ray Serve, sessions in the store."""
+    import dataclasses
+
+    if args.session_store is None:
+        raise RwkvStateError("--replicas needs --session-store redis://HOST:PORT/DB: replicas share sessions there")
+    if args.state_dir is not None:
+        raise RwkvStateError("--replicas keeps sessions in --session-store; drop --state-dir")
+    if args.api_processes != 1 or args.in_process_core:
+        raise RwkvStateError("--replicas runs each replica's engine core in the replica: leave out --api-processes "
+                             "and --in-process-core")  # fmt: skip
+    try:
+        from ..cluster.serve import ClusterConfig, run
+    except ImportError as e:
+        raise RwkvStateError(f"--replicas needs the cluster extra ({e.name} is not installed): "
+                             "pip install 'rwkvstate[cluster]'")  # fmt: skip
+    spec = model_spec(args)
+    skip = ("host", "port", "state_dir", "session_store", "store_metrics", "api_processes", "core_address")
+    server = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    server["state_dtype"] = args.state_dtype
+    cluster = ClusterConfig(model=spec.path, store=config.session_store, device=spec.device.split(":")[0],
+                            dtype=spec.dtype, tokenizer=spec.tokenizer, server=server, replicas=args.replicas)  # fmt: skip
+    run(cluster, args.host, args.port, ray_address=args.ray_address, blocking=True)
     return 0
 
 

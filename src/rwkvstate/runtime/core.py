@@ -20,7 +20,11 @@ until one ends (runtime/scheduler.py).
 
 A request on a named session ends only after the session is saved: a failed save answers that
 request with an error (503) and takes the session back to where the request found it, and so
-does a stream that fails in the engine (500); other requests go on.
+does a stream that fails in the engine (500); other requests go on. With a shared store
+(`CoreConfig.shared_store`, runtime/shared.py: Redis, for replicas) sessions are saved there,
+and a session whose copy here is missing or stale is loaded from it before a request or
+operation touches it. A stateless request brings its state file in `Generate.state` and, with
+`return_state`, gets the new one back in its last `Update`.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ class CoreConfig:
     max_snapshots: int | None = 1000  # snapshot files in the state directory
     max_state_dir_bytes: int | None = None  # bytes of the state directory past which new files are refused
     allow_other_weights: bool = False  # load state files saved from other weights of the same shape
+    # a store shared with other cores (runtime/shared.py), made in the core's process by calling
+    # this (picklable) factory, e.g. cluster.store.RedisStore bound to its StoreConfig
+    shared_store: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -118,6 +125,7 @@ class Job:
     start_tokens: int = 0  # the session's length when the request started
     sent: int = 0  # token ids sent so far
     deadline: float | None = None
+    return_state: bool = False  # the last update carries the state file after the request
 
     @property
     def prompt_read(self) -> int:
@@ -137,9 +145,14 @@ class EngineCore:
         self.engine = Engine(model, slots=config.slots, state_dtype=config.state_dtype,
                              prefix_cache_bytes=config.prefix_cache_bytes, **config.engine_options)  # fmt: skip
         file_bytes = model.state_layout.slot_nbytes(self.engine.pool.dtype) + 4 * model.config.vocab_size
+        shared = None
+        if config.shared_store is not None:
+            from .shared import SharedSessions
+
+            shared = SharedSessions(config.shared_store())
         self.store = SessionStore(None if config.state_dir is None else Path(config.state_dir), config.max_sessions,
                                   config.max_state_dir_bytes, config.max_snapshots, config.allow_other_weights,
-                                  file_bytes)  # fmt: skip
+                                  file_bytes, shared)  # fmt: skip
         self.store.load_all(self.engine)
         self.incarnation = secrets.token_hex(8)
         self.context = zmq.Context()
@@ -244,8 +257,14 @@ class EngineCore:
                 raise RequestError(429, f"the server is at capacity ({len(self.jobs)} requests running or waiting); "
                                         "retry later", code="queue_full")  # fmt: skip
             if msg.session is not None:
+                self.store.sync(self.engine, msg.session)
                 job.record = self.store.acquire(msg.session, param="session")
             job.session = job.record.session if job.record is not None else self.engine.session()
+            if msg.state is not None:
+                from .persist import load_session_bytes
+
+                load_session_bytes(job.session, msg.state, "state")
+            job.return_state = msg.return_state
             job.start_tokens = len(job.session.tokens)
             ids, shared = self._prompt_ids(job, msg)
             sampling = SamplingParams(**msg.sampling)
@@ -323,10 +342,26 @@ class EngineCore:
             self._undo(job)
             self._end_session(job)
             return m.Update(job.rid, [], error=m.Error(500, GENERATION_FAILED, code="generation_failed"))
+        state = self._returned_state(job)
         error = self._end_session(job)
-        if error is not None:
+        if error is None and isinstance(state, BaseException):
+            error = self.error_of(state)
+        if error is not None or isinstance(state, BaseException):  # not stored (or no state): not acknowledged
             return m.Update(job.rid, [], error=error)
-        return m.Update(job.rid, new, job.stream.finish_reason, job.prompt_read, len(job.stream.token_ids))
+        return m.Update(job.rid, new, job.stream.finish_reason, job.prompt_read, len(job.stream.token_ids),
+                        state=state)  # fmt: skip
+
+    @staticmethod
+    def _returned_state(job: Job) -> bytes | BaseException | None:
+        """The state file of a request that asked for it (return_state), or the error."""
+        if not job.return_state:
+            return None
+        from .persist import session_bytes
+
+        try:
+            return session_bytes(job.session)
+        except Exception as e:
+            return e
 
     def _end_session(self, job: Job) -> m.Error | None:
         """Closes a one-off session or saves a named one (and lets it go); the error if the save
@@ -381,7 +416,7 @@ class EngineCore:
         return m.Error(status, message, param, code)
 
     def _info(self, record: SessionRecord) -> dict:
-        return dict(self.store.info(self.engine, record), busy=record.busy, persistent=self.store.persistent)
+        return dict(self.store.info(self.engine, record), busy=record.busy, persistent=self.store.durable)
 
     def op_create(self, state_file: str | None = None) -> dict:
         path = None if state_file is None else self.store.resolve(state_file, "state_file")
@@ -391,12 +426,16 @@ class EngineCore:
         return self._info(record)
 
     def op_list(self) -> list[dict]:
+        if self.store.shared is not None:  # every core's sessions, as the store has them
+            return self.store.shared.listing()
         return [self._info(r) for r in self.store.records.values()]
 
     def op_get(self, session: str) -> dict:
+        self.store.sync(self.engine, session)
         return self._info(self.store.get(session))
 
     def op_delete(self, session: str) -> dict:
+        self.store.sync(self.engine, session)
         record = self.store.acquire(session)
         try:
             self.store.delete(record)
@@ -406,6 +445,7 @@ class EngineCore:
         return {"id": session, "object": "session.deleted", "deleted": True}
 
     def op_fork(self, session: str) -> dict:
+        self.store.sync(self.engine, session)
         self.store.get(session)  # 404 before 429
         self.store.check_room(with_state=True)
         record = self.store.acquire(session)
@@ -417,6 +457,7 @@ class EngineCore:
         return self._info(child)
 
     def op_rollback(self, session: str, tokens: int | None = None, turns: int | None = None) -> dict:
+        self.store.sync(self.engine, session)
         record = self.store.acquire(session)
         try:
             s = record.session
@@ -435,6 +476,7 @@ class EngineCore:
         return dict(self._info(record), removed=before - len(s.tokens))
 
     def op_snapshot(self, session: str, name: str | None = None) -> dict:
+        self.store.sync(self.engine, session)
         record = self.store.acquire(session)
         try:
             return dict(self.store.snapshot(record, name), object="session.snapshot", session=session)

@@ -45,6 +45,8 @@ class Generate(msgspec.Struct, tag=True):
     chat: bool = False  # a chat turn: starts after a blank line if earlier text did not end in one
     session: Union[str, None] = None  # a named session to continue
     timeout_s: Union[float, None] = None  # from arrival to the last token
+    state: Union[bytes, None] = None  # stateless mode: a one-off session starts from this state file
+    return_state: bool = False  # the last update carries the state file after the request
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -83,6 +85,7 @@ class Update(msgspec.Struct, array_like=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Union[Error, None] = None
+    state: Union[bytes, None] = None  # the state file after the request, when it asked (return_state)
 
 
 class Steps(msgspec.Struct, tag=True):

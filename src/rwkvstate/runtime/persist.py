@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import StateError
-from ..state.files import StateFile, read_state_file, save_state_file
+from ..state.files import StateFile, decode_state_file, encode_state_file, read_state_file, save_state_file
 from .session import SessionSnapshot
 
 if TYPE_CHECKING:
@@ -23,13 +23,23 @@ if TYPE_CHECKING:
 
 def save_session(session: Session, path: str | Path, *, extra: Mapping | None = None) -> Path:
     """Saves a session's state (in its pool's storage dtype), token log and logits."""
+    return save_state_file(path, **_file_fields(session, None, extra))
+
+
+def session_bytes(session: Session, storage_dtype=None, *, extra: Mapping | None = None) -> bytes:
+    """The session as the bytes of a state file, for a store that is not a file system;
+    storage_dtype: fp32, fp16, bf16 or int8 (default: the pool's storage dtype)."""
+    return encode_state_file(**_file_fields(session, storage_dtype, extra))
+
+
+def _file_fields(session: Session, storage_dtype, extra: Mapping | None) -> dict:
     snap = session.snapshot()
     assert isinstance(snap.state, dict)  # fmt None: the canonical dict
     engine = session.engine
-    return save_state_file(
-        path, snap.state, fingerprint=engine.model.fingerprint, model_info=engine.model.description,
-        storage_dtype=engine.pool.dtype, tokens=snap.tokens, logits=snap.logits,
-        extra={"from_zero": snap.from_zero, "undo_points": session.undo_points, **(extra or {})},
+    return dict(
+        state=snap.state, fingerprint=engine.model.fingerprint, model_info=engine.model.description,
+        storage_dtype=engine.pool.dtype if storage_dtype is None else storage_dtype, tokens=snap.tokens,
+        logits=snap.logits, extra={"from_zero": snap.from_zero, "undo_points": session.undo_points, **(extra or {})},
     )  # fmt: skip
 
 
@@ -38,12 +48,20 @@ def load_session(session: Session, path: str | Path, *, allow_other_weights: boo
     layout, vocab, range of the pool's storage dtype, the session metadata) before anything is
     written. allow_other_weights: accept a file saved from other weights of the same shape (a
     state tuned on a base model, loaded into its fine-tune)."""
+    read = lambda **checks: read_state_file(path, allow_other_weights=allow_other_weights, **checks)  # noqa: E731
+    return _restore(session, read, path)
+
+
+def load_session_bytes(session: Session, data: bytes, name: str) -> StateFile:
+    """load_session for the bytes of a state file; messages name it `name`."""
+    return _restore(session, lambda **checks: decode_state_file(data, name=name, **checks), name)
+
+
+def _restore(session: Session, read, path) -> StateFile:
     engine = session.engine
     model = engine.model
-    sf = read_state_file(
-        path, fingerprint=model.fingerprint, layout=engine.pool.layout, vocab_size=model.config.vocab_size,
-        model_info=model.description, allow_other_weights=allow_other_weights,
-    )  # fmt: skip
+    sf = read(fingerprint=model.fingerprint, layout=engine.pool.layout, vocab_size=model.config.vocab_size,
+              model_info=model.description)  # fmt: skip
     try:
         engine.pool.check_fits(sf.state)
     except StateError as e:

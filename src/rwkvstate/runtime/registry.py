@@ -6,6 +6,8 @@ the session) is decided in one place for every API process. With a state directo
 (`sessions/<id>.state`, atomic writes) after every request and operation that changes them,
 before it is answered, and on shutdown; they are loaded back at startup, where a bad file of
 any kind is logged, counted and skipped, and temporary files of interrupted writes are removed.
+With a shared store (shared.py: Redis, for replicas), sessions are written there instead, and a
+session whose copy here is missing or older than the stored one is loaded from it first (`sync`).
 Limits: the number of sessions (`max_sessions`), and through Storage (storage.py) the bytes of
 the state directory and the number of snapshot files.
 
@@ -47,17 +49,27 @@ class SessionRecord:
     created: int  # unix time
     session: Session  # the engine Session
     busy: bool = False  # held by a request or operation
+    version: int = 0  # with a shared store: the stored version this copy is (0: not stored yet, -1: stale)
 
 
 class SessionStore:
     def __init__(self, state_dir: Path | None, max_sessions: int | None = None, max_state_dir_bytes: int | None = None,
-                 max_snapshots: int | None = None, allow_other_weights: bool = False, file_bytes: int = 0):  # fmt: skip
+                 max_snapshots: int | None = None, allow_other_weights: bool = False, file_bytes: int = 0,
+                 shared=None):  # fmt: skip
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.records: dict[str, SessionRecord] = {}
         self.max_sessions = max_sessions
         self.storage = Storage(self.state_dir, max_state_dir_bytes, max_snapshots)
         self.allow_other_weights = allow_other_weights
         self.file_bytes = file_bytes  # about what one saved session with a state takes on disk
+        # a store shared with other cores (shared.py): sessions live there rather than in the
+        # state directory, and are loaded on demand
+        self.shared = shared
+
+    @property
+    def durable(self) -> bool:
+        """Whether sessions are saved (in the state directory or a shared store)."""
+        return self.persistent or self.shared is not None
 
     @property
     def persistent(self) -> bool:
@@ -75,6 +87,24 @@ class SessionStore:
         return () if self.state_dir is None else (self.state_dir,)
 
     # ---- holding a session ----------------------------------------------------------------------------
+    def sync(self, engine, session_id: str | None) -> None:
+        """With a shared store: makes this core's copy of the session the stored one (loading it
+        if it is missing or older here; dropping it if the store no longer has it)."""
+        if self.shared is None or session_id is None:
+            return
+        version = self.shared.version(session_id)
+        record = self.records.get(session_id)
+        if record is not None and (record.busy or record.version == version > 0):
+            return  # current, or in use here (the request gets 409)
+        if record is not None:
+            del self.records[session_id]
+            record.session.close()
+        if version == 0:
+            return  # not stored (any more): 404 follows
+        fresh = self.shared.load(engine, session_id, SessionRecord)
+        if fresh is not None:
+            self.records[session_id] = fresh
+
     def get(self, session_id: str, param: str | None = None) -> SessionRecord:
         record = self.records.get(session_id)
         if record is None:
@@ -131,7 +161,9 @@ class SessionStore:
 
     def delete(self, record: SessionRecord) -> None:
         """Removes the file first: if that fails, the session is still there, in memory and on disk."""
-        if self.persistent:
+        if self.shared is not None:
+            self.shared.delete(record.id)
+        elif self.persistent:
             path = self._file(record.id)
             size = path.stat().st_size if path.exists() else 0
             try:
@@ -142,8 +174,11 @@ class SessionStore:
         record.session.close()
 
     def persist(self, record: SessionRecord) -> None:
-        """Saves the session (durably: fsync, rename); StorageError if it cannot be written."""
-        if self.persistent:
+        """Saves the session (durably: fsync, rename, or to the shared store); StorageError if it
+        cannot be written."""
+        if self.shared is not None:
+            self.shared.save(record)
+        elif self.persistent:
             from .persist import save_session
 
             path = self._file(record.id)
@@ -155,7 +190,7 @@ class SessionStore:
         """Runs a change of the session, then saves it; if the save fails, the session is put back
         as it was (state, token log, logits, undo points) and the error goes on: a change that is
         reported as failed is never applied."""
-        if not self.persistent:
+        if not self.durable:
             yield
             return
         session = record.session
@@ -179,7 +214,9 @@ class SessionStore:
             return
         except Exception as e:
             log.warning("session %s: rollback after a failed request failed (%s); reloading its file", record.id, e)
-        if self.persistent and self._file(record.id).is_file():
+        if self.shared is not None:
+            record.version = -1  # stale: the next request reloads it from the store
+        elif self.persistent and self._file(record.id).is_file():
             from .persist import load_session
 
             load_session(session, self._file(record.id), allow_other_weights=True)  # its own file
@@ -208,7 +245,7 @@ class SessionStore:
         files of interrupted writes are removed first."""
         from ..state.files import remove_stale_temp_files
 
-        if not self.persistent:
+        if not self.persistent or self.shared is not None:
             return 0
         self._dir.mkdir(parents=True, exist_ok=True)
         for temp in remove_stale_temp_files(self._dir):
@@ -238,6 +275,8 @@ class SessionStore:
             return None
 
     def save_all(self) -> None:
+        if self.shared is not None:  # saved after every change already
+            return
         for record in list(self.records.values()):
             try:
                 self.persist(record)

@@ -7,6 +7,8 @@ text and write it out (JSON or server-sent events). docs/server.md describes the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import time
@@ -40,6 +42,7 @@ from .web import add_web_routes
 
 DONE_EVENT = b"data: [DONE]\n\n"
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+STATE_PATHS = ("/v1/completions", "/v1/chat/completions")  # requests that may carry a state file
 
 
 def create_app(model=None, config: ServerConfig | None = None) -> FastAPI:
@@ -87,6 +90,9 @@ class Guard:
     def __init__(self, app, ctx: ServerContext):
         self.app, self.ctx = app, ctx
         self.limit = ctx.config.max_request_bytes
+        # a generation request may carry a base64 state file (stateless mode) besides itself;
+        # the handler holds the rest of the body to the plain limit
+        self.state_limit = self.limit + base64_len(ctx.config.max_state_bytes)
         key = ctx.config.api_key
         self.expected = None if key is None else f"Bearer {key}".encode()
 
@@ -105,7 +111,7 @@ class Guard:
             self.ctx.metrics.count(REFUSED, error.status)
             return await error_response(error)(scope, receive, send)
         try:
-            await self.app(scope, self._capped(receive), send_counted)
+            await self.app(scope, self._capped(receive, self._limit(scope["path"])), send_counted)
         finally:
             route = scope.get("route")  # set by the router on a match
             self.ctx.metrics.count(getattr(route, "path", None), status[0])
@@ -119,19 +125,22 @@ class Guard:
                 return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                 code="invalid_api_key")  # fmt: skip
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if length is not None and (not length.isdigit() or int(length) > self._limit(path)):
             return APIError(413, f"request body larger than this server's limit of {self.limit} bytes",
                             code="request_too_large")  # fmt: skip
         return None
 
-    def _capped(self, receive):
+    def _limit(self, path: str) -> int:
+        return self.state_limit if path in STATE_PATHS else self.limit
+
+    def _capped(self, receive, limit: int):
         seen = [0]
 
         async def wrapped():
             message = await receive()
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
-                if seen[0] > self.limit:
+                if seen[0] > limit:
                     raise BodyTooLarge(self.limit)
             return message
 
@@ -158,7 +167,10 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+        body = ctx.metrics.render()
+        if ctx.store_metrics is not None:
+            body += (await anyio.to_thread.run_sync(ctx.store_metrics)).encode()
+        return Response(body, media_type=CONTENT_TYPE)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": ctx.started, "owned_by": "rwkvstate"}
@@ -185,9 +197,10 @@ def _add_generation_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompt = body.single_prompt()
-        _check_prompt(ctx, prompt, body.session)
+        _check_prompt(ctx, prompt, body.session, body.state)
         job = Job(prompt=prompt, max_tokens=_max_tokens(ctx.config, body.max_tokens), sampling=_sampling(body),
                   session=body.session)  # fmt: skip
+        _stateless(ctx.config, body, job, len(await request.body()))
         return await _respond(ctx, body, job, Reply(False, ctx.model_name, body.session), request)
 
     @app.post("/v1/chat/completions")
@@ -197,12 +210,42 @@ def _add_generation_routes(app: FastAPI, ctx: ServerContext) -> None:
         sampling = _sampling(body, extra_stop=(ASSISTANT_STOP,))
         job = Job(prompt=prompt, prefix=prefix, max_tokens=max_tokens, sampling=sampling, chat=True,
                   session=body.session)  # fmt: skip
+        _stateless(ctx.config, body, job, len(await request.body()))
         return await _respond(ctx, body, job, Reply(True, ctx.model_name, body.session), request)
 
 
-def _check_prompt(ctx: ServerContext, prompt, session: str | None) -> None:
-    if not prompt and session is None:
-        raise APIError(400, "prompt is empty (a request without a session needs at least one token)", param="prompt")
+def base64_len(n: int) -> int:
+    """Characters of n bytes in base64."""
+    return 4 * ((n + 2) // 3)
+
+
+def _stateless(config: ServerConfig, body: GenerationRequest, job: Job, body_bytes: int) -> None:
+    """Stateless mode: the request brings its state (a base64 state file) and/or asks for the
+    state after it; it runs in a one-off session, so any server of the model can serve it."""
+    if body_bytes - len(body.state or "") > config.max_request_bytes:
+        raise APIError(413, f"request body larger than this server's limit of {config.max_request_bytes} bytes "
+                            "(besides a state)", code="request_too_large")  # fmt: skip
+    if body.state is None and not body.return_state:
+        return
+    if body.session is not None:
+        raise APIError(400, "state and return_state are for requests without a session; a session keeps its own "
+                            "state", param="state")  # fmt: skip
+    job.return_state = body.return_state
+    if body.state is None:
+        return
+    if len(body.state) > base64_len(config.max_state_bytes):
+        raise APIError(413, f"state is larger than this server's limit of {config.max_state_bytes} bytes",
+                       param="state", code="state_too_large")  # fmt: skip
+    try:
+        job.state = base64.b64decode(body.state, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "state must be a state file in base64", param="state") from None
+
+
+def _check_prompt(ctx: ServerContext, prompt, session: str | None, body_state: str | None = None) -> None:
+    if not prompt and session is None and body_state is None:
+        raise APIError(400, "prompt is empty (a request without a session or state needs at least one token)",
+                       param="prompt")  # fmt: skip
     if isinstance(prompt, list):
         try:
             check_token_ids(prompt, ctx.vocab_size)
@@ -278,6 +321,12 @@ class Reply:
         return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
                                                         "finish_reason": finish}])  # fmt: skip
 
+    @staticmethod
+    def add_state(out: dict, done: Done) -> dict:
+        if done.state is not None:
+            out["state"] = base64.b64encode(done.state).decode("ascii")
+        return out
+
     def usage_chunk(self, done: Done) -> dict:
         out = self._object("chat.completion.chunk" if self.chat else "text_completion", [])
         out["usage"] = usage(done)
@@ -292,7 +341,7 @@ class Reply:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
             out = self._object("text_completion", [choice])
         out["usage"] = usage(done)
-        return out
+        return self.add_state(out, done)
 
 
 def usage(done: Done) -> dict:
@@ -330,7 +379,7 @@ async def _sse(ctx: ServerContext, job: Job, reply: Reply, include_usage: bool):
                 if text:
                     yield _sse_data(reply.chunk(text=text))
             elif isinstance(event, Done):
-                yield _sse_data(reply.chunk(finish=event.finish_reason))
+                yield _sse_data(reply.add_state(reply.chunk(finish=event.finish_reason), event))
                 if include_usage:
                     yield _sse_data(reply.usage_chunk(event))
             elif isinstance(event, Failed):

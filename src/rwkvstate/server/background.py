@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -102,6 +102,10 @@ def worker_app():
     """The app of one API worker process (uvicorn's factory): the config comes from the
     environment, the engine core is already running."""
     fields = json.loads(os.environ[CONFIG_ENV])
+    if fields.get("session_store") is not None:
+        from ..cluster.store import StoreConfig
+
+        fields["session_store"] = StoreConfig(**fields["session_store"])
     return create_app(None, ServerConfig(**fields))
 
 
@@ -109,6 +113,8 @@ def _config_json(config: ServerConfig, address: str) -> str:
     fields = dict(vars(config), state_dtype=dtype_name(config.state_dtype), core_address=address, api_processes=1)
     fields["state_dir"] = None if config.state_dir is None else str(config.state_dir)
     fields["model_aliases"] = list(config.model_aliases)
+    if config.session_store is not None:
+        fields["session_store"] = asdict(config.session_store)
     return json.dumps(fields)
 
 

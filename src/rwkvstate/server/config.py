@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ class ServerConfig:
     max_tokens_cap: int = 4096  # a request asking for more is refused (400)
     default_max_tokens: int = 256  # when a request does not say (capped by max_tokens_cap)
     max_request_bytes: int = 1 << 20  # larger bodies are refused (413)
+    max_state_bytes: int = 64 << 20  # a request's `state` (decoded); the body may be this much larger
     max_queue: int = 256  # requests waiting for a slot beyond `slots` running; more get 429
     request_timeout_s: float | None = 300.0  # from arrival to the last token; None: no limit
     max_sessions: int | None = 1000  # persistent sessions; more are refused (429); None: no limit
@@ -39,11 +41,13 @@ class ServerConfig:
     engine_options: dict = field(default_factory=dict)  # further Engine(...) keyword arguments
     api_processes: int = 1  # HTTP processes sharing the port, each connected to the one engine core
     core_address: str | None = None  # an engine core that is already running (ipc://... or tcp://...)
+    session_store: Any = None  # a cluster.store.StoreConfig: sessions in Redis instead of the state directory
+    store_metrics: bool = True  # /metrics shows the session store's counters (off in replicas: the ingress does)
 
     def __post_init__(self):
         self.state_dtype = parse_dtype(self.state_dtype)
         positive = ("slots", "max_tokens_cap", "default_max_tokens", "max_request_bytes", "max_connections",
-                    "api_processes")
+                    "api_processes", "max_state_bytes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -13,11 +13,12 @@ all API processes).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ..runtime import messages as m
 from ..runtime.core import CoreConfig, CoreProcess, CoreThread, ModelSpec
@@ -43,6 +44,7 @@ class Done:
     finish_reason: str  # stop, length, timeout, cancelled, error
     prompt_tokens: int
     completion_tokens: int
+    state: bytes | None = None  # the state file after the request, when it asked (return_state)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Job:
     prefix: str = ""  # a system prompt, fed as its own prompt when the prefix cache can share it
     chat: bool = False  # a chat turn: starts after a blank line if earlier text did not end in one
     session: str | None = None  # a named session to continue
+    state: bytes | None = None  # stateless mode: a one-off session starts from this state file
+    return_state: bool = False  # Done carries the state file after the request
     rid: int = 0
     stop_sent: bool = False
     ended: bool = False
@@ -92,6 +96,13 @@ class ServerContext:
         self.model_name = self.model_names[0]
         self.vocab_size = 0
         self.tokenizer: Tokenizer | None = None
+        # the shared session store's counters for /metrics, read here (the core never waits on them)
+        self.store_metrics: Callable[[], str] | None = None
+        if config.session_store is not None and config.store_metrics:
+            from ..cluster.store import RedisStore, render_store_metrics
+
+            store = RedisStore(config.session_store)
+            self.store_metrics = lambda: render_store_metrics(store)
 
     async def start(self) -> None:
         if self.core is not None:
@@ -130,7 +141,7 @@ class ServerContext:
             raise APIError(429, f"the server is at capacity ({self.inflight} requests running or waiting, "
                                 f"limit {limit}); retry later", code="queue_full")  # fmt: skip
         request = m.Generate(0, job.prompt, job.max_tokens, _sampling_fields(job.sampling), job.prefix, job.chat,
-                             job.session, c.request_timeout_s)  # fmt: skip
+                             job.session, c.request_timeout_s, job.state, job.return_state)  # fmt: skip
         job.events = self.client.generate(request)
         job.rid = request.rid
         assert self.tokenizer is not None, "start() set the tokenizer"
@@ -172,7 +183,7 @@ class ServerContext:
             return [Text(text)] if text else []
         text += job.text.flush()
         self._ended(job)
-        done = Done(update.finish, update.prompt_tokens, update.completion_tokens)
+        done = Done(update.finish, update.prompt_tokens, update.completion_tokens, update.state)
         return [Text(text), done] if text else [done]
 
     def _ended(self, job: Job) -> None:
@@ -207,7 +218,17 @@ def core_config(config: ServerConfig, model) -> CoreConfig:
                       max_jobs=config.slots + config.max_queue, engine_options=dict(config.engine_options),
                       max_sessions=config.max_sessions, max_snapshots=config.max_snapshots,
                       max_state_dir_bytes=config.max_state_dir_bytes,
-                      allow_other_weights=config.allow_other_weights)  # fmt: skip
+                      allow_other_weights=config.allow_other_weights,
+                      shared_store=shared_store(config.session_store))  # fmt: skip
+
+
+def shared_store(store_config) -> Callable[[], Any] | None:
+    """A factory the engine core calls (in its own process) to reach the shared session store."""
+    if store_config is None:
+        return None
+    from ..cluster.store import RedisStore
+
+    return functools.partial(RedisStore, store_config)
 
 
 def _sampling_fields(p: SamplingParams) -> dict:

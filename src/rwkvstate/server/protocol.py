@@ -65,6 +65,8 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = 1
     session: str | None = None  # extension: continue this session (see docs/server.md)
+    state: str | None = None  # extension: start from this state file (base64), "stateless mode"
+    return_state: bool = False  # extension: the response carries the state file after the request
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a requested feature this server does not provide."""

@@ -171,14 +171,25 @@ def save_state_file(
 ) -> Path:  # fmt: skip
     """Writes a state file atomically (temp file in the same directory, fsync, rename).
 
-    state: canonical dict (any real dtype); stored in storage_dtype (fp32/fp16/bf16 or a torch
-    dtype), refusing values that overflow it. extra: JSON-serialisable dict kept in metadata.
-    On any failure the target is untouched and no temporary file is left. Returns the path.
+    state: canonical dict (any real dtype); stored in storage_dtype (fp32/fp16/bf16, a torch
+    dtype, or int8: per-group quantised), refusing values that overflow it. extra:
+    JSON-serialisable dict kept in metadata. On any failure the target is untouched and no
+    temporary file is left. Returns the path.
     """
     path = Path(path)
-    dtype_key, dtype = _storage_dtype(storage_dtype)
-    tensors = _encode_state(state, dtype)
-    zero = _zero_state_dims(tensors)
+    data = encode_state_file(state, fingerprint=fingerprint, model_info=model_info, storage_dtype=storage_dtype,
+                             tokens=tokens, logits=logits, extra=extra)  # fmt: skip
+    _write_atomic(path, data)
+    return path
+
+
+def encode_state_file(
+    state: Mapping, *, fingerprint: str, model_info: str, storage_dtype="fp32",
+    tokens: Sequence[int] = (), logits=None, extra: Mapping | None = None,
+) -> bytes:  # fmt: skip
+    """The bytes of a state file (what save_state_file writes): for stores that are not files."""
+    dtype_key, tensors = _encode_state_as(state, storage_dtype)
+    zero = _zero_state_dims({k: tensors[k] for k in CANONICAL_KEYS})
     if zero is not None:  # nothing to store: the sizes say it all
         tensors = {}
     tensors["tokens"] = _encode_tokens(tokens)
@@ -200,8 +211,54 @@ def save_state_file(
     meta["checksum"] = _checksum(meta, tensors)
     from safetensors.torch import save
 
-    _write_atomic(path, save(tensors, metadata=meta))
-    return path
+    return save(tensors, metadata=meta)
+
+
+def _encode_state_as(state: Mapping, storage_dtype) -> tuple[str, dict[str, torch.Tensor]]:
+    if storage_dtype == QUANTIZED_STORAGE:
+        return QUANTIZED_STORAGE, _quantize_state(state)
+    dtype_key, dtype = _storage_dtype(storage_dtype)
+    return dtype_key, _encode_state(state, dtype)
+
+
+# ---- int8 storage ---------------------------------------------------------------------------
+# Each row of the last dimension is cut into groups of head_size (N) values; a group is stored
+# as int8 q with one float32 scale s = max|x| / 127, read back as q * s. Rows are C wide for
+# the shifts and N wide for wkv, so N always divides them. Lossy: about 26% of fp32's bytes.
+QUANTIZED_STORAGE = "int8"
+SCALE_SUFFIX = ".scale"
+
+
+def _groups(t: torch.Tensor, group: int) -> torch.Tensor:
+    return t.reshape(*t.shape[:-1], t.shape[-1] // group, group)
+
+
+def _quantize_state(state: Mapping) -> dict[str, torch.Tensor]:
+    dims = infer_dims(state)
+    checked = validate_canonical(state, *dims)
+    out = {}
+    for name, t in checked.items():
+        g = _groups(t.float(), dims[2])
+        scale = g.abs().amax(dim=-1) / 127.0
+        q = torch.round(g / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp(-127, 127)
+        out[name] = q.to(torch.int8).reshape(t.shape).contiguous()
+        out[name + SCALE_SUFFIX] = scale.contiguous()
+    return out
+
+
+def _dequantize_state(name, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float32 state of an int8 file whose tensors passed _check_tensors."""
+    out = {}
+    for key in CANONICAL_KEYS:
+        q, scale = tensors[key], tensors[key + SCALE_SUFFIX]
+        group = q.shape[-1] // scale.shape[-1] if scale.dim() and scale.shape[-1] else 0
+        if group < 1 or q.shape[-1] % group or tuple(scale.shape) != (*q.shape[:-1], q.shape[-1] // group):
+            raise StateError(f"{name}: {key}{SCALE_SUFFIX} has shape {list(scale.shape)}, "
+                             f"which does not group {key} {list(q.shape)}")  # fmt: skip
+        if not torch.isfinite(scale).all() or (scale < 0).any():
+            raise StateError(f"{name}: {key}{SCALE_SUFFIX} has negative, NaN or infinite values")
+        out[key] = (_groups(q.float(), group) * scale.unsqueeze(-1)).reshape(q.shape)
+    return out
 
 
 def _zero_state_dims(tensors: Mapping[str, torch.Tensor]) -> str | None:
@@ -316,10 +373,13 @@ def _read_bytes(path: Path, cap: int) -> bytes:
 
 def _parse(path: Path, cap: int = MAX_FILE_BYTES) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     """(tensors, metadata, file size) of a safetensors file; StateError if it is not one."""
+    return _parse_bytes(path, _read_bytes(path, cap))
+
+
+def _parse_bytes(path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    data = _read_bytes(path, cap)
     try:
         tensors = load(data)
         (n,) = struct.unpack("<Q", data[:8])
@@ -353,17 +413,22 @@ def _check_header(path: Path, meta: Mapping[str, str]) -> None:
 def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
     """Names, dtypes and ranks, and their agreement with the metadata."""
     names = set(tensors)
+    quantized = meta["storage_dtype"] == QUANTIZED_STORAGE
     stored = () if "zero_state" in meta else CANONICAL_KEYS
-    missing = [k for k in (*stored, "tokens") if k not in names]
-    unknown = sorted(names - {*stored, "tokens", "logits"})
+    scales = [k + SCALE_SUFFIX for k in stored] if quantized else []
+    missing = [k for k in (*stored, *scales, "tokens") if k not in names]
+    unknown = sorted(names - {*stored, *scales, "tokens", "logits"})
     if missing or unknown:
         raise StateError(f"{path}: state file tensors are wrong (missing {missing}, unexpected {unknown})")
-    if meta["storage_dtype"] not in STORAGE_DTYPES:
-        raise StateError(f"{path}: unknown storage dtype {meta['storage_dtype']!r} (expected fp32, fp16 or bf16)")
-    dtype = STORAGE_DTYPES[meta["storage_dtype"]]
+    if meta["storage_dtype"] not in STORAGE_DTYPES and not quantized:
+        raise StateError(f"{path}: unknown storage dtype {meta['storage_dtype']!r} (expected fp32, fp16, bf16 or int8)")
+    dtype = torch.int8 if quantized else STORAGE_DTYPES[meta["storage_dtype"]]
     for key in stored:
         if tensors[key].dtype != dtype:
             raise StateError(f"{path}: {key} is {tensors[key].dtype}, but the file says {meta['storage_dtype']}")
+    for key in scales:
+        if tensors[key].dtype != torch.float32:
+            raise StateError(f"{path}: {key} must be float32, got {tensors[key].dtype}")
     tokens = tensors["tokens"]
     if tokens.dtype != torch.int32 or tokens.dim() != 1:
         raise StateError(f"{path}: tokens must be int32 [n], got {tokens.dtype} {list(tokens.shape)}")
@@ -457,6 +522,8 @@ def _validate(path, tensors, meta, fingerprint=None, model_info=None, layout=Non
         raise StateError(f"{path}: checksum mismatch: the file was modified or corrupted")
     _check_fingerprint(path, meta, fingerprint, model_info, allow_other_weights)
     _check_tensors(path, tensors, meta)
+    if meta["storage_dtype"] == QUANTIZED_STORAGE and "zero_state" not in meta:
+        tensors = {**tensors, **_dequantize_state(path, tensors)}
     state = _check_state(path, tensors, meta, layout)
     _check_tokens_logits(path, tensors, vocab_size)
     extra = _check_extra(path, meta)
@@ -485,6 +552,20 @@ def read_state_file(
     cap = max_file_bytes(layout, vocab_size) if max_bytes is None else max_bytes
     tensors, meta, _ = _parse(path, cap)
     return _validate(path, tensors, meta, fingerprint, model_info, layout, vocab_size, allow_other_weights)
+
+
+def decode_state_file(
+    data: bytes, *, name: str = "state blob", fingerprint: str | None = None, layout: StateLayout | None = None,
+    vocab_size: int | None = None, model_info: str | None = None, allow_other_weights: bool = False,
+    max_bytes: int | None = None,
+) -> StateFile:  # fmt: skip
+    """read_state_file for the bytes of a state file (from a store that is not a file system);
+    messages name it `name`."""
+    cap = max_file_bytes(layout, vocab_size) if max_bytes is None else max_bytes
+    if len(data) > cap:
+        raise StateError(f"{name} is {len(data):,} bytes, more than a state file can be here ({cap:,}); not read")
+    tensors, meta, _ = _parse_bytes(name, bytes(data))
+    return _validate(name, tensors, meta, fingerprint, model_info, layout, vocab_size, allow_other_weights)
 
 
 def is_state_file(path) -> bool:

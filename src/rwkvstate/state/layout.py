@@ -36,7 +36,8 @@ SNAPSHOT_FORMATS = ("fp32", "fp16", "bf16", "int8", "fp8")
 # wkv of 1e30 turns every later token's logits into NaN.
 MAX_STATE_ABS = float(2**20)
 # safetensors' dtype names, used where a name must not depend on torch's repr (file checksums)
-SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
+SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+                           torch.int8: "I8"}  # fmt: skip
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:

@@ -1,0 +1,235 @@
+"""Replicas on Ray Serve: throughput of two replicas against one, moving a session, store bytes.
+
+    python benchmarks/bench_cluster.py --shape 1.5B --streams 256 --out docs/benchmarks/cluster-h200x2   # 2 GPUs
+    python benchmarks/bench_cluster.py --device cpu --streams 4 --max-tokens 8 --out /tmp/cluster          # CPU smoke
+
+Needs a redis-server on PATH (or --redis-server PATH) and the cluster extra. Three parts:
+
+1. Throughput: a local Ray cluster runs the application with one engine replica, then with
+   two (one GPU each); `--streams` streaming completions per replica are in flight at once
+   (256 and 512), each exactly --max-tokens long (stop_token_ids: []), whole responses unless
+   --stream. Aggregate completion tokens/s over the wall time of each run, and their ratio
+   (target: >= 1.8).
+2. Moving a session, in this process on one device: a session of --move-tokens tokens is
+   saved to the store (snapshot, encode, Redis write) and loaded into another engine (Redis
+   read, decode, verify, restore), per store format; median over --move-repeats.
+3. Store bytes per turn: the blob a turn writes, per format (the whole state file each time).
+
+With --shape, random weights of a released shape (world vocabulary) are written to a
+safetensors file that every replica loads. Redis runs as a child process on a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import config_for  # noqa: E402
+from bench_server import one_request  # noqa: E402
+from common import write_results  # noqa: E402
+
+from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
+
+PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
+FORMATS = ("fp32", "fp16", "int8")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(binary: str, directory: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory,
+            "--maxmemory", "0", "--proto-max-bulk-len", "1gb"]  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def model_file(args, directory: Path) -> tuple[str, str]:
+    """(path, description) of the model every replica loads."""
+    if not args.shape:
+        return str(BUNDLED_MODEL), BUNDLED_MODEL.stem
+    from safetensors.torch import save_file
+
+    from rwkvstate.model.synthetic import random_checkpoint
+
+    cfg = config_for(args.shape)
+    path = directory / f"random-{args.shape}.safetensors"
+    tensors = random_checkpoint(cfg, seed=0, dtype=torch.float16)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"tokenizer": "world"}))
+    return str(path), f"{args.shape} shape, random weights"
+
+
+# ---- 1. throughput ----------------------------------------------------------------------------------
+async def drive(url: str, model: str, streams: int, max_tokens: int, stream: bool = False) -> dict:
+    """`streams` requests at once; streamed (SSE through the ingress) or whole responses."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    async with httpx.AsyncClient(limits=limits, timeout=1800) as client:
+        bodies = [{"model": model, "prompt": f"# request {i}\n{PROMPT}", "max_tokens": max_tokens, "temperature": 1.0,
+                   "top_p": 0.9, "seed": i, "stream": stream, "stop_token_ids": [],
+                   "stream_options": {"include_usage": True} if stream else None} for i in range(streams)]  # fmt: skip
+        one = one_request if stream else whole_request
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, f"{url}/v1/completions", b) for b in bodies))
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    return {"streams": streams, "wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+async def whole_request(client, url: str, body: dict) -> dict:
+    response = await client.post(url, json=body)
+    response.raise_for_status()
+    return {"tokens": response.json()["usage"]["completion_tokens"]}
+
+
+def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
+    import ray
+    from ray import serve
+
+    from rwkvstate.cluster.serve import ClusterConfig, run
+    from rwkvstate.cluster.store import StoreConfig
+
+    device = "cuda" if args.device == "cuda" else "cpu"
+    slots = args.streams
+    config = ClusterConfig(model=model_path, store=StoreConfig(url=redis_url, prefix=f"bench{replicas}:"),
+                           device=device, dtype="fp16" if device == "cuda" else "fp32", replicas=replicas,
+                           server={"slots": slots, "max_queue": 4 * slots, "max_tokens_cap": args.max_tokens,
+                                   "state_dtype": torch.float16 if device == "cuda" else torch.float32,
+                                   "request_timeout_s": None, "model_name": "bench"},
+                           torch_threads=None if device == "cuda" else 1)  # fmt: skip
+    port = free_port()
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}})  # fmt: skip
+    try:
+        run(config, "127.0.0.1", port, blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        streams = args.streams * replicas
+        asyncio.run(drive(url, "bench", min(streams, 2 * replicas), 4))  # warm-up: graphs, allocator
+        row = asyncio.run(drive(url, "bench", streams, args.max_tokens, args.stream))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"replicas": replicas, **row}
+
+
+# ---- 2, 3. moving a session, bytes per turn -------------------------------------------------------------
+def moves(args, model_path: str, redis_url: str) -> list[dict]:
+    from rwkvstate import Engine, Model
+    from rwkvstate.cluster.store import RedisStore, StoreConfig
+    from rwkvstate.runtime.persist import load_session_bytes, session_bytes
+
+    device = "cuda" if args.device == "cuda" else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = Model.load(model_path, device=device, dtype=dtype)
+    source, target = Engine(model, slots=2, state_dtype=dtype), Engine(model, slots=2, state_dtype=dtype)
+    session = source.session()
+    session.feed([int(t) % model.config.vocab_size for t in range(1, args.move_tokens + 1)])
+    rows = []
+    for fmt in FORMATS:
+        store = RedisStore(StoreConfig(url=redis_url, prefix=f"move-{fmt}:", format=fmt))
+        saves, loads, version = [], [], 0
+        for i in range(args.move_repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            blob = session_bytes(session, fmt)
+            version = store.put("s", blob, expected=version, tokens=len(session.tokens), created=0)
+            t1 = time.perf_counter()
+            moved = target.session()
+            load_session_bytes(moved, store.get("s").blob, "s")
+            moved.slot  # brings the state into the pool: the move is done when it can decode
+            sync(device)
+            t2 = time.perf_counter()
+            moved.close()
+            saves.append(t1 - t0)
+            loads.append(t2 - t1)
+        state_bytes = sum(t.numel() for t in session.snapshot().state.values()) * {"fp32": 4, "fp16": 2, "int8": 1}[fmt]
+        rows.append({"format": fmt, "blob_bytes": len(blob), "state_bytes": state_bytes, "tokens": len(session.tokens),
+                     "save_ms": 1000 * statistics.median(saves), "load_ms": 1000 * statistics.median(loads),
+                     "move_ms": 1000 * (statistics.median(saves) + statistics.median(loads))})  # fmt: skip
+        store.close()
+    return rows
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+def markdown(result: dict) -> str:
+    lines = [f"# Replicas on Ray Serve ({result['device']}, {result['model']})", "",
+             f"{result['date']}; {result['max_tokens']} tokens per stream, {result['streams_per_replica']} streams "
+             f"per replica, {'streamed' if result['stream'] else 'whole'} responses.", "", "| replicas | streams | wall s | tokens/s |", "|---|---|---|---|"]  # fmt: skip
+    for row in result["throughput"]:
+        lines.append(f"| {row['replicas']} | {row['streams']} | {row['wall_s']:.1f} | {row['tokens_per_s']:,.0f} |")
+    if "speedup" in result:
+        lines += ["", f"Two replicas against one: **{result['speedup']:.2f}x** aggregate tokens/s."]
+    lines += ["", "Moving a session (save to the store, load on another engine):", "",
+              "| format | state bytes | blob bytes (= store bytes per turn) | save ms | load ms | move ms |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in result["moves"]:
+        lines.append(f"| {row['format']} | {row['state_bytes']:,} | {row['blob_bytes']:,} | {row['save_ms']:.2f} | "
+                     f"{row['load_ms']:.2f} | {row['move_ms']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default=None, help="a released shape with random weights (e.g. 1.5B); default: bundled")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--streams", type=int, default=256, help="streams in flight per replica")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--replicas", default="1,2", help="replica counts to run, e.g. 1,2")
+    p.add_argument("--stream", action="store_true", help="streamed responses (every token through the ingress)")
+    p.add_argument("--move-tokens", type=int, default=64)
+    p.add_argument("--move-repeats", type=int, default=20)
+    p.add_argument("--redis-server", default=shutil.which("redis-server"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.redis_server is None:
+        p.error("no redis-server on PATH: pass --redis-server")
+    directory = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    redis, url = start_redis(args.redis_server, str(directory))
+    try:
+        model_path, model = model_file(args, directory)
+        rows = [throughput(args, model_path, url, int(n)) for n in args.replicas.split(",")]
+        move_rows = moves(args, model_path, url)
+    finally:
+        redis.terminate()
+    device = torch.cuda.get_device_name() + f" x{torch.cuda.device_count()}" if args.device == "cuda" else "CPU"
+    result = {"date": datetime.date.today().isoformat(), "device": device, "model": model, "max_tokens": args.max_tokens,
+              "streams_per_replica": args.streams, "stream": args.stream, "throughput": rows, "moves": move_rows}  # fmt: skip
+    by = {r["replicas"]: r["tokens_per_s"] for r in rows}
+    if 1 in by and 2 in by:
+        result["speedup"] = by[2] / by[1]
+    write_results(args.out, result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Session affinity for Ray Serve: a request router for the engine replicas.
+
+The ingress passes each request's session id (`session=`) to the replica handle; this router
+sends it to the replica that served the session last, where its state is already in the
+pool, and a request without a known session to the least-loaded replica (Ray's queue-length
+probes pick the shortest queue among the candidates). When the replica that held a session
+has died, or its queue is full, the session goes to another one, which loads it from the
+shared store. A request may also name its replica outright (`replica=`, a replica's
+unique id): the ingress uses that to gather every replica's metrics.
+
+The router runs inside the ingress process, next to its deployment handle. The map of
+session -> replica is learnt from where requests were routed, plus what the ingress tells it
+about sessions created or forked (their ids exist only once a replica answered), through
+`remember` (affinity.py: the map both share, bounded, least recently used forgotten first).
+"""
+
+from __future__ import annotations
+
+import random
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from . import affinity  # by reference (see affinity.py); never `from .affinity import AFFINITY`
+
+
+class SessionAffinityRouter(FIFOMixin, RequestRouter):
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        affinity.AFFINITY.replicas = [r.replica_id.unique_id for r in candidate_replicas]
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        named = kwargs.get("replica")
+        if named is not None:
+            return [[by_id[named]]] if named in by_id else []
+        session = kwargs.get("session")
+        home = by_id.get(affinity.AFFINITY.lookup(session) or "") if session else None
+        if home is not None:
+            others = [r for r in candidate_replicas if r is not home]
+            return [[home], others] if others else [[home]]
+        # least loaded: Ray picks the shortest queue among these; sessions held break ties
+        held = affinity.AFFINITY.load()
+        ranked = sorted(candidate_replicas, key=lambda r: (held.get(r.replica_id.unique_id, 0), random.random()))
+        return [ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        session = pending_request.kwargs.get("session")
+        if not session:
+            return
+        home = affinity.AFFINITY.lookup(session)
+        if home == replica_id.unique_id:
+            affinity.AFFINITY.hits += 1
+        else:
+            affinity.AFFINITY.misses += home is not None
+            affinity.AFFINITY.remember(session, replica_id.unique_id)
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        super().on_replica_actor_died(replica_id)
+        affinity.AFFINITY.forget_replica(replica_id.unique_id)
