@@ -87,3 +87,21 @@ def test_two_servers_share_sessions_through_the_store(tmp_path):
         a.send_signal(signal.SIGINT)
         a.wait(60)
         redis.stop()
+
+
+def test_a_failed_store_write_fails_the_request_and_changes_nothing(tmp_path):
+    """A session whose new state does not fit the store (its byte cap is smaller than one state
+    file) is not acknowledged: 507, and the session stays as the store has it."""
+    redis = RedisServer(tmp_path).start()
+    try:
+        config = ServerConfig(slots=2, session_store=StoreConfig(url=redis.url, max_bytes=100_000))
+        with BackgroundServer(create_app(Model.load(BUNDLED_MODEL), config)) as srv:
+            sid = new_session(srv.url)  # an empty session's file holds no state: it fits
+            r = complete(srv.url, sid, PROMPTS[0])
+            assert r.status_code == 507 and r.json()["error"]["code"] == "session_store_full", r.text
+            assert httpx.get(f"{srv.url}/v1/sessions/{sid}", timeout=30).json()["tokens"] == 0
+            one_off = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                                 json={"model": MODEL, "prompt": "x", "max_tokens": 2})  # fmt: skip
+            assert one_off.status_code == 200  # requests without a session go on
+    finally:
+        redis.stop()
