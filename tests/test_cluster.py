@@ -16,8 +16,10 @@ import time
 
 import pytest
 
-pytest.importorskip("ray.serve")
-pytest.importorskip("redis")
+from redis_server import RedisServer, free_port, require  # noqa: E402
+
+require("ray.serve")
+require("redis")
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
@@ -25,7 +27,6 @@ import torch  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
 from rwkvstate.state.files import decode_state_file  # noqa: E402
 
-from redis_server import RedisServer, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 

@@ -7,11 +7,13 @@ import time
 import pytest
 import torch
 
-from rwkvstate.cluster.store import RedisStore, StoreConfig, StoreConflict, StoreFull, StoreUnavailable
-from rwkvstate.errors import StateError
-from rwkvstate.state.files import decode_state_file, encode_state_file
+from redis_server import RedisServer, free_port, require
 
-from redis_server import RedisServer, free_port
+require("redis")
+
+from rwkvstate.cluster.store import RedisStore, StoreConfig, StoreConflict, StoreFull, StoreUnavailable  # noqa: E402
+from rwkvstate.errors import StateError  # noqa: E402
+from rwkvstate.state.files import decode_state_file, encode_state_file  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-pytest.importorskip("redis")
+from redis_server import RedisServer, free_port, require  # noqa: E402
+
+require("redis")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
@@ -22,7 +24,6 @@ from rwkvstate.cluster.store import StoreConfig  # noqa: E402
 from rwkvstate.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
 from rwkvstate.state.files import decode_state_file  # noqa: E402
 
-from redis_server import RedisServer, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 MODEL = BUNDLED_MODEL.stem
