@@ -303,6 +303,17 @@ class Reply:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self._reply = ReplyText() if chat else None  # a chat reply starts after "Assistant:"
+        self._template: tuple[bytes, bytes] | None = None  # a text chunk's SSE bytes around its text
+
+    def text_event(self, text: str) -> bytes:
+        """The SSE event of a chunk carrying `text`: the chunk's JSON is rendered once per
+        reply around a marker, so each piece costs one string encoding, not a dict and a dump."""
+        if self._template is None:
+            marker = f"@{uuid.uuid4().hex}@"
+            before, after = _sse_data(self.chunk(text=marker)).split(json.dumps(marker).encode())
+            self._template = (before, after)
+        before, after = self._template
+        return before + json.dumps(text, ensure_ascii=False).encode() + after
 
     def text(self, piece: str) -> str:
         return piece if self._reply is None else self._reply.push(piece)
@@ -377,7 +388,7 @@ async def _sse(ctx: ServerContext, job: Job, reply: Reply, include_usage: bool):
             if isinstance(event, Text):
                 text = reply.text(event.text)
                 if text:
-                    yield _sse_data(reply.chunk(text=text))
+                    yield reply.text_event(text)
             elif isinstance(event, Done):
                 yield _sse_data(reply.add_state(reply.chunk(finish=event.finish_reason), event))
                 if include_usage:

@@ -157,7 +157,7 @@ class ServerContext:
         watcher = asyncio.ensure_future(self._watch(request, job)) if request is not None else None
         try:
             while True:
-                for event in self._translate(job, await job.events.get()):
+                for event in self._coalesce(job, await job.events.get()):
                     job.timer.on_event(event)
                     yield event
                 if job.ended:
@@ -168,6 +168,23 @@ class ServerContext:
             if not job.ended:
                 self.cancel(job)
                 self._ended(job)
+
+    def _coalesce(self, job: Job, first: m.Update) -> list[object]:
+        """The events of `first` and of every update already queued behind it, their text
+        joined: a reader that fell behind by several steps writes them as one piece, so the
+        work per wakeup (and per SSE write) does not grow with how far behind it is."""
+        events, pieces = [], []
+        update: m.Update | None = first
+        while update is not None:
+            for event in self._translate(job, update):
+                if isinstance(event, Text):
+                    pieces.append(event.text)
+                else:
+                    events.append(event)
+            if job.ended:
+                break
+            update = job.events.get_nowait() if not job.events.empty() else None
+        return ([Text("".join(pieces))] if pieces else []) + events
 
     def _translate(self, job: Job, update: m.Update) -> list[object]:
         """An update of the core as events: ids become text; a stop string found here is sent
