@@ -11,8 +11,10 @@ For each level (streams at once), in one run and on one device:
   from the first prompt to the last token (the server's workload, against the server);
 - server: the same requests as streaming /v1/completions against `rwkvstate serve` (engine
   core in a process of its own, `--api-processes` HTTP processes), fired by `--client-processes`
-  load-generator processes; tokens/s from the first request to the last [DONE], time to the
-  first text chunk (TTFT) and the gaps between text chunks (inter-token latency), p50 and p99.
+  load-generator processes that wait at a barrier after their imports and start together;
+  tokens/s (completion tokens from the usage chunks) from that common start to the last [DONE],
+  time to the first text chunk (TTFT) and the gaps between text chunks (inter-token latency),
+  p50 and p99. The spread of the generators' first requests is reported beside it.
 
 Generations never stop early (`stop_token_ids: []`), so every request produces --max-tokens
 tokens. With `--shape`, random weights of a released shape (world vocabulary) replace the
@@ -47,6 +49,8 @@ from rwkvstate.state.layout import dtype_name, parse_dtype  # noqa: E402
 
 PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
 TOP_P = dict(temperature=1.0, top_p=0.9)
+SERVER_METHOD = ("server tokens/s: completion tokens (usage chunks) over the time from the common start of the "
+                 "load generators (a barrier after their imports) to the last [DONE]")
 
 
 def model_spec(args) -> ModelSpec:
@@ -128,6 +132,7 @@ def _serve_main(spec: ModelSpec, config) -> None:
     """A server process: `rwkvstate serve` with this spec and config (engine core in its own process)."""
     from rwkvstate.server import serve
 
+    sys.stdin = None  # type: ignore[assignment]  # uvicorn's workers would reopen this process's (closed) stdin
     serve(spec, config, log_level="warning")
 
 
@@ -216,12 +221,18 @@ async def one_request(client, url: str, body: dict) -> dict:
             "tokens": tokens}  # fmt: skip
 
 
-async def fire(url: str, model_name: str, indices: list[int], concurrency: int, max_tokens: int) -> list[dict]:
+async def fire(url: str, model_name: str, indices: list[int], concurrency: int, max_tokens: int,
+               barrier=None) -> list[dict]:
+    """The requests `indices`, `concurrency` at a time. With `barrier` (a multiprocessing
+    Barrier), every load generator waits there once its imports and its client are ready,
+    so they all start sending together."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+        if barrier is not None:
+            await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 600)
 
         async def limited(i: int) -> dict:
             body = {"model": model_name, "prompt": prompt(i), "max_tokens": max_tokens, **TOP_P, "seed": i,
@@ -232,28 +243,33 @@ async def fire(url: str, model_name: str, indices: list[int], concurrency: int, 
         return await asyncio.gather(*(limited(i) for i in indices))
 
 
-def _client_main(args: tuple, results) -> None:
-    """A load generator in its own process (spawned)."""
-    results.put(asyncio.run(fire(*args)))
+def _client_main(args: tuple, barrier, results) -> None:
+    """A load generator in its own process (spawned); it starts sending when all are ready."""
+    results.put(asyncio.run(fire(*args, barrier=barrier)))
 
 
 def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: int, clients: int) -> dict:
     """`level` requests at a time, waves * level in all, split over `clients` processes."""
     clients = max(1, min(clients, level))
     ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
+    results, barrier = ctx.Queue(), ctx.Barrier(clients)
     share = [list(range(c, waves * level, clients)) for c in range(clients)]
     procs = [ctx.Process(target=_client_main, args=((url, model_name, idx, len(range(c, level, clients)), max_tokens),
-                                                    results)) for c, idx in enumerate(share)]  # fmt: skip
+                                                    barrier, results)) for c, idx in enumerate(share)]  # fmt: skip
     for p in procs:
         p.start()
-    rows = [r for _ in procs for r in results.get(timeout=1800)]
+    batches = [results.get(timeout=1800) for _ in procs]
     for p in procs:
         p.join(30)
-    wall = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    rows = [r for batch in batches for r in batch]
+    # every generator's first request starts right after the barrier (monotonic clocks are one
+    # clock across processes here): the spread of those starts says how together they began
+    starts = [min(r["start"] for r in batch) for batch in batches]
+    wall = max(r["end"] for r in rows) - min(starts)
     gaps = [g for r in rows for g in r["gaps"]]
     ttft = [r["ttft_s"] for r in rows]
     return {"server_tokens_per_s": sum(r["tokens"] for r in rows) / wall, "server_requests": len(rows),
+            "server_wall_s": wall, "client_start_spread_ms": 1000 * (max(starts) - min(starts)),
             "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
             "itl_p50_ms": 1000 * percentile(gaps, 50), "itl_p99_ms": 1000 * percentile(gaps, 99)}  # fmt: skip
 
@@ -294,7 +310,7 @@ def run(args) -> dict:
         "model": f"random {args.shape} shape" if args.shape else Path(spec.path).name,
         "compute_dtype": spec.dtype, "state_dtype": dtype_name(state_dtype), "max_tokens": args.max_tokens,
         "waves": args.waves, "core": args.core, "api_processes": args.api_processes if args.core == "process" else 1,
-        "client_processes": args.client_processes, "sampling": TOP_P, "rows": rows,
+        "client_processes": args.client_processes, "sampling": TOP_P, "server_method": SERVER_METHOD, "rows": rows,
     }  # fmt: skip
 
 
@@ -306,7 +322,7 @@ def markdown(r: dict) -> str:
            f"per request, top-p sampling (temperature 1, top_p 0.9), {r['waves']} waves of `streams` requests; "
            f"server: engine core in {'its own process' if r['core'] == 'process' else 'a thread'}, "
            f"{r['api_processes']} API process(es), {r['client_processes']} load-generator process(es); "
-           f"torch {r['torch']}.", "",
+           f"torch {r['torch']}.", "", f"Method: {r.get('server_method', 'server tokens/s from the first request to the last [DONE]')}.", "",
            "| streams | bare decode tok/s | engine decode tok/s (vs bare) | engine end-to-end tok/s | "
            "server tok/s (vs engine) | TTFT p50 / p99 ms | inter-token p50 / p99 ms (p99 vs bare step) |",
            "|---|---|---|---|---|---|---|"]  # fmt: skip
