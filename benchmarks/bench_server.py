@@ -322,10 +322,12 @@ def markdown(r: dict) -> str:
            f"per request, top-p sampling (temperature 1, top_p 0.9), {r['waves']} waves of `streams` requests; "
            f"server: engine core in {'its own process' if r['core'] == 'process' else 'a thread'}, "
            f"{r['api_processes']} API process(es), {r['client_processes']} load-generator process(es); "
-           f"torch {r['torch']}.", "", f"Method: {r.get('server_method', 'server tokens/s from the first request to the last [DONE]')}.", "",
-           "| streams | bare decode tok/s | engine decode tok/s (vs bare) | engine end-to-end tok/s | "
-           "server tok/s (vs engine) | TTFT p50 / p99 ms | inter-token p50 / p99 ms (p99 vs bare step) |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+           f"torch {r['torch']}.", ""]  # fmt: skip
+    if "server_method" in r:  # results written before the load generators had a barrier have none
+        out += [f"Method: {r['server_method']}.", ""]
+    out += ["| streams | bare decode tok/s | engine decode tok/s (vs bare) | engine end-to-end tok/s | "
+            "server tok/s (vs engine) | TTFT p50 / p99 ms | inter-token p50 / p99 ms (p99 vs bare step) |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["rows"]:
         out.append(f"| {row['streams']} | {row['bare_tokens_per_s']:,.0f} | {row['engine_decode_tokens_per_s']:,.0f} "
                    f"({100 * row['engine_vs_bare']:.0f}%) | {row['engine_tokens_per_s']:,.0f} | "
