@@ -14,7 +14,9 @@ For each level (streams at once), in one run and on one device:
   load-generator processes that wait at a barrier after their imports and start together;
   tokens/s (completion tokens from the usage chunks) from that common start to the last [DONE],
   time to the first text chunk (TTFT) and the gaps between text chunks (inter-token latency),
-  p50 and p99. The spread of the generators' first requests is reported beside it.
+  p50 and p99. The spread of the generators' first requests is reported beside it, and where
+  the slow gaps (20 ms or more) fall: how many, in how many 10 ms bins of time, and how many
+  in the fullest bin (many streams slow at one instant: a shared stall; spread: per stream).
 
 Generations never stop early (`stop_token_ids: []`), so every request produces --max-tokens
 tokens. With `--shape`, random weights of a released shape (world vocabulary) replace the
@@ -49,6 +51,8 @@ from rwkvstate.state.layout import dtype_name, parse_dtype  # noqa: E402
 
 PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
 TOP_P = dict(temperature=1.0, top_p=0.9)
+SLOW_GAP_S = 0.02  # an inter-token gap this long counts as slow (several decode steps on a GPU)
+STALL_BIN_S = 0.01  # slow gaps ending within one such bin are counted as one stall
 SERVER_METHOD = ("server tokens/s: completion tokens (usage chunks) over the time from the common start of the "
                  "load generators (a barrier after their imports) to the last [DONE]")
 
@@ -217,8 +221,21 @@ async def one_request(client, url: str, body: dict) -> dict:
                 arrivals.append(time.monotonic())
     end = time.monotonic()
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    slow = [(b, b - a) for a, b in zip(arrivals, arrivals[1:]) if b - a >= SLOW_GAP_S]
     return {"start": start, "end": end, "ttft_s": (arrivals[0] if arrivals else end) - start, "gaps": gaps,
-            "tokens": tokens}  # fmt: skip
+            "slow": slow, "tokens": tokens}  # fmt: skip
+
+
+def stalls(rows: list[dict]) -> dict:
+    """Where the slow gaps (>= SLOW_GAP_S) fall: gaps of many streams ending within one STALL_BIN_S
+    bin are one stall shared by those streams (the core, or one API process for its streams);
+    gaps spread over many bins are each stream's own (its reader, its load generator)."""
+    ends = sorted(t for r in rows for t, _ in r["slow"])
+    bins: dict[int, int] = {}
+    for t in ends:
+        bins[int(t / STALL_BIN_S)] = bins.get(int(t / STALL_BIN_S), 0) + 1
+    return {"slow_gaps": len(ends), "slow_gap_bins": len(bins),
+            "slow_gaps_in_largest_bin": max(bins.values(), default=0)}  # fmt: skip
 
 
 async def fire(url: str, model_name: str, indices: list[int], concurrency: int, max_tokens: int,
@@ -269,7 +286,7 @@ def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: 
     gaps = [g for r in rows for g in r["gaps"]]
     ttft = [r["ttft_s"] for r in rows]
     return {"server_tokens_per_s": sum(r["tokens"] for r in rows) / wall, "server_requests": len(rows),
-            "server_wall_s": wall, "client_start_spread_ms": 1000 * (max(starts) - min(starts)),
+            "server_wall_s": wall, "client_start_spread_ms": 1000 * (max(starts) - min(starts)), **stalls(rows),
             "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
             "itl_p50_ms": 1000 * percentile(gaps, 50), "itl_p99_ms": 1000 * percentile(gaps, 99)}  # fmt: skip
 
