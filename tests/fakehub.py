@@ -3,7 +3,9 @@
 It answers what huggingface_hub's `hf_hub_download` asks, the way the hub does for an LFS
 file: `HEAD/GET {endpoint}/{repo}/resolve/{revision}/{filename}` gives a 302 whose headers
 carry the metadata (X-Repo-Commit, X-Linked-Etag = the sha256, X-Linked-Size, ETag) and a
-Location on another origin (the "CDN", a second server), which serves the bytes with
+Location on another origin (the "CDN", a second server, named `localhost` so that its host
+differs from the hub's `127.0.0.1`: huggingface_hub 1.x follows a HEAD's redirect to the same
+host and would then miss the metadata headers), which serves the bytes with
 Content-Length and honours Range requests. Unknown repositories, revisions and files get
 404s with the hub's X-Error-Code header.
 
@@ -112,7 +114,7 @@ def _handler(hub: FakeHub, cdn: bool):
             self.send_header("ETag", '"' + hashlib.sha1(data[:64]).hexdigest() + '"')  # the pointer's git oid
             self.send_header("X-Linked-Etag", f'"{sha}"')
             self.send_header("X-Linked-Size", str(hub.lie_size or len(data)))
-            self.send_header("Location", f"http://127.0.0.1:{hub._cdn.server_address[1]}/cdn/{sha}")
+            self.send_header("Location", f"http://localhost:{hub._cdn.server_address[1]}/cdn/{sha}")
             self.send_header("Content-Length", "0")
             self.end_headers()
 

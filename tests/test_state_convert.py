@@ -375,7 +375,8 @@ def test_load_state_tuning_file_formats(tmp_path):
     [("missing.pth", None, "state file not found"),
      ("garbage.pth", b"not a pickle", "is neither a PyTorch (.pth) nor a safetensors state file"),
      ("garbage.safetensors", b"\x00\x01junk", "is neither a PyTorch (.pth) nor a safetensors state file"),
-     ("cut.pth", "truncated-zip", "cannot read"),],
+     # torch 2.13 reads the zip directory and fails on its data; torch 2.11 does not take it for a zip
+     ("cut.pth", "truncated-zip", ("cannot read", "is neither a PyTorch (.pth) nor a safetensors state file")),],
 )  # fmt: skip
 def test_load_state_tuning_file_failures_are_one_line(tmp_path, name, content, message):
     path = tmp_path / name
@@ -385,7 +386,8 @@ def test_load_state_tuning_file_failures_are_one_line(tmp_path, name, content, m
         path.write_bytes(data[: len(data) // 2] + data[-200:])  # the zip directory survives, the data does not
     elif content is not None:
         path.write_bytes(content)
-    with pytest.raises(ValueError, match=re.escape(message)) as info:
+    messages = (message,) if isinstance(message, str) else message
+    with pytest.raises(ValueError, match="|".join(map(re.escape, messages))) as info:
         load_state_tuning_file(path, 2, 24, 8)
     assert "weights_only" not in str(info.value)
     assert "\n" not in str(info.value)
