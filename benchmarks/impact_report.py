@@ -231,6 +231,10 @@ def header(meta: dict, result: dict) -> list[str]:
     for skip in result["skipped"]:
         lines += [f"Skipped {skip['shape']}: {skip['reason']}; run it on its own with `--shapes {skip['shape']}` "
                   "and combine the JSON files with `--merge`.", ""]  # fmt: skip
+    for run in meta.get("incomplete_runs", []):  # later runs that ended early: recorded, not published
+        lines += [f"A later run ({run['date']}, {run['card']}, {', '.join(run['shapes'])}) did not complete: "
+                  f"{run['reason']}. Its partial results are not published; every figure here is from the run "
+                  "named above.", ""]  # fmt: skip
     return lines
 
 

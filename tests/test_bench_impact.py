@@ -89,6 +89,9 @@ def test_gpu_wording_and_merge(tiny_run, monkeypatch):
     gpu["meta"]["cpu"] = False
     text = report(gpu)
     assert "These are CPU figures" not in text and "Not measured" not in text
+    assert "did not complete" not in text
+    gpu["meta"]["incomplete_runs"] = [{"date": "2026-01-02", "card": "card", "shapes": ["tiny"], "reason": "timed out"}]
+    assert "A later run (2026-01-02, card, tiny) did not complete: timed out." in report(gpu)
     merged = load_bench().merge([result, result])
     assert merged["meta"]["shapes"] == ["tiny"] and len(merged["speed"]) == len(result["speed"])
 
