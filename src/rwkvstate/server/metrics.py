@@ -4,8 +4,8 @@ Every label value comes from a fixed set, so no request can add a line or grow t
 requests are counted by route template (the path pattern the router matched, e.g.
 `/v1/sessions/{session_id}`; `unmatched` for no route, `refused` for requests turned away
 before routing: wrong API key, body too large) and status class (`2xx` ... `5xx`). Engine
-figures come from the worker's latest stats snapshot (refreshed every 0.2 s), read when
-scraped, so a scrape never waits for the engine.
+figures come from the engine core's latest stats (its heartbeat refreshes them every 0.1 s),
+read when scraped, so a scrape never waits for the engine.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ENGINE_METRICS = (
 )
 STATE_TIERS = (("pool", "bytes_pool"), ("host", "bytes_host_tier"), ("history", "bytes_history"),
                ("prefix_cache", "bytes_prefix_cache"))  # fmt: skip
-# (figures key, metric name, type, help): the server's own figures (ServerState.figures)
+# (figures key, metric name, type, help): the server's own figures (in the core's stats too)
 SERVER_METRICS = (
     ("persistent_sessions", "persistent_sessions", "gauge", "sessions created through /v1/sessions"),
     ("storage_ok", "storage_ok", "gauge", "1 while the state directory takes writes, 0 after a failed one"),
