@@ -55,10 +55,6 @@ class DecodeBatch:
         if stream in self._joined:
             self._joined.remove(stream)
 
-    @property
-    def has_stops(self) -> bool:
-        return self.stops is not None
-
     def count_tensor(self) -> torch.Tensor:
         """What the sampler reads for penalties (a dummy while no stream has any)."""
         return self._no_counts if self.counts.data is None else self.counts.data
@@ -70,7 +66,7 @@ class DecodeBatch:
         if self._joined:
             self._write_slot_rows(self._joined)
             self._joined = []
-        self.slot_list = [_slot(s) for s in self.streams]
+        self.slot_list = [resident_slot(s) for s in self.streams]
         positions = [len(s.token_ids) for s in self.streams]
         host = torch.tensor([self.slot_list, positions], dtype=torch.int64)
         moved = _to_device(host, self.device)
@@ -103,7 +99,7 @@ class DecodeBatch:
 
     # ---- per-slot rows, written once per joining stream ------------------------------------
     def _write_slot_rows(self, streams: list[GenerationStream]) -> None:
-        slots = [_slot(s) for s in streams]
+        slots = [resident_slot(s) for s in streams]
         params = [s.params for s in streams]
         count_rows = [slot if p.has_penalties() else -1 for slot, p in zip(slots, params)]
         rows = sampling_rows(params, [s.seed for s in streams], [0] * len(streams), count_rows, self.device)
@@ -132,7 +128,7 @@ class DecodeBatch:
                 _to_device(torch.tensor(values, dtype=torch.float32), self.device))  # fmt: skip
 
 
-def _slot(stream: GenerationStream) -> int:
+def resident_slot(stream: GenerationStream) -> int:
     slot = stream.session._slot
     assert slot is not None, "a stream of the decode batch keeps its session resident"
     return slot

@@ -297,7 +297,7 @@ class EngineCore:
             prefix_ids = tokenizer.encode(msg.prefix)
         else:
             text = msg.prefix + text
-        before = session.tokens + prefix_ids
+        before = prefix_ids or session.tokens  # prefix_ids only when the session is empty
         if msg.chat:
             text = turn_break(tokenizer.decode_bytes(before[-4:]) if before else None) + text
         ids = prefix_ids + tokenizer.encode(text)

@@ -157,9 +157,10 @@ class Session:
         """Takes back the last generation's tokens and generates again from the same point
         (same limits and sampling unless given); returns the new stream."""
         self._check_usable()
-        last = self._last_generation
-        if last is None or last.start_position is None:
+        if not self.can_regenerate:
             raise RwkvStateError("nothing to regenerate: this session has no finished generation to take back")
+        last = self._last_generation
+        assert last is not None and last.start_position is not None  # can_regenerate
         self.engine.rollback(self, len(self.tokens) - last.start_position)
         return self.generate(max_tokens or last.max_tokens, sampling or last.params)
 

@@ -27,7 +27,7 @@ import torch
 from ..config import EngineConfig
 from ..ops import sampling as ops
 from ..state.pool import StatePool
-from .batch import DecodeBatch
+from .batch import DecodeBatch, resident_slot
 from .graphs import DecodeGraphs
 from .residency import Residency
 from .sampling import TokenCounts
@@ -247,7 +247,7 @@ class Stepper:
 
     def _forward(self, items: list[StepItem]) -> None:
         """Feeds decode tokens (already in the token logs) and prompt chunks in one forward."""
-        slots = [self._slot(s) for s, _ in items]
+        slots = [resident_slot(s) for s, _ in items]
         decode = all(len(ids) == 1 for _, ids in items) and all(s.start_position is not None for s, _ in items)
         if decode:
             logits = self.graphs.decode(slots, [ids[0] for _, ids in items])
@@ -282,12 +282,7 @@ class Stepper:
             if finish and not stream.done:
                 stream.finish("error")
             try:
-                self.rewind(session, self._slot(stream), len(session.tokens))
+                self.rewind(session, resident_slot(stream), len(session.tokens))
             except Exception:
                 session._lost = True
 
-    @staticmethod
-    def _slot(stream: GenerationStream) -> int:
-        slot = stream.session._slot
-        assert slot is not None, "a live stream keeps its session resident"
-        return slot

@@ -5,9 +5,7 @@ iterator, an API server process) turns ids into text with a StopText, which find
 string at the token that completes it and returns only the text before it. The engine runs
 ahead of its readers, so a reader that finds a stop string tells the engine how many tokens
 the stream should have had (`GenerationStream.stop_at`, the core's StopAt message) and the
-engine takes the extra ones back. When a stream with stop strings ends for another reason,
-the engine runs the same scan once over its tokens (`find_stop`), so the engine and every
-reader agree on where it stopped.
+engine takes the extra ones back. `find_stop` runs the same scan over a whole token list.
 """
 
 from __future__ import annotations
