@@ -162,7 +162,7 @@ class Model:
         self._check_pool(pool)
         slots = pool.check_slots(list(slots))
         packed = pack(slots, tokens, self.config.vocab_size, self.device)
-        pool.begin_write(s for s, t in zip(slots, tokens) if len(t))
+        pool.begin_write((s for s, t in zip(slots, tokens) if len(t)), check=False)  # checked above
         x = self._layers(pool, packed)
         return self._output(x, packed, output)
 

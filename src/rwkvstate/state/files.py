@@ -490,7 +490,7 @@ def _zero_from_meta(path: Path, text: str, layout: StateLayout | None) -> dict[s
     return zero_state(L, C, N)
 
 
-def _check_tokens_logits(path: Path, tensors, vocab_size: int | None) -> None:
+def _check_tokens_logits(path: Path, tensors, tokens: list[int], vocab_size: int | None) -> None:
     logits = tensors.get("logits")
     if logits is not None:
         if vocab_size is not None and logits.numel() != vocab_size:
@@ -500,7 +500,7 @@ def _check_tokens_logits(path: Path, tensors, vocab_size: int | None) -> None:
         vocab_size = logits.numel()
     top = vocab_size if vocab_size is not None else _INT32_MAX + 1
     try:
-        check_token_ids(tensors["tokens"].tolist(), top)
+        check_token_ids(tokens, top)
     except ValueError as e:
         raise StateError(f"{path}: {e}") from None
 
@@ -525,10 +525,10 @@ def _validate(path, tensors, meta, fingerprint=None, model_info=None, layout=Non
     if meta["storage_dtype"] == QUANTIZED_STORAGE and "zero_state" not in meta:
         tensors = {**tensors, **_dequantize_state(path, tensors)}
     state = _check_state(path, tensors, meta, layout)
-    _check_tokens_logits(path, tensors, vocab_size)
+    tokens = tensors["tokens"].tolist()
+    _check_tokens_logits(path, tensors, tokens, vocab_size)
     extra = _check_extra(path, meta)
     logits = tensors.get("logits")
-    tokens = tensors["tokens"].tolist()
     return StateFile(state, tokens, None if logits is None else logits.clone(), dict(meta), extra, "zero_state" in meta)
 
 

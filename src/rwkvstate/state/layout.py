@@ -100,11 +100,6 @@ class StateLayout:
         return self.n_embd // self.head_size
 
     @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """The canonical state's shapes for this layout (`state_shapes`)."""
-        return state_shapes(self.n_layer, self.n_embd, self.head_size)
-
-    @property
     def layer_numel(self) -> int:
         return (self.head_size + 2) * self.n_embd
 
