@@ -26,7 +26,7 @@ import hmac
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -42,7 +42,6 @@ log = logging.getLogger("rwkvstate.cluster")
 APP_NAME = "rwkvstate"
 REPLICA_HEADER = "x-rwkvstate-replica"  # which replica answered (the ingress learns affinity from it)
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-METRICS_TIMEOUT_S = 10.0
 ROUTER = "rwkvstate.cluster.routing.SessionAffinityRouter"  # by name: Ray imports it in the ingress
 
 
@@ -170,7 +169,6 @@ class Ingress:
         from .store import RedisStore
 
         self.engine = engine.options(stream=True)
-        self.info = engine.options(stream=False)
         self.config = config
         self.store = RedisStore(config.store)  # for its counters only: sessions are the replicas' business
         key = config.server.get("api_key")
@@ -200,7 +198,7 @@ class Ingress:
         headers = dict(start["headers"])
         if headers.get("content-type", "").startswith("text/event-stream"):
             return StreamingResponse(_relay(stream), status_code=start["status"], headers=_plain(headers))
-        chunks = [chunk async for chunk in _safe(stream)]
+        chunks = [chunk async for chunk in stream]
         content = b"".join(chunks)
         self._learn(request.method, path, start["status"], headers, content)
         return _raw_response(start["status"], headers, content)
@@ -256,11 +254,6 @@ def _session_of(method: str, path: str, body: bytes) -> str | None:
             return None
         return value if isinstance(value, str) else None
     return None
-
-
-async def _safe(stream) -> AsyncIterator[bytes]:
-    async for chunk in stream:
-        yield chunk
 
 
 async def _relay(stream) -> AsyncIterator[bytes]:
@@ -348,7 +341,3 @@ def _forwarded_env() -> dict[str, str]:
     """What replicas need from this process's environment: where rwkvstate's sources are."""
     keep = ("PYTHONPATH", "OMP_NUM_THREADS", "TRITON_INTERPRET", "RWKVSTATE_DEBUG")
     return {k: os.environ[k] for k in keep if k in os.environ}
-
-
-def config_dict(config: ClusterConfig) -> dict[str, Any]:
-    return asdict(config)

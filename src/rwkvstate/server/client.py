@@ -72,7 +72,7 @@ class CoreClient:
     # ---- requests -------------------------------------------------------------------------------
     def generate(self, request: m.Generate) -> asyncio.Queue:
         """Sends a generation request; its updates arrive on the returned queue."""
-        self._check_alive()
+        self.check_alive()
         request.rid = next(self._ids)
         events: asyncio.Queue = asyncio.Queue()
         self._requests[request.rid] = events
@@ -92,7 +92,7 @@ class CoreClient:
 
     async def call(self, op: str, **args) -> Any:
         """Runs a session operation on the core; its error becomes an APIError."""
-        self._check_alive()
+        self.check_alive()
         cid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._calls[cid] = future
@@ -105,7 +105,7 @@ class CoreClient:
             raise from_wire(result.error)
         return result.value
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         if not self.alive:
             raise APIError(503, "the engine is not running", code="engine_stopped")
 

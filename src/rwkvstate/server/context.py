@@ -78,7 +78,7 @@ class ServerContext:
         self.config = config
         self.started = int(time.time())
         # engine figures and the server's own (sessions, storage) both come from the core's stats
-        self.metrics = Metrics(lambda: self.stats, lambda: self.stats)
+        self.metrics = Metrics(lambda: self.stats)
         self.roots = () if config.state_dir is None else (config.state_dir,)  # never shown in errors
         self.inflight = 0  # generation requests accepted and not yet ended
         self.address = config.core_address or new_address()
@@ -223,8 +223,7 @@ class ServerContext:
                 return
 
     def check_alive(self) -> None:
-        if not self.client.alive:
-            raise APIError(503, "the engine is not running", code="engine_stopped")
+        self.client.check_alive()
 
 
 def core_config(config: ServerConfig, model) -> CoreConfig:

@@ -61,12 +61,13 @@ def status_class(status: int) -> str:
 class Metrics:
     """One registry per app (tests run several apps in one process)."""
 
-    def __init__(self, engine_stats: Callable[[], dict], figures: Callable[[], dict]):
+    def __init__(self, stats: Callable[[], dict]):
+        """stats: the engine core's latest stats, engine and server figures alike."""
         self.routes: frozenset[str] = frozenset()  # the app's route templates, set once its routes exist
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(f"{PREFIX}requests", "HTTP requests by route template and status class",
                                 ("route", "status"), registry=self.registry)  # fmt: skip
-        self.registry.register(_Snapshot(engine_stats, figures))
+        self.registry.register(_Snapshot(stats))
 
     def count(self, route: str | None, status: int) -> None:
         """Counts a finished request; `route` is the template the router matched, or None."""
@@ -80,19 +81,18 @@ class Metrics:
 class _Snapshot:
     """A collector reading the latest figures at scrape time."""
 
-    def __init__(self, engine_stats: Callable[[], dict], figures: Callable[[], dict]):
-        self.engine_stats, self.figures = engine_stats, figures
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
 
     def describe(self):
         return []  # the families depend on what the engine reports (no prefix cache: no cache figures)
 
     def collect(self):
-        stats, figures = self.engine_stats(), self.figures()
-        for table, values in ((ENGINE_METRICS, stats), (SERVER_METRICS, figures)):
-            for key, name, kind, help_text in table:
-                if key in values:
-                    family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                    yield family(PREFIX + name, help_text, value=float(values[key]))
+        stats = self.stats()
+        for key, name, kind, help_text in ENGINE_METRICS + SERVER_METRICS:
+            if key in stats:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(PREFIX + name, help_text, value=float(stats[key]))
         tiers = GaugeMetricFamily(f"{PREFIX}state_bytes", "bytes of recurrent state held, by tier", labels=["tier"])
         for tier, key in STATE_TIERS:
             tiers.add_metric([tier], float(stats.get(key, 0)))
