@@ -111,6 +111,34 @@ def test_cuda_graph_steps_mask_stop_ids_and_failed_rows_on_the_device():
         assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)
 
 
+def test_cuda_short_prompts_arriving_during_decode_are_read_in_the_graph():
+    """Prompts that arrive while streams decode are read one token per graph step (no packed
+    step runs), and end where the eager engine, which reads them packed, ends."""
+    cfg = SHAPES["L3-C192-N64-V300"]
+    tensors = random_checkpoint(cfg, seed=12)
+
+    def run(eager: bool):
+        engine = Engine(Model.from_tensors(tensors, cfg, device="cuda"), slots=6, enforce_eager=eager,
+                        history_every=4, prefix_cache_bytes=1 << 24, prefix_cache_every=8)  # fmt: skip
+        first = engine.session().generate(30, SamplingParams(temperature=0, stop_token_ids=[]),
+                                          prompt=random_tokens(5, cfg.vocab_size, seed=1))  # fmt: skip
+        engine.step()
+        late = [engine.session().generate(12, SamplingParams(temperature=0.8, seed=i, stop_token_ids=[]),
+                                          prompt=random_tokens(3 + 5 * i, cfg.vocab_size, seed=2 + i))
+                for i in range(4)]  # fmt: skip
+        prompting = len(engine.stepper.batch.prompting)
+        packed = engine.steps - engine.graphs.replays
+        engine.run([first] + late)
+        states = [engine.pool.export(s.session.slot) for s in [first] + late]
+        return prompting, engine.steps - engine.graphs.replays - packed, [s.token_ids for s in [first] + late], states
+
+    (p_eager, _, ids_eager, states_eager), (p_graph, packed_graph, ids_graph, states_graph) = map(run, (True, False))
+    assert p_eager == 0 and p_graph == 4 and packed_graph == 0
+    assert ids_eager == ids_graph
+    for a, b in zip(states_eager, states_graph):
+        assert all(rel_err(b[k], a[k]) <= 1e-4 for k in a)
+
+
 def test_cuda_graph_padding_touches_only_the_scratch_slot():
     cfg = SHAPES["L2-C128-N64"]
     model = Model.from_tensors(random_checkpoint(cfg, seed=7), cfg, device="cuda")

@@ -52,6 +52,9 @@ class EngineConfig:
     layout: str = "contiguous"
     max_prefill_chunk: int = 1024  # tokens fed per forward; longer prompts are chunked
     max_prefill_tokens: int = 0  # prompt tokens per generation step, all streams together; 0: max_prefill_chunk
+    # a prompt of at most this many tokens that arrives while other streams decode is read one
+    # token per step inside the decode graph, so it never stalls them with an eager packed forward
+    decode_prompt_tokens: int = 64
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     max_decode_batch: int = 256  # largest captured decode batch; larger steps run eagerly
     # sessions beyond the pool's slots live on the host; None keeps them in the storage dtype (lossless)
@@ -81,6 +84,8 @@ class EngineConfig:
             self.max_prefill_tokens = self.max_prefill_chunk
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1 (0: max_prefill_chunk), got {self.max_prefill_tokens}")
+        if self.decode_prompt_tokens < 0:
+            raise ValueError(f"decode_prompt_tokens must be >= 0 (0: off), got {self.decode_prompt_tokens}")
         if self.history_capacity is None:
             self.history_capacity = 4 if self.layout == "contiguous" else 0
         self._check_lifecycle()

@@ -7,6 +7,12 @@ positions the random draws are keyed by) are rebuilt only when a stream joins or
 between, a step only advances the positions on the device. So the Python work of a step is
 the per-stream bookkeeping of the sampled ids, nothing that grows with the vocabulary or the
 parameters.
+
+A stream may join while it still reads a short prompt ("prompting"): its prompt is written once
+into a per-slot table on the device, and each step feeds its next prompt token instead of a
+sampled one (`force_prompts`, on the device: a count of tokens left per row goes down by one).
+Its draws are thrown away, count for no penalty and move no random position; once its prompt
+is read (`prompt_done`) the row is rebuilt as an ordinary sampling row.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ if TYPE_CHECKING:
 
 
 class DecodeBatch:
-    def __init__(self, num_slots: int, vocab_size: int, device: torch.device, counts: TokenCounts):
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device, counts: TokenCounts,
+                 prompt_width: int = 0):  # fmt: skip
         rows = num_slots + 1  # the scratch slot has rows too: masked rows point there
         self.device, self.counts, self.vocab_size = torch.device(device), counts, vocab_size
         self.floats = torch.zeros(ops.NUM_FLOATS, rows, dtype=torch.float32, device=device)
@@ -36,6 +43,12 @@ class DecodeBatch:
         self._joined: list[GenerationStream] = []
         self._changed = False
         self._no_counts = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        # prompting rows: their prompts right-aligned in a [rows, prompt_width] table (made on first
+        # use), and per batch row the prompt tokens still to feed (0: the row samples)
+        self.prompt_width = prompt_width
+        self.prompting: set[GenerationStream] = set()
+        self._prompt_table: torch.Tensor | None = None
+        self._left: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -44,6 +57,11 @@ class DecodeBatch:
         return stream in self.streams
 
     def join(self, stream: GenerationStream) -> None:
+        """The stream samples from the next step on, or, while its prompt is not read yet (at
+        most prompt_width tokens left in stream.pending), feeds its prompt first."""
+        if stream.pending:
+            assert len(stream.pending) <= self.prompt_width, "a prompting row's prompt fits its table row"
+            self.prompting.add(stream)
         self.streams.append(stream)
         self._joined.append(stream)
         self._changed = True
@@ -54,6 +72,17 @@ class DecodeBatch:
             self._changed = True
         if stream in self._joined:
             self._joined.remove(stream)
+        self.prompting.discard(stream)
+
+    def prompt_done(self, stream: GenerationStream) -> None:
+        """The stream's prompt is read: its row samples from the next step on."""
+        self.prompting.discard(stream)
+        self._changed = True
+
+    def resync(self) -> None:
+        """A step fed prompt tokens on the host (not through force_prompts): the rows' counts of
+        tokens left are rebuilt from the streams' pending prompts before the next step."""
+        self._changed = True
 
     def count_tensor(self) -> torch.Tensor:
         """What the sampler reads for penalties (a dummy while no stream has any)."""
@@ -65,14 +94,21 @@ class DecodeBatch:
             return
         if self._joined:
             self._write_slot_rows(self._joined)
+            self._write_prompts([s for s in self._joined if s in self.prompting])
             self._joined = []
         self.slot_list = [resident_slot(s) for s in self.streams]
         positions = [len(s.token_ids) for s in self.streams]
-        host = torch.tensor([self.slot_list, positions], dtype=torch.int64)
+        prompting = self.prompting
+        left = [len(s.pending) if s in prompting else 0 for s in self.streams] if prompting else None
+        host = torch.tensor([self.slot_list, positions] + ([left] if left else []), dtype=torch.int64)
         moved = _to_device(host, self.device)
         self.slots = moved[0]
         ints = self.ints.index_select(1, self.slots)
         ints[ops.I_POSITION] = moved[1]
+        self._left = None
+        if left:
+            self._left = moved[2]
+            ints[ops.I_COUNT_ROW].masked_fill_(self._left > 0, -1)  # a thrown-away draw counts for nothing
         self.rows = ops.SamplingRows(self.floats.index_select(1, self.slots), ints, self._bias())
         self._changed = False
 
@@ -88,13 +124,29 @@ class DecodeBatch:
         """Every row sampled one token: the next draw of each stream is keyed one position on."""
         self.rows.ints[ops.I_POSITION] += 1
 
-    def feed_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        """The slots to feed the sampled ids into: a row whose sample failed or hit a stop id points
-        at the scratch slot instead, so its state is left as it was (the same rule the host
-        applies to the ids afterwards)."""
+    def force_prompts(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ids to feed this step (on the device): a prompting row's next prompt token replaces
+        its draw, and its count of tokens left goes down by one. Returns (ids, the prompting rows'
+        mask or None when there are none)."""
+        left = self._left
+        if left is None:
+            return ids, None
+        assert self._prompt_table is not None
+        width = self.prompt_width
+        prompting = left > 0
+        tokens = self._prompt_table[self.slots, (width - left).clamp(0, width - 1)]
+        left.sub_(prompting.to(left.dtype))
+        return torch.where(prompting, tokens, ids), prompting
+
+    def feed_mask(self, ids: torch.Tensor, prompting: torch.Tensor | None = None) -> torch.Tensor:
+        """The slots to feed the ids into: a row whose sample failed or hit a stop id points at the
+        scratch slot instead, so its state is left as it was (the same rule the host applies to
+        the ids afterwards); a prompting row is always fed."""
         keep = (ids >= 0) & (ids < self.vocab_size)
         if self.stops is not None:
             keep &= ~self.stops[self.slots, ids.clamp(0, self.vocab_size - 1)]
+        if prompting is not None:
+            keep |= prompting
         return torch.where(keep, self.slots, self.floats.shape[1] - 1)
 
     # ---- per-slot rows, written once per joining stream ------------------------------------
@@ -117,6 +169,20 @@ class DecodeBatch:
             ids = [t for t in stream.stop_ids if 0 <= t < self.vocab_size]
             table[row, ids] = True
         self.stops[index] = _to_device(table, self.device)
+
+    def _write_prompts(self, streams: list[GenerationStream]) -> None:
+        """Each joining prompting stream's prompt, right-aligned in its slot's table row: the next
+        token of a row with n tokens left is at column width - n."""
+        if not streams:
+            return
+        width = self.prompt_width
+        if self._prompt_table is None:
+            self._prompt_table = torch.zeros(self.floats.shape[1], width, dtype=torch.int64, device=self.device)
+        table = torch.zeros(len(streams), width, dtype=torch.int64)
+        for row, stream in enumerate(streams):
+            table[row, width - len(stream.pending) :] = torch.tensor(stream.pending, dtype=torch.int64)
+        index = torch.tensor([resident_slot(s) for s in streams], dtype=torch.int64)
+        self._prompt_table[_to_device(index, self.device)] = _to_device(table, self.device)
 
     def _bias(self):
         """The logit bias of the rows that have one, as (rows, ids, values) tensors, or None."""

@@ -330,7 +330,7 @@ class Engine:
         out: dict[str, int | float] = {
             "sessions": len(self.sessions), "slots_total": self.pool.num_slots, "slots_in_use": resident,
             "sessions_on_host": len(self.tier), "generating": self.num_generating, "waiting": self.num_waiting,
-            "steps": self.steps,
+            "steps": self.steps, "graph_steps": self.graphs.replays,
             "tokens_fed": self.tokens_fed, "tokens_generated": self.tokens_generated,
             "bytes_pool": self.pool.nbytes, "bytes_host_tier": self.tier.nbytes,
             "bytes_history": 0 if self.history is None else self.history.nbytes,

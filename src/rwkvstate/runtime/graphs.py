@@ -75,8 +75,8 @@ class DecodeGraphs:
         if not self.can_replay(B):
             self.eager_steps += 1
             return self.model.forward(self.pool, slots, [[t] for t in tokens], output="last")
-        host = torch.tensor([list(slots), list(tokens)], dtype=torch.int64).pin_memory()
-        device = host.to(self.device, non_blocking=True)
+        host = torch.tensor([list(slots), list(tokens)], dtype=torch.int64)
+        device = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
         return self.replay(device[0], device[1], slots)
 
     def replay(self, slots: torch.Tensor, tokens: torch.Tensor, written: Sequence[int]) -> torch.Tensor:
@@ -85,6 +85,10 @@ class DecodeGraphs:
         without copying them to the host first. `written`: the live slots among them (checked
         by the caller), whose write generations move."""
         B = slots.numel()
+        if not self.use_graphs:  # the same step, run eagerly (graphs turned off, or not a GPU)
+            self.pool.begin_write(written, check=False)
+            self.eager_steps += 1
+            return self.model.decode_step(self.pool, slots, tokens)
         if not self._captured:
             self.capture()
         size = next(s for s in self.batch_sizes if s >= B)

@@ -8,7 +8,9 @@ A stream is admitted when its session holds a slot or one can be had: a free slo
 slot of the least recently used idle session, which moves to the host tier. Every slot taken
 by a generating session means waiting. Each step decodes every decoding stream first, then
 feeds prompt chunks up to `max_prefill_tokens` tokens in all, oldest prompt first, so new
-requests never stall the running ones for more than one budget's worth of tokens.
+requests never stall the running ones for more than one budget's worth of tokens. A short
+prompt admitted while streams decode skips the prefilling list: it joins the decode batch and
+is read there one token per step (Stepper.takes_prompt), stalling nobody.
 
 While an operation of the engine's own waits for a slot (`hold()`), nothing is admitted: the
 running streams finish and free their slots for it.
@@ -109,7 +111,9 @@ class Scheduler:
         self.timeline.generation_started(session, stream)
         if stream.params.has_penalties():  # the slot's counts row may hold another stream's
             self.stepper.counts.rebuild(slot, stream.token_ids)
-        if stream.pending:
+        if stream.pending and self.stepper.takes_prompt(stream):  # read inside the decode batch
+            self.stepper.join(stream)
+        elif stream.pending:
             self.prefilling.append(stream)
         else:
             self.timeline.reply_started(session, slot, stream)

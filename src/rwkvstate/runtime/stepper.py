@@ -12,6 +12,12 @@ The decode-only step is the hot loop, and its Python work per stream is a few li
     -> while the GPU decodes: the ids reach the host; each stream appends its token, and ends on
        a stop id, a failed row or max_tokens.
 
+A short prompt that arrives while other streams decode (at most `decode_prompt_tokens`) joins
+the decode batch at once and is read one token per step inside the decode graph: an eager
+packed forward costs every decoding stream a step many times longer than a graph replay, so
+such prompts never go through one. Longer prompts, and prompts while nothing decodes, are fed in
+packed chunks (the scheduler's prefill budget).
+
 History and prefix-cache bookkeeping run only at their cut points: each stream's next cut is
 scheduled at the step (tick) it will reach it, so a step without cuts costs nothing there.
 Detokenisation and stop strings are not done here at all (runtime/text.py).
@@ -55,7 +61,8 @@ class Stepper:
         # an id the tokenizer cannot decode
         self.sample_limit = min(model.config.vocab_size, model.tokenizer.vocab_size)
         self.counts = TokenCounts(config.num_slots, self.sample_limit, model.device)  # for penalties
-        self.batch = DecodeBatch(config.num_slots, self.sample_limit, model.device, self.counts)
+        self.batch = DecodeBatch(config.num_slots, self.sample_limit, model.device, self.counts,
+                                 prompt_width=config.decode_prompt_tokens)  # fmt: skip
         self.steps = 0  # packed forwards run by step()
         self.tokens_fed = 0
         self.tokens_generated = 0
@@ -87,8 +94,15 @@ class Stepper:
         self.feed_ids(session, slot, tokens[start:target], cache=False)
 
     # ---- the decode batch ---------------------------------------------------------------------
+    def takes_prompt(self, stream: GenerationStream) -> bool:
+        """Whether the stream should read its pending prompt inside the decode batch: a short
+        prompt, while other streams decode, and the step with it still replays a graph."""
+        size, batch = len(stream.pending), len(self.batch)
+        return 0 < size <= self.config.decode_prompt_tokens and batch > 0 and self.graphs.can_replay(batch + 1)
+
     def join(self, stream: GenerationStream) -> None:
-        """The stream has read its prompt: from the next step on it samples a token every step."""
+        """From the next step on the stream samples a token every step, or, with a prompt still
+        pending (takes_prompt), first feeds that prompt one token per step."""
         self.batch.join(stream)
         self._schedule_cut(stream)
 
@@ -153,30 +167,51 @@ class Stepper:
         while the graph runs."""
         batch = self.batch
         streams, slots = list(batch.streams), batch.slot_list
-        ids = self._sample()
+        ids, prompting = batch.force_prompts(self._sample())
         host = self._to_host(ids)  # enqueued before the decode, so it does not wait for it
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(self.model.device))
-        feed = batch.feed_mask(ids)
+        copied = None
+        if self.model.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.model.device))
+        feed = batch.feed_mask(ids, prompting)
+        tokens = ids.clamp(0, self.sample_limit - 1)  # a failed row (-1) feeds the scratch slot
+        if prompting is not None:  # a prompt token may lie beyond the sampled range
+            tokens = torch.where(prompting, ids, tokens)
         try:
-            logits = self.graphs.replay(feed, ids.clamp(0, self.sample_limit - 1), slots)
+            logits = self.graphs.replay(feed, tokens, slots)
             self.residency.logits.index_copy_(0, feed, logits)
         except Exception:  # states rebuilt, then each stream runs again alone, through the host
-            fed, ended = self._take(streams, ids.tolist())
-            self._recover(fed, finish=False)
-            self._run_alone(fed)
+            fed, ended, prompts = self._take(streams, ids.tolist())
+            items = fed + self._prompt_items(prompts)
+            self._recover(items, finish=False)
+            self._run_alone(items)
             self._end_decode(ended)
             return
         except BaseException:  # an interrupt: every stream of the step ends
             self._recover([(s, []) for s in streams])
             raise
-        copied.synchronize()
-        _, ended = self._take(streams, host[: len(streams)].tolist())
+        if copied is not None:
+            copied.synchronize()
+        _, ended, prompts = self._take(streams, host[: len(streams)].tolist())
+        for stream in prompts:  # the graph fed each one's next prompt token
+            session = stream.session
+            old = len(session.tokens)
+            session.tokens.append(stream.pending.pop(0))
+            self.tokens_fed += 1
+            self._prompt_fed(stream, resident_slot(stream), old, cuts_only=True)
         self._end_decode(ended)
+
+    def _prompt_items(self, streams: list[GenerationStream]) -> list[StepItem]:
+        """Prompting streams of the decode batch whose next token a step feeds on the host: each
+        one's next prompt token, as a one-token prompt chunk."""
+        if streams:
+            self.batch.resync()
+        return [(s, [s.pending.pop(0)]) for s in streams]
 
     def _to_host(self, ids: torch.Tensor) -> torch.Tensor:
         if self._host_ids is None:
-            self._host_ids = torch.empty(self.pool.num_slots, dtype=torch.int64, pin_memory=True)
+            pinned = self.model.device.type == "cuda"
+            self._host_ids = torch.empty(self.pool.num_slots, dtype=torch.int64, pin_memory=pinned)
         host = self._host_ids[: ids.numel()]
         host.copy_(ids, non_blocking=True)
         return host
@@ -185,8 +220,8 @@ class Stepper:
         """A step with prompt chunks (or without graphs): the ids come to the host first, and the
         kept ones are fed with the chunks through Model.forward."""
         streams = list(self.batch.streams)
-        fed, ended = self._take(streams, self._sample().tolist()) if streams else ([], [])
-        items = fed + chunks
+        fed, ended, prompts = self._take(streams, self._sample().tolist()) if streams else ([], [], [])
+        items = fed + self._prompt_items(prompts) + chunks
         try:
             if items:
                 self._forward(items)
@@ -218,14 +253,18 @@ class Stepper:
                 log.exception("a forward failed for one stream; it ends with 'error', the others go on")
                 self._recover([(stream, ids)])
 
-    def _take(self, streams: list[GenerationStream], ids: list[int]) -> tuple[list[StepItem], list]:
+    def _take(self, streams: list[GenerationStream], ids: list[int]) -> tuple[list[StepItem], list, list]:
         """Each stream's sampled id, on the host: appended to the stream and its session's token
         log (the decode fed it, or is about to), or the stream is to end (a failed row, a stop id:
-        not fed; max_tokens: fed). Returns the fed (stream, [id]) items and the (stream, reason)
-        pairs to end once the step's forward has run."""
-        fed, ended = [], []
-        limit = self.sample_limit
+        not fed; max_tokens: fed). Returns the fed (stream, [id]) items, the (stream, reason)
+        pairs to end once the step's forward has run, and the prompting streams (their draws
+        are thrown away: they feed a prompt token instead)."""
+        fed, ended, prompts = [], [], []
+        limit, prompting = self.sample_limit, self.batch.prompting
         for stream, token in zip(streams, ids):
+            if prompting and stream in prompting:
+                prompts.append(stream)
+                continue
             if not 0 <= token < limit or token in stream.stop_ids:  # -1: the row failed
                 ended.append((stream, "stop" if 0 <= token < limit else "error"))
                 continue
@@ -235,7 +274,7 @@ class Stepper:
             if len(stream.token_ids) >= stream.max_tokens:
                 ended.append((stream, "length"))
         self.tokens_generated += len(fed)
-        return fed, ended
+        return fed, ended, prompts
 
     def _end_decode(self, ended: list) -> None:
         """After the decode forward: the clock moves on, due cut points run, streams end."""
@@ -262,13 +301,24 @@ class Stepper:
         session = stream.session
         old = len(session.tokens)
         session.tokens.extend(ids)
-        self.residency.has_logits[slot] = True
         self.tokens_fed += len(ids)
+        self._prompt_fed(stream, slot, old)
+
+    def _prompt_fed(self, stream: GenerationStream, slot: int, old: int, cuts_only: bool = False) -> None:
+        """History and prefix-cache bookkeeping after prompt tokens were fed (cuts_only: only at the
+        prompt's cut and end, a prompting row's periodic cuts being scheduled like any decode
+        row's), and the start of the reply once the prompt is read."""
+        session = stream.session
+        self.residency.has_logits[slot] = True
         at_cut = not stream.pending or len(session.tokens) == stream.cut_at
-        self.timeline.after_forward(session, slot, old, cache_end=at_cut)
+        if at_cut or not cuts_only:
+            self.timeline.after_forward(session, slot, old, cache_end=at_cut)
         if not stream.pending and not stream.done:  # the reply starts here: what regenerate() returns to
             self.timeline.reply_started(session, slot, stream)
-            self.join(stream)
+            if stream in self.batch.prompting:
+                self.batch.prompt_done(stream)
+            else:
+                self.join(stream)
 
     def _recover(self, items: list[StepItem], finish: bool = True) -> None:
         """A forward that raised may have written part of its slots. Each session's state is

@@ -27,6 +27,7 @@ ENGINE_METRICS = (
     ("tokens_generated", "generated_tokens", "counter", "tokens generated"),
     ("tokens_fed", "prompt_tokens", "counter", "prompt tokens read (prefix-cache hits excluded)"),
     ("steps", "engine_steps", "counter", "packed forwards run by the engine loop"),
+    ("graph_steps", "decode_graph_steps", "counter", "engine steps that replayed a captured decode graph"),
     ("queued", "queue_depth", "gauge", "requests waiting for a slot"),
     ("running", "requests_running", "gauge", "requests generating"),
     ("slots_total", "slots", "gauge", "pool slots"),
