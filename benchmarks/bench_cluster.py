@@ -43,6 +43,7 @@ from bench_server import one_request  # noqa: E402
 from common import write_results  # noqa: E402
 
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
+from rwkvstate.cluster.serve import REPLICA_HEADER  # noqa: E402
 
 PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
 FORMATS = ("fp32", "fp16", "int8")
@@ -99,13 +100,21 @@ async def drive(url: str, model: str, streams: int, max_tokens: int, stream: boo
         results = await asyncio.gather(*(one(client, f"{url}/v1/completions", b) for b in bodies))
         wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
-    return {"streams": streams, "wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall}
+    out = {"streams": streams, "wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall}
+    if not stream:  # where the requests went and how long each took (the router's balance)
+        per_replica: dict[str, list[float]] = {}
+        for r in results:
+            per_replica.setdefault(r["replica"], []).append(r["end"] - start)
+        out["per_replica"] = [{"requests": len(ends), "last_done_s": max(ends), "median_done_s": statistics.median(ends)}
+                              for ends in sorted(per_replica.values(), key=len, reverse=True)]  # fmt: skip
+    return out
 
 
 async def whole_request(client, url: str, body: dict) -> dict:
     response = await client.post(url, json=body)
     response.raise_for_status()
-    return {"tokens": response.json()["usage"]["completion_tokens"]}
+    return {"tokens": response.json()["usage"]["completion_tokens"], "end": time.perf_counter(),
+            "replica": response.headers.get(REPLICA_HEADER, "?")}  # fmt: skip
 
 
 def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
@@ -124,8 +133,8 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
                                    "request_timeout_s": None, "model_name": "bench"},
                            torch_threads=None if device == "cuda" else 1)  # fmt: skip
     port = free_port()
-    ray.init(include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}})  # fmt: skip
+    env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ} | dict(e.split("=", 1) for e in args.env)
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         run(config, "127.0.0.1", port, blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -135,7 +144,7 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"replicas": replicas, **row}
+    return {"replicas": replicas, **({"env": args.env} if args.env else {}), **row}
 
 
 # ---- 2, 3. moving a session, bytes per turn -------------------------------------------------------------
@@ -188,8 +197,15 @@ def markdown(result: dict) -> str:
              f"per replica, {'streamed' if result['stream'] else 'whole'} responses.", "", "| replicas | streams | wall s | tokens/s |", "|---|---|---|---|"]  # fmt: skip
     for row in result["throughput"]:
         lines.append(f"| {row['replicas']} | {row['streams']} | {row['wall_s']:.1f} | {row['tokens_per_s']:,.0f} |")
+    balance = [(row["replicas"], r) for row in result["throughput"] for r in row.get("per_replica", [])]
+    if balance:
+        lines += ["", "Where the requests went (whole responses: each request's completion time from the start):", "",
+                  "| replicas | requests on this replica | median done s | last done s |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {n} | {r['requests']} | {r['median_done_s']:.2f} | {r['last_done_s']:.2f} |" for n, r in balance]
     if "speedup" in result:
         lines += ["", f"Two replicas against one: **{result['speedup']:.2f}x** aggregate tokens/s."]
+    if not result["moves"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "Moving a session (save to the store, load on another engine):", "",
               "| format | state bytes | blob bytes (= store bytes per turn) | save ms | load ms | move ms |",
               "|---|---|---|---|---|---|"]  # fmt: skip
@@ -209,6 +225,8 @@ def main(argv=None) -> None:
     p.add_argument("--stream", action="store_true", help="streamed responses (every token through the ingress)")
     p.add_argument("--move-tokens", type=int, default=64)
     p.add_argument("--move-repeats", type=int, default=20)
+    p.add_argument("--skip-moves", action="store_true", help="throughput only")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the replicas' environment (repeatable)")
     p.add_argument("--redis-server", default=shutil.which("redis-server"))
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -219,7 +237,7 @@ def main(argv=None) -> None:
     try:
         model_path, model = model_file(args, directory)
         rows = [throughput(args, model_path, url, int(n)) for n in args.replicas.split(",")]
-        move_rows = moves(args, model_path, url)
+        move_rows = [] if args.skip_moves else moves(args, model_path, url)
     finally:
         redis.terminate()
     device = torch.cuda.get_device_name() + f" x{torch.cuda.device_count()}" if args.device == "cuda" else "CPU"

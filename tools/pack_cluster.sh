@@ -14,7 +14,7 @@ rm -rf .cluster && mkdir -p .cluster/whl .cluster/redis /tmp/pack-cluster
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64"
 # Missing on the device image (KINDS.md's package list), with the versions the CPU CI resolves; left out
 # to stay under the carry limit, as Ray Serve never imports them: py-spy (profiling), virtualenv and its
-# needs (pip runtime environments):
+# needs (pip runtime environments). grpcio-reflection matches the image's grpcio (1.84.0):
 WHEELS="ray==2.60.0 redis==8.1.0 fastapi==0.163.2 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4
 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 jsonschema==4.26.0
 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 aiohttp-cors==0.8.1 colorful==0.5.8
@@ -23,7 +23,7 @@ google-auth==2.63.0 proto-plus==1.29.0 pyasn1==0.6.5 pyasn1-modules==0.4.2 smart
 opentelemetry-sdk==1.45.2 opentelemetry-exporter-prometheus==0.66b2 opentelemetry-proto==1.45.2
 opentelemetry-semantic-conventions==0.66b2 watchfiles==1.3.0 websockets==17.4 httptools==0.9.0
 python-dotenv==1.2.4 mmh3==5.3.1 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 pyrwkv-tokenizer==0.9.1
-pyzmq==27.3.0 msgspec==0.23.0"
+pyzmq==27.3.0 msgspec==0.23.0 grpcio-reflection==1.84.0"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
     -d /tmp/pack-cluster $WHEELS
 mv /tmp/pack-cluster/*.whl .cluster/whl/ && mv .cluster/whl/ray-*.whl /tmp/pack-cluster/
