@@ -188,7 +188,7 @@ class Ingress:
         session = _session_of(request.method, path, body)
         raw = {"method": request.method, "path": path, "query": request.url.query, "body": body,
                "headers": [(k.encode(), v.encode()) for k, v in request.headers.items()]}  # fmt: skip
-        stream = self.engine.handle.remote(raw, session=session)
+        stream = self.send(raw, session)
         try:
             start = await stream.__anext__()
         except Exception as e:  # the replica died before answering
@@ -202,6 +202,10 @@ class Ingress:
         content = b"".join(chunks)
         self._learn(request.method, path, start["status"], headers, content)
         return _raw_response(start["status"], headers, content)
+
+    def send(self, raw: dict, session: str | None):
+        """Hands a request to a replica: the router reads `session` to pick it."""
+        return self.engine.handle.remote(raw, session=session)
 
     def _refuse_key(self, request):
         if self.expected is None:
@@ -313,28 +317,33 @@ def _number(x: float) -> str:
 
 
 # ---- building and running ----------------------------------------------------------------------------
-def build_app(config: ClusterConfig):
-    """The Ray Serve application: N engine replicas behind one ingress."""
+def build_app(config: ClusterConfig, replica=EngineReplica, ingress=Ingress, router: str | None = ROUTER):
+    """The Ray Serve application: N engine replicas behind one ingress. `replica`, `ingress` and
+    `router` (None: Ray Serve's default router) are for comparing other routing designs
+    (benchmarks/bench_routing.py); `rwkvstate serve` uses the defaults."""
     gpu = config.device.startswith("cuda")
     server = config.server
     ongoing = int(server.get("slots", 8)) + int(server.get("max_queue", 256)) + 64  # the server's own 429 comes first
-    router = RequestRouterConfig(request_router_class=ROUTER)  # type: ignore[arg-type]  # a str is accepted
+    # a str is accepted for the router class
+    routing = {} if router is None else {"request_router_config": RequestRouterConfig(request_router_class=router)}  # type: ignore[arg-type]
     engine = serve.deployment(name="engine", num_replicas=config.replicas, max_ongoing_requests=ongoing,
-                              health_check_period_s=2, health_check_timeout_s=30, request_router_config=router,
-                              ray_actor_options={"num_gpus": 1 if gpu else 0, "num_cpus": 0})(EngineReplica)  # fmt: skip
-    ingress = serve.deployment(name="ingress", num_replicas=1, max_ongoing_requests=ongoing * config.replicas,
-                               ray_actor_options={"num_cpus": 0})(serve.ingress(_ingress_app())(Ingress))  # fmt: skip
-    return ingress.bind(engine.bind(config), config)
+                              health_check_period_s=2, health_check_timeout_s=30, **routing,
+                              ray_actor_options={"num_gpus": 1 if gpu else 0, "num_cpus": 0})(replica)  # fmt: skip
+    front = serve.deployment(name="ingress", num_replicas=1, max_ongoing_requests=ongoing * config.replicas,
+                             ray_actor_options={"num_cpus": 0})(serve.ingress(_ingress_app())(ingress))  # fmt: skip
+    return front.bind(engine.bind(config), config)
 
 
-def run(config: ClusterConfig, host: str, port: int, ray_address: str | None = None, blocking: bool = True):
-    """Starts (or joins, with ray_address) a Ray cluster and runs the application on it."""
+def run(config: ClusterConfig, host: str, port: int, ray_address: str | None = None, blocking: bool = True,
+        app=None):
+    """Starts (or joins, with ray_address) a Ray cluster and runs the application (default:
+    build_app(config)) on it."""
     import ray
 
     ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": _forwarded_env()})  # fmt: skip
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
+    serve.run(app if app is not None else build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
 
 
 def _forwarded_env() -> dict[str, str]:

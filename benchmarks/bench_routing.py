@@ -1,0 +1,291 @@
+"""Session routing on Ray Serve: rwkvstate's request router against model multiplexing.
+
+    python benchmarks/bench_routing.py --out docs/benchmarks/routing-cpu     # CPU, the bundled model
+
+Two CPU replicas of the bundled model on a local Ray cluster (as tests/test_cluster.py runs
+them), sessions in a Redis started here, run twice:
+
+- `router`: the design of `rwkvstate serve --replicas` (cluster/routing.py): the ingress passes
+  each request's session to SessionAffinityRouter, which sends it where the session was last
+  (learnt from where it routed, and from the replica that answered a create or fork).
+- `multiplex`: Ray Serve's model multiplexing with session ids as model ids: the ingress sends
+  `handle.options(multiplexed_model_id=session)` through Ray's default router, which prefers
+  replicas that reported the id; each replica's `@serve.multiplexed` loader registers a session
+  (loading it from the store when it is not resident), and a replica that creates or forks a
+  session registers it before answering. Built here only, for this comparison.
+
+Workload per variant, in --rounds rounds: --sessions clients at once each create a session and
+run --turns tiny turns right after each other (a short prompt, --max-tokens tokens, greedy);
+then all pause --pause seconds and run --later-turns more. A turn is an affinity hit when it
+reached the replica that served the session's previous request (where its newest state is);
+otherwise the replica that got it loads the session from the store (a move). Store loads are
+also counted at Redis: the store reads a session with HMGET only when loading it. Before that,
+one client alone sends --serial requests without a session, then --serial turns of one
+session: the per-request time without queueing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_cluster import free_port, start_redis  # noqa: E402
+from common import write_results  # noqa: E402
+
+from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
+
+VARIANTS = ("router", "multiplex")
+PROMPTS = ("def f(x):", "\n    return", " x", "\n")
+REPLICA = "x-rwkvstate-replica"
+MODEL = BUNDLED_MODEL.stem
+
+
+# ---- the multiplexing variant -------------------------------------------------------------------------
+def multiplex_app(config, max_sessions: int):
+    """The application with session ids as multiplexed model ids (classes defined here so that
+    Ray ships them by value: `rwkvstate serve` never uses them)."""
+    from ray import serve
+
+    from rwkvstate.cluster.serve import EngineReplica, Ingress, _asgi_call, build_app
+
+    class MultiplexIngress(Ingress):
+        def send(self, raw: dict, session: str | None):
+            return self.engine.options(multiplexed_model_id=session or "").handle.remote(raw, session=session)
+
+    class MultiplexReplica(EngineReplica):
+        @serve.multiplexed(max_num_models_per_replica=max_sessions)
+        async def hold(self, session: str) -> str:
+            """Registers the session here; GET /v1/sessions/<id> makes the engine core load it
+            from the store when its copy is missing or older (404 for a session not stored yet)."""
+            raw = {"method": "GET", "path": f"/v1/sessions/{session}", "query": "", "body": b"", "headers": []}
+            async for _ in _asgi_call(self.app, raw, self.replica):
+                pass
+            return session
+
+        async def handle(self, request: dict, session: str | None = None, replica: str | None = None):
+            model_id = serve.get_multiplexed_model_id()
+            if model_id:
+                await self.hold(model_id)
+            creates = request["method"] == "POST" and (request["path"] == "/v1/sessions" or
+                                                       request["path"].endswith("/fork"))  # fmt: skip
+            parts = [part async for part in super().handle(request)] if creates else None
+            if parts is None:
+                async for part in super().handle(request):
+                    yield part
+                return
+            if parts and parts[0]["status"] == 200:
+                await self.hold(json.loads(b"".join(parts[1:]))["id"])  # registered before the answer
+            for part in parts:
+                yield part
+
+    return build_app(config, replica=MultiplexReplica, ingress=MultiplexIngress, router=None)
+
+
+# ---- one variant on a fresh cluster ------------------------------------------------------------------
+def run_variant(args, variant: str, redis_url: str) -> dict:
+    import ray
+    from ray import serve
+
+    from rwkvstate.cluster.serve import ClusterConfig, build_app, run
+    from rwkvstate.cluster.store import StoreConfig
+
+    config = ClusterConfig(model=str(BUNDLED_MODEL), store=StoreConfig(url=redis_url, prefix=f"{variant}:"),
+                           replicas=2, server={"slots": args.slots, "max_tokens_cap": 64}, torch_threads=1)  # fmt: skip
+    app = build_app(config) if variant == "router" else multiplex_app(config, 4 * args.sessions * args.rounds)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    paths = os.pathsep.join(p for p in (src, str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": paths, "OMP_NUM_THREADS": "1"}})  # fmt: skip
+    port = free_port()
+    try:
+        started = time.perf_counter()
+        run(config, "127.0.0.1", port, blocking=False, app=app)
+        startup = time.perf_counter() - started
+        result = asyncio.run(drive(args, f"http://127.0.0.1:{port}", redis_url))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"variant": variant, "startup_s": startup, **result}
+
+
+# ---- the workload ------------------------------------------------------------------------------------
+class Client:
+    def __init__(self, http, args):
+        self.http, self.args = http, args
+
+    async def request(self, path: str, body: dict | None) -> tuple[float, str, dict]:
+        t0 = time.perf_counter()
+        r = await self.http.post(path, json=body)
+        elapsed = time.perf_counter() - t0
+        r.raise_for_status()
+        return elapsed, r.headers[REPLICA], r.json()
+
+    async def turn(self, session: str | None, i: int) -> tuple[float, str]:
+        body = {"model": MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": self.args.max_tokens,
+                "temperature": 0, "stop_token_ids": []}  # fmt: skip
+        if session is not None:
+            body["session"] = session
+        elapsed, replica, _ = await self.request("/v1/completions", body)
+        return elapsed, replica
+
+    async def create(self) -> tuple[str, str]:
+        _, replica, data = await self.request("/v1/sessions", None)
+        return data["id"], replica
+
+
+async def conversation(client: Client, turns: int, state: dict | None = None) -> tuple[dict, list[dict]]:
+    """Creates a session (without `state`) or continues one, then `turns` turns right after
+    each other; one row per turn: its index, time, replica, and whether it stayed."""
+    if state is None:
+        session, home = await client.create()
+        state = {"session": session, "home": home, "turn": 0}
+    rows = []
+    for _ in range(turns):
+        state["turn"] += 1
+        elapsed, replica = await client.turn(state["session"], state["turn"])
+        rows.append({"turn": state["turn"], "s": elapsed, "replica": replica, "hit": replica == state["home"]})
+        state["home"] = replica
+    return state, rows
+
+
+async def drive(args, url: str, redis_url: str) -> dict:
+    import httpx
+    import redis
+
+    loads = Loads(redis.Redis.from_url(redis_url))
+    limits = httpx.Limits(max_connections=args.sessions + 8, max_keepalive_connections=args.sessions + 8)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
+        client = Client(http, args)
+        for i in range(4):  # warm-up: both replicas' first requests
+            await client.turn(None, i)
+        serial = {"no_session": [(await client.turn(None, i))[0] for i in range(args.serial)]}
+        _, rows = await conversation(client, args.serial)
+        serial["session"] = [r["s"] for r in rows]
+        serial["session_hits"] = sum(r["hit"] for r in rows)
+        turns, store_loads = [], {"first": 0, "later": 0}
+        for _ in range(args.rounds):
+            before = loads.count()
+            results = await asyncio.gather(*(conversation(client, args.turns) for _ in range(args.sessions)))
+            store_loads["first"] += loads.count() - before
+            turns += [dict(r, phase="first") for _, rs in results for r in rs]
+            await asyncio.sleep(args.pause)
+            before = loads.count()
+            later = await asyncio.gather(*(conversation(client, args.later_turns, state) for state, _ in results))
+            store_loads["later"] += loads.count() - before
+            turns += [dict(r, phase="later") for _, rs in later for r in rs]
+            await asyncio.sleep(args.pause)  # the next round starts on a settled cluster
+    return {"serial": serial, "turns": turns, "store_loads": store_loads}
+
+
+class Loads:
+    """Sessions loaded from the store so far: the store reads a blob (HMGET) only to load one."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def count(self) -> int:
+        return int(self.client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+
+# ---- summary and report --------------------------------------------------------------------------------
+def summarize(run: dict, turns: int) -> dict:
+    rows = run["turns"]
+    groups = {"all turns": rows,
+              "turn 1 (right after create)": [r for r in rows if r["turn"] == 1],
+              "turn 2 (right after turn 1)": [r for r in rows if r["turn"] == 2],
+              f"turns 3-{turns} (right after the previous)": [r for r in rows if 2 < r["turn"] <= turns],
+              "after the pause": [r for r in rows if r["phase"] == "later"]}  # fmt: skip
+    out = {"variant": run["variant"], "groups": {name: timing(rs) for name, rs in groups.items() if rs},
+           "store_loads": sum(run["store_loads"].values()), "moves": sum(not r["hit"] for r in rows),
+           "serial_no_session": quantiles(run["serial"]["no_session"]),
+           "serial_session": quantiles(run["serial"]["session"]), "serial_session_hits": run["serial"]["session_hits"]}  # fmt: skip
+    hits, moves = [r["s"] for r in rows if r["hit"]], [r["s"] for r in rows if not r["hit"]]
+    out["hit_turns"], out["moved_turns"] = quantiles(hits), quantiles(moves)
+    return out
+
+
+def timing(rows: list[dict]) -> dict:
+    return {"turns": len(rows), "hits": sum(r["hit"] for r in rows),
+            "hit_rate": sum(r["hit"] for r in rows) / len(rows), **quantiles([r["s"] for r in rows])}  # fmt: skip
+
+
+def quantiles(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"n": 0}
+    ms = sorted(1000 * s for s in seconds)
+    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+    return {"n": len(ms), "median_ms": statistics.median(ms), "p99_ms": p99}
+
+
+def markdown(result: dict) -> str:
+    a = result["args"]
+    lines = [f"# Session routing on Ray Serve: request router against multiplexing ({result['device']})", "",
+             f"{result['date']}; Ray {result['ray']}; two CPU replicas of {result['model']} (one torch thread each), "
+             f"Redis on the same machine; {a['rounds']} rounds of {a['sessions']} concurrent sessions, each created "
+             f"then {a['turns']} turns right after each other, a {a['pause']:g} s pause, {a['later_turns']} more "
+             f"turns; {a['max_tokens']} tokens per turn. A hit: the turn reached the replica that served the "
+             "session's previous request; otherwise that replica loads it from the store (a move).", "",
+             "| variant | turns | hit rate | hits | median ms | p99 ms |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for s in result["summary"]:
+        for name, g in s["groups"].items():
+            lines.append(f"| {s['variant']}: {name} | {g['turns']} | {g['hit_rate']:.1%} | {g['hits']} | "
+                         f"{g['median_ms']:.1f} | {g['p99_ms']:.1f} |")  # fmt: skip
+    lines += ["", "| variant | moves (turns on another replica) | store loads (Redis HMGET) | hit turns median / p99 ms "
+              "| moved turns median / p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
+    for s in result["summary"]:
+        lines.append(f"| {s['variant']} | {s['moves']} | {s['store_loads']} | {span(s['hit_turns'])} | "
+                     f"{span(s['moved_turns'])} |")  # fmt: skip
+    lines += ["", f"One client alone, {a['serial']} requests each (no queueing):", "",
+              "| variant | no session: median / p99 ms | one session's turns: median / p99 ms | its hits |",
+              "|---|---|---|---|"]  # fmt: skip
+    for s in result["summary"]:
+        lines.append(f"| {s['variant']} | {span(s['serial_no_session'])} | {span(s['serial_session'])} | "
+                     f"{s['serial_session_hits']}/{a['serial']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def span(q: dict) -> str:
+    return "-" if not q.get("n") else f"{q['median_ms']:.1f} / {q['p99_ms']:.1f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: router, multiplex")
+    p.add_argument("--sessions", type=int, default=32, help="concurrent sessions")
+    p.add_argument("--turns", type=int, default=4, help="turns right after each other, after creating")
+    p.add_argument("--later-turns", type=int, default=2, help="turns after the pause")
+    p.add_argument("--pause", type=float, default=2.0, help="seconds between the two phases")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=2)
+    p.add_argument("--serial", type=int, default=30, help="requests of the one-client phase")
+    p.add_argument("--slots", type=int, default=32, help="pool slots per replica")
+    p.add_argument("--redis-server", default=shutil.which("redis-server"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.redis_server is None:
+        p.error("no redis-server on PATH: pass --redis-server")
+    import ray
+
+    redis, url = start_redis(args.redis_server, tempfile.mkdtemp(prefix="bench-routing-"))
+    try:
+        runs = [run_variant(args, v, url) for v in args.variants.split(",")]
+    finally:
+        redis.terminate()
+    result = {"date": datetime.date.today().isoformat(), "device": f"CPU, {os.cpu_count()} cores", "ray": ray.__version__,
+              "model": BUNDLED_MODEL.stem, "args": {k: v for k, v in vars(args).items() if k not in ("out", "redis_server")},
+              "summary": [summarize(r, args.turns) for r in runs], "runs": runs}  # fmt: skip
+    write_results(args.out, result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()
