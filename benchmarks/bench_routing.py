@@ -153,7 +153,8 @@ async def conversation(client: Client, turns: int, state: dict | None = None) ->
     for _ in range(turns):
         state["turn"] += 1
         elapsed, replica = await client.turn(state["session"], state["turn"])
-        rows.append({"turn": state["turn"], "s": elapsed, "replica": replica, "hit": replica == state["home"]})
+        rows.append({"session": state["session"], "turn": state["turn"], "s": elapsed, "replica": replica,
+                     "hit": replica == state["home"]})  # fmt: skip
         state["home"] = replica
     return state, rows
 
@@ -162,7 +163,7 @@ async def drive(args, url: str, redis_url: str) -> dict:
     import httpx
     import redis
 
-    loads = Loads(redis.Redis.from_url(redis_url))
+    record = Recorder(redis.Redis.from_url(redis_url))
     limits = httpx.Limits(max_connections=args.sessions + 8, max_keepalive_connections=args.sessions + 8)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
         client = Client(http, args)
@@ -170,48 +171,62 @@ async def drive(args, url: str, redis_url: str) -> dict:
             await client.turn(None, i)
         serial = {"no_session": [(await client.turn(None, i))[0] for i in range(args.serial)]}
         _, rows = await conversation(client, args.serial)
-        serial["session"] = [r["s"] for r in rows]
-        serial["session_hits"] = sum(r["hit"] for r in rows)
-        turns, store_loads = [], {"first": 0, "later": 0}
+        serial["session"], serial["session_hits"] = [r["s"] for r in rows], sum(r["hit"] for r in rows)
+        for _ in range(args.alone):  # one client: create, then two turns at once
+            await record.phase("alone", [conversation(client, 2)])
         for _ in range(args.rounds):
-            before = loads.count()
-            results = await asyncio.gather(*(conversation(client, args.turns) for _ in range(args.sessions)))
-            store_loads["first"] += loads.count() - before
-            turns += [dict(r, phase="first") for _, rs in results for r in rs]
+            await asyncio.sleep(args.pause)  # each round starts on a settled cluster
+            states = await record.phase("first", [conversation(client, args.turns) for _ in range(args.sessions)])
             await asyncio.sleep(args.pause)
-            before = loads.count()
-            later = await asyncio.gather(*(conversation(client, args.later_turns, state) for state, _ in results))
-            store_loads["later"] += loads.count() - before
-            turns += [dict(r, phase="later") for _, rs in later for r in rs]
-            await asyncio.sleep(args.pause)  # the next round starts on a settled cluster
-    return {"serial": serial, "turns": turns, "store_loads": store_loads}
+            await record.phase("later", [conversation(client, args.later_turns, state) for state in states])
+    return {"serial": serial, "turns": record.turns, "store_loads": record.store_loads}
 
 
-class Loads:
-    """Sessions loaded from the store so far: the store reads a blob (HMGET) only to load one."""
+class Recorder:
+    """Every turn's row, by phase, and the sessions loaded from the store in each phase: the
+    store reads a blob (HMGET) only to load a session."""
 
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, redis):
+        self.redis = redis
+        self.turns: list[dict] = []
+        self.store_loads: dict[str, int] = {}
 
-    def count(self) -> int:
-        return int(self.client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+    def loads(self) -> int:
+        return int(self.redis.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+    async def phase(self, name: str, conversations: list) -> list[dict]:
+        before = self.loads()
+        results = await asyncio.gather(*conversations)
+        self.store_loads[name] = self.store_loads.get(name, 0) + self.loads() - before
+        self.turns += [dict(r, phase=name) for _, rows in results for r in rows]
+        return [state for state, _ in results]
 
 
 # ---- summary and report --------------------------------------------------------------------------------
-def summarize(run: dict, turns: int) -> dict:
-    rows = run["turns"]
-    groups = {"all turns": rows,
-              "turn 1 (right after create)": [r for r in rows if r["turn"] == 1],
-              "turn 2 (right after turn 1)": [r for r in rows if r["turn"] == 2],
-              f"turns 3-{turns} (right after the previous)": [r for r in rows if 2 < r["turn"] <= turns],
-              "after the pause": [r for r in rows if r["phase"] == "later"]}  # fmt: skip
-    out = {"variant": run["variant"], "groups": {name: timing(rs) for name, rs in groups.items() if rs},
-           "store_loads": sum(run["store_loads"].values()), "moves": sum(not r["hit"] for r in rows),
-           "serial_no_session": quantiles(run["serial"]["no_session"]),
-           "serial_session": quantiles(run["serial"]["session"]), "serial_session_hits": run["serial"]["session_hits"]}  # fmt: skip
-    hits, moves = [r["s"] for r in rows if r["hit"]], [r["s"] for r in rows if not r["hit"]]
-    out["hit_turns"], out["moved_turns"] = quantiles(hits), quantiles(moves)
-    return out
+def summarize(runs: list[dict], variant: str, args: dict) -> dict:
+    """One variant's turns over all its runs, in groups, with its moves and store loads."""
+    mine = [r for r in runs if r["variant"] == variant]
+    rows = [t for r in mine for t in r["turns"]]
+    first, later = [t for t in rows if t["phase"] == "first"], [t for t in rows if t["phase"] == "later"]
+    alone = [t for t in rows if t["phase"] == "alone"]
+    n = args["sessions"]
+    groups = {f"{n} at once: all turns": first + later,
+              f"{n} at once: turn 1 (right after create)": [t for t in first if t["turn"] == 1],
+              f"{n} at once: turn 2 (right after turn 1)": [t for t in first if t["turn"] == 2],
+              f"{n} at once: turns 3-{args['turns']}": [t for t in first if t["turn"] > 2],
+              f"{n} at once: after a {args['pause']:g} s pause": later,
+              "one at a time: turn 1 (right after create)": [t for t in alone if t["turn"] == 1],
+              "one at a time: turn 2 (right after turn 1)": [t for t in alone if t["turn"] == 2]}  # fmt: skip
+    return {"variant": variant, "runs": len(mine), "groups": {name: timing(g) for name, g in groups.items() if g},
+            "moves": sum(not t["hit"] for t in rows),
+            "store_loads": sum(sum(r["store_loads"].values()) for r in mine),
+            "hit_turns": quantiles([t["s"] for t in rows if t["hit"]]),
+            "moved_turns": quantiles([t["s"] for t in rows if not t["hit"]]),
+            "serial_no_session": quantiles([s for r in mine for s in r["serial"]["no_session"]]),
+            "serial_session": quantiles([s for r in mine for s in r["serial"]["session"]]),
+            "serial_session_hits": sum(r["serial"]["session_hits"] for r in mine),
+            "run_medians_ms": [quantiles([t["s"] for t in r["turns"] if t["phase"] != "alone"])["median_ms"]
+                               for r in mine]}  # fmt: skip
 
 
 def timing(rows: list[dict]) -> dict:
@@ -231,26 +246,28 @@ def markdown(result: dict) -> str:
     a = result["args"]
     lines = [f"# Session routing on Ray Serve: request router against multiplexing ({result['device']})", "",
              f"{result['date']}; Ray {result['ray']}; two CPU replicas of {result['model']} (one torch thread each), "
-             f"Redis on the same machine; {a['rounds']} rounds of {a['sessions']} concurrent sessions, each created "
-             f"then {a['turns']} turns right after each other, a {a['pause']:g} s pause, {a['later_turns']} more "
-             f"turns; {a['max_tokens']} tokens per turn. A hit: the turn reached the replica that served the "
-             "session's previous request; otherwise that replica loads it from the store (a move).", "",
-             "| variant | turns | hit rate | hits | median ms | p99 ms |", "|---|---|---|---|---|---|"]  # fmt: skip
+             f"Redis on the same machine; each variant on {a['repeats']} fresh clusters (run order "
+             f"{', '.join(result['order'])}). Per cluster: {a['alone']} sessions one at a time (create, then two "
+             f"turns right away), then {a['rounds']} rounds of {a['sessions']} concurrent sessions (create, "
+             f"{a['turns']} turns right after each other, a {a['pause']:g} s pause, {a['later_turns']} more turns); "
+             f"{a['max_tokens']} tokens per turn. A hit: the turn reached the replica that served the session's "
+             "previous request; otherwise that replica loads it from the store (a move).", "",
+             "| variant: turns | turns | hit rate | hits | median ms | p99 ms |", "|---|---|---|---|---|---|"]  # fmt: skip
     for s in result["summary"]:
         for name, g in s["groups"].items():
             lines.append(f"| {s['variant']}: {name} | {g['turns']} | {g['hit_rate']:.1%} | {g['hits']} | "
                          f"{g['median_ms']:.1f} | {g['p99_ms']:.1f} |")  # fmt: skip
     lines += ["", "| variant | moves (turns on another replica) | store loads (Redis HMGET) | hit turns median / p99 ms "
-              "| moved turns median / p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
+              "| moved turns median / p99 ms | median ms of each cluster's concurrent turns |", "|---|---|---|---|---|---|"]  # fmt: skip
     for s in result["summary"]:
         lines.append(f"| {s['variant']} | {s['moves']} | {s['store_loads']} | {span(s['hit_turns'])} | "
-                     f"{span(s['moved_turns'])} |")  # fmt: skip
-    lines += ["", f"One client alone, {a['serial']} requests each (no queueing):", "",
+                     f"{span(s['moved_turns'])} | {', '.join(f'{m:.0f}' for m in s['run_medians_ms'])} |")  # fmt: skip
+    lines += ["", f"One client alone, {a['serial']} requests per cluster (no queueing):", "",
               "| variant | no session: median / p99 ms | one session's turns: median / p99 ms | its hits |",
               "|---|---|---|---|"]  # fmt: skip
     for s in result["summary"]:
         lines.append(f"| {s['variant']} | {span(s['serial_no_session'])} | {span(s['serial_session'])} | "
-                     f"{s['serial_session_hits']}/{a['serial']} |")  # fmt: skip
+                     f"{s['serial_session_hits']}/{a['serial'] * s['runs']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -266,6 +283,8 @@ def main(argv=None) -> None:
     p.add_argument("--later-turns", type=int, default=2, help="turns after the pause")
     p.add_argument("--pause", type=float, default=2.0, help="seconds between the two phases")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--alone", type=int, default=20, help="sessions created and run one at a time (two turns each)")
+    p.add_argument("--repeats", type=int, default=2, help="clusters per variant, in the order A B B A ...")
     p.add_argument("--max-tokens", type=int, default=2)
     p.add_argument("--serial", type=int, default=30, help="requests of the one-client phase")
     p.add_argument("--slots", type=int, default=32, help="pool slots per replica")
@@ -277,13 +296,16 @@ def main(argv=None) -> None:
     import ray
 
     redis, url = start_redis(args.redis_server, tempfile.mkdtemp(prefix="bench-routing-"))
+    variants = args.variants.split(",")
+    order = [v for i in range(args.repeats) for v in (variants if i % 2 == 0 else variants[::-1])]  # A B B A: drift cancels
     try:
-        runs = [run_variant(args, v, url) for v in args.variants.split(",")]
+        runs = [run_variant(args, v, url) for v in order]
     finally:
         redis.terminate()
+    kept = {k: v for k, v in vars(args).items() if k not in ("out", "redis_server")}
     result = {"date": datetime.date.today().isoformat(), "device": f"CPU, {os.cpu_count()} cores", "ray": ray.__version__,
-              "model": BUNDLED_MODEL.stem, "args": {k: v for k, v in vars(args).items() if k not in ("out", "redis_server")},
-              "summary": [summarize(r, args.turns) for r in runs], "runs": runs}  # fmt: skip
+              "model": BUNDLED_MODEL.stem, "args": kept, "order": order,
+              "summary": [summarize(runs, v, kept) for v in variants], "runs": runs}  # fmt: skip
     write_results(args.out, result, markdown(result))
 
 
