@@ -230,8 +230,9 @@ def summarize(runs: list[dict], variant: str, args: dict) -> dict:
 
 
 def timing(rows: list[dict]) -> dict:
-    return {"turns": len(rows), "hits": sum(r["hit"] for r in rows),
-            "hit_rate": sum(r["hit"] for r in rows) / len(rows), **quantiles([r["s"] for r in rows])}  # fmt: skip
+    moved = quantiles([r["s"] for r in rows if not r["hit"]])
+    return {"turns": len(rows), "hits": sum(r["hit"] for r in rows), "hit_rate": sum(r["hit"] for r in rows) / len(rows),
+            **quantiles([r["s"] for r in rows]), "moved_median_ms": moved.get("median_ms")}  # fmt: skip
 
 
 def quantiles(seconds: list[float]) -> dict:
@@ -252,11 +253,13 @@ def markdown(result: dict) -> str:
              f"{a['turns']} turns right after each other, a {a['pause']:g} s pause, {a['later_turns']} more turns); "
              f"{a['max_tokens']} tokens per turn. A hit: the turn reached the replica that served the session's "
              "previous request; otherwise that replica loads it from the store (a move).", "",
-             "| variant: turns | turns | hit rate | hits | median ms | p99 ms |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| variant: turns | turns | hit rate | hits | median ms | p99 ms | moved turns' median ms |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in result["summary"]:
         for name, g in s["groups"].items():
+            moved = "-" if g["moved_median_ms"] is None else f"{g['moved_median_ms']:.1f}"
             lines.append(f"| {s['variant']}: {name} | {g['turns']} | {g['hit_rate']:.1%} | {g['hits']} | "
-                         f"{g['median_ms']:.1f} | {g['p99_ms']:.1f} |")  # fmt: skip
+                         f"{g['median_ms']:.1f} | {g['p99_ms']:.1f} | {moved} |")  # fmt: skip
     lines += ["", "| variant | moves (turns on another replica) | store loads (Redis HMGET) | hit turns median / p99 ms "
               "| moved turns median / p99 ms | median ms of each cluster's concurrent turns |", "|---|---|---|---|---|---|"]  # fmt: skip
     for s in result["summary"]:

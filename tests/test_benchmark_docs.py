@@ -53,6 +53,7 @@ WRITERS = {
     "server-h200-rerun": lambda d, _: bench("bench_server").markdown(d),
     "serving-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-barrier-h200": lambda d, _: bench("bench_server").markdown(d),
+    "routing-cpu": lambda d, _: bench("bench_routing").markdown(d),
     "snapshot-error": lambda d, _: bench("bench_snapshot_error").markdown(d),
     "state-precision": lambda d, _: precision_markdown(d),
     "state-precision-snapshots-h200": lambda d, _: precision_markdown(d),
