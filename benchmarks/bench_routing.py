@@ -229,6 +229,15 @@ def summarize(runs: list[dict], variant: str, args: dict) -> dict:
                                for r in mine]}  # fmt: skip
 
 
+def per_cluster(run: dict) -> dict:
+    """What the JSON keeps of one cluster's run (every turn's row would be megabytes)."""
+    phases = sorted({t["phase"] for t in run["turns"]})
+    return {"variant": run["variant"], "startup_s": run["startup_s"], "store_loads": run["store_loads"],
+            "phases": {p: timing([t for t in run["turns"] if t["phase"] == p]) for p in phases},
+            "serial_no_session": quantiles(run["serial"]["no_session"]),
+            "serial_session": quantiles(run["serial"]["session"]), "serial_session_hits": run["serial"]["session_hits"]}  # fmt: skip
+
+
 def timing(rows: list[dict]) -> dict:
     moved = quantiles([r["s"] for r in rows if not r["hit"]])
     return {"turns": len(rows), "hits": sum(r["hit"] for r in rows), "hit_rate": sum(r["hit"] for r in rows) / len(rows),
@@ -308,7 +317,7 @@ def main(argv=None) -> None:
     kept = {k: v for k, v in vars(args).items() if k not in ("out", "redis_server")}
     result = {"date": datetime.date.today().isoformat(), "device": f"CPU, {os.cpu_count()} cores", "ray": ray.__version__,
               "model": BUNDLED_MODEL.stem, "args": kept, "order": order,
-              "summary": [summarize(runs, v, kept) for v in variants], "runs": runs}  # fmt: skip
+              "summary": [summarize(runs, v, kept) for v in variants], "runs": [per_cluster(r) for r in runs]}  # fmt: skip
     write_results(args.out, result, markdown(result))
 
 
