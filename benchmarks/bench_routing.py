@@ -14,14 +14,15 @@ them), sessions in a Redis started here, run twice:
   (loading it from the store when it is not resident), and a replica that creates or forks a
   session registers it before answering. Built here only, for this comparison.
 
-Workload per variant, in --rounds rounds: --sessions clients at once each create a session and
-run --turns tiny turns right after each other (a short prompt, --max-tokens tokens, greedy);
-then all pause --pause seconds and run --later-turns more. A turn is an affinity hit when it
-reached the replica that served the session's previous request (where its newest state is);
-otherwise the replica that got it loads the session from the store (a move). Store loads are
-also counted at Redis: the store reads a session with HMGET only when loading it. Before that,
-one client alone sends --serial requests without a session, then --serial turns of one
-session: the per-request time without queueing.
+Each variant runs on --repeats fresh clusters, in the order A B B A ... (drift cancels). On each,
+one client alone first sends --serial tiny requests without a session, then --serial turns of
+one session (the per-request time without queueing); then creates --alone sessions one at a
+time, each followed at once by two turns; then, in --rounds rounds, --sessions clients at once
+each create a session and run --turns tiny turns right after each other (a short prompt,
+--max-tokens tokens, greedy), pause --pause seconds and run --later-turns more. A turn is an
+affinity hit when it reached the replica that served the session's previous request (where its
+newest state is); otherwise the replica that got it loads the session from the store (a move).
+Store loads are also counted at Redis: the store reads a session with HMGET only to load it.
 """
 
 from __future__ import annotations
