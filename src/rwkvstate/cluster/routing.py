@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import random
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from . import affinity  # by reference (see affinity.py); never `from .affinity import AFFINITY`
 
 
-class SessionAffinityRouter(FIFOMixin, RequestRouter):
+class SessionAffinityRouter(RequestRouter):
+    # No FIFOMixin: it hands the replica chosen for one request to the oldest pending request,
+    # which may be another session's; the base class matches the exact request it chose for.
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
