@@ -325,7 +325,9 @@ def build_app(config: ClusterConfig, replica=EngineReplica, ingress=Ingress, rou
     server = config.server
     ongoing = int(server.get("slots", 8)) + int(server.get("max_queue", 256)) + 64  # the server's own 429 comes first
     # a str is accepted for the router class
-    routing = {} if router is None else {"request_router_config": RequestRouterConfig(request_router_class=router)}  # type: ignore[arg-type]
+    routing: dict[str, Any] = {}
+    if router is not None:
+        routing["request_router_config"] = RequestRouterConfig(request_router_class=router)  # type: ignore[arg-type]
     engine = serve.deployment(name="engine", num_replicas=config.replicas, max_ongoing_requests=ongoing,
                               health_check_period_s=2, health_check_timeout_s=30, **routing,
                               ray_actor_options={"num_gpus": 1 if gpu else 0, "num_cpus": 0})(replica)  # fmt: skip
