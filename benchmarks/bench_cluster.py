@@ -43,7 +43,6 @@ from bench_server import one_request  # noqa: E402
 from common import write_results  # noqa: E402
 
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
-from rwkvstate.cluster.serve import REPLICA_HEADER  # noqa: E402
 
 PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
 FORMATS = ("fp32", "fp16", "int8")
@@ -111,6 +110,8 @@ async def drive(url: str, model: str, streams: int, max_tokens: int, stream: boo
 
 
 async def whole_request(client, url: str, body: dict) -> dict:
+    from rwkvstate.cluster.serve import REPLICA_HEADER  # needs Ray, which rendering the results does not
+
     response = await client.post(url, json=body)
     response.raise_for_status()
     return {"tokens": response.json()["usage"]["completion_tokens"], "end": time.perf_counter(),

@@ -118,7 +118,8 @@ def test_cuda_short_prompts_arriving_during_decode_are_read_in_the_graph():
     tensors = random_checkpoint(cfg, seed=12)
 
     def run(eager: bool):
-        engine = Engine(Model.from_tensors(tensors, cfg, device="cuda"), slots=6, enforce_eager=eager,
+        # 8 slots: graphs of up to 8 rows, so all five streams fit one (6 slots would capture up to 4)
+        engine = Engine(Model.from_tensors(tensors, cfg, device="cuda"), slots=8, enforce_eager=eager,
                         history_every=4, prefix_cache_bytes=1 << 24, prefix_cache_every=8)  # fmt: skip
         first = engine.session().generate(30, SamplingParams(temperature=0, stop_token_ids=[]),
                                           prompt=random_tokens(5, cfg.vocab_size, seed=1))  # fmt: skip
