@@ -44,6 +44,7 @@ WRITERS = {
     "decode-final-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-recheck-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-official-small-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-official-final-h200": lambda d, _: bench("bench_decode").markdown(d),
     "prefill-wkv": lambda d, _: bench("bench_prefill").markdown(d),
     "ffn-sparsity": lambda d, _: bench("bench_ffn_sparsity").markdown(d),
     "profile-before-h200": lambda d, _: tool("profile_step").markdown(d),

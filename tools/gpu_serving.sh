@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine of the device tool (carry .whl): the serving benchmark at 64 and 256 streams
 # (bare decode, engine, HTTP server: engine core process, 4 API processes, 4 load generators that
-# start together at a barrier), 1.5B shape, fp16 state, 128-token replies; JSON, markdown and
+# start together at a barrier; API=8 for 8 of each, as in serving-8api-h200, which ran on a 32-core
+# machine), 1.5B shape, fp16 state, 128-token replies; JSON, markdown and
 # chart under $OUT/serving-<card>.*. No tests: about 4 minutes.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -9,4 +10,4 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|[0-9]{4}' | head -1 | tr A-Z a-z)
 timeout 220 python3 benchmarks/bench_server.py --shape 1.5B --state-dtype fp16 --levels 64,256 --waves 2 \
-    --max-tokens 128 --api-processes 4 --client-processes 4 --out "$OUT/serving-${card:-gpu}" </dev/null 2>&1 | tail -20
+    --max-tokens 128 --api-processes "${API:-4}" --client-processes "${API:-4}" --out "$OUT/serving-${card:-gpu}" </dev/null 2>&1 | tail -20
