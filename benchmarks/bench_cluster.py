@@ -109,6 +109,35 @@ async def drive(url: str, model: str, streams: int, max_tokens: int, stream: boo
     return out
 
 
+class CpuTimes:
+    """CPU seconds (user + system) each process of this machine spent inside the block, the
+    busiest first: a process near one CPU second per second of wall time is saturated (an
+    interpreter lock, an event loop). Ray names its processes (ray::ServeReplica:..., ray::
+    ProxyActor), so the labels say which part of the cluster each is."""
+
+    def __enter__(self):
+        self.before, self.t0 = self._snapshot(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        after = self._snapshot()
+        spent = [(label, cpu - self.before.get(pid, ("", 0.0))[1]) for pid, (label, cpu) in after.items()]
+        spent.sort(key=lambda x: -x[1])
+        self.top = [{"process": label, "cpu_s": cpu, "per_wall_s": cpu / wall} for label, cpu in spent[:8]]
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+            times, cmd = proc.info["cpu_times"], proc.info["cmdline"] or [proc.info["name"] or "?"]
+            if times is not None:
+                out[proc.info["pid"]] = (" ".join(cmd).strip()[:70], times.user + times.system)
+        return out
+
+
 async def whole_request(client, url: str, body: dict) -> dict:
     from rwkvstate.cluster.serve import REPLICA_HEADER  # needs Ray, which rendering the results does not
 
@@ -141,7 +170,9 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
         url = f"http://127.0.0.1:{port}"
         streams = args.streams * replicas
         asyncio.run(drive(url, "bench", min(streams, 2 * replicas), 4))  # warm-up: graphs, allocator
-        row = asyncio.run(drive(url, "bench", streams, args.max_tokens, args.stream))
+        with CpuTimes() as cpu:
+            row = asyncio.run(drive(url, "bench", streams, args.max_tokens, args.stream))
+        row["cpu_top"] = cpu.top
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -205,6 +236,10 @@ def markdown(result: dict) -> str:
         lines += [f"| {n} | {r['requests']} | {r['median_done_s']:.2f} | {r['last_done_s']:.2f} |" for n, r in balance]
     if "speedup" in result:
         lines += ["", f"Two replicas against one: **{result['speedup']:.2f}x** aggregate tokens/s."]
+    for row in result["throughput"]:
+        if "cpu_top" in row:
+            busiest = ", ".join(f"`{p['process']}` {p['per_wall_s']:.2f}" for p in row["cpu_top"][:5])
+            lines += ["", f"CPU seconds per second of the {row['replicas']}-replica run, busiest processes: {busiest}."]
     if not result["moves"]:
         return "\n".join(lines) + "\n"
     lines += ["", "Moving a session (save to the store, load on another engine):", "",
