@@ -104,8 +104,9 @@ async def drive(url: str, model: str, streams: int, max_tokens: int, stream: boo
         per_replica: dict[str, list[float]] = {}
         for r in results:
             per_replica.setdefault(r["replica"], []).append(r["end"] - start)
-        out["per_replica"] = [{"requests": len(ends), "last_done_s": max(ends), "median_done_s": statistics.median(ends)}
-                              for ends in sorted(per_replica.values(), key=len, reverse=True)]  # fmt: skip
+        out["per_replica"] = [{"replica": replica, "requests": len(ends), "last_done_s": max(ends),
+                               "median_done_s": statistics.median(ends)}
+                              for replica, ends in sorted(per_replica.items(), key=lambda x: -len(x[1]))]  # fmt: skip
     return out
 
 
@@ -151,7 +152,7 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
     import ray
     from ray import serve
 
-    from rwkvstate.cluster.serve import ClusterConfig, run
+    from rwkvstate.cluster.serve import APP_NAME, ClusterConfig, run
     from rwkvstate.cluster.store import StoreConfig
 
     device = "cuda" if args.device == "cuda" else "cpu"
@@ -173,6 +174,10 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
         with CpuTimes() as cpu:
             row = asyncio.run(drive(url, "bench", streams, args.max_tokens, args.stream))
         row["cpu_top"] = cpu.top
+        engine = serve.get_deployment_handle("engine", app_name=APP_NAME)
+        for r in row.get("per_replica", []):  # the process and device behind each replica
+            info = engine.info.remote(replica=r["replica"]).result(timeout_s=60)
+            r.update({k: v for k, v in info.items() if k != "replica"})
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -234,6 +239,9 @@ def markdown(result: dict) -> str:
         lines += ["", "Where the requests went (whole responses: each request's completion time from the start):", "",
                   "| replicas | requests on this replica | median done s | last done s |", "|---|---|---|---|"]  # fmt: skip
         lines += [f"| {n} | {r['requests']} | {r['median_done_s']:.2f} | {r['last_done_s']:.2f} |" for n, r in balance]
+        devices = [f"pid {r['pid']}: {r['device']} {r.get('device_uuid', '')}".rstrip() for _, r in balance if "pid" in r]
+        if devices:
+            lines += ["", "Replica processes and their devices: " + "; ".join(devices) + "."]
     if "speedup" in result:
         lines += ["", f"Two replicas against one: **{result['speedup']:.2f}x** aggregate tokens/s."]
     for row in result["throughput"]:

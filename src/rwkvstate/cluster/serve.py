@@ -76,7 +76,15 @@ class EngineReplica:
             yield part
 
     async def info(self, replica: str | None = None) -> dict:
-        return {"replica": self.replica, "pid": os.getpid()}
+        """Which replica, process and device this is (the device's UUID tells two GPUs apart)."""
+        import torch
+
+        device = {"device": "cpu"}
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            device = {"device": props.name, "device_uuid": str(props.uuid),
+                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
+        return {"replica": self.replica, "pid": os.getpid(), **device}
 
     async def __del__(self):
         await self._lifespan.__aexit__(None, None, None)
