@@ -79,7 +79,7 @@ class EngineReplica:
         """Which replica, process and device this is (the device's UUID tells two GPUs apart)."""
         import torch
 
-        device = {"device": "cpu"}
+        device: dict[str, str | None] = {"device": "cpu"}
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
             device = {"device": props.name, "device_uuid": str(props.uuid),
