@@ -102,9 +102,13 @@ def prompt(i: int) -> str:
 def engine_run(model: Model, level: int, waves: int, max_tokens: int, state_dtype) -> dict:
     """`level` streams at a time through one Engine: decode-phase and end-to-end tokens/s."""
     engine = Engine(model, slots=level, state_dtype=state_dtype)
-    warm = engine.session().generate(2, SamplingParams(temperature=0), prompt=PROMPT)  # captures the graphs
-    engine.run([warm])
-    warm.session.close()
+    # warm-up: a whole wave of the level's prompts with top-p, so graph capture, kernel compilation
+    # for the packed prompt shapes and the sampler's first use all stay out of the timed interval
+    warm = [engine.session().generate(2, SamplingParams(**TOP_P, seed=i, stop_token_ids=[]), prompt=prompt(-1 - i))
+            for i in range(level)]  # fmt: skip
+    engine.run(warm)
+    for s in warm:
+        s.session.close()
     decode_tokens, decode_s, total, steps_ms = 0, 0.0, 0, []
     sync(model)
     start = time.perf_counter()
@@ -329,8 +333,10 @@ def run(args) -> dict:
             torch.cuda.empty_cache()
     with Server(args, spec, model, slots) as server:
         name = server.model_name()
-        asyncio.run(fire(server.url, name, [-1], 1, 4))  # warm-up: graph capture in the core
         for row in rows:
+            # warm-up as for the engine: a wave of the level's requests, 4 tokens each
+            warm = list(range(10**6, 10**6 + row["streams"]))  # prompts and seeds the timed requests do not use
+            asyncio.run(fire(server.url, name, warm, row["streams"], 4))
             row.update(server_level(server.url, name, row["streams"], args.waves, args.max_tokens,
                                     args.client_processes))  # fmt: skip
             print(f"{row['streams']} streams: server {row['server_tokens_per_s']:,.0f} tok/s", file=sys.stderr)
