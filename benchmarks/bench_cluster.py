@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import config_for  # noqa: E402
 from bench_server import one_request  # noqa: E402
-from common import write_results  # noqa: E402
+from common import CpuTimes, write_results  # noqa: E402
 
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
 
@@ -108,35 +108,6 @@ async def drive(url: str, model: str, streams: int, max_tokens: int, stream: boo
                                "median_done_s": statistics.median(ends)}
                               for replica, ends in sorted(per_replica.items(), key=lambda x: -len(x[1]))]  # fmt: skip
     return out
-
-
-class CpuTimes:
-    """CPU seconds (user + system) each process of this machine spent inside the block, the
-    busiest first: a process near one CPU second per second of wall time is saturated (an
-    interpreter lock, an event loop). Ray names its processes (ray::ServeReplica:..., ray::
-    ProxyActor), so the labels say which part of the cluster each is."""
-
-    def __enter__(self):
-        self.before, self.t0 = self._snapshot(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        wall = time.perf_counter() - self.t0
-        after = self._snapshot()
-        spent = [(label, cpu - self.before.get(pid, ("", 0.0))[1]) for pid, (label, cpu) in after.items()]
-        spent.sort(key=lambda x: -x[1])
-        self.top = [{"process": label, "cpu_s": cpu, "per_wall_s": cpu / wall} for label, cpu in spent[:8]]
-
-    @staticmethod
-    def _snapshot() -> dict[int, tuple[str, float]]:
-        import psutil
-
-        out = {}
-        for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
-            times, cmd = proc.info["cpu_times"], proc.info["cmdline"] or [proc.info["name"] or "?"]
-            if times is not None:
-                out[proc.info["pid"]] = (" ".join(cmd).strip()[:70], times.user + times.system)
-        return out
 
 
 async def whole_request(client, url: str, body: dict) -> dict:

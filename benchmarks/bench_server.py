@@ -30,6 +30,7 @@ import asyncio
 import datetime
 import math
 import multiprocessing
+import os
 import platform
 import socket
 import sys
@@ -185,6 +186,16 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("the server did not start")
 
+    def pids(self) -> list[int]:
+        """The server's processes: `serve` and everything it started (engine core, API
+        processes); this process when the server runs on its threads."""
+        import psutil
+
+        if self.core == "thread":
+            return [os.getpid()]
+        root = psutil.Process(self.process.pid)
+        return [root.pid] + [child.pid for child in root.children(recursive=True)]
+
     def model_name(self) -> str:
         import httpx
 
@@ -243,10 +254,10 @@ def stalls(rows: list[dict]) -> dict:
 
 
 async def fire(url: str, model_name: str, indices: list[int], concurrency: int, max_tokens: int,
-               barrier=None) -> list[dict]:
+               barrier=None, clock: dict | None = None) -> list[dict]:
     """The requests `indices`, `concurrency` at a time. With `barrier` (a multiprocessing
     Barrier), every load generator waits there once its imports and its client are ready,
-    so they all start sending together."""
+    so they all start sending together; `clock` gets this process's CPU time at that start."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -254,6 +265,8 @@ async def fire(url: str, model_name: str, indices: list[int], concurrency: int, 
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
         if barrier is not None:
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 600)
+        if clock is not None:
+            clock["cpu0"] = time.process_time()
 
         async def limited(i: int) -> dict:
             body = {"model": model_name, "prompt": prompt(i), "max_tokens": max_tokens, **TOP_P, "seed": i,
@@ -265,8 +278,25 @@ async def fire(url: str, model_name: str, indices: list[int], concurrency: int, 
 
 
 def _client_main(args: tuple, barrier, results) -> None:
-    """A load generator in its own process (spawned); it starts sending when all are ready."""
-    results.put(asyncio.run(fire(*args, barrier=barrier)))
+    """A load generator in its own process (spawned); it starts sending when all are ready, and
+    reports its rows and the CPU seconds it spent from then on."""
+    clock: dict = {}
+    rows = asyncio.run(fire(*args, barrier=barrier, clock=clock))
+    results.put({"rows": rows, "cpu_s": time.process_time() - clock["cpu0"]})
+
+
+def process_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of each live process among pids."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[pid] = t.user + t.system
+    return out
 
 
 def engine_steps(url: str) -> tuple[float, float]:
@@ -282,9 +312,14 @@ def engine_steps(url: str) -> tuple[float, float]:
     return values["rwkvstate_engine_steps_total"], values["rwkvstate_decode_graph_steps_total"]
 
 
-def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: int, clients: int) -> dict:
-    """`level` requests at a time, waves * level in all, split over `clients` processes."""
+def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: int, clients: int,
+                 server_pids: list[int]) -> dict:  # fmt: skip
+    """`level` requests at a time, waves * level in all, split over `clients` processes; with the
+    CPU seconds per second of wall time of each server process (`server_pids`: the engine core
+    and the API processes) and of each load generator (from its start at the barrier): a
+    process near 1.0 is saturated."""
     steps_before, graph_before = engine_steps(url)
+    server_cpu = process_cpu(server_pids)
     clients = max(1, min(clients, level))
     ctx = multiprocessing.get_context("spawn")
     results, barrier = ctx.Queue(), ctx.Barrier(clients)
@@ -294,19 +329,22 @@ def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: 
     for p in procs:
         p.start()
     batches = [results.get(timeout=1800) for _ in procs]
+    server_cpu = {pid: cpu - server_cpu.get(pid, 0.0) for pid, cpu in process_cpu(server_pids).items()}
     for p in procs:
         p.join(30)
-    rows = [r for batch in batches for r in batch]
+    rows = [r for batch in batches for r in batch["rows"]]
     # every generator's first request starts right after the barrier (monotonic clocks are one
     # clock across processes here): the spread of those starts says how together they began
-    starts = [min(r["start"] for r in batch) for batch in batches]
+    starts = [min(r["start"] for r in batch["rows"]) for batch in batches]
     wall = max(r["end"] for r in rows) - min(starts)
     gaps = [g for r in rows for g in r["gaps"]]
     ttft = [r["ttft_s"] for r in rows]
     steps_after, graph_after = engine_steps(url)
     steps = steps_after - steps_before
+    cpu = {"server_cpu_per_wall": sorted((c / wall for c in server_cpu.values()), reverse=True),
+           "client_cpu_per_wall": sorted((b["cpu_s"] / wall for b in batches), reverse=True)}
     return {"server_tokens_per_s": sum(r["tokens"] for r in rows) / wall, "server_requests": len(rows),
-            "server_engine_steps": int(steps), "server_packed_steps": int(steps - (graph_after - graph_before)),
+            "server_engine_steps": int(steps), "server_packed_steps": int(steps - (graph_after - graph_before)), **cpu,
             "server_wall_s": wall, "client_start_spread_ms": 1000 * (max(starts) - min(starts)), **stalls(rows),
             "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
             "itl_p50_ms": 1000 * percentile(gaps, 50), "itl_p99_ms": 1000 * percentile(gaps, 99)}  # fmt: skip
@@ -338,7 +376,7 @@ def run(args) -> dict:
             warm = list(range(10**6, 10**6 + row["streams"]))  # prompts and seeds the timed requests do not use
             asyncio.run(fire(server.url, name, warm, row["streams"], 4))
             row.update(server_level(server.url, name, row["streams"], args.waves, args.max_tokens,
-                                    args.client_processes))  # fmt: skip
+                                    args.client_processes, server.pids()))  # fmt: skip
             print(f"{row['streams']} streams: server {row['server_tokens_per_s']:,.0f} tok/s", file=sys.stderr)
     for row in rows:
         row["engine_vs_bare"] = row["engine_decode_tokens_per_s"] / row["bare_tokens_per_s"]
@@ -378,6 +416,12 @@ def markdown(r: dict) -> str:
         steps = ", ".join(f"{row['server_engine_steps']:,} steps at {row['streams']} streams, {row['server_packed_steps']:,} "
                           "of them eager packed forwards" for row in r["rows"])  # fmt: skip
         out += ["", f"Engine core during the server runs: {steps} (the others replayed the decode graph)."]
+    for row in r["rows"]:
+        if "server_cpu_per_wall" in row:
+            server = " / ".join(f"{c:.2f}" for c in row["server_cpu_per_wall"] if c >= 0.01)
+            clients = " / ".join(f"{c:.2f}" for c in row["client_cpu_per_wall"])
+            out += ["", f"CPU seconds per second of wall time at {row['streams']} streams (1.00: a saturated process): "
+                        f"server processes {server}; load generators {clients}."]  # fmt: skip
     out += ["", "Targets (H200, 1.5B, fp16 state): engine >= 90% of bare decode at 1 and 64 streams, >= 85% at 256; "
             "server >= 85% of the engine at 64 and 256 streams and >= 40,000 tok/s at 256; inter-token p99 at 256 "
             "<= 2x the bare step.", ""]  # fmt: skip

@@ -75,3 +75,32 @@ def write_results(out: Path | None, result: dict, text: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         out.with_suffix(".md").write_text(text)
+
+
+class CpuTimes:
+    """CPU seconds (user + system) each process of this machine spent inside the block, the
+    busiest first (`top`): a process near one CPU second per second of wall time is saturated (an
+    interpreter lock, an event loop). Labels are command lines; Ray names its processes
+    (ray::ServeReplica:..., ray::ProxyActor). Needs psutil (the bench extra)."""
+
+    def __enter__(self):
+        self.before, self.t0 = self._snapshot(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        after = self._snapshot()
+        spent = [(label, cpu - self.before.get(pid, ("", 0.0))[1]) for pid, (label, cpu) in after.items()]
+        spent.sort(key=lambda x: -x[1])
+        self.top = [{"process": label, "cpu_s": cpu, "per_wall_s": cpu / wall} for label, cpu in spent[:8]]
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+            times, cmd = proc.info["cpu_times"], proc.info["cmdline"] or [proc.info["name"] or "?"]
+            if times is not None:
+                out[proc.info["pid"]] = (" ".join(cmd).strip()[:70], times.user + times.system)
+        return out
