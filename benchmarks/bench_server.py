@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import config_for  # noqa: E402
-from common import measure, write_results  # noqa: E402
+from common import measure, process_cpu, write_results  # noqa: E402
 
 from rwkvstate import Engine, Model, SamplingParams  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
@@ -285,20 +285,6 @@ def _client_main(args: tuple, barrier, results) -> None:
     results.put({"rows": rows, "cpu_s": time.process_time() - clock["cpu0"]})
 
 
-def process_cpu(pids: list[int]) -> dict[int, float]:
-    """CPU seconds (user + system) of each live process among pids."""
-    import psutil
-
-    out = {}
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        out[pid] = t.user + t.system
-    return out
-
-
 def engine_steps(url: str) -> tuple[float, float]:
     """The core's (steps, graph steps) counters from /metrics."""
     import httpx
@@ -319,7 +305,7 @@ def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: 
     and the API processes) and of each load generator (from its start at the barrier): a
     process near 1.0 is saturated."""
     steps_before, graph_before = engine_steps(url)
-    server_cpu = process_cpu(server_pids)
+    server_cpu = {pid: cpu for pid, (_, cpu) in process_cpu(server_pids).items()}
     clients = max(1, min(clients, level))
     ctx = multiprocessing.get_context("spawn")
     results, barrier = ctx.Queue(), ctx.Barrier(clients)
@@ -329,7 +315,7 @@ def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: 
     for p in procs:
         p.start()
     batches = [results.get(timeout=1800) for _ in procs]
-    server_cpu = {pid: cpu - server_cpu.get(pid, 0.0) for pid, cpu in process_cpu(server_pids).items()}
+    server_cpu = {pid: cpu - server_cpu.get(pid, 0.0) for pid, (_, cpu) in process_cpu(server_pids).items()}
     for p in procs:
         p.join(30)
     rows = [r for batch in batches for r in batch["rows"]]

@@ -98,9 +98,19 @@ class CpuTimes:
     def _snapshot() -> dict[int, tuple[str, float]]:
         import psutil
 
-        out = {}
-        for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
-            times, cmd = proc.info["cpu_times"], proc.info["cmdline"] or [proc.info["name"] or "?"]
-            if times is not None:
-                out[proc.info["pid"]] = (" ".join(cmd).strip()[:70], times.user + times.system)
-        return out
+        return process_cpu([p.pid for p in psutil.process_iter()])
+
+
+def process_cpu(pids: list[int]) -> dict[int, tuple[str, float]]:
+    """Each live process among pids: (its command line, shortened; its CPU seconds, user + system)."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            times, cmd = proc.cpu_times(), proc.cmdline() or [proc.name()]
+        except psutil.Error:  # gone, or not ours to read
+            continue
+        out[pid] = (" ".join(cmd).strip()[:70], times.user + times.system)
+    return out

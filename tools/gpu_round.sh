@@ -3,11 +3,7 @@
 # wheels in .cluster/extra): the serving benchmark on GPU 0 (SERVING_ARGS), then
 # benchmarks/bench_cluster.py on both GPUs (CLUSTER_ARGS; a second pass with CLUSTER_ARGS2 if set).
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .cluster/whl/*.whl .cluster/extra/*.whl || exit 1
-tar -C /tmp/site -xJf .cluster/ray.tar.xz || exit 1
-mkdir -p /tmp/redis && for f in .cluster/redis/*.deb; do dpkg -x "$f" /tmp/redis; done
-export PATH=/tmp/site/bin:$PATH LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+. tools/cluster_setup.sh
 if [ -n "${SERVING_ARGS:-}" ]; then
   CUDA_VISIBLE_DEVICES=0 timeout "${SERVING_S:-200}" python3 benchmarks/bench_server.py --shape 1.5B --state-dtype fp16 \
       --waves 2 --max-tokens 128 $SERVING_ARGS --out "$OUT/serving-h200" </dev/null 2>&1 | tail -8
