@@ -163,3 +163,4 @@ def test_a_prompting_stream_cancelled_halfway_leaves_the_batch_clean(model):
     follow = engine.session().generate(6, GREEDY, prompt="next")
     list(follow)
     assert follow.token_ids == alone(model, "next", 6, GREEDY)
+

@@ -336,3 +336,12 @@ def test_penalty_counts_follow_each_stream(engine):
     plain = s.fork().generate(12, SamplingParams(temperature=0, stop_token_ids=[]))
     list(plain)
     assert plain.token_ids != first.token_ids  # the penalties did act
+
+
+def test_decode_graphs_cover_every_batch_up_to_the_slot_count(model):
+    """The captured sizes reach the pool's slot count exactly, so no decode batch that fits the
+    pool runs eagerly for want of a graph (6 slots used to capture only 1, 2, 4)."""
+    for slots, sizes in ((6, [1, 2, 4, 6]), (8, [1, 2, 4, 8]), (100, [1, 2, 4, 8, 16, 32, 64, 100]), (1, [1])):
+        graphs = Engine(model, slots=slots).stepper.graphs
+        assert graphs.batch_sizes == sizes and graphs.max_batch == slots
+    assert Engine(model, slots=300).stepper.graphs.max_batch == 256  # max_decode_batch caps it

@@ -26,7 +26,9 @@ class DecodeGraphs:
         self.pool = pool
         self.device = model.device
         sizes = batch_sizes or DEFAULT_BATCH_SIZES
-        self.batch_sizes = sorted(b for b in sizes if b <= max_batch) or [max_batch]
+        # the largest batch gets a graph of its own size: with 6 slots (or 100) the steps of 5-6
+        # (65-100) streams replay a graph too, instead of running eagerly
+        self.batch_sizes = sorted({b for b in sizes if b < max_batch} | {max_batch})
         self.max_batch = self.batch_sizes[-1]
         self.use_graphs = not enforce_eager and self.device.type == "cuda"
         self._slots = torch.full((self.max_batch,), pool.scratch_slot, dtype=torch.int64, device=self.device)
