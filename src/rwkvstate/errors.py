@@ -1,5 +1,6 @@
 """Exception types. Every user-facing failure is one of these, with a one-line message; and how
-an exception is told to a client (`describe`), without host paths (`scrub`)."""
+an exception is told to a client (`describe`), without host paths (`scrub`), or quoted inside
+another one-line message (`first_line`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,13 @@ class RequestError(RwkvStateError):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def first_line(e: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message, for a one-line error built around it; `default`
+    (else the exception's type name) when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else default or type(e).__name__
 
 
 def scrub(message: str, roots: tuple[Path, ...]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RwkvStateError
+from ..errors import RwkvStateError, first_line
 from ..state.layout import dtype_name, parse_dtype
 from .models import BUNDLED_MODEL, BUNDLED_NAME
 from .speed import configure_threads, run_reply
@@ -464,8 +464,7 @@ def main(argv=None) -> int:
     except (RwkvStateError, ValueError, OSError, RuntimeError) as e:
         if os.environ.get("RWKVSTATE_DEBUG"):
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"rwkvstate: error: {message}", file=sys.stderr)
+        print(f"rwkvstate: error: {first_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .speed import run_reply
-from ..errors import RwkvStateError
+from ..errors import RwkvStateError, first_line
 from ..runtime.chat import ASSISTANT_STOP, format_user_turn, render_messages, turn_break
 
 HELP = (
@@ -91,8 +91,7 @@ class ChatConsole:
             try:
                 self.handle(text)
             except (RwkvStateError, ValueError, OSError) as e:
-                print(f"(error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
-                      file=sys.stderr)  # fmt: skip
+                print(f"(error: {first_line(e)})", file=sys.stderr)
 
     def handle(self, text: str) -> None:
         command, _, arg = text.partition(" ")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..errors import StoreConflict, StoreFull, StoreUnavailable
+from ..errors import StoreConflict, StoreFull, StoreUnavailable, first_line
 
 STORE_FORMATS = ("fp32", "fp16", "bf16", "int8")
 SWEEP_LIMIT = 64  # expired sessions forgotten per write, so one write stays cheap
@@ -157,7 +157,7 @@ class RedisStore:
             return fn(*args, **kwargs)
         except self._errors as e:
             raise StoreUnavailable(f"the session store at {self.where} is unreachable ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else 'no answer'}); retry when it is back") from None  # fmt: skip
+                                   f"{first_line(e, 'no answer')}); retry when it is back") from None  # fmt: skip
 
     # ---- sessions ------------------------------------------------------------------------------
     def put(self, session_id: str, blob: bytes, *, expected: int | None, tokens: int, created: int) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 # Keys that mark older RWKV generations, checked in order (a v6 file also has v5-like keys).
 _VERSION_MARKERS = (
@@ -145,7 +145,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {_first_line(e)}")
+        raise CheckpointError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {first_line(e)}")
 
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
@@ -162,7 +162,7 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
             f"(weights_only=True){_refused_global(e)}"
         )
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path.name} could not be read as a PyTorch checkpoint (truncated?): {_first_line(e)}")
+        raise CheckpointError(f"{path.name} could not be read as a PyTorch checkpoint (truncated?): {first_line(e)}")
     return _flat_tensor_dict(data, path.name)
 
 
@@ -187,11 +187,6 @@ def _flat_tensor_dict(data, name: str) -> dict[str, torch.Tensor]:
             kind = type(value).__name__
             raise CheckpointError(f"{name} is not a flat dict of tensors: entry {key!r} is a {kind}")
     return data
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 # ---- inferring and validating --------------------------------------------------------------
@@ -276,7 +271,7 @@ def read_sidecar(path: str | Path) -> dict:
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"model sidecar {sidecar.name} is not valid JSON: {_first_line(e)}")
+        raise CheckpointError(f"model sidecar {sidecar.name} is not valid JSON: {first_line(e)}")
     if not isinstance(meta, dict):
         raise CheckpointError(f"model sidecar {sidecar.name} must hold a JSON object")
     if "tokenizer" in meta and meta["tokenizer"] not in ("world", "bytes"):

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RwkvStateError
+from ..errors import RwkvStateError, first_line
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TRUE = {"1", "on", "yes", "true"}
@@ -314,12 +314,12 @@ def _hub_error(model: HubModel, e: Exception) -> ModelHubError:
         return ModelHubError(f"cannot download {where}: the hub ({endpoint()}) is unreachable or offline mode "
                              f"is on, and the file is not cached")  # fmt: skip
     if _is_connection_error(e):
-        return ModelHubError(f"cannot reach the hub at {endpoint()} ({_first_line(e)}) to download {where}; "
+        return ModelHubError(f"cannot reach the hub at {endpoint()} ({first_line(e)}) to download {where}; "
                              f"HF_ENDPOINT sets the hub, HF_HUB_OFFLINE=1 uses only the cache")  # fmt: skip
     if isinstance(e, errors.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", "?")
         return ModelHubError(f"downloading {where} failed: HTTP {status} from {endpoint()}")
-    return ModelHubError(f"downloading {where} failed: {type(e).__name__}: {_first_line(e)}")
+    return ModelHubError(f"downloading {where} failed: {type(e).__name__}: {first_line(e)}")
 
 
 def _is_connection_error(e: BaseException) -> bool:
@@ -329,11 +329,6 @@ def _is_connection_error(e: BaseException) -> bool:
     from_http_client = kind.__module__.split(".")[0] in ("httpx", "httpx2")
     transport = "Connect" in kind.__name__ or "Timeout" in kind.__name__
     return isinstance(e, ConnectionError) or (from_http_client and transport)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _quiet_tqdm():

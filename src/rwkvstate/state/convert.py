@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StateError
+from ..errors import StateError, first_line
 from .layout import CANONICAL_KEYS, MAX_STATE_ABS, state_dims, state_shapes
 
 # Orientations of a state-tuning `time_state[h, a, b]` (see docs/state-formats.md):
@@ -233,7 +233,8 @@ def _read_torch_state(path: Path):
         raise StateError(f"{path} holds Python objects other than tensors; only plain tensor files are "
                          "read (state-tuning .pth files are)") from None  # fmt: skip
     except Exception as e:
-        raise StateError(f"cannot read {path} as a PyTorch file (truncated?): {_first_line(e)}") from None
+        raise StateError(f"cannot read {path} as a PyTorch file (truncated?): "
+                         f"{type(e).__name__}: {first_line(e, 'no details')}") from None  # fmt: skip
 
 
 def _read_safetensors_state(path: Path):
@@ -242,9 +243,5 @@ def _read_safetensors_state(path: Path):
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:
-        raise StateError(f"{path} is neither a PyTorch (.pth) nor a safetensors state file: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else 'no details'}"
+        raise StateError(f"{path} is neither a PyTorch (.pth) nor a safetensors state file: "
+                         f"{type(e).__name__}: {first_line(e, 'no details')}") from None  # fmt: skip

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StateError, StorageError
+from ..errors import StateError, StorageError, first_line
 from ..tokenizer import check_token_ids
 from .convert import infer_dims, validate_canonical, zero_state
 from .layout import (
@@ -385,8 +385,7 @@ def _parse_bytes(path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, 
         (n,) = struct.unpack("<Q", data[:8])
         meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
     except (SafetensorError, ValueError, TypeError, AttributeError, struct.error, RuntimeError, RecursionError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StateError(f"{path} is truncated or not a safetensors state file ({reason})") from None
+        raise StateError(f"{path} is truncated or not a safetensors state file ({first_line(e)})") from None
     if not isinstance(meta, dict):
         raise StateError(f"{path} is not a state file (its metadata is not a JSON object)")
     return tensors, {str(k): str(v) for k, v in meta.items()}, len(data)
