@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..ops import sampling as ops
-from .sampling import TokenCounts, sampling_rows
+from .sampling import TokenCounts, logit_bias_rows, sampling_rows
+from .transfer import to_device
 
 if TYPE_CHECKING:
     from .session import GenerationStream
@@ -101,7 +102,7 @@ class DecodeBatch:
         prompting = self.prompting
         left = [len(s.pending) if s in prompting else 0 for s in self.streams] if prompting else None
         host = torch.tensor([self.slot_list, positions] + ([left] if left else []), dtype=torch.int64)
-        moved = _to_device(host, self.device)
+        moved = to_device(host, self.device)
         self.slots = moved[0]
         ints = self.ints.index_select(1, self.slots)
         ints[ops.I_POSITION] = moved[1]
@@ -109,7 +110,8 @@ class DecodeBatch:
         if left:
             self._left = moved[2]
             ints[ops.I_COUNT_ROW].masked_fill_(self._left > 0, -1)  # a thrown-away draw counts for nothing
-        self.rows = ops.SamplingRows(self.floats.index_select(1, self.slots), ints, self._bias())
+        bias = logit_bias_rows([s.params for s in self.streams], self.device)
+        self.rows = ops.SamplingRows(self.floats.index_select(1, self.slots), ints, bias)
         self._changed = False
 
     def row(self, i: int) -> ops.SamplingRows:
@@ -155,7 +157,7 @@ class DecodeBatch:
         params = [s.params for s in streams]
         count_rows = [slot if p.has_penalties() else -1 for slot, p in zip(slots, params)]
         rows = sampling_rows(params, [s.seed for s in streams], [0] * len(streams), count_rows, self.device)
-        index = _to_device(torch.tensor(slots, dtype=torch.int64), self.device)
+        index = to_device(torch.tensor(slots, dtype=torch.int64), self.device)
         self.floats[:, index] = rows.floats
         self.ints[:, index] = rows.ints
         if any(s.stop_ids for s in streams) or self.stops is not None:
@@ -168,7 +170,7 @@ class DecodeBatch:
         for row, stream in enumerate(streams):
             ids = [t for t in stream.stop_ids if 0 <= t < self.vocab_size]
             table[row, ids] = True
-        self.stops[index] = _to_device(table, self.device)
+        self.stops[index] = to_device(table, self.device)
 
     def _write_prompts(self, streams: list[GenerationStream]) -> None:
         """Each joining prompting stream's prompt, right-aligned in its slot's table row: the next
@@ -182,26 +184,10 @@ class DecodeBatch:
         for row, stream in enumerate(streams):
             table[row, width - len(stream.pending) :] = torch.tensor(stream.pending, dtype=torch.int64)
         index = torch.tensor([resident_slot(s) for s in streams], dtype=torch.int64)
-        self._prompt_table[_to_device(index, self.device)] = _to_device(table, self.device)
-
-    def _bias(self):
-        """The logit bias of the rows that have one, as (rows, ids, values) tensors, or None."""
-        entries = [(row, t, v) for row, s in enumerate(self.streams) for t, v in (s.params.logit_bias or {}).items()]
-        if not entries:
-            return None
-        rows, ids, values = zip(*entries)
-        return (_to_device(torch.tensor(rows), self.device), _to_device(torch.tensor(ids), self.device),
-                _to_device(torch.tensor(values, dtype=torch.float32), self.device))  # fmt: skip
+        self._prompt_table[to_device(index, self.device)] = to_device(table, self.device)
 
 
 def resident_slot(stream: GenerationStream) -> int:
     slot = stream.session._slot
     assert slot is not None, "a stream of the decode batch keeps its session resident"
     return slot
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One host-to-device copy (from pinned memory, asynchronous, on a GPU)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

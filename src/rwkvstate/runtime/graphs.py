@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..tokenizer import check_token_ids
+from .transfer import to_device
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -78,7 +79,7 @@ class DecodeGraphs:
             self.eager_steps += 1
             return self.model.forward(self.pool, slots, [[t] for t in tokens], output="last")
         host = torch.tensor([list(slots), list(tokens)], dtype=torch.int64)
-        device = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        device = to_device(host, self.device)
         return self.replay(device[0], device[1], slots)
 
     def replay(self, slots: torch.Tensor, tokens: torch.Tensor, written: Sequence[int]) -> torch.Tensor:

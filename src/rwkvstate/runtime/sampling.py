@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..ops import sampling as ops
+from .transfer import to_device
 
 # Ranges chosen so no parameter can overflow float32 on its own: z = x / temperature grows at
 # most 1000-fold, a repetition penalty at most 100-fold, and presence + frequency * count stays
@@ -166,11 +167,7 @@ def sampling_rows(params: Sequence[SamplingParams], seeds: Sequence[int], positi
     floats = torch.tensor([_floats(p) for p in params], dtype=torch.float32).T
     ints = torch.tensor([[p.top_k, c, s - (1 << 64) if s >= 1 << 63 else s, n]
                          for p, c, s, n in zip(params, count_rows, seeds, positions)], dtype=torch.int64).T  # fmt: skip
-    bias = _bias(params)
-    if torch.device(device).type == "cuda":
-        floats, ints = floats.contiguous().pin_memory(), ints.contiguous().pin_memory()
-    move = lambda t: t.contiguous().to(device, non_blocking=True)  # noqa: E731
-    return ops.SamplingRows(move(floats), move(ints), None if bias is None else tuple(move(t) for t in bias))
+    return ops.SamplingRows(to_device(floats, device), to_device(ints, device), logit_bias_rows(params, device))
 
 
 def _floats(p: SamplingParams) -> list[float]:
@@ -178,12 +175,15 @@ def _floats(p: SamplingParams) -> list[float]:
     return [p.temperature, p.top_p, log_min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
 
 
-def _bias(params: Sequence[SamplingParams]):
+def logit_bias_rows(params: Sequence[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The logit bias of the rows that have one, on `device`, as (rows, ids, values) tensors:
+    row rows[k] adds values[k] to token ids[k]. None when no row has a bias."""
     entries = [(i, t, v) for i, p in enumerate(params) for t, v in (p.logit_bias or {}).items()]
     if not entries:
         return None
     rows, ids, values = zip(*entries)
-    return torch.tensor(rows), torch.tensor(ids), torch.tensor(values, dtype=torch.float32)
+    return (to_device(torch.tensor(rows), device), to_device(torch.tensor(ids), device),
+            to_device(torch.tensor(values, dtype=torch.float32), device))  # fmt: skip
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], positions: Sequence[int],
