@@ -436,11 +436,8 @@ class EngineCore:
 
     def op_delete(self, session: str) -> dict:
         self.store.sync(self.engine, session)
-        record = self.store.acquire(session)
-        try:
+        with self.store.held(session) as record:
             self.store.delete(record)
-        finally:
-            self.store.release(record)
         self.store.records.pop(session, None)
         return {"id": session, "object": "session.deleted", "deleted": True}
 
@@ -448,40 +445,30 @@ class EngineCore:
         self.store.sync(self.engine, session)
         self.store.get(session)  # 404 before 429
         self.store.check_room(with_state=True)
-        record = self.store.acquire(session)
-        try:
+        with self.store.held(session) as record:
             child = self.store.fork(self.engine, record)
-        finally:
-            self.store.release(record)
         self.store.records[child.id] = child
         return self._info(child)
 
     def op_rollback(self, session: str, tokens: int | None = None, turns: int | None = None) -> dict:
         self.store.sync(self.engine, session)
-        record = self.store.acquire(session)
-        try:
+        with self.store.held(session) as record, self.store.saved_or_undone(record):
             s = record.session
             before = len(s.tokens)
-            with self.store.saved_or_undone(record):
-                try:
-                    if tokens is not None:
-                        s.rollback(tokens)
-                    else:
-                        s.undo(1 if turns is None else turns)
-                except (RwkvStateError, ValueError) as e:
-                    param = "tokens" if tokens is not None else "turns"
-                    raise RequestError(400, str(e), param=param, code="rollback_not_possible") from None
-        finally:
-            self.store.release(record)
+            try:
+                if tokens is not None:
+                    s.rollback(tokens)
+                else:
+                    s.undo(1 if turns is None else turns)
+            except (RwkvStateError, ValueError) as e:
+                param = "tokens" if tokens is not None else "turns"
+                raise RequestError(400, str(e), param=param, code="rollback_not_possible") from None
         return dict(self._info(record), removed=before - len(s.tokens))
 
     def op_snapshot(self, session: str, name: str | None = None) -> dict:
         self.store.sync(self.engine, session)
-        record = self.store.acquire(session)
-        try:
+        with self.store.held(session) as record:
             return dict(self.store.snapshot(record, name), object="session.snapshot", session=session)
-        finally:
-            self.store.release(record)
 
     def op_check_name(self, name: str) -> None:
         self.store.resolve(name, "name", must_exist=False)

@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import RequestError, RwkvStateError, StateError, StorageError
 from .storage import SESSIONS_DIR, Storage
@@ -123,6 +123,16 @@ class SessionStore:
     @staticmethod
     def release(record: SessionRecord) -> None:
         record.busy = False
+
+    @contextmanager
+    def held(self, session_id: str) -> Iterator[SessionRecord]:
+        """The record, busy for the length of the block (an operation on the session): 409 if a
+        request or operation is using it; released however the block ends."""
+        record = self.acquire(session_id)
+        try:
+            yield record
+        finally:
+            self.release(record)
 
     def check_room(self, with_state: bool) -> None:
         """429 if a new session would pass a limit: the number of sessions, or the state
