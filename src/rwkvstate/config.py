@@ -5,6 +5,7 @@ Names of dtypes and snapshot formats come from state/layout.py, below this modul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -90,27 +91,26 @@ class EngineConfig:
             self.history_capacity = 4 if self.layout == "contiguous" else 0
         self._check_lifecycle()
 
+    # Typed views of fields the constructor resolved: a dtype name becomes a torch dtype, a
+    # snapshot format left None becomes the storage dtype's name.
     @property
     def storage_dtype(self) -> torch.dtype:
-        """state_dtype, parsed (a name given to the constructor becomes a torch dtype)."""
-        return parse_dtype(self.state_dtype)
+        return cast(torch.dtype, self.state_dtype)
 
     @property
     def history_fmt(self) -> str:
-        """The ring history's snapshot format (history_format, else the storage dtype's name)."""
-        return self.history_format or dtype_name(self.storage_dtype)
+        return cast(str, self.history_format)
 
     @property
     def prefix_cache_fmt(self) -> str:
-        """The prefix cache's snapshot format (prefix_cache_format, else the storage dtype's name)."""
-        return self.prefix_cache_format or dtype_name(self.storage_dtype)
+        return cast(str, self.prefix_cache_format)
 
     def _check_lifecycle(self) -> None:
         for name in ("host_format", "cold_format", "history_format", "prefix_cache_format"):
             if getattr(self, name) is not None:
                 check_format(getattr(self, name))
-        self.history_format = self.history_fmt
-        self.prefix_cache_format = self.prefix_cache_fmt
+        self.history_format = self.history_format or dtype_name(self.storage_dtype)
+        self.prefix_cache_format = self.prefix_cache_format or dtype_name(self.storage_dtype)
         for name in ("history_every", "prefix_cache_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
