@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from ..server.config import ServerConfig
 from .affinity import AFFINITY
 from .store import StoreConfig, render_store_metrics
 
@@ -181,8 +182,7 @@ class Ingress:
         self.store = RedisStore(config.store)  # for its counters only: sessions are the replicas' business
         key = config.server.get("api_key")
         self.expected = None if not key else f"Bearer {key}".encode()
-        self.max_body = int(config.server.get("max_request_bytes", 1 << 20)) + 4 * (
-            (int(config.server.get("max_state_bytes", 64 << 20)) + 2) // 3)  # fmt: skip
+        self.max_body = ServerConfig(**config.server).max_body_bytes
 
     async def forward(self, request: Request) -> Response:
         path = request.url.path

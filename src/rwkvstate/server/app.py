@@ -24,7 +24,7 @@ from ..runtime.chat import ASSISTANT_STOP, ReplyText, render_messages
 from ..runtime.sampling import SamplingParams
 from ..tokenizer import check_token_ids
 from ..version import __version__
-from .config import ServerConfig
+from .config import ServerConfig, base64_len
 from .errors import add_error_handlers, error_response
 from .metrics import CONTENT_TYPE, REFUSED
 from .protocol import (
@@ -92,7 +92,7 @@ class Guard:
         self.limit = ctx.config.max_request_bytes
         # a generation request may carry a base64 state file (stateless mode) besides itself;
         # the handler holds the rest of the body to the plain limit
-        self.state_limit = self.limit + base64_len(ctx.config.max_state_bytes)
+        self.state_limit = ctx.config.max_body_bytes
         key = ctx.config.api_key
         self.expected = None if key is None else f"Bearer {key}".encode()
 
@@ -212,11 +212,6 @@ def _add_generation_routes(app: FastAPI, ctx: ServerContext) -> None:
                   session=body.session)  # fmt: skip
         _stateless(ctx.config, body, job, len(await request.body()))
         return await _respond(ctx, body, job, Reply(True, ctx.model_name, body.session), request)
-
-
-def base64_len(n: int) -> int:
-    """Characters of n bytes in base64."""
-    return 4 * ((n + 2) // 3)
 
 
 def _stateless(config: ServerConfig, body: GenerationRequest, job: Job, body_bytes: int) -> None:

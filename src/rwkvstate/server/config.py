@@ -74,8 +74,19 @@ class ServerConfig:
             if name is not None and (not isinstance(name, str) or not name.strip()):
                 raise ValueError(f"ServerConfig: a served model name must be a non-empty string, got {name!r}")
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: max_request_bytes, plus a base64 state file of up to
+        max_state_bytes that a generation request may carry (stateless mode)."""
+        return self.max_request_bytes + base64_len(self.max_state_bytes)
+
     def served_names(self, model) -> tuple[str, ...]:
         """The model ids clients may use: the primary one (model_name, else the model file's
         stem) first, then the aliases, without repeats."""
         primary = self.model_name or (Path(str(model.path)).stem if getattr(model, "path", None) else "rwkv7")
         return tuple(dict.fromkeys((primary, *self.model_aliases)))
+
+
+def base64_len(n: int) -> int:
+    """Characters of n bytes in base64."""
+    return 4 * ((n + 2) // 3)
