@@ -37,10 +37,12 @@ CONFIG_ENV = "RWKVSTATE_SERVER_CONFIG"  # the ServerConfig of API worker process
 SPARE_FDS = 64  # file descriptors kept for state files, the model and logs
 
 
-def uvicorn_options(config: ServerConfig) -> dict:
-    """uvicorn settings from the config: header and keep-alive timeouts, the connection limit."""
-    return {"http": limited_h11(config.header_timeout_s, connection_limit(config)),
-            "timeout_keep_alive": config.keep_alive_s}  # fmt: skip
+def uvicorn_options(config: ServerConfig, http: type | None = None) -> dict:
+    """uvicorn settings from the config: header and keep-alive timeouts, the connection limit.
+    http: the h11 protocol class when it is built elsewhere (the API worker processes')."""
+    if http is None:
+        http = limited_h11(config.header_timeout_s, connection_limit(config))
+    return {"http": http, "timeout_keep_alive": config.keep_alive_s}
 
 
 def connection_limit(config: ServerConfig) -> int:
@@ -92,7 +94,7 @@ def serve(model, config: ServerConfig, log_level: str = "info", sockets=None) ->
         workers = uvicorn.Config("rwkvstate.server.background:worker_app", factory=True, host=config.host,
                                  port=config.port, workers=config.api_processes, log_level=log_level,
                                  timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                 **dict(uvicorn_options(config), http=WorkerH11Protocol))  # fmt: skip
+                                 **uvicorn_options(config, http=WorkerH11Protocol))  # fmt: skip
         Multiprocess(workers, sockets=sockets or [workers.bind_socket()]).run()
     finally:
         core.stop()
