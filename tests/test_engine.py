@@ -131,13 +131,15 @@ def test_a_stop_string_found_late_takes_the_extra_tokens_back(model):
 
 
 def test_stop_text_holds_back_what_may_start_a_stop_string(model):
-    from rwkvstate.runtime.text import StopText, find_stop
+    from rwkvstate.runtime.text import StopText
 
     tok = model.tokenizer
     text = StopText(tok, ["END", "xy"])
     assert text.push_many(list(b"abcE")) == "abc" and text.push_many(list(b"N")) == ""
     assert text.push_many(list(b"Dzz")) == "" and text.stopped_at == 6 and text.flush() == ""
-    assert find_stop(tok, ["END"], list(b"aEND")) == 4 and find_stop(tok, ["END"], list(b"aEN")) is None
+    whole, partial = StopText(tok, ["END"]), StopText(tok, ["END"])
+    assert whole.push_many(list(b"aENDb")) == "a" and whole.stopped_at == 4
+    assert partial.push_many(list(b"aEN")) == "a" and partial.stopped_at is None and partial.flush() == "EN"
     plain = StopText(tok, ["Q"])
     assert plain.push_many(list("é".encode())[:1]) == "" and plain.push_many(list("é".encode())[1:]) == "é"
 

@@ -5,7 +5,7 @@ iterator, an API server process) turns ids into text with a StopText, which find
 string at the token that completes it and returns only the text before it. The engine runs
 ahead of its readers, so a reader that finds a stop string tells the engine how many tokens
 the stream should have had (`GenerationStream.stop_at`, the core's StopAt message) and the
-engine takes the extra ones back. `find_stop` runs the same scan over a whole token list.
+engine takes the extra ones back.
 """
 
 from __future__ import annotations
@@ -52,17 +52,6 @@ class StopText:
             return ""
         out, self._held = self._held + self.decoder.flush(), ""
         return out
-
-
-def find_stop(tokenizer: Tokenizer, stops: Sequence[str], tokens: Sequence[int]) -> int | None:
-    """How many of tokens a reader keeps: up to the one completing the first stop string; None
-    if none occurs."""
-    text = StopText(tokenizer, stops)
-    for token in tokens:
-        text.push(token)
-        if text.stopped_at is not None:
-            return text.stopped_at
-    return None
 
 
 def _overlap(text: str, stop: str) -> int:
