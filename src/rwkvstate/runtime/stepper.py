@@ -194,11 +194,7 @@ class Stepper:
             copied.synchronize()
         _, ended, prompts = self._take(streams, host[: len(streams)].tolist())
         for stream in prompts:  # the graph fed each one's next prompt token
-            session = stream.session
-            old = len(session.tokens)
-            session.tokens.append(stream.pending.pop(0))
-            self.tokens_fed += 1
-            self._prompt_fed(stream, resident_slot(stream), old, cuts_only=True)
+            self._prompt_chunk_done(stream, resident_slot(stream), [stream.pending.pop(0)], cuts_only=True)
         self._end_decode(ended)
 
     def _prompt_items(self, streams: list[GenerationStream]) -> list[StepItem]:
@@ -297,12 +293,12 @@ class Stepper:
             if stream.start_position is None:  # a prompt chunk
                 self._prompt_chunk_done(stream, slot, ids)
 
-    def _prompt_chunk_done(self, stream: GenerationStream, slot: int, ids: list[int]) -> None:
+    def _prompt_chunk_done(self, stream: GenerationStream, slot: int, ids: list[int], cuts_only: bool = False) -> None:
         session = stream.session
         old = len(session.tokens)
         session.tokens.extend(ids)
         self.tokens_fed += len(ids)
-        self._prompt_fed(stream, slot, old)
+        self._prompt_fed(stream, slot, old, cuts_only)
 
     def _prompt_fed(self, stream: GenerationStream, slot: int, old: int, cuts_only: bool = False) -> None:
         """History and prefix-cache bookkeeping after prompt tokens were fed (cuts_only: only at the
