@@ -97,10 +97,42 @@ async def drive(url: str, model: str, streams: int, max_tokens: int, stream: boo
         one = one_request if stream else whole_request
         start = time.perf_counter()
         results = await asyncio.gather(*(one(client, f"{url}/v1/completions", b) for b in bodies))
-        wall = time.perf_counter() - start
+    return summarise(results, start, streams)
+
+
+async def drive_direct(model: str, streams: int, max_tokens: int) -> dict:
+    """As drive(), but each request goes straight to the engine deployment through a Ray Serve
+    handle from this process: no HTTP proxy, no ingress. Tells the replicas' own rate apart from
+    what the path in front of them costs."""
+    from ray import serve
+
+    from rwkvstate.cluster.serve import APP_NAME, REPLICA_HEADER
+
+    engine = serve.get_deployment_handle("engine", app_name=APP_NAME).options(stream=True)
+    headers = [(b"content-type", b"application/json")]
+
+    async def one(i: int) -> dict:
+        body = {"model": model, "prompt": f"# request {i}\n{PROMPT}", "max_tokens": max_tokens, "temperature": 1.0,
+                "top_p": 0.9, "seed": i, "stop_token_ids": []}  # fmt: skip
+        raw = {"method": "POST", "path": "/v1/completions", "query": "", "body": json.dumps(body).encode(),
+               "headers": headers}  # fmt: skip
+        parts = [part async for part in engine.handle.remote(raw)]
+        if parts[0]["status"] != 200:
+            raise RuntimeError(f"replica answered {parts[0]['status']}: {b''.join(parts[1:])[:200]!r}")
+        return {"tokens": json.loads(b"".join(parts[1:]))["usage"]["completion_tokens"], "end": time.perf_counter(),
+                "replica": dict(parts[0]["headers"]).get(REPLICA_HEADER, "?")}  # fmt: skip
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(streams)))
+    return summarise(results, start, streams)
+
+
+def summarise(results: list[dict], start: float, streams: int) -> dict:
+    """Aggregate tokens/s over the wall time, and where the requests went and when each ended."""
+    wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
     out = {"streams": streams, "wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall}
-    if not stream:  # where the requests went and how long each took (the router's balance)
+    if "replica" in results[0]:
         per_replica: dict[str, list[float]] = {}
         for r in results:
             per_replica.setdefault(r["replica"], []).append(r["end"] - start)
@@ -143,7 +175,10 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
         streams = args.streams * replicas
         asyncio.run(drive(url, "bench", min(streams, 2 * replicas), 4))  # warm-up: graphs, allocator
         with CpuTimes() as cpu:
-            row = asyncio.run(drive(url, "bench", streams, args.max_tokens, args.stream))
+            if args.direct:
+                row = asyncio.run(drive_direct("bench", streams, args.max_tokens))
+            else:
+                row = asyncio.run(drive(url, "bench", streams, args.max_tokens, args.stream))
         row["cpu_top"] = cpu.top
         engine = serve.get_deployment_handle("engine", app_name=APP_NAME)
         for r in row.get("per_replica", []):  # the process and device behind each replica
@@ -152,7 +187,8 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"replicas": replicas, **({"env": args.env} if args.env else {}), **row}
+    return {"replicas": replicas, "path": "direct" if args.direct else "http", **({"env": args.env} if args.env else {}),
+            **row}
 
 
 # ---- 2, 3. moving a session, bytes per turn -------------------------------------------------------------
@@ -202,7 +238,8 @@ def sync(device: str) -> None:
 def markdown(result: dict) -> str:
     lines = [f"# Replicas on Ray Serve ({result['device']}, {result['model']})", "",
              f"{result['date']}; {result['max_tokens']} tokens per stream, {result['streams_per_replica']} streams "
-             f"per replica, {'streamed' if result['stream'] else 'whole'} responses.", "", "| replicas | streams | wall s | tokens/s |", "|---|---|---|---|"]  # fmt: skip
+             f"per replica, {'streamed' if result['stream'] else 'whole'} responses"
+             f"{', requests sent to the replicas through Ray Serve handles (no HTTP proxy, no ingress)' if result['throughput'] and result['throughput'][0].get('path') == 'direct' else ''}.", "", "| replicas | streams | wall s | tokens/s |", "|---|---|---|---|"]  # fmt: skip
     for row in result["throughput"]:
         lines.append(f"| {row['replicas']} | {row['streams']} | {row['wall_s']:.1f} | {row['tokens_per_s']:,.0f} |")
     balance = [(row["replicas"], r) for row in result["throughput"] for r in row.get("per_replica", [])]
@@ -238,6 +275,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--replicas", default="1,2", help="replica counts to run, e.g. 1,2")
     p.add_argument("--stream", action="store_true", help="streamed responses (every token through the ingress)")
+    p.add_argument("--direct", action="store_true",
+                   help="requests go to the engine replicas through a Ray Serve handle (no HTTP proxy, no ingress)")
     p.add_argument("--move-tokens", type=int, default=64)
     p.add_argument("--move-repeats", type=int, default=20)
     p.add_argument("--skip-moves", action="store_true", help="throughput only")
@@ -257,7 +296,7 @@ def main(argv=None) -> None:
         redis.terminate()
     device = torch.cuda.get_device_name() + f" x{torch.cuda.device_count()}" if args.device == "cuda" else "CPU"
     result = {"date": datetime.date.today().isoformat(), "device": device, "model": model, "max_tokens": args.max_tokens,
-              "streams_per_replica": args.streams, "stream": args.stream, "throughput": rows, "moves": move_rows}  # fmt: skip
+              "streams_per_replica": args.streams, "stream": args.stream and not args.direct, "throughput": rows, "moves": move_rows}  # fmt: skip
     by = {r["replicas"]: r["tokens_per_s"] for r in rows}
     if 1 in by and 2 in by:
         result["speedup"] = by[2] / by[1]
