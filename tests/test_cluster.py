@@ -1,8 +1,10 @@
 """Two CPU replicas of the bundled model on a local Ray cluster, sessions in a real Redis.
 
-One cluster for the module (startup is most of the time): sessions move between replicas and
+One cluster for the module (startup is most of the time), two ingresses in front (the default:
+one per replica), so every request may reach either: sessions move between replicas and
 match an uninterrupted run, a killed replica's sessions resume on the other, the store goes
-away and comes back, a corrupted blob is refused, 32 concurrent sessions all survive.
+away and comes back, a corrupted blob is refused, 32 concurrent sessions all survive, each
+on the replica that holds it whichever ingress routed it.
 """
 
 from __future__ import annotations
@@ -256,3 +258,7 @@ def test_32_concurrent_sessions_over_both_replicas(cluster):
     listed = {s["id"]: s for s in cluster.http.get("/v1/sessions").json()["data"]}
     for session, (_, tokens) in zip(sessions, results):
         assert tokens > 0 and listed[session]["tokens"] == tokens and len(cluster.stored(session).tokens) == tokens
+    # both ingresses routed these turns; each adds its affinity counts to the store within a second
+    time.sleep(1.5)
+    hits = int(re.search(r"^rwkvstate_affinity_hits_total (\d+)$", cluster.http.get("/metrics").text, re.M)[1])
+    assert hits >= 64  # every turn of the 32 sessions went to the replica holding it

@@ -35,3 +35,16 @@ def test_a_session_moved_to_another_replica_counts_there_only():
     assert affinity.load() == {"r0": 1, "r1": 1} and affinity.lookup("sess_a") == "r1"
     affinity.forget_replica("r0")
     assert affinity.load() == {"r1": 1} and affinity.lookup("sess_b") is None
+
+
+def test_counts_are_handed_to_the_store_once_each():
+    affinity = Affinity()
+    assert affinity.pending() == {}
+    affinity.hits, affinity.misses = 5, 1
+    taken = affinity.pending()
+    assert taken == {"affinity_hits": 5, "affinity_moves": 1}
+    affinity.hits += 2  # counted while the store was being written
+    affinity.flushed(taken)
+    assert affinity.pending() == {"affinity_hits": 2}
+    affinity.flushed(affinity.pending())
+    assert affinity.pending() == {}

@@ -57,6 +57,29 @@ def test_put_get_versions_and_conflicts(store):
     assert s.stats()["bytes"] == 0 and s.get("a") is None
 
 
+def test_every_write_names_its_holder_and_counts_add_up(store):
+    first, second, anonymous = store(holder="replica-1"), None, None
+    prefix = first.config.prefix
+    second = RedisStore(StoreConfig(url=first.config.url, prefix=prefix, holder="replica-2"))
+    anonymous = RedisStore(StoreConfig(url=first.config.url, prefix=prefix))
+    try:
+        assert first.holder("a") is None  # no such session
+        first.put("a", b"one", expected=0, tokens=1, created=1)
+        assert second.holder("a") == "replica-1"  # any process reads who wrote it
+        second.put("a", b"two", expected=1, tokens=2, created=1)
+        assert first.holder("a") == "replica-2"
+        anonymous.put("a", b"three", expected=2, tokens=3, created=1)
+        assert first.holder("a") is None  # a writer that names none leaves no stale name
+        keys = ("affinity_hits", "affinity_moves")
+        assert first.counts(keys) == {"affinity_hits": 0, "affinity_moves": 0}
+        first.add_counts({"affinity_hits": 3})
+        second.add_counts({"affinity_hits": 2, "affinity_moves": 1})
+        assert anonymous.counts(keys) == {"affinity_hits": 5, "affinity_moves": 1}
+    finally:
+        second.close()
+        anonymous.close()
+
+
 def test_byte_cap_evicts_least_recently_used(store):
     s = store(max_bytes=250)
     for i in range(3):

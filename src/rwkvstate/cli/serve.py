@@ -89,7 +89,10 @@ def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
     c.add_argument("--store-max-mb", type=float, default=0.0,
                    help="cap on the store's session bytes in MiB; the least recently used go first; 0 = none")
     c.add_argument("--replicas", type=positive_int, default=None,
-                   help="run N engine replicas on Ray Serve behind one ingress (one per GPU with --device cuda)")
+                   help="run N engine replicas on Ray Serve behind the ingress (one per GPU with --device cuda)")
+    c.add_argument("--ingress-replicas", type=positive_int, default=None,
+                   help="ingress processes in front of the replicas (default: one per replica); each request "
+                        "costs an ingress a few ms of CPU, so one ingress caps the requests per second")
     c.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. auto, or HOST:PORT) instead of starting a local one")
     return p  # fmt: skip
@@ -235,6 +238,8 @@ def cmd_serve(args, load_model, model_spec) -> int:
     if args.in_process_core and args.api_processes != 1:
         raise RwkvStateError("--in-process-core runs one API process: leave out --api-processes")
     _log_to_stderr(args.log_level)
+    if args.ingress_replicas is not None and args.replicas is None:
+        raise RwkvStateError("--ingress-replicas sets the ingresses in front of --replicas; give --replicas too")
     if args.replicas is not None:
         return _serve_replicas(args, config, model_spec)
     sock = bind_socket(args.host, args.port)
@@ -285,7 +290,8 @@ def _serve_replicas(args, config, model_spec) -> int:
     server = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
     server["state_dtype"] = args.state_dtype
     cluster = ClusterConfig(model=spec.path, store=config.session_store, device=spec.device.split(":")[0],
-                            dtype=spec.dtype, tokenizer=spec.tokenizer, server=server, replicas=args.replicas)  # fmt: skip
+                            dtype=spec.dtype, tokenizer=spec.tokenizer, server=server, replicas=args.replicas,
+                            ingress_replicas=args.ingress_replicas)  # fmt: skip
     run(cluster, args.host, args.port, ray_address=args.ray_address, blocking=True)
     return 0
 

@@ -8,14 +8,17 @@ has died, or its queue is full, the session goes to another one, which loads it 
 shared store. A request may also name its replica outright (`replica=`, a replica's
 unique id): the ingress uses that to gather every replica's metrics.
 
-The router runs inside the ingress process, next to its deployment handle. The map of
-session -> replica is learnt from where requests were routed, plus what the ingress tells it
-about sessions created or forked (their ids exist only once a replica answered), through
-`remember` (affinity.py: the map both share, bounded, least recently used forgotten first).
+The router runs inside each ingress process, next to its deployment handle. Where a session
+is comes first from the store: every replica writes its id beside each session it stores
+(`holder`), so with several ingresses a session created or moved through one is found by the
+others. The local map (affinity.py: bounded, least recently used forgotten first) keeps what
+this router learnt, from where it routed requests and from sessions created or forked here;
+it answers when the store does not (unreachable: the replica will answer 503 anyway).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -36,6 +39,10 @@ class SessionAffinityRouter(RequestRouter):
         if named is not None:
             return [[by_id[named]]] if named in by_id else []
         session = kwargs.get("session")
+        if session:
+            holder = await _stored_holder(session)
+            if holder is not None:
+                affinity.AFFINITY.remember(session, holder)
         home = by_id.get(affinity.AFFINITY.lookup(session) or "") if session else None
         if home is not None:
             others = [r for r in candidate_replicas if r is not home]
@@ -59,3 +66,14 @@ class SessionAffinityRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
         affinity.AFFINITY.forget_replica(replica_id.unique_id)
+
+
+async def _stored_holder(session: str) -> str | None:
+    """The replica the store says wrote `session` last (None: unknown, or the store does not answer)."""
+    resolve = affinity.AFFINITY.resolve
+    if resolve is None:
+        return None
+    try:
+        return await asyncio.to_thread(resolve, session)
+    except Exception:  # the store is unreachable: route by the local map; the replica reports the store
+        return None

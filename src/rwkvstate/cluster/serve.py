@@ -1,6 +1,6 @@
-"""`rwkvstate serve --replicas N`: engine replicas on Ray Serve behind one ingress.
+"""`rwkvstate serve --replicas N`: engine replicas on Ray Serve behind the ingress.
 
-    client --HTTP--> Ray Serve proxy --> Ingress (1 replica, no model)
+    client --HTTP--> Ray Serve proxy --> Ingress (M replicas, default N; no model)
                                            | deployment handle, session-affinity router
                                            v
                           EngineReplica x N (one per GPU, or CPU): the single server's app
@@ -11,10 +11,14 @@
 Each EngineReplica runs the single server's whole FastAPI app (server/app.py: validation,
 auth, limits, sessions API, SSE) and its engine core (runtime/core.py, on a thread: Ray
 supervises the replica's process, see docs/cluster.md), with the core's sessions in the shared
-store (runtime/shared.py) instead of a state directory; the ingress hands it raw HTTP requests
+store (runtime/shared.py, each blob written with the replica's id as its holder) instead of a
+state directory; an ingress hands it raw HTTP requests
 and streams its answers back, so every endpoint behaves as on one server. The ingress adds
-what only a view over all replicas can give: routing by session (routing.py), /metrics
-summed over replicas plus the store's counters, and the session list from the store. A
+what only a view over all replicas can give: routing by session (routing.py: the store names
+each session's holder, so every ingress routes alike), /metrics summed over replicas plus the
+store's counters (the ingresses' affinity counts among them), and the session list from the
+store. Ingress replicas scale the per-request work in front of the engines (Ray's handle
+calls cost milliseconds of CPU per request; docs/cluster.md has the measurements). A
 replica that dies takes its in-flight requests with it (they end with an error); the next
 request of each of its sessions goes to another replica, which loads it from the store.
 """
@@ -26,7 +30,9 @@ import hmac
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -36,7 +42,7 @@ from ray.serve.config import RequestRouterConfig
 
 from ..server.config import ServerConfig
 from .affinity import AFFINITY
-from .store import StoreConfig, render_store_metrics
+from .store import StoreConfig, StoreUnavailable, render_store_metrics
 
 log = logging.getLogger("rwkvstate.cluster")
 
@@ -58,6 +64,7 @@ class ClusterConfig:
     server: dict = field(default_factory=dict)  # ServerConfig(**server) keyword arguments
     replicas: int = 2
     torch_threads: int | None = None  # CPU replicas: threads each (None: torch's default)
+    ingress_replicas: int | None = None  # None: one per engine replica
 
 
 # ---- the engine replica --------------------------------------------------------------------------
@@ -65,8 +72,8 @@ class EngineReplica:
     """One model, one engine, one server app; requests arrive as dicts from the ingress."""
 
     async def __init__(self, config: ClusterConfig):  # type: ignore[misc]  # Ray runs async constructors
-        self.app = _build_server(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.app = _build_server(replace(config, store=replace(config.store, holder=self.replica)))
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
 
@@ -180,6 +187,11 @@ class Ingress:
         self.engine = engine.options(stream=True)
         self.config = config
         self.store = RedisStore(config.store)  # for its counters only: sessions are the replicas' business
+        # the router's lookups of a session's holder: a short timeout, a store that hangs only
+        # costs the session's requests their affinity (the replica then reports the store)
+        AFFINITY.resolve = RedisStore(replace(config.store, timeout_s=min(config.store.timeout_s, 1.0))).holder
+        self._counts_lock = threading.Lock()  # the flushing thread and /metrics: each delta added once
+        threading.Thread(target=self._flush_counts, name="affinity-counts", daemon=True).start()
         key = config.server.get("api_key")
         self.expected = None if not key else f"Bearer {key}".encode()
         self.max_body = ServerConfig(**config.server).max_body_bytes
@@ -245,9 +257,39 @@ class Ingress:
             except Exception as e:
                 log.warning("metrics of replica %s: %s", replica, e)
         text = sum_metrics(texts) + f"# TYPE rwkvstate_replicas gauge\nrwkvstate_replicas {len(texts)}\n"
-        text += f"# TYPE rwkvstate_affinity_hits_total counter\nrwkvstate_affinity_hits_total {AFFINITY.hits}\n"
-        text += f"# TYPE rwkvstate_affinity_moves_total counter\nrwkvstate_affinity_moves_total {AFFINITY.misses}\n"
+        text += await asyncio.to_thread(self._affinity_metrics)
         return text + await asyncio.to_thread(render_store_metrics, self.store)
+
+    def _flush_counts(self, every_s: float = 1.0) -> None:
+        """Adds this ingress's affinity hits and moves to the store's counters, so /metrics on
+        any ingress shows every ingress's; kept until the store takes them."""
+        while True:
+            time.sleep(every_s)
+            self._add_counts()
+
+    def _add_counts(self) -> None:
+        with self._counts_lock:
+            deltas = AFFINITY.pending()
+            if not deltas:
+                return
+            try:
+                self.store.add_counts(deltas)
+            except StoreUnavailable:
+                return  # kept: the next flush tries again
+            AFFINITY.flushed(deltas)
+
+    def _affinity_metrics(self) -> str:
+        """Hits and moves of every ingress (this one's unsent counts included)."""
+        keys = ("affinity_hits", "affinity_moves")
+        self._add_counts()
+        try:
+            counts = self.store.counts(keys)
+        except StoreUnavailable:  # rwkvstate_store_up 0 says why they are missing
+            return ""
+        counts = {k: v + AFFINITY.pending().get(k, 0) for k, v in counts.items()}
+        return (f"# TYPE rwkvstate_affinity_hits_total counter\nrwkvstate_affinity_hits_total {counts['affinity_hits']}\n"
+                f"# TYPE rwkvstate_affinity_moves_total counter\nrwkvstate_affinity_moves_total "
+                f"{counts['affinity_moves']}\n")  # fmt: skip
 
     def _auth_headers(self) -> list:
         return [] if self.expected is None else [(b"authorization", self.expected)]
@@ -339,7 +381,8 @@ def build_app(config: ClusterConfig, replica=EngineReplica, ingress=Ingress, rou
     engine = serve.deployment(name="engine", num_replicas=config.replicas, max_ongoing_requests=ongoing,
                               health_check_period_s=2, health_check_timeout_s=30, **routing,
                               ray_actor_options={"num_gpus": 1 if gpu else 0, "num_cpus": 0})(replica)  # fmt: skip
-    front = serve.deployment(name="ingress", num_replicas=1, max_ongoing_requests=ongoing * config.replicas,
+    fronts = config.ingress_replicas or config.replicas
+    front = serve.deployment(name="ingress", num_replicas=fronts, max_ongoing_requests=ongoing * config.replicas,
                              ray_actor_options={"num_cpus": 0})(serve.ingress(_ingress_app())(ingress))  # fmt: skip
     return front.bind(engine.bind(config), config)
 

@@ -38,6 +38,7 @@ class StoreConfig:
     format: str | None = None  # storage dtype of blobs (fp32/fp16/bf16/int8); None: the pool's
     prefix: str = "rwkvstate:"
     timeout_s: float = 5.0  # connect and command timeout
+    holder: str = ""  # written with every session this process stores: a replica's id, for the routers
 
     def __post_init__(self):
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
@@ -59,7 +60,7 @@ class Entry:
 
 
 # KEYS: session hash, lru zset, sizes hash, stats hash. ARGV: id, blob, expected version
-# ("" = any), now, ttl (0 = none), cap (0 = none), tokens, created, session key prefix.
+# ("" = any), now, ttl (0 = none), cap (0 = none), tokens, created, session key prefix, holder.
 _PUT = """
 local function forget(id)
   local size = tonumber(redis.call('HGET', KEYS[3], id) or '0')
@@ -73,7 +74,8 @@ local now, ttl, cap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local size = string.len(ARGV[2])
 local old = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
 local version = cur + 1
-redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'version', version, 'tokens', ARGV[7], 'created', ARGV[8])
+redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'version', version, 'tokens', ARGV[7], 'created', ARGV[8],
+           'holder', ARGV[10])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], size)
@@ -167,7 +169,7 @@ class RedisStore:
         if c.max_bytes is not None and len(blob) > c.max_bytes:
             raise StoreFull(f"a session of {len(blob):,} bytes does not fit the store's cap of {c.max_bytes:,} bytes")
         args = [session_id, blob, "" if expected is None else expected, time.time(), c.ttl_s or 0, c.max_bytes or 0,
-                tokens, created, self._key("")]  # fmt: skip
+                tokens, created, self._key(""), c.holder]  # fmt: skip
         version, detail = self._call(self._put, keys=[self._key(session_id), self._lru, self._sizes, self._stats],
                                      args=args)  # fmt: skip
         if version < 0:
@@ -187,6 +189,12 @@ class RedisStore:
             return None
         self.version(session_id)  # a read is a use: refresh TTL and LRU position
         return Entry(int(fields[0]), bytes(fields[1]), int(fields[2] or 0), int(fields[3] or 0))
+
+    def holder(self, session_id: str) -> str | None:
+        """Who wrote the session's stored version (StoreConfig.holder; None: no such session, or
+        written by a process that names none). No TTL refresh: routers ask this per request."""
+        value = self._call(self._redis.hget, self._key(session_id), "holder")
+        return value.decode() if value else None
 
     def delete(self, session_id: str) -> bool:
         keys = [self._key(session_id), self._lru, self._sizes, self._stats]
@@ -217,6 +225,17 @@ class RedisStore:
             self._redis.hincrby(self._stats, "refused", 1)
         except self._errors:
             pass
+
+    def add_counts(self, deltas: dict[str, int]) -> None:
+        """Adds to counters kept beside the store's own (the ingresses' affinity hits and moves)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key, delta in deltas.items():
+            pipe.hincrby(self._stats, key, delta)
+        self._call(pipe.execute)
+
+    def counts(self, keys: tuple[str, ...]) -> dict[str, int]:
+        values = self._call(self._redis.hmget, self._stats, *keys)
+        return {k: int(v or 0) for k, v in zip(keys, values)}
 
     def stats(self) -> dict[str, int]:
         pipe = self._redis.pipeline(transaction=False)
