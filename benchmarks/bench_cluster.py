@@ -6,10 +6,11 @@
 Needs a redis-server on PATH (or --redis-server PATH) and the cluster extra. Three parts:
 
 1. Throughput: a local Ray cluster runs the application with one engine replica, then with
-   two (one GPU each); `--streams` streaming completions per replica are in flight at once
-   (256 and 512), each exactly --max-tokens long (stop_token_ids: []), whole responses unless
-   --stream. Aggregate completion tokens/s over the wall time of each run, and their ratio
-   (target: >= 1.8).
+   two (one GPU each); `--streams` completions per replica are kept in flight (256 and 512; a
+   closed loop of --waves requests per stream, sent by --clients load-generator processes),
+   each exactly --max-tokens long (stop_token_ids: []), whole responses unless --stream.
+   Aggregate completion tokens/s from the start to the last answer, and their ratio (target:
+   >= 1.8). --direct sends them through Ray Serve handles instead (no HTTP proxy, no ingress).
 2. Moving a session, in this process on one device: a session of --move-tokens tokens is
    saved to the store (snapshot, encode, Redis write) and loaded into another engine (Redis
    read, decode, verify, restore), per store format; median over --move-repeats.
@@ -85,22 +86,62 @@ def model_file(args, directory: Path) -> tuple[str, str]:
 
 
 # ---- 1. throughput ----------------------------------------------------------------------------------
-async def drive(url: str, model: str, streams: int, max_tokens: int, stream: bool = False) -> dict:
-    """`streams` requests at once; streamed (SSE through the ingress) or whole responses."""
+def body(model: str, i: int, max_tokens: int, stream: bool) -> dict:
+    return {"model": model, "prompt": f"# request {i}\n{PROMPT}", "max_tokens": max_tokens, "temperature": 1.0,
+            "top_p": 0.9, "seed": i, "stream": stream, "stop_token_ids": [],
+            **({"stream_options": {"include_usage": True}} if stream else {})}  # fmt: skip
+
+
+async def fire(url: str, model: str, indices: list[int], concurrency: int, max_tokens: int, stream: bool,
+               barrier=None) -> list[dict]:  # fmt: skip
+    """The requests `indices`, `concurrency` in flight at a time (a closed loop: each finished
+    request makes room for the next); with `barrier`, sending starts when every load generator
+    is ready."""
     import httpx
 
-    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    gate = asyncio.Semaphore(concurrency)
+    one = one_request if stream else whole_request
     async with httpx.AsyncClient(limits=limits, timeout=1800) as client:
-        bodies = [{"model": model, "prompt": f"# request {i}\n{PROMPT}", "max_tokens": max_tokens, "temperature": 1.0,
-                   "top_p": 0.9, "seed": i, "stream": stream, "stop_token_ids": [],
-                   "stream_options": {"include_usage": True} if stream else None} for i in range(streams)]  # fmt: skip
-        one = one_request if stream else whole_request
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(client, f"{url}/v1/completions", b) for b in bodies))
-    return summarise(results, start, streams)
+        if barrier is not None:
+            await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 600)
+
+        async def limited(i: int) -> dict:
+            async with gate:
+                return await one(client, f"{url}/v1/completions", body(model, i, max_tokens, stream))
+
+        return await asyncio.gather(*(limited(i) for i in indices))
 
 
-async def drive_direct(model: str, streams: int, max_tokens: int) -> dict:
+def _load_main(args: tuple, barrier, results) -> None:
+    """A load generator in its own process (spawned)."""
+    results.put(asyncio.run(fire(*args, barrier=barrier)))
+
+
+def drive(url: str, model: str, streams: int, waves: int, max_tokens: int, clients: int, stream: bool) -> dict:
+    """`streams` requests in flight at once, `waves` * `streams` in all, from `clients` load
+    generator processes that start together at a barrier (one Python process cannot send
+    hundreds of requests at once fast enough: its HTTP client's CPU time per request grows
+    with the connections it holds). Whole responses unless `stream` (SSE through the ingress)."""
+    import multiprocessing
+
+    clients = max(1, min(clients, streams))
+    ctx = multiprocessing.get_context("spawn")
+    results, barrier = ctx.Queue(), ctx.Barrier(clients + 1)
+    share = [list(range(c, waves * streams, clients)) for c in range(clients)]
+    procs = [ctx.Process(target=_load_main, args=((url, model, idx, len(range(c, streams, clients)), max_tokens,
+                                                   stream), barrier, results)) for c, idx in enumerate(share)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    barrier.wait(600)
+    start = time.monotonic()  # one clock for every process of this machine
+    rows = [row for _ in procs for row in results.get(timeout=1800)]
+    for proc in procs:
+        proc.join(30)
+    return summarise(rows, start, streams) | {"waves": waves, "requests": len(rows), "clients": clients}
+
+
+async def drive_direct(model: str, streams: int, waves: int, max_tokens: int) -> dict:
     """As drive(), but each request goes straight to the engine deployment through a Ray Serve
     handle from this process: no HTTP proxy, no ingress. Tells the replicas' own rate apart from
     what the path in front of them costs."""
@@ -111,25 +152,26 @@ async def drive_direct(model: str, streams: int, max_tokens: int) -> dict:
     engine = serve.get_deployment_handle("engine", app_name=APP_NAME).options(stream=True)
     headers = [(b"content-type", b"application/json")]
 
+    gate = asyncio.Semaphore(streams)
+
     async def one(i: int) -> dict:
-        body = {"model": model, "prompt": f"# request {i}\n{PROMPT}", "max_tokens": max_tokens, "temperature": 1.0,
-                "top_p": 0.9, "seed": i, "stop_token_ids": []}  # fmt: skip
-        raw = {"method": "POST", "path": "/v1/completions", "query": "", "body": json.dumps(body).encode(),
-               "headers": headers}  # fmt: skip
-        parts = [part async for part in engine.handle.remote(raw)]
+        raw = {"method": "POST", "path": "/v1/completions", "query": "",
+               "body": json.dumps(body(model, i, max_tokens, False)).encode(), "headers": headers}  # fmt: skip
+        async with gate:
+            parts = [part async for part in engine.handle.remote(raw)]
         if parts[0]["status"] != 200:
             raise RuntimeError(f"replica answered {parts[0]['status']}: {b''.join(parts[1:])[:200]!r}")
-        return {"tokens": json.loads(b"".join(parts[1:]))["usage"]["completion_tokens"], "end": time.perf_counter(),
+        return {"tokens": json.loads(b"".join(parts[1:]))["usage"]["completion_tokens"], "end": time.monotonic(),
                 "replica": dict(parts[0]["headers"]).get(REPLICA_HEADER, "?")}  # fmt: skip
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(streams)))
-    return summarise(results, start, streams)
+    start = time.monotonic()
+    results = await asyncio.gather(*(one(i) for i in range(waves * streams)))
+    return summarise(results, start, streams) | {"waves": waves, "requests": len(results)}
 
 
 def summarise(results: list[dict], start: float, streams: int) -> dict:
     """Aggregate tokens/s over the wall time, and where the requests went and when each ended."""
-    wall = time.perf_counter() - start
+    wall = max(r["end"] for r in results) - start
     tokens = sum(r["tokens"] for r in results)
     out = {"streams": streams, "wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall}
     if "replica" in results[0]:
@@ -147,7 +189,7 @@ async def whole_request(client, url: str, body: dict) -> dict:
 
     response = await client.post(url, json=body)
     response.raise_for_status()
-    return {"tokens": response.json()["usage"]["completion_tokens"], "end": time.perf_counter(),
+    return {"tokens": response.json()["usage"]["completion_tokens"], "end": time.monotonic(),
             "replica": response.headers.get(REPLICA_HEADER, "?")}  # fmt: skip
 
 
@@ -165,7 +207,8 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
                            server={"slots": slots, "max_queue": 4 * slots, "max_tokens_cap": args.max_tokens,
                                    "state_dtype": torch.float16 if device == "cuda" else torch.float32,
                                    "request_timeout_s": None, "model_name": "bench"},
-                           torch_threads=None if device == "cuda" else 1)  # fmt: skip
+                           torch_threads=None if device == "cuda" else 1,
+                           ingress_replicas=args.ingress_replicas)  # fmt: skip
     port = free_port()
     env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ} | dict(e.split("=", 1) for e in args.env)
     ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
@@ -173,12 +216,12 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
         run(config, "127.0.0.1", port, blocking=False)
         url = f"http://127.0.0.1:{port}"
         streams = args.streams * replicas
-        asyncio.run(drive(url, "bench", min(streams, 2 * replicas), 4))  # warm-up: graphs, allocator
+        drive(url, "bench", streams, 1, 8, args.clients, args.stream)  # warm-up: every path, graphs, allocator
         with CpuTimes() as cpu:
             if args.direct:
-                row = asyncio.run(drive_direct("bench", streams, args.max_tokens))
+                row = asyncio.run(drive_direct("bench", streams, args.waves, args.max_tokens))
             else:
-                row = asyncio.run(drive(url, "bench", streams, args.max_tokens, args.stream))
+                row = drive(url, "bench", streams, args.waves, args.max_tokens, args.clients, args.stream)
         row["cpu_top"] = cpu.top
         engine = serve.get_deployment_handle("engine", app_name=APP_NAME)
         for r in row.get("per_replica", []):  # the process and device behind each replica
@@ -187,7 +230,8 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"replicas": replicas, "path": "direct" if args.direct else "http", **({"env": args.env} if args.env else {}),
+    return {"replicas": replicas, "path": "direct" if args.direct else "http",
+            "ingress_replicas": args.ingress_replicas or replicas, **({"env": args.env} if args.env else {}),
             **row}
 
 
@@ -237,11 +281,13 @@ def sync(device: str) -> None:
 # ---- report ---------------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
     lines = [f"# Replicas on Ray Serve ({result['device']}, {result['model']})", "",
-             f"{result['date']}; {result['max_tokens']} tokens per stream, {result['streams_per_replica']} streams "
-             f"per replica, {'streamed' if result['stream'] else 'whole'} responses"
-             f"{', requests sent to the replicas through Ray Serve handles (no HTTP proxy, no ingress)' if result['throughput'] and result['throughput'][0].get('path') == 'direct' else ''}.", "", "| replicas | streams | wall s | tokens/s |", "|---|---|---|---|"]  # fmt: skip
+             f"{result['date']}; {result['max_tokens']} tokens per request, {result['streams_per_replica']} streams "
+             f"per replica{_load(result)}, {'streamed' if result['stream'] else 'whole'} responses"
+             f"{', requests sent to the replicas through Ray Serve handles (no HTTP proxy, no ingress)' if result['throughput'] and result['throughput'][0].get('path') == 'direct' else ''}.", "", "| replicas | ingresses | streams | wall s | tokens/s |", "|---|---|---|---|---|"]  # fmt: skip
     for row in result["throughput"]:
-        lines.append(f"| {row['replicas']} | {row['streams']} | {row['wall_s']:.1f} | {row['tokens_per_s']:,.0f} |")
+        fronts = "-" if row.get("path") == "direct" else row.get("ingress_replicas", 1)
+        lines.append(f"| {row['replicas']} | {fronts} | {row['streams']} | {row['wall_s']:.1f} | "
+                     f"{row['tokens_per_s']:,.0f} |")  # fmt: skip
     balance = [(row["replicas"], r) for row in result["throughput"] for r in row.get("per_replica", [])]
     if balance:
         lines += ["", "Where the requests went (whole responses: each request's completion time from the start):", "",
@@ -267,6 +313,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load(result: dict) -> str:
+    """How the load was offered (results from before the closed loop have one burst per stream)."""
+    row = result["throughput"][0] if result["throughput"] else {}
+    if "waves" not in row:
+        return ""
+    clients = f" from {row['clients']} load-generator processes" if "clients" in row else ""
+    return f", {row['waves']} requests per stream one after another (closed loop){clients}"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default=None, help="a released shape with random weights (e.g. 1.5B); default: bundled")
@@ -274,6 +329,9 @@ def main(argv=None) -> None:
     p.add_argument("--streams", type=int, default=256, help="streams in flight per replica")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--replicas", default="1,2", help="replica counts to run, e.g. 1,2")
+    p.add_argument("--ingress-replicas", type=int, default=None, help="ingresses (default: one per replica)")
+    p.add_argument("--waves", type=int, default=3, help="requests per stream, one after another (closed loop)")
+    p.add_argument("--clients", type=int, default=8, help="load generator processes")
     p.add_argument("--stream", action="store_true", help="streamed responses (every token through the ingress)")
     p.add_argument("--direct", action="store_true",
                    help="requests go to the engine replicas through a Ray Serve handle (no HTTP proxy, no ingress)")
