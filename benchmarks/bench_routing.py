@@ -101,7 +101,8 @@ def run_variant(args, variant: str, redis_url: str) -> dict:
     from rwkvstate.cluster.store import StoreConfig
 
     config = ClusterConfig(model=str(BUNDLED_MODEL), store=StoreConfig(url=redis_url, prefix=f"{variant}:"),
-                           replicas=2, server={"slots": args.slots, "max_tokens_cap": 64}, torch_threads=1)  # fmt: skip
+                           replicas=2, server={"slots": args.slots, "max_tokens_cap": 64}, torch_threads=1,
+                           ingress_replicas=1)  # one router's decisions, as the multiplexing variant has  # fmt: skip
     app = build_app(config) if variant == "router" else multiplex_app(config, 4 * args.sessions * args.rounds)
     src = str(Path(__file__).resolve().parents[1] / "src")
     paths = os.pathsep.join(p for p in (src, str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
