@@ -374,18 +374,21 @@ def run(args) -> dict:
         "model": f"random {args.shape} shape" if args.shape else Path(spec.path).name,
         "compute_dtype": spec.dtype, "state_dtype": dtype_name(state_dtype), "max_tokens": args.max_tokens,
         "waves": args.waves, "core": args.core, "api_processes": args.api_processes if args.core == "process" else 1,
-        "client_processes": args.client_processes, "sampling": TOP_P, "server_method": SERVER_METHOD, "rows": rows,
+        "client_processes": args.client_processes, "sampling": TOP_P, "server_method": SERVER_METHOD,
+        "cpu_cores": len(os.sched_getaffinity(0)), "rows": rows,
     }  # fmt: skip
 
 
 def markdown(r: dict) -> str:
     if r["rows"] and "concurrency" in r["rows"][0]:
         return markdown_http_only(r)
+    cores = f" on {r['cpu_cores']} CPU cores" if "cpu_cores" in r else ""  # recorded since 2026-11-30
     out = [f"# Serving: bare decode, engine, HTTP server ({r['device']}, {r['date']})", "",
            f"Model {r['model']} (compute {r['compute_dtype']}, state {r['state_dtype']}); {r['max_tokens']} tokens "
            f"per request, top-p sampling (temperature 1, top_p 0.9), {r['waves']} waves of `streams` requests; "
            f"server: engine core in {'its own process' if r['core'] == 'process' else 'a thread'}, "
-           f"{r['api_processes']} API process(es), {r['client_processes']} load-generator process(es); "
+           f"{r['api_processes']} API process(es), {r['client_processes']} load-generator process(es)"
+           f"{cores}; "
            f"torch {r['torch']}.", ""]  # fmt: skip
     if "server_method" in r:  # results written before the load generators had a barrier have none
         out += [f"Method: {r['server_method']}.", ""]
