@@ -56,6 +56,7 @@ WRITERS = {
     "serving-barrier-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-prompts-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-8api-h200": lambda d, _: bench("bench_server").markdown(d),
+    "serving-4api-h200": lambda d, _: bench("bench_server").markdown(d),
     "cluster-h200x2": lambda d, _: bench("bench_cluster").markdown(d),
     "cluster-balance-h200x2": lambda d, _: bench("bench_cluster").markdown(d),
     "cluster-omp1-h200x2": lambda d, _: bench("bench_cluster").markdown(d),
