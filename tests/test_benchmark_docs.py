@@ -63,6 +63,8 @@ WRITERS = {
     "cluster-cpu-h200x2": lambda d, _: bench("bench_cluster").markdown(d),
     "cluster-direct-h200x2": lambda d, _: bench("bench_cluster").markdown(d),
     "cluster-gpus-h200x2": lambda d, _: bench("bench_cluster").markdown(d),
+    "cluster-loop-h200x2": lambda d, _: bench("bench_cluster").markdown(d),
+    "cluster-loop-1ingress-h200x2": lambda d, _: bench("bench_cluster").markdown(d),
     "routing-cpu": lambda d, _: bench("bench_routing").markdown(d),
     "snapshot-error": lambda d, _: bench("bench_snapshot_error").markdown(d),
     "state-precision": lambda d, _: precision_markdown(d),

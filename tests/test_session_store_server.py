@@ -52,9 +52,11 @@ def test_two_servers_share_sessions_through_the_store(tmp_path):
     redis = RedisServer(tmp_path).start()
     port = free_port()
     # server A: the CLI's default deployment (an engine core process, two API processes), so the
-    # store reaches the core through its pickled factory and the workers through their config
+    # store reaches the core through its pickled factory and the workers through their config; on
+    # the CPU as B is (on a GPU machine the CLI would take the GPU: states equal bit for bit need
+    # one device)
     cmd = [sys.executable, "-m", "rwkvstate.cli", "serve", "--port", str(port), "--api-processes", "2",
-           "--session-store", redis.url, "--log-level", "warning"]  # fmt: skip
+           "--device", "cpu", "--session-store", redis.url, "--log-level", "warning"]  # fmt: skip
     a_url = f"http://127.0.0.1:{port}"
     a = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
