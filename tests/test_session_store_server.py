@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from redis_server import RedisServer, free_port, require  # noqa: E402
 
@@ -52,13 +53,17 @@ def test_two_servers_share_sessions_through_the_store(tmp_path):
     redis = RedisServer(tmp_path).start()
     port = free_port()
     # server A: the CLI's default deployment (an engine core process, two API processes), so the
-    # store reaches the core through its pickled factory and the workers through their config; on
-    # the CPU as B is (on a GPU machine the CLI would take the GPU: states equal bit for bit need
-    # one device)
+    # store reaches the core through its pickled factory and the workers through their config.
+    # Both servers compute on the CPU with one thread: states equal bit for bit need the same
+    # arithmetic, and another thread count may split a matmul's sums differently (on the GPU
+    # hosts, 16 and 32 cores, where the in-process server had torch's default thread count, the
+    # states differed)
     cmd = [sys.executable, "-m", "rwkvstate.cli", "serve", "--port", str(port), "--api-processes", "2",
            "--device", "cpu", "--session-store", redis.url, "--log-level", "warning"]  # fmt: skip
     a_url = f"http://127.0.0.1:{port}"
     a = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         # server B: a core on a thread of this process, on the same store
         config = ServerConfig(slots=2, session_store=StoreConfig(url=redis.url))
@@ -87,6 +92,7 @@ def test_two_servers_share_sessions_through_the_store(tmp_path):
             assert httpx.delete(f"{b.url}/v1/sessions/{moving}", timeout=30).status_code == 200
             assert complete(a_url, moving, "x").status_code == 404  # gone from the store: gone everywhere
     finally:
+        torch.set_num_threads(threads)
         a.send_signal(signal.SIGINT)
         a.wait(60)
         redis.stop()
