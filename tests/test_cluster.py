@@ -237,7 +237,15 @@ def test_corrupted_blob_is_refused(cluster):
 
 def test_32_concurrent_sessions_over_both_replicas(cluster):
     cluster.replicas()  # both up (the one killed above is back)
-    time.sleep(1)  # and known to the ingress's router
+    # and known to both ingresses, whether or not they routed anything since the kill: /metrics
+    # asks every replica its ingress's router knows (a dead one left in that list held it)
+    deadline, streak = time.monotonic() + 60, 0
+    while streak < 6:
+        assert time.monotonic() < deadline, "the ingresses did not learn the replaced replica"
+        start = time.monotonic()
+        text = cluster.http.get("/metrics", timeout=30).text
+        assert time.monotonic() - start < 8  # a replica the router no longer has would take 10 s
+        streak = streak + 1 if re.search(r"^rwkvstate_replicas 2$", text, re.M) else 0
     sessions = [cluster.new_session() for _ in range(32)]
 
     def conversation(session: str) -> tuple[set, int]:

@@ -51,6 +51,7 @@ class Affinity:
             for session in [s for s, r in self._map.items() if r == replica]:
                 del self._map[session]
             self._held.pop(replica, None)
+            self.replicas = [r for r in self.replicas if r != replica]
 
     def load(self) -> dict[str, int]:
         """Sessions remembered per replica."""

@@ -63,6 +63,13 @@ class SessionAffinityRouter(RequestRouter):
             affinity.AFFINITY.misses += home is not None
             affinity.AFFINITY.remember(session, replica_id.unique_id)
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        # the ingress's /metrics asks each replica the router knows by id: a replica that died and
+        # was replaced must leave that list now, not at this router's next request (an ingress
+        # may route nothing for a while), or the metrics call would wait for it
+        super().update_replicas(replicas)
+        affinity.AFFINITY.replicas = [r.replica_id.unique_id for r in replicas]
+
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
         affinity.AFFINITY.forget_replica(replica_id.unique_id)

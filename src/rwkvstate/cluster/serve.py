@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from ..errors import first_line
 from ..server.config import ServerConfig
 from .affinity import AFFINITY
 from .store import StoreConfig, StoreUnavailable, render_store_metrics
@@ -50,6 +51,7 @@ APP_NAME = "rwkvstate"
 REPLICA_HEADER = "x-rwkvstate-replica"  # which replica answered (the ingress learns affinity from it)
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ROUTER = "rwkvstate.cluster.routing.SessionAffinityRouter"  # by name: Ray imports it in the ingress
+METRICS_TIMEOUT_S = 10.0  # per replica, for /metrics
 
 
 @dataclass
@@ -251,11 +253,12 @@ class Ingress:
         texts = []
         for replica in list(AFFINITY.replicas):
             raw = {"method": "GET", "path": "/metrics", "query": "", "body": b"", "headers": self._auth_headers()}
-            try:
-                parts = [p async for p in self.engine.handle.remote(raw, replica=replica)]
+            try:  # bounded: a replica that is going away must not hold /metrics
+                call = self.engine.handle.remote(raw, replica=replica)
+                parts = await asyncio.wait_for(_collect(call), METRICS_TIMEOUT_S)
                 texts.append(b"".join(p for p in parts[1:]).decode())
             except Exception as e:
-                log.warning("metrics of replica %s: %s", replica, e)
+                log.warning("metrics of replica %s: %s", replica, first_line(e, type(e).__name__))
         text = sum_metrics(texts) + f"# TYPE rwkvstate_replicas gauge\nrwkvstate_replicas {len(texts)}\n"
         text += await asyncio.to_thread(self._affinity_metrics)
         return text + await asyncio.to_thread(render_store_metrics, self.store)
@@ -293,6 +296,10 @@ class Ingress:
 
     def _auth_headers(self) -> list:
         return [] if self.expected is None else [(b"authorization", self.expected)]
+
+
+async def _collect(stream) -> list:
+    return [part async for part in stream]
 
 
 def _session_of(method: str, path: str, body: bytes) -> str | None:
