@@ -162,3 +162,9 @@ def test_a_model_given_by_name_is_served_under_that_name():
     assert _name_of("RWKV7-G1D-0.1B") == ["rwkv7-g1d-0.1b"]
     assert _name_of("rwkv7-g1d-0.1b-20260129-ctx8192.pth") == []  # a path: its stem, as before
     assert _name_of(None) == [] and _name_of("unknown-name") == []
+
+
+def test_ingresses_without_replicas_is_one_line(capsys):
+    assert main(["serve", "--ingress-replicas", "2"]) == 1
+    assert capsys.readouterr().err == ("rwkvstate: error: --ingress-replicas sets the ingresses in front of "
+                                       "--replicas; give --replicas too\n")  # fmt: skip
