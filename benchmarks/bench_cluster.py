@@ -114,8 +114,13 @@ async def fire(url: str, model: str, indices: list[int], concurrency: int, max_t
 
 
 def _load_main(args: tuple, barrier, results) -> None:
-    """A load generator in its own process (spawned)."""
-    results.put(asyncio.run(fire(*args, barrier=barrier)))
+    """A load generator in its own process (spawned); a failed request ends the run (its error
+    goes back instead of rows, so the benchmark stops at once rather than waiting)."""
+    try:
+        results.put(asyncio.run(fire(*args, barrier=barrier)))
+    except BaseException as e:
+        results.put(f"{type(e).__name__}: {e}")
+        raise
 
 
 def drive(url: str, model: str, streams: int, waves: int, max_tokens: int, clients: int, stream: bool) -> dict:
@@ -133,12 +138,22 @@ def drive(url: str, model: str, streams: int, waves: int, max_tokens: int, clien
                                                    stream), barrier, results)) for c, idx in enumerate(share)]  # fmt: skip
     for proc in procs:
         proc.start()
-    barrier.wait(600)
-    start = time.monotonic()  # one clock for every process of this machine
-    rows = [row for _ in procs for row in results.get(timeout=1800)]
-    for proc in procs:
-        proc.join(30)
-    return summarise(rows, start, streams) | {"waves": waves, "requests": len(rows), "clients": clients}
+    try:
+        barrier.wait(180)  # imports take seconds; a generator that died before it breaks the barrier
+        with CpuTimes() as cpu:  # from the common start: the generators' start-up is not the servers' time
+            start = time.monotonic()  # one clock for every process of this machine
+            batches = [results.get(timeout=900) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.terminate()
+    failed = [b for b in batches if isinstance(b, str)]
+    if failed:
+        raise RuntimeError(f"a load generator failed: {failed[0]}")
+    rows = [row for batch in batches for row in batch]
+    return summarise(rows, start, streams) | {"waves": waves, "requests": len(rows), "clients": clients,
+                                              "cpu_top": cpu.top}  # fmt: skip
 
 
 async def drive_direct(model: str, streams: int, waves: int, max_tokens: int) -> dict:
@@ -217,12 +232,12 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
         url = f"http://127.0.0.1:{port}"
         streams = args.streams * replicas
         drive(url, "bench", streams, 1, 8, args.clients, args.stream)  # warm-up: every path, graphs, allocator
-        with CpuTimes() as cpu:
-            if args.direct:
+        if args.direct:
+            with CpuTimes() as cpu:
                 row = asyncio.run(drive_direct("bench", streams, args.waves, args.max_tokens))
-            else:
-                row = drive(url, "bench", streams, args.waves, args.max_tokens, args.clients, args.stream)
-        row["cpu_top"] = cpu.top
+            row["cpu_top"] = cpu.top
+        else:
+            row = drive(url, "bench", streams, args.waves, args.max_tokens, args.clients, args.stream)
         engine = serve.get_deployment_handle("engine", app_name=APP_NAME)
         for r in row.get("per_replica", []):  # the process and device behind each replica
             info = engine.info.remote(replica=r["replica"]).result(timeout_s=60)
@@ -300,7 +315,10 @@ def markdown(result: dict) -> str:
         lines += ["", f"Two replicas against one: **{result['speedup']:.2f}x** aggregate tokens/s."]
     for row in result["throughput"]:
         if "cpu_top" in row:
-            busiest = ", ".join(f"`{p['process']}` {p['per_wall_s']:.2f}" for p in row["cpu_top"][:5])
+            # closed-loop rows: over the measured wall (the first such runs timed their CPU from
+            # before the load generators' start-up, when the servers were idle)
+            per = (lambda p: p["cpu_s"] / row["wall_s"]) if "waves" in row else (lambda p: p["per_wall_s"])
+            busiest = ", ".join(f"`{p['process']}` {per(p):.2f}" for p in row["cpu_top"][:5])
             lines += ["", f"CPU seconds per second of the {row['replicas']}-replica run, busiest processes: {busiest}."]
     if not result["moves"]:
         return "\n".join(lines) + "\n"

@@ -60,7 +60,10 @@ def multiplex_app(config, max_sessions: int):
     from rwkvstate.cluster.serve import EngineReplica, Ingress, _asgi_call, build_app
 
     class MultiplexIngress(Ingress):
-        def send(self, raw: dict, session: str | None):
+        async def _holder(self, session: str) -> str | None:
+            return None  # Ray's multiplexing routes by the ids the replicas report, not the store's holder
+
+        def send(self, raw: dict, session: str | None, holder: str | None = None):
             return self.engine.options(multiplexed_model_id=session or "").handle.remote(raw, session=session)
 
     class MultiplexReplica(EngineReplica):
@@ -73,7 +76,8 @@ def multiplex_app(config, max_sessions: int):
                 pass
             return session
 
-        async def handle(self, request: dict, session: str | None = None, replica: str | None = None):
+        async def handle(self, request: dict, session: str | None = None, replica: str | None = None,
+                         holder: str | None = None):  # fmt: skip
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 await self.hold(model_id)

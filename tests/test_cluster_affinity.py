@@ -37,14 +37,8 @@ def test_a_session_moved_to_another_replica_counts_there_only():
     assert affinity.load() == {"r1": 1} and affinity.lookup("sess_b") is None
 
 
-def test_counts_are_handed_to_the_store_once_each():
+def test_totals_are_the_hits_and_moves_so_far():
     affinity = Affinity()
-    assert affinity.pending() == {}
+    assert affinity.totals() == {"hits": 0, "moves": 0}
     affinity.hits, affinity.misses = 5, 1
-    taken = affinity.pending()
-    assert taken == {"affinity_hits": 5, "affinity_moves": 1}
-    affinity.hits += 2  # counted while the store was being written
-    affinity.flushed(taken)
-    assert affinity.pending() == {"affinity_hits": 2}
-    affinity.flushed(affinity.pending())
-    assert affinity.pending() == {}
+    assert affinity.totals() == {"hits": 5, "moves": 1}

@@ -70,11 +70,14 @@ def test_every_write_names_its_holder_and_counts_add_up(store):
         assert first.holder("a") == "replica-2"
         anonymous.put("a", b"three", expected=2, tokens=3, created=1)
         assert first.holder("a") is None  # a writer that names none leaves no stale name
-        keys = ("affinity_hits", "affinity_moves")
-        assert first.counts(keys) == {"affinity_hits": 0, "affinity_moves": 0}
-        first.add_counts({"affinity_hits": 3})
-        second.add_counts({"affinity_hits": 2, "affinity_moves": 1})
-        assert anonymous.counts(keys) == {"affinity_hits": 5, "affinity_moves": 1}
+        assert first.summed_counts() == {}
+        first.set_counts("ingress-a", {"hits": 3, "moves": 0})
+        second.set_counts("ingress-b", {"hits": 2, "moves": 1})
+        first.set_counts("ingress-a", {"hits": 3, "moves": 0})  # totals: writing again counts nothing twice
+        assert anonymous.summed_counts() == {"hits": 5, "moves": 1}
+        assert anonymous.summed_counts(skip="ingress-a") == {"hits": 2, "moves": 1}
+        first.set_counts("ingress-a", {"hits": 7, "moves": 0})
+        assert anonymous.summed_counts() == {"hits": 9, "moves": 1}
     finally:
         second.close()
         anonymous.close()

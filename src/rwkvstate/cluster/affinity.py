@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 
 MAX_REMEMBERED = 1 << 20  # sessions whose replica is remembered
 
@@ -26,10 +25,6 @@ class Affinity:
         self._lock = threading.Lock()
         self.replicas: list[str] = []  # unique ids of the replicas the router knows now
         self.hits = self.misses = 0  # requests routed to their session's replica / elsewhere
-        self._flushed = {"affinity_hits": 0, "affinity_moves": 0}  # of those, already added to the store's
-        # the store's answer to "which replica wrote this session last" (set by the ingress): with
-        # several ingresses, a session created or moved through one is found by the others
-        self.resolve: Callable[[str], str | None] | None = None
 
     def remember(self, session: str, replica: str) -> None:
         with self._lock:
@@ -58,17 +53,9 @@ class Affinity:
         with self._lock:
             return dict(self._held)
 
-    def pending(self) -> dict[str, int]:
-        """Hits and moves not yet added to the store's counters."""
-        with self._lock:
-            now = {"affinity_hits": self.hits, "affinity_moves": self.misses}
-            return {k: v - self._flushed[k] for k, v in now.items() if v > self._flushed[k]}
-
-    def flushed(self, deltas: dict[str, int]) -> None:
-        """`deltas` (from pending()) are in the store now."""
-        with self._lock:
-            for k, v in deltas.items():
-                self._flushed[k] += v
+    def totals(self) -> dict[str, int]:
+        """This router's hits and moves so far."""
+        return {"hits": self.hits, "moves": self.misses}
 
     def _drop(self, replica: str) -> None:
         """One session less on `replica` (the lock is held)."""

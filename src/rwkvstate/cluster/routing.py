@@ -1,7 +1,7 @@
 """Session affinity for Ray Serve: a request router for the engine replicas.
 
 The ingress passes each request's session id (`session=`) to the replica handle; this router
-sends it to the replica that served the session last, where its state is already in the
+sends it to the replica that wrote the session last, where its state is already in the
 pool, and a request without a known session to the least-loaded replica (Ray's queue-length
 probes pick the shortest queue among the candidates). When the replica that held a session
 has died, or its queue is full, the session goes to another one, which loads it from the
@@ -10,15 +10,16 @@ unique id): the ingress uses that to gather every replica's metrics.
 
 The router runs inside each ingress process, next to its deployment handle. Where a session
 is comes first from the store: every replica writes its id beside each session it stores
-(`holder`), so with several ingresses a session created or moved through one is found by the
-others. The local map (affinity.py: bounded, least recently used forgotten first) keeps what
-this router learnt, from where it routed requests and from sessions created or forked here;
-it answers when the store does not (unreachable: the replica will answer 503 anyway).
+(`holder`), and the ingress reads it before handing the request over (`holder=`, so this
+router itself never waits on Redis); with several ingresses a session created or moved
+through one is found by the others. The local map (affinity.py: bounded, least recently used
+forgotten first) keeps what this router learnt, from where it routed requests and from
+sessions created or forked through its ingress; it answers when the store did not (slow or
+unreachable: the replica will then report the store).
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -38,11 +39,9 @@ class SessionAffinityRouter(RequestRouter):
         named = kwargs.get("replica")
         if named is not None:
             return [[by_id[named]]] if named in by_id else []
-        session = kwargs.get("session")
-        if session:
-            holder = await _stored_holder(session)
-            if holder is not None:
-                affinity.AFFINITY.remember(session, holder)
+        session, holder = kwargs.get("session"), kwargs.get("holder")
+        if session and holder in by_id:  # a holder that died since stays out of the map
+            affinity.AFFINITY.remember(session, holder)
         home = by_id.get(affinity.AFFINITY.lookup(session) or "") if session else None
         if home is not None:
             others = [r for r in candidate_replicas if r is not home]
@@ -74,13 +73,3 @@ class SessionAffinityRouter(RequestRouter):
         super().on_replica_actor_died(replica_id)
         affinity.AFFINITY.forget_replica(replica_id.unique_id)
 
-
-async def _stored_holder(session: str) -> str | None:
-    """The replica the store says wrote `session` last (None: unknown, or the store does not answer)."""
-    resolve = affinity.AFFINITY.resolve
-    if resolve is None:
-        return None
-    try:
-        return await asyncio.to_thread(resolve, session)
-    except Exception:  # the store is unreachable: route by the local map; the replica reports the store
-        return None

@@ -51,7 +51,8 @@ APP_NAME = "rwkvstate"
 REPLICA_HEADER = "x-rwkvstate-replica"  # which replica answered (the ingress learns affinity from it)
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ROUTER = "rwkvstate.cluster.routing.SessionAffinityRouter"  # by name: Ray imports it in the ingress
-METRICS_TIMEOUT_S = 10.0  # per replica, for /metrics
+METRICS_TIMEOUT_S = 5.0  # per replica, for /metrics
+QUICK_TIMEOUT_S = 1.0  # the ingress's store reads: a session's holder, /metrics' counters
 
 
 @dataclass
@@ -79,9 +80,10 @@ class EngineReplica:
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
 
-    async def handle(self, request: dict, session: str | None = None, replica: str | None = None) -> AsyncIterator:
+    async def handle(self, request: dict, session: str | None = None, replica: str | None = None,
+                     holder: str | None = None) -> AsyncIterator:  # fmt: skip
         """The server app's answer to `request`: first {"status", "headers"}, then body chunks.
-        `session` and `replica` are for the router only."""
+        `session`, `replica` and `holder` are for the router only."""
         async for part in _asgi_call(self.app, request, self.replica):
             yield part
 
@@ -180,20 +182,21 @@ def _ingress_app() -> FastAPI:
 
 
 class Ingress:
-    """The one entry point: finds the session of each request, hands the request to the
-    replica the router picks, streams the answer back."""
+    """An entry point (one of `ingress_replicas`): finds the session of each request and the
+    replica the store says holds it, hands the request to the replica the router picks, streams
+    the answer back."""
 
     def __init__(self, engine, config: ClusterConfig):
         from .store import RedisStore
 
         self.engine = engine.options(stream=True)
         self.config = config
-        self.store = RedisStore(config.store)  # for its counters only: sessions are the replicas' business
-        # the router's lookups of a session's holder: a short timeout, a store that hangs only
-        # costs the session's requests their affinity (the replica then reports the store)
-        AFFINITY.resolve = RedisStore(replace(config.store, timeout_s=min(config.store.timeout_s, 1.0))).holder
-        self._counts_lock = threading.Lock()  # the flushing thread and /metrics: each delta added once
-        threading.Thread(target=self._flush_counts, name="affinity-counts", daemon=True).start()
+        self.store = RedisStore(config.store)  # for counters only: sessions are the replicas' business
+        # holder lookups and /metrics' reads: a short timeout, so a store that hangs costs a
+        # session's request at most that, and requests without a session nothing
+        self.quick = RedisStore(replace(config.store, timeout_s=min(config.store.timeout_s, QUICK_TIMEOUT_S)))
+        self.name = serve.get_replica_context().replica_id.unique_id
+        threading.Thread(target=self._publish_counts, name="affinity-counts", daemon=True).start()
         key = config.server.get("api_key")
         self.expected = None if not key else f"Bearer {key}".encode()
         self.max_body = ServerConfig(**config.server).max_body_bytes
@@ -210,7 +213,7 @@ class Ingress:
         session = _session_of(request.method, path, body)
         raw = {"method": request.method, "path": path, "query": request.url.query, "body": body,
                "headers": [(k.encode(), v.encode()) for k, v in request.headers.items()]}  # fmt: skip
-        stream = self.send(raw, session)
+        stream = self.send(raw, session, await self._holder(session) if session else None)
         try:
             start = await stream.__anext__()
         except Exception as e:  # the replica died before answering
@@ -225,9 +228,18 @@ class Ingress:
         self._learn(request.method, path, start["status"], headers, content)
         return _raw_response(start["status"], headers, content)
 
-    def send(self, raw: dict, session: str | None):
-        """Hands a request to a replica: the router reads `session` to pick it."""
-        return self.engine.handle.remote(raw, session=session)
+    def send(self, raw: dict, session: str | None, holder: str | None = None):
+        """Hands a request to a replica: the router reads `session` and `holder` to pick it."""
+        return self.engine.handle.remote(raw, session=session, holder=holder)
+
+    async def _holder(self, session: str) -> str | None:
+        """The replica the store says wrote `session` last; None when the store does not know
+        or does not answer in time (the router then uses its own map; the replica will report
+        the store)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.quick.holder, session), QUICK_TIMEOUT_S + 0.5)
+        except (StoreUnavailable, asyncio.TimeoutError):
+            return None
 
     def _refuse_key(self, request):
         if self.expected is None:
@@ -249,50 +261,45 @@ class Ingress:
             pass
 
     async def metrics(self) -> str:
-        """Every replica's /metrics summed, then the store's counters once."""
-        texts = []
-        for replica in list(AFFINITY.replicas):
-            raw = {"method": "GET", "path": "/metrics", "query": "", "body": b"", "headers": self._auth_headers()}
-            try:  # bounded: a replica that is going away must not hold /metrics
-                call = self.engine.handle.remote(raw, replica=replica)
-                parts = await asyncio.wait_for(_collect(call), METRICS_TIMEOUT_S)
-                texts.append(b"".join(p for p in parts[1:]).decode())
-            except Exception as e:
-                log.warning("metrics of replica %s: %s", replica, first_line(e, type(e).__name__))
+        """Every replica's /metrics summed (each bounded), the ingresses' affinity counts, then
+        the store's counters once. The replicas are asked one after another: two such calls at
+        once through this router were seen to stall until their timeout."""
+        texts = [t for t in [await self._replica_metrics(r) for r in list(AFFINITY.replicas)] if t is not None]
         text = sum_metrics(texts) + f"# TYPE rwkvstate_replicas gauge\nrwkvstate_replicas {len(texts)}\n"
         text += await asyncio.to_thread(self._affinity_metrics)
-        return text + await asyncio.to_thread(render_store_metrics, self.store)
+        return text + await asyncio.to_thread(render_store_metrics, self.quick)
 
-    def _flush_counts(self, every_s: float = 1.0) -> None:
-        """Adds this ingress's affinity hits and moves to the store's counters, so /metrics on
-        any ingress shows every ingress's; kept until the store takes them."""
+    async def _replica_metrics(self, replica: str) -> str | None:
+        raw = {"method": "GET", "path": "/metrics", "query": "", "body": b"", "headers": self._auth_headers()}
+        call = self.engine.handle.remote(raw, replica=replica)
+        try:  # bounded: a replica that is going away must not hold /metrics
+            parts = await asyncio.wait_for(_collect(call), METRICS_TIMEOUT_S)
+            return b"".join(p for p in parts[1:]).decode()
+        except Exception as e:
+            call.cancel()
+            log.warning("metrics of replica %s: %s", replica, first_line(e, type(e).__name__))
+            return None
+
+    def _publish_counts(self, every_s: float = 1.0) -> None:
+        """Writes this ingress's affinity hits and moves, as totals under its own name, beside the
+        store's counters once a second: /metrics on any ingress sums every ingress's. Totals,
+        not increments, so a write that failed halfway or is repeated counts nothing twice."""
         while True:
             time.sleep(every_s)
-            self._add_counts()
-
-    def _add_counts(self) -> None:
-        with self._counts_lock:
-            deltas = AFFINITY.pending()
-            if not deltas:
-                return
             try:
-                self.store.add_counts(deltas)
+                self.store.set_counts(self.name, AFFINITY.totals())
             except StoreUnavailable:
-                return  # kept: the next flush tries again
-            AFFINITY.flushed(deltas)
+                pass  # the next second writes the totals again
 
     def _affinity_metrics(self) -> str:
-        """Hits and moves of every ingress (this one's unsent counts included)."""
-        keys = ("affinity_hits", "affinity_moves")
-        self._add_counts()
+        """Hits and moves of every ingress (this one's from memory, the others' as last written)."""
         try:
-            counts = self.store.counts(keys)
+            stored = self.quick.summed_counts(skip=self.name)
         except StoreUnavailable:  # rwkvstate_store_up 0 says why they are missing
             return ""
-        counts = {k: v + AFFINITY.pending().get(k, 0) for k, v in counts.items()}
-        return (f"# TYPE rwkvstate_affinity_hits_total counter\nrwkvstate_affinity_hits_total {counts['affinity_hits']}\n"
-                f"# TYPE rwkvstate_affinity_moves_total counter\nrwkvstate_affinity_moves_total "
-                f"{counts['affinity_moves']}\n")  # fmt: skip
+        counts = {k: stored.get(k, 0) + v for k, v in AFFINITY.totals().items()}
+        return (f"# TYPE rwkvstate_affinity_hits_total counter\nrwkvstate_affinity_hits_total {counts['hits']}\n"
+                f"# TYPE rwkvstate_affinity_moves_total counter\nrwkvstate_affinity_moves_total {counts['moves']}\n")
 
     def _auth_headers(self) -> list:
         return [] if self.expected is None else [(b"authorization", self.expected)]
@@ -375,8 +382,8 @@ def _number(x: float) -> str:
 
 # ---- building and running ----------------------------------------------------------------------------
 def build_app(config: ClusterConfig, replica=EngineReplica, ingress=Ingress, router: str | None = ROUTER):
-    """The Ray Serve application: N engine replicas behind one ingress. `replica`, `ingress` and
-    `router` (None: Ray Serve's default router) are for comparing other routing designs
+    """The Ray Serve application: N engine replicas behind the ingress replicas. `replica`,
+    `ingress` and `router` (None: Ray Serve's default router) are for comparing other routing designs
     (benchmarks/bench_routing.py); `rwkvstate serve` uses the defaults."""
     gpu = config.device.startswith("cuda")
     server = config.server

@@ -134,7 +134,7 @@ class RedisStore:
         self._redis = redis.Redis.from_url(config.url, socket_timeout=config.timeout_s,
                                            socket_connect_timeout=config.timeout_s)  # fmt: skip
         p = config.prefix
-        self._lru, self._sizes, self._stats = p + "lru", p + "sizes", p + "stats"
+        self._lru, self._sizes, self._stats, self._counts = p + "lru", p + "sizes", p + "stats", p + "counts"
         self._put = self._redis.register_script(_PUT)
         self._touch = self._redis.register_script(_TOUCH)
         self._delete = self._redis.register_script(_DELETE)
@@ -226,16 +226,19 @@ class RedisStore:
         except self._errors:
             pass
 
-    def add_counts(self, deltas: dict[str, int]) -> None:
-        """Adds to counters kept beside the store's own (the ingresses' affinity hits and moves)."""
-        pipe = self._redis.pipeline(transaction=False)
-        for key, delta in deltas.items():
-            pipe.hincrby(self._stats, key, delta)
-        self._call(pipe.execute)
+    def set_counts(self, name: str, totals: dict[str, int]) -> None:
+        """Records `name`'s counter totals (an ingress's affinity hits and moves) beside the
+        store's own; summed_counts() adds up every name's."""
+        self._call(self._redis.hset, self._counts, mapping={f"{name}:{k}": v for k, v in totals.items()})
 
-    def counts(self, keys: tuple[str, ...]) -> dict[str, int]:
-        values = self._call(self._redis.hmget, self._stats, *keys)
-        return {k: int(v or 0) for k, v in zip(keys, values)}
+    def summed_counts(self, skip: str | None = None) -> dict[str, int]:
+        """Each counter's total over every name that recorded it (but `skip`)."""
+        out: dict[str, int] = {}
+        for field, value in self._call(self._redis.hgetall, self._counts).items():
+            name, _, key = field.decode().rpartition(":")
+            if name != skip:
+                out[key] = out.get(key, 0) + int(value)
+        return out
 
     def stats(self) -> dict[str, int]:
         pipe = self._redis.pipeline(transaction=False)
