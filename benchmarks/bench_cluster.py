@@ -40,12 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import config_for  # noqa: E402
-from bench_server import one_request  # noqa: E402
+from bench_server import fire, one_request, request_body  # noqa: E402
 from common import CpuTimes, write_results  # noqa: E402
 
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
 
-PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
 FORMATS = ("fp32", "fp16", "int8")
 
 
@@ -86,38 +85,13 @@ def model_file(args, directory: Path) -> tuple[str, str]:
 
 
 # ---- 1. throughput ----------------------------------------------------------------------------------
-def body(model: str, i: int, max_tokens: int, stream: bool) -> dict:
-    return {"model": model, "prompt": f"# request {i}\n{PROMPT}", "max_tokens": max_tokens, "temperature": 1.0,
-            "top_p": 0.9, "seed": i, "stream": stream, "stop_token_ids": [],
-            **({"stream_options": {"include_usage": True}} if stream else {})}  # fmt: skip
-
-
-async def fire(url: str, model: str, indices: list[int], concurrency: int, max_tokens: int, stream: bool,
-               barrier=None) -> list[dict]:  # fmt: skip
-    """The requests `indices`, `concurrency` in flight at a time (a closed loop: each finished
-    request makes room for the next); with `barrier`, sending starts when every load generator
-    is ready."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    gate = asyncio.Semaphore(concurrency)
-    one = one_request if stream else whole_request
-    async with httpx.AsyncClient(limits=limits, timeout=1800) as client:
-        if barrier is not None:
-            await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 600)
-
-        async def limited(i: int) -> dict:
-            async with gate:
-                return await one(client, f"{url}/v1/completions", body(model, i, max_tokens, stream))
-
-        return await asyncio.gather(*(limited(i) for i in indices))
-
-
-def _load_main(args: tuple, barrier, results) -> None:
-    """A load generator in its own process (spawned); a failed request ends the run (its error
-    goes back instead of rows, so the benchmark stops at once rather than waiting)."""
+def _load_main(args: tuple, stream: bool, barrier, results) -> None:
+    """A load generator in its own process (spawned): bench_server's closed loop, whole responses
+    unless `stream`. A failed request ends the run (its error goes back instead of rows, so the
+    benchmark stops at once rather than waiting)."""
     try:
-        results.put(asyncio.run(fire(*args, barrier=barrier)))
+        one = one_request if stream else whole_request
+        results.put(asyncio.run(fire(*args, barrier=barrier, stream=stream, one=one)))
     except BaseException as e:
         results.put(f"{type(e).__name__}: {e}")
         raise
@@ -134,8 +108,8 @@ def drive(url: str, model: str, streams: int, waves: int, max_tokens: int, clien
     ctx = multiprocessing.get_context("spawn")
     results, barrier = ctx.Queue(), ctx.Barrier(clients + 1)
     share = [list(range(c, waves * streams, clients)) for c in range(clients)]
-    procs = [ctx.Process(target=_load_main, args=((url, model, idx, len(range(c, streams, clients)), max_tokens,
-                                                   stream), barrier, results)) for c, idx in enumerate(share)]  # fmt: skip
+    procs = [ctx.Process(target=_load_main, args=((url, model, idx, len(range(c, streams, clients)), max_tokens),
+                                                  stream, barrier, results)) for c, idx in enumerate(share)]  # fmt: skip
     for proc in procs:
         proc.start()
     try:
@@ -171,7 +145,7 @@ async def drive_direct(model: str, streams: int, waves: int, max_tokens: int) ->
 
     async def one(i: int) -> dict:
         raw = {"method": "POST", "path": "/v1/completions", "query": "",
-               "body": json.dumps(body(model, i, max_tokens, False)).encode(), "headers": headers}  # fmt: skip
+               "body": json.dumps(request_body(model, i, max_tokens, stream=False)).encode(), "headers": headers}  # fmt: skip
         async with gate:
             parts = [part async for part in engine.handle.remote(raw)]
         if parts[0]["status"] != 200:

@@ -253,11 +253,19 @@ def stalls(rows: list[dict]) -> dict:
             "slow_gaps_in_largest_bin": max(bins.values(), default=0)}  # fmt: skip
 
 
+def request_body(model_name: str, i: int, max_tokens: int, stream: bool = True) -> dict:
+    """Request i of a run: its own prompt and seed, top-p, exactly max_tokens long."""
+    return {"model": model_name, "prompt": prompt(i), "max_tokens": max_tokens, **TOP_P, "seed": i, "stream": stream,
+            "stop_token_ids": [], **({"stream_options": {"include_usage": True}} if stream else {})}  # fmt: skip
+
+
 async def fire(url: str, model_name: str, indices: list[int], concurrency: int, max_tokens: int,
-               barrier=None, clock: dict | None = None) -> list[dict]:
-    """The requests `indices`, `concurrency` at a time. With `barrier` (a multiprocessing
-    Barrier), every load generator waits there once its imports and its client are ready,
-    so they all start sending together; `clock` gets this process's CPU time at that start."""
+               barrier=None, clock: dict | None = None, stream: bool = True, one=one_request) -> list[dict]:  # fmt: skip
+    """The requests `indices`, `concurrency` at a time (a closed loop: each finished request
+    makes room for the next), each sent by `one` (default: streamed, one_request). With
+    `barrier` (a multiprocessing Barrier), every load generator waits there once its imports
+    and its client are ready, so they all start sending together; `clock` gets this process's
+    CPU time at that start."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -269,10 +277,8 @@ async def fire(url: str, model_name: str, indices: list[int], concurrency: int, 
             clock["cpu0"] = time.process_time()
 
         async def limited(i: int) -> dict:
-            body = {"model": model_name, "prompt": prompt(i), "max_tokens": max_tokens, **TOP_P, "seed": i,
-                    "stream": True, "stop_token_ids": [], "stream_options": {"include_usage": True}}  # fmt: skip
             async with gate:
-                return await one_request(client, f"{url}/v1/completions", body)
+                return await one(client, f"{url}/v1/completions", request_body(model_name, i, max_tokens, stream))
 
         return await asyncio.gather(*(limited(i) for i in indices))
 
