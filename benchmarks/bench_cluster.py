@@ -205,7 +205,7 @@ def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:
         run(config, "127.0.0.1", port, blocking=False)
         url = f"http://127.0.0.1:{port}"
         streams = args.streams * replicas
-        drive(url, "bench", streams, 1, 8, args.clients, args.stream)  # warm-up: every path, graphs, allocator
+        drive(url, "bench", streams, 1, min(8, args.max_tokens), args.clients, args.stream)  # warm-up: every path, graphs, allocator
         if args.direct:
             with CpuTimes() as cpu:
                 row = asyncio.run(drive_direct("bench", streams, args.waves, args.max_tokens))
