@@ -22,10 +22,10 @@ def models():
     tensors = random_checkpoint(CFG, seed=21)
     ref = Model.from_tensors(tensors, CFG, device=DEVICE)
     ref.backends.update(token_shift="torch", wkv="torch", time_mix="torch", wkv_prefill="torch", channel_mix="torch",
-                        lora="torch", norm_shift="torch")  # fmt: skip
+                        lora="torch", norm_shift="torch", gemv="torch")  # fmt: skip
     fast = Model.from_tensors(tensors, CFG, device=DEVICE)
     fast.backends.update(token_shift="triton", wkv="triton", time_mix="triton", wkv_prefill="triton",
-                         channel_mix="triton", lora="triton", norm_shift="triton")  # fmt: skip  (<= 16 rows per call)
+                         channel_mix="triton", lora="triton", norm_shift="triton", gemv="triton")  # fmt: skip  (<= 16 rows per call)
     for model in (ref, fast):  # every backend chosen here, none left to the device's default
         assert None not in model.backends.values(), model.backends
     return ref, fast

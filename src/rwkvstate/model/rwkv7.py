@@ -19,6 +19,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..errors import StateError
 from ..ops.channel_mix import MAX_SPARSE_ROWS, channel_mix
+from ..ops.gemv import gemv
 from ..ops.lora import lora
 from ..ops.time_mix import GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import norm_shift_mix
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 OUTPUTS = ("last", "all", "none")
+GEMV_ROWS = 8  # decode batches up to this size may take the GEMV kernel (backends "gemv", "channel_mix")
 Tokens = Union[Sequence[int], torch.Tensor]  # one sequence's token ids (a list or a 1-D integer tensor)
 
 
@@ -64,9 +66,14 @@ class Model:
         # CUDA decode batches of at most 16), "torch" the reference (eight GEMMs, two activations)
         # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for
         # decode (None: on CUDA), "torch" as separate ops (the shift with the token_shift backend)
+        # gemv: "triton" computes the time mix's r, k, v projections in one launch and its output
+        # projection in another (ops/gemv.py) for decode batches of at most GEMV_ROWS; None and
+        # "torch" keep F.linear (cuBLAS), the default until the kernel is measured on a GPU.
+        # channel_mix "triton-gemv" runs the feed-forward's two projections through the same kernel
+        # (relu^2 and the residual add in their epilogues) for such batches
         self.backends: dict[str, str | None] = {
             "token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None, "channel_mix": None,
-            "lora": None, "norm_shift": None,
+            "lora": None, "norm_shift": None, "gemv": None,
         }  # fmt: skip
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
@@ -205,10 +212,8 @@ class Model:
                   v_first: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
         """The time mix of LayerNorm_1(x), without the residual add: returns (its output, v_first)."""
         _, mixed = self._norm_shift(x, None, lw.ln1, att_shift, packed, lw.mix)
-        xr, _, xk, xv, _, _ = mixed.unbind(0)
-        r = F.linear(xr, lw.receptance)
-        k = F.linear(xk, lw.key)
-        v = F.linear(xv, lw.value)
+        backend = self._gemv_backend(packed, self.backends["gemv"], "triton")
+        r, k, v = gemv(mixed[:3], lw.rkv, backend=backend).unbind(0)  # mixes r, k, v come first
         # w = tanh(xw W1) W2, a_lora = (xa A1) A2, g = sigmoid(xg G1) G2, v_lora = (xv V1) V2 (layers >= 1);
         # a0 and v0 are added after the LoRAs
         w, a_lora, g, *v_lora_ = lora(mixed, lw.lora, backend=self.backends["lora"])
@@ -218,7 +223,15 @@ class Model:
             assert v_first is not None, "layer 0 sets v_first"
             v_lora = v_lora_[0]  # layers >= 1 have the value-residual LoRA
         out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
-        return F.linear(out, lw.output), v_first
+        return gemv(out, lw.output, backend=backend), v_first
+
+    @staticmethod
+    def _gemv_backend(packed: Packed, backend: str | None, gemv_name: str) -> str | None:
+        """backend, unless it names the GEMV kernel (gemv_name) and the pass is not a decode batch
+        of at most GEMV_ROWS rows: then "torch" (a bad name passes through to the op's check)."""
+        if backend == gemv_name and not (packed.is_decode and packed.num_tokens <= GEMV_ROWS):
+            return "torch"
+        return backend
 
     def _time_mix_core(self, lw: LayerWeights, packed: Packed, wkv_state: Tensor, r: Tensor, w: Tensor, k: Tensor,
                        v: Tensor, a_lora: Tensor, g: Tensor, v_lora: Tensor | None, v_first: Tensor) -> Tensor:  # fmt: skip
@@ -250,7 +263,7 @@ class Model:
     def _channel_mix(self, lw: LayerWeights, x: Tensor, dx: Tensor, packed: Packed, ffn_shift: Tensor) -> Tensor:
         """x + dx (the time mix's residual add) plus the channel mix of LayerNorm_2(x + dx)."""
         x, mixed = self._norm_shift(x, dx, lw.ln2, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0))
-        backend = self.backends["channel_mix"]
+        backend = self._gemv_backend(packed, self.backends["channel_mix"], "triton-gemv")
         if backend == "triton" and mixed[0].shape[0] > MAX_SPARSE_ROWS:  # the sparse kernel is for decode
             backend = "torch"
         return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=backend)

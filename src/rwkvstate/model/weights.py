@@ -16,7 +16,7 @@ from ..ops.lora import LoraPack, pack_lora
 class LayerWeights:
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
-    mix: torch.Tensor  # [6, C]: x_r, x_w, x_k, x_v, x_a, x_g
+    mix: torch.Tensor  # [6, C]: x_r, x_k, x_v, x_w, x_a, x_g (r, k, v first: their mixes are one [3, T, C] view)
     w0: torch.Tensor
     # the LoRA matrices w1 .. g2, v1, v2 are views into `lora`'s stacks (ops/lora.py)
     w1: torch.Tensor  # [D, C] (transposed from the file's [C, D])
@@ -32,7 +32,8 @@ class LayerWeights:
     k_k: torch.Tensor
     k_a: torch.Tensor
     r_k: torch.Tensor  # [H, N]
-    receptance: torch.Tensor  # [C, C] as F.linear weights
+    rkv: torch.Tensor  # [3, C, C]: receptance, key, value stacked, for one grouped projection (ops/gemv.py)
+    receptance: torch.Tensor  # [C, C] as F.linear weights; receptance, key and value are views into rkv
     key: torch.Tensor
     value: torch.Tensor
     output: torch.Tensor
@@ -42,7 +43,10 @@ class LayerWeights:
     ffn_value: torch.Tensor  # [C, F]: the transposed view of a contiguous [F, C] tensor, so that a
     #                          row of value^T (one activation's contribution) is contiguous for
     #                          the sparse channel mix (ops/channel_mix.py); F.linear takes the view
-    lora: LoraPack  # chains w (mix 1, tanh), a (mix 4), g (mix 5, sigmoid), v (mix 3, layers >= 1)
+    lora: LoraPack  # chains w (mix 3, tanh), a (mix 4), g (mix 5, sigmoid), v (mix 2, layers >= 1)
+
+
+_STACKS = ("rkv",)  # seen through their views (receptance, key, value): counted once
 
 
 @dataclass
@@ -60,7 +64,7 @@ class Weights:
                 return [t for o in obj for t in walk(o)]
             if obj is None or isinstance(obj, LoraPack):  # its stacks are seen through the w1 .. g2 views
                 return []
-            return [t for v in vars(obj).values() for t in walk(v)]
+            return [t for k, v in vars(obj).items() if k not in _STACKS for t in walk(v)]
 
         return walk(self)
 
@@ -103,18 +107,18 @@ def _layer(get, l: int) -> LayerWeights:
     def lora(name):
         return get(p + name, transpose=True)
 
-    mix = torch.stack([vec(f"att.x_{c}") for c in "rwkvag"])
-    chains = [(1, "tanh", "w"), (4, "none", "a"), (5, "sigmoid", "g")] + ([(3, "none", "v")] if l else [])
+    mix = torch.stack([vec(f"att.x_{c}") for c in "rkvwag"])
+    chains = [(3, "tanh", "w"), (4, "none", "a"), (5, "sigmoid", "g")] + ([(2, "none", "v")] if l else [])
     pack = pack_lora((m, act, lora(f"att.{c}1"), lora(f"att.{c}2")) for m, act, c in chains)
     down = {c: pack.down_weight(i) for i, (_, _, c) in enumerate(chains)}
     up = {c: pack.up_weight(i) for i, (_, _, c) in enumerate(chains)}
+    rkv = torch.stack([get(p + f"att.{c}.weight") for c in ("receptance", "key", "value")])
     return LayerWeights(
         ln1=(vec("ln1.weight"), vec("ln1.bias")), ln2=(vec("ln2.weight"), vec("ln2.bias")), mix=mix,
         w0=vec("att.w0"), w1=down["w"], w2=up["w"], a0=vec("att.a0"), a1=down["a"], a2=up["a"],
         v0=vec("att.v0") if l else None, v1=down.get("v"), v2=up.get("v"), g1=down["g"], g2=up["g"],
         k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=get(p + "att.r_k"),
-        receptance=get(p + "att.receptance.weight"), key=get(p + "att.key.weight"),
-        value=get(p + "att.value.weight"), output=get(p + "att.output.weight"),
+        rkv=rkv, receptance=rkv[0], key=rkv[1], value=rkv[2], output=get(p + "att.output.weight"),
         ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
         ffn_x_k=vec("ffn.x_k"), ffn_key=get(p + "ffn.key.weight"), ffn_value=get(p + "ffn.value.weight", transpose=True).t(),
         lora=pack,

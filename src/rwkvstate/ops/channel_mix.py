@@ -227,7 +227,16 @@ def _key_launch(k, key, ieee: bool):
     return act, idx, counts, block_f
 
 
-_BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton}
+def channel_mix_gemv(k, key, value, residual=None):
+    """Two launches of the GEMV kernel (ops/gemv.py; at most 16 rows, dense): relu^2 in the key
+    projection's epilogue, the residual add in the value projection's. Same result as
+    channel_mix_reference, rounding for rounding."""
+    from .gemv import gemv_triton  # gemv.py imports this module's _dot
+
+    return gemv_triton(gemv_triton(k, key, activation="relu2"), value, residual)
+
+
+_BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton, "triton-gemv": channel_mix_gemv}
 
 
 def channel_mix(k, key, value, residual=None, backend=None):
@@ -235,7 +244,8 @@ def channel_mix(k, key, value, residual=None, backend=None):
     backend: None picks "torch" (cuBLAS): on an H200 the sparse kernel is slower than the two dense
     GEMMs at every activation density measured, 0.1 included (docs/benchmarks/decode.md,
     decode-recheck-h200.json); "triton" forces the sparse kernel (at most 16 rows, the value
-    weight a [C, F] view of a contiguous [F, C] tensor), "torch" the reference."""
+    weight a [C, F] view of a contiguous [F, C] tensor), "triton-gemv" the dense GEMV kernel
+    (at most 16 rows; speed not yet measured), "torch" the reference."""
     if backend is None:
         backend = "torch"
     return _BACKENDS[pick_backend(backend, k, tuple(_BACKENDS))](k, key, value, residual)

@@ -1,0 +1,205 @@
+"""Projections of a few rows (decode of 1-16 sequences), several independent ones in one launch:
+
+    out[g] = epilogue(x[g] W_g^T)      x [G, T, K], W [G, N, K] -> out [G, T, N], T <= 16
+
+("grouped"; G = 1 with x [T, K] and W [N, K] is a single projection). At batch 1 a projection is a
+matrix-vector product: every weight element is read once and used for T multiply-adds, so the
+time is the weight bytes over the bandwidth the kernel reaches. Design (the math and the reasons
+are in ops/README.md):
+- grid (cdiv(N, BLOCK_N), G, num_splits): a program owns BLOCK_N output columns of one group and
+  one contiguous range of K; many programs, so that every SM has weight loads in flight;
+- the T rows are padded to one 16-row tl.dot tile (tensor cores do the reduction; only live rows
+  are loaded), the weight streams in [BLOCK_K, BLOCK_N] tiles whose unit-stride axis gives 16-byte
+  vector loads (W may be row-major [N, K] or the transposed view of a contiguous [K, N] tensor);
+- one split: the program rounds and stores its outputs (one launch). Several splits: each stores
+  its float32 partial sums and a second launch adds them in split order: deterministic, no atomics;
+- the epilogue follows the torch reference's roundings: the product rounded to x's dtype, then
+  optionally relu and square (rounded), then optionally a residual add (rounded).
+The torch reference is F.linear per group (the model's path when this backend is off).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import HAS_TRITON, is_interpreting, pick_backend, tl, triton
+
+MAX_ROWS = 16  # rows are padded to one 16-row tl.dot tile
+ACTIVATIONS = ("none", "relu2")  # relu2: relu, then square (the channel mix's key projection)
+
+
+def gemv_reference(x, weight, residual=None, activation="none"):
+    """x [T, K] with weight [N, K], or x [G, T, K] with weight [G, N, K] -> [T, N] or [G, T, N]:
+    F.linear per group, then relu and square (activation "relu2"), then + residual."""
+    if x.dim() == 2:
+        out = F.linear(x, weight)
+    else:
+        out = torch.stack([F.linear(x[g], weight[g]) for g in range(x.shape[0])])
+    if activation == "relu2":
+        out = torch.relu(out).square()
+    return out if residual is None else residual + out
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+if HAS_TRITON:
+    from .channel_mix import _dot  # float32 products (IEEE for fp32, and bf16 when interpreted)
+    from .wkv7 import _round_nearest
+
+    @triton.jit
+    def _epilogue(b_acc, out, residual, o_t, o_n, m, stride_ot, stride_rt, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """Rounds the float32 sums [BLOCK_T, BLOCK_N] as the reference does and stores them."""
+        b_y = _round_nearest(b_acc, out.dtype.element_ty)
+        if ACT == 1:  # relu2
+            b_h = tl.maximum(b_y.to(tl.float32), 0)
+            b_y = _round_nearest(b_h * b_h, out.dtype.element_ty)
+        if HAS_RESIDUAL:
+            b_r = tl.load(residual + o_t[:, None] * stride_rt + o_n[None, :], mask=m, other=0).to(tl.float32)
+            b_y = _round_nearest(b_r + b_y.to(tl.float32), out.dtype.element_ty)
+        tl.store(out + o_t[:, None] * stride_ot + o_n[None, :], b_y, mask=m)
+
+    @triton.jit
+    def _gemv_kernel(
+        x, w, out, partial, residual, T, N, K, K_SPLIT, G,
+        stride_xg, stride_xt, stride_wg, stride_wn, stride_wk, stride_og, stride_ot, stride_rg, stride_rt,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+        ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        i_n, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        o_t = tl.arange(0, BLOCK_T)
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_t, m_n = o_t < T, o_n < N
+        p_x = x + i_g.to(tl.int64) * stride_xg
+        p_w = w + i_g.to(tl.int64) * stride_wg
+        k_start = i_s * K_SPLIT
+        k_end = tl.minimum(k_start + K_SPLIT, K)
+        b_acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < k_end
+            b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+            p_wt = p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N] of W^T
+            b_w = tl.load(p_wt, mask=m_k[:, None] & m_n[None, :], other=0)
+            b_acc += _dot(b_x, b_w, IEEE)
+        m = m_t[:, None] & m_n[None, :]
+        if SPLIT == 1:
+            p_o, p_r = out + i_g.to(tl.int64) * stride_og, residual + i_g.to(tl.int64) * stride_rg
+            _epilogue(b_acc, p_o, p_r, o_t, o_n, m, stride_ot, stride_rt, ACT, HAS_RESIDUAL)
+        else:  # partial[i_s, i_g, :T, :N], float32
+            p_p = partial + ((i_s * G + i_g).to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :]
+            tl.store(p_p, b_acc, mask=m)
+
+    @triton.jit
+    def _gemv_reduce_kernel(
+        partial, out, residual, T, N, G, stride_og, stride_ot, stride_rg, stride_rt,
+        SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+        ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ):  # fmt: skip
+        i_n, i_g = tl.program_id(0), tl.program_id(1)
+        o_t = tl.arange(0, BLOCK_T)
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = (o_t < T)[:, None] & (o_n < N)[None, :]
+        b_acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for i_s in range(SPLIT):  # a fixed order: the result does not depend on scheduling
+            p_p = partial + ((i_s * G + i_g).to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :]
+            b_acc += tl.load(p_p, mask=m, other=0)
+        p_o, p_r = out + i_g.to(tl.int64) * stride_og, residual + i_g.to(tl.int64) * stride_rg
+        _epilogue(b_acc, p_o, p_r, o_t, o_n, m, stride_ot, stride_rt, ACT, HAS_RESIDUAL)
+
+
+PROGRAMS_PER_SM = 2  # programs wanted per SM before K is split (an estimate, not yet measured)
+REDUCE_BLOCK_N = 256  # columns per program of the reduce launch
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device; 4 for the interpreter (so that default tiles split K in tests too)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def tiles(G: int, N: int, K: int, device, block_n=None, block_k=None, num_splits=None) -> dict:
+    """The launch configuration: BLOCK_N output columns (16 or 32) by BLOCK_K (up to 256) weight
+    tiles, and K split into num_splits ranges (whole BLOCK_K steps) when G * cdiv(N, BLOCK_N)
+    tiles give fewer than PROGRAMS_PER_SM programs per SM. Arguments override the choice."""
+    block_n = block_n or max(16, min(32, triton.next_power_of_2(N)))
+    block_k = block_k or max(16, min(256, triton.next_power_of_2(K)))
+    steps = triton.cdiv(K, block_k)
+    if num_splits is None:
+        wanted = PROGRAMS_PER_SM * _num_sms(torch.device(device))
+        num_splits = min(steps, max(1, triton.cdiv(wanted, G * triton.cdiv(N, block_n))))
+    k_split = triton.cdiv(steps, max(1, min(num_splits, steps))) * block_k
+    return {"block_n": block_n, "block_k": block_k, "k_split": k_split, "num_splits": triton.cdiv(K, k_split)}
+
+
+def _as_groups(x, weight, residual):
+    """Views of a single projection as one group; checks shapes and strides."""
+    single = x.dim() == 2
+    if single:
+        x, weight = x.unsqueeze(0), weight.unsqueeze(0)
+        residual = None if residual is None else residual.unsqueeze(0)
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != x.shape[0] or weight.shape[2] != x.shape[2]:
+        raise ValueError(f"expected x [T, K] and weight [N, K], or x [G, T, K] and weight [G, N, K]; got "
+                         f"x {list(x.shape)} and weight {list(weight.shape[int(single):])}")  # fmt: skip
+    G, T, K = x.shape
+    if T > MAX_ROWS:
+        raise ValueError(f"the Triton GEMV takes at most {MAX_ROWS} rows, got {T}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
+    if x.stride(2) != 1 or 1 not in (weight.stride(1), weight.stride(2)):
+        raise ValueError("x needs unit stride along K, and weight unit stride along N or K")
+    if residual is not None and residual.shape != (G, T, weight.shape[1]):
+        raise ValueError(f"residual must be {[G, T, weight.shape[1]][int(single):]}, got {list(residual.shape[int(single):])}")
+    return single, x, weight, residual
+
+
+def gemv_triton(x, weight, residual=None, activation="none", *, block_n=None, block_k=None, num_splits=None,
+                num_warps=4, num_stages=3):  # fmt: skip
+    """One launch (two when K is split); same arguments and result as gemv_reference for at most
+    16 rows. block_n, block_k, num_splits, num_warps and num_stages override the launch
+    configuration (tests and benchmarks use them)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    single, x, weight, residual = _as_groups(x, weight, residual)
+    G, T, K = x.shape
+    N = weight.shape[1]
+    out = torch.empty(G, T, N, dtype=x.dtype, device=x.device)
+    if T > 0:
+        cfg = tiles(G, N, K, x.device, block_n, block_k, num_splits)
+        _launch(x, weight, residual, out, cfg, ACTIVATIONS.index(activation), num_warps, num_stages)
+    return out[0] if single else out
+
+
+def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_stages: int) -> None:
+    G, T, K = x.shape
+    N = weight.shape[1]
+    splits = cfg["num_splits"]
+    partial = torch.empty(splits, G, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out  # unused if 1
+    res = residual if residual is not None else out  # unread without a residual
+    ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and is_interpreting())
+    flags = dict(ACT=act, HAS_RESIDUAL=residual is not None)
+    _gemv_kernel[(triton.cdiv(N, cfg["block_n"]), G, splits)](
+        x, weight, out, partial, res, T, N, K, cfg["k_split"], G,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+        out.stride(0), out.stride(1), res.stride(0), res.stride(1),
+        BLOCK_T=MAX_ROWS, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], SPLIT=splits, IEEE=ieee,
+        num_warps=num_warps, num_stages=num_stages, **flags,
+    )  # fmt: skip
+    if splits > 1:
+        block = min(REDUCE_BLOCK_N, triton.next_power_of_2(N))
+        _gemv_reduce_kernel[(triton.cdiv(N, block), G)](
+            partial, out, res, T, N, G, out.stride(0), out.stride(1), res.stride(0), res.stride(1),
+            SPLIT=splits, BLOCK_T=MAX_ROWS, BLOCK_N=block, num_warps=4, **flags,
+        )  # fmt: skip
+
+
+_BACKENDS = {"torch": gemv_reference, "triton": gemv_triton}
+
+
+def gemv(x, weight, residual=None, activation="none", backend=None):
+    """x [T, K] @ weight [N, K]^T, or per group x [G, T, K] @ weight [G, N, K]^T, in x's dtype, then
+    activation ("none" or "relu2") and + residual. backend: None picks "torch" (F.linear: the
+    kernel's speed is not yet measured on a GPU); "triton" forces the kernel (at most 16 rows)."""
+    backend = backend or "torch"
+    return _BACKENDS[pick_backend(backend, x, tuple(_BACKENDS))](x, weight, residual, activation)

@@ -1,0 +1,208 @@
+"""The GEMV kernel (single and grouped projections of at most 16 rows) against an fp32 reference of
+the same inputs (interpreted on CPU, tiny odd shapes; compiled on a GPU, where the 1.5B and 7.2B
+shapes run too), its split-K path, the channel mix through it, and the model's decode with it."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+# tests/conftest.py sets TRITON_INTERPRET=1 before rwkvstate is imported when there is no GPU
+from conftest import poison_empty, random_tokens, rel_err  # noqa: E402
+from rwkvstate import Engine, Model, SamplingParams  # noqa: E402
+from rwkvstate.model.synthetic import random_checkpoint, tiny_config  # noqa: E402
+from rwkvstate.ops import channel_mix as cm  # noqa: E402
+from rwkvstate.ops import gemv as gm  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # 16-bit: one rounding of the output
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def inputs(G: int | None, T: int, K: int, N: int, dtype, seed: int, transposed: bool = False):
+    """x [G, T, K] and weight [G, N, K] (G None: x [T, K], weight [N, K]) in dtype, weights scaled
+    so outputs are O(1); transposed: weight is the [N, K] view of a contiguous [K, N] tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if G is None else (G,)
+    x = torch.randn(*lead, T, K, generator=gen)
+    w = torch.randn(*lead, K, N, generator=gen).transpose(-1, -2) if transposed else torch.randn(*lead, N, K, generator=gen)
+    return x.to(DEVICE, dtype), (w * K**-0.5).to(DEVICE, dtype)
+
+
+def exact(x, w, residual=None, activation="none"):
+    """The fp32 reference of the same (rounded) inputs."""
+    return gm.gemv_reference(x.float(), w.float(), None if residual is None else residual.float(), activation)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    poison_empty(monkeypatch, gm)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("G,T,K,N", [(None, 1, 40, 72), (3, 3, 72, 40), (3, 8, 136, 40), (None, 8, 72, 136), (2, 16, 40, 24)])
+def test_matches_fp32_reference(G, T, K, N, dtype, poisoned_empty):
+    x, w = inputs(G, T, K, N, dtype, seed=T * K + N)
+    got = gm.gemv(x, w, backend="triton")
+    want = exact(x, w)
+    assert got.dtype == dtype and got.shape == want.shape and not got.isnan().any()
+    assert rel_err(got, want) <= TOL[dtype]
+    assert rel_err(got, gm.gemv(x, w)) <= TOL[dtype]  # backend None: the torch reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_split_k_epilogues_and_transposed_weight(splits, dtype, poisoned_empty):
+    """K in 16-wide steps over 1-3 splits (the reduce launch), relu^2 and a residual, a weight
+    stored as the transposed view of a [K, N] tensor (the channel mix's value)."""
+    x, w = inputs(2, 3, 72, 40, dtype, seed=splits, transposed=True)
+    residual = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    for activation, res in (("none", residual), ("relu2", None)):
+        got = gm.gemv_triton(x, w, res, activation, block_n=16, block_k=16, num_splits=splits)
+        assert not got.isnan().any() and rel_err(got, exact(x, w, res, activation)) <= TOL[dtype]
+        again = gm.gemv_triton(x, w, res, activation, block_n=16, block_k=16, num_splits=splits)
+        assert torch.equal(got, again)  # deterministic: the splits are added in a fixed order
+
+
+def test_launch_configuration():
+    cfg = gm.tiles(1, 2048, 2048, "cpu", num_splits=3)
+    assert cfg["k_split"] % cfg["block_k"] == 0 and cfg["num_splits"] * cfg["k_split"] >= 2048
+    assert (cfg["num_splits"] - 1) * cfg["k_split"] < 2048  # no empty split
+    assert gm.tiles(1, 40, 72, "cpu", block_k=16, num_splits=100)["num_splits"] == 5  # at most one per K step
+    assert gm.tiles(3, 40, 72, "cpu")["block_n"] == 32 and gm.tiles(1, 8, 8, "cpu")["block_k"] == 16
+
+
+def test_bad_input():
+    x, w = inputs(3, 2, 40, 24, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gm.gemv_triton(torch.zeros(3, 17, 40, device=DEVICE), w)
+    with pytest.raises(ValueError, match="expected x"):
+        gm.gemv_triton(x, w[:2])
+    with pytest.raises(ValueError, match="share a dtype"):
+        gm.gemv_triton(x, w.half())
+    with pytest.raises(ValueError, match="activation"):
+        gm.gemv_triton(x, w, activation="gelu")
+    with pytest.raises(ValueError, match="residual"):
+        gm.gemv_triton(x, w, torch.zeros(3, 2, 23, device=DEVICE))
+    with pytest.raises(ValueError, match="unit stride"):
+        gm.gemv_triton(x.transpose(1, 2).contiguous().transpose(1, 2), w)
+    with pytest.raises(ValueError, match="unknown backend"):
+        gm.gemv(x, w, backend="cublas")
+    assert gm.gemv_triton(x[:, :0], w).shape == (3, 0, 24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_channel_mix_through_gemv(dtype):
+    x, key = inputs(None, 3, 40, 72, dtype, seed=3)
+    _, value_t = inputs(None, 1, 72, 40, dtype, seed=4)
+    value = value_t.t().contiguous().t()  # [C, F] view of a contiguous [F, C] tensor, as the model stores it
+    residual = torch.randn(3, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    got = cm.channel_mix(x, key, value, residual, backend="triton-gemv")
+    want = cm.channel_mix_reference(x.float(), key.float(), value.float(), residual.float())
+    assert got.dtype == dtype and rel_err(got, want) <= 3 * TOL[dtype]
+
+
+# ---- the model ---------------------------------------------------------------------------------
+CFG = tiny_config(n_layer=2, n_embd=48, head_size=16, vocab_size=61, ffn_dim=96, decay_rank=4, aaa_rank=4,
+                  mv_rank=4, gate_rank=8)  # fmt: skip
+
+
+def decode_both(cfg, tensors, dtype, backends: dict, batch: int):
+    """Logits and states of one prompt per sequence then two decode steps (decode_step), with the
+    default backends and with `backends`."""
+    outs = []
+    for extra in ({}, backends):
+        model = Model.from_tensors(tensors, cfg, device=DEVICE, dtype=dtype)
+        model.backends.update(extra)
+        pool = model.new_pool(batch + 1, state_dtype=torch.float32)
+        model.forward(pool, list(range(batch)), [random_tokens(3 + i, cfg.vocab_size, seed=i) for i in range(batch)])
+        slots = torch.tensor(list(range(batch)), device=DEVICE)
+        steps = [model.decode_step(pool, slots, torch.tensor([(5 * i + s) % cfg.vocab_size for i in range(batch)],
+                                                             device=DEVICE)) for s in range(2)]  # fmt: skip
+        outs.append((torch.stack(steps), [pool.export(s) for s in range(batch)]))
+    return outs
+
+
+def test_model_rkv_views_and_mix_order():
+    model = Model.from_tensors(random_checkpoint(CFG, seed=2), CFG)
+    lw = model.weights.layers[1]
+    assert lw.rkv.shape == (3, 48, 48) and lw.key.data_ptr() == lw.rkv[1].data_ptr()
+    tensors = random_checkpoint(CFG, seed=2)
+    assert torch.equal(lw.mix[1], tensors["blocks.1.att.x_k"].squeeze()) and torch.equal(lw.lora.down_weight(0), lw.w1)
+    assert lw.lora.mixes == (3, 4, 5, 2)  # w, a, g, v read the mixes of x_w, x_a, x_g, x_v
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_model_decode_with_gemv_matches_default(batch, monkeypatch):
+    calls = []
+    kernel = gm.gemv_triton
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setitem(gm._BACKENDS, "triton", counted)
+    monkeypatch.setattr(gm, "gemv_triton", counted)  # the channel mix's import
+    tensors = random_checkpoint(CFG, seed=21)
+    (want, want_states), (got, got_states) = decode_both(
+        CFG, tensors, torch.float32, {"gemv": "triton", "channel_mix": "triton-gemv"}, batch
+    )
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(want_states, got_states):
+        assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)
+    # decode steps only (the prompts take F.linear): per layer and step r/k/v, output, FFN key, FFN value
+    assert sorted(map(tuple, calls)) == sorted([(3, 48, 48), (48, 48), (96, 48), (48, 96)] * 2 * 2)
+
+
+def test_model_gemv_backend_is_checked_and_off_by_default():
+    model = Model.from_tensors(random_checkpoint(CFG, seed=3), CFG, device=DEVICE)
+    assert model.backends["gemv"] is None
+    model.backends["gemv"] = "bogus"
+    with pytest.raises(ValueError, match="unknown backend"):
+        model.forward(model.new_pool(1), [0], [[1, 2]])
+
+
+# ---- on a GPU: the shapes of the released models, and graph decode --------------------------------
+@cuda_only
+@pytest.mark.parametrize("C", [2048, 4096])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_cuda_release_shapes(C, T):
+    """r/k/v grouped and one C x C projection at the 1.5B and 7.2B widths, default launch
+    configuration (K split on an H200), fp16 and bf16, against fp32 and cuBLAS."""
+    for dtype in (torch.float16, torch.bfloat16):
+        x, w = inputs(3, T, C, C, dtype, seed=C + T)
+        for xs, ws in ((x, w), (x[0], w[0])):
+            got = gm.gemv(xs, ws, backend="triton")
+            assert rel_err(got, exact(xs, ws)) <= TOL[dtype]
+            assert rel_err(got, gm.gemv(xs, ws, backend="torch")) <= 2 * TOL[dtype]
+            assert torch.equal(got, gm.gemv(xs, ws, backend="triton"))  # run to run
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_model_decode_and_graphs_with_gemv(dtype):
+    """A 2-layer C = 512 model: decode with the GEMV backends against cuBLAS, and CUDA-graph decode
+    against eager with them (greedy ids equal, states within rounding)."""
+    cfg = tiny_config(n_layer=2, n_embd=512, head_size=64, vocab_size=300, ffn_dim=2048, decay_rank=32,
+                      aaa_rank=32, mv_rank=16, gate_rank=64)  # fmt: skip
+    tensors = random_checkpoint(cfg, seed=8)
+    backends = {"gemv": "triton", "channel_mix": "triton-gemv"}
+    (want, _), (got, _) = decode_both(cfg, tensors, dtype, backends, batch=3)
+    assert rel_err(got, want) <= (1e-2 if dtype == torch.float16 else 5e-2)
+    results = []
+    for eager in (True, False):
+        model = Model.from_tensors(tensors, cfg, device="cuda", dtype=dtype)
+        model.backends.update(backends)
+        engine = Engine(model, slots=6, enforce_eager=eager)
+        sessions = [engine.session() for _ in range(5)]
+        for i, s in enumerate(sessions):
+            s.feed(random_tokens(3 + 4 * i, cfg.vocab_size, seed=20 + i))
+        streams = [s.generate(12 + i, SamplingParams(temperature=0)) for i, s in enumerate(sessions)]
+        engine.run(streams)
+        assert (engine.graphs.replays > 0) != eager
+        results.append(([st.token_ids for st in streams], [engine.pool.export(s.slot) for s in sessions]))
+    (ids_eager, states_eager), (ids_graph, states_graph) = results
+    assert ids_eager == ids_graph
+    for a, b in zip(states_eager, states_graph):
+        assert all(rel_err(b[k], a[k]) <= 2e-3 for k in a)
