@@ -48,6 +48,7 @@ class Variant:
     channel_mix: str | None = "torch"  # None: the runtime's choice (cuBLAS); "triton": the sparse kernel for decode
     lora: str | None = "torch"  # None: the LoRA chains in two launches for batches of 1-16
     norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
+    gemv: str | None = None  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
 
 
 VARIANTS = [
@@ -64,7 +65,13 @@ VARIANTS = [
     # only when asked for (--variants 9): the runtime never chooses the chunked kernel by itself
     Variant("same + chunked WKV prefill", "contiguous", torch.float16, "triton", wkv=None,
             wkv_prefill="triton-chunked", channel_mix=None, lora=None, norm_shift=None),
+    # only when asked for (--variants 10,11): the GEMV kernel (ops/gemv.py), not yet the default
+    Variant("same + GEMV projections", "contiguous", torch.float16, "triton", wkv=None, channel_mix=None, lora=None,
+            norm_shift=None, gemv="triton"),
+    Variant("same + GEMV projections and feed-forward", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix="triton-gemv", lora=None, norm_shift=None, gemv="triton"),
 ]
+OPT_IN = VARIANTS[9:]  # left out of --variants all
 OURS = VARIANTS[8]  # the runtime's default configuration (every backend None), the one compared with peers
 OLD_DEFAULT = "contiguous f16, fused shift"  # the default of runs whose JSON names none
 WARMUP = 3  # untimed calls before the first repeat (1 before each later repeat)
@@ -74,7 +81,7 @@ REFERENCE = Variant("pytorch reference, contiguous f32", "contiguous", torch.flo
 def use(model, variant: Variant) -> None:
     model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, wkv_prefill=variant.wkv_prefill,
                           time_mix=variant.time_mix, channel_mix=variant.channel_mix, lora=variant.lora,
-                          norm_shift=variant.norm_shift)  # fmt: skip
+                          norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
 
 
 def config_for(shape: str) -> ModelConfig:
@@ -252,10 +259,10 @@ def flag(t: dict) -> str:
 
 
 def variants_of(args) -> list[Variant]:
-    """--variants: "all" (all but the chunked-prefill one), "default" (OURS) or comma-separated
-    indices into VARIANTS."""
+    """--variants: "all" (all but the opt-in ones: chunked prefill, GEMV), "default" (OURS) or
+    comma-separated indices into VARIANTS."""
     if args.variants == "all":
-        return [v for v in VARIANTS if v.wkv_prefill is None]
+        return [v for v in VARIANTS if v not in OPT_IN]
     if args.variants == "default":
         return [OURS]
     return [VARIANTS[int(i)] for i in args.variants.split(",")]
@@ -394,7 +401,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every measurement (their spread is checked)")
     parser.add_argument("--max-spread", type=float, default=MAX_SPREAD, help="spread above which a row is re-run")
     parser.add_argument("--variants", default="all",
-                        help='"all" (every variant but 9, the chunked WKV prefill), "default" (only the runtime\'s default) or indices into VARIANTS, e.g. 6,7,8')
+                        help='"all" (every variant but 9-11: chunked WKV prefill, GEMV), "default" (only the runtime\'s default) or indices into VARIANTS, e.g. 6,7,8')
     parser.add_argument("--official", action="store_true", help="also time the official rwkv package at batch 1")
     parser.add_argument("--official-shapes", type=lambda s: s.split(","), default=list(SHAPES))
     parser.add_argument("--ffn-densities", type=lambda s: [float(d) for d in s.split(",") if d], default=[],

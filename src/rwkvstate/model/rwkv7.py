@@ -1,9 +1,9 @@
 """The RWKV-7 layer stack over a packed batch, reading and writing a state pool in place.
 
-The GEMMs are torch; everything between them is an op of ops/ (token shift, the time mix's
-prologue and epilogue, WKV-7), each with one torch reference (the CPU path, and the oracle of
-its Triton kernel). It runs on CPU and CUDA in fp32, fp16 or bf16 compute; state arithmetic is
-always float32 (ops/README.md).
+The GEMMs are torch (opt-in for decode: the GEMV kernel of ops/gemv.py); everything between
+them is an op of ops/ (token shift, the time mix's prologue and epilogue, WKV-7), each with one
+torch reference (the CPU path, and the oracle of its Triton kernel). It runs on CPU and CUDA in
+fp32, fp16 or bf16 compute; state arithmetic is always float32 (ops/README.md).
 """
 
 from __future__ import annotations
