@@ -45,10 +45,10 @@ class Variant:
     wkv: str | None = "triton"  # None: the runtime's choice (the token-by-token kernel on CUDA)
     wkv_prefill: str | None = None  # None: as wkv; "triton-chunked": the chunked-parallel kernel for prompts
     time_mix: str = "triton"  # "triton": fused elementwise prologue/epilogue around the WKV kernel
-    channel_mix: str | None = "torch"  # None: the runtime's choice (cuBLAS); "triton": the sparse kernel for decode
-    lora: str | None = "torch"  # None: the LoRA chains in two launches for batches of 1-16
+    channel_mix: str | None = "torch"  # None: the runtime's choice (GEMV kernel for decode <= 8, else cuBLAS); "triton": sparse
+    lora: str | None = "torch"  # "triton": the LoRA chains in two launches for batches of 1-16; None: and batched GEMMs beyond
     norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
-    gemv: str | None = None  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
+    gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
 
 
 VARIANTS = [
@@ -61,18 +61,22 @@ VARIANTS = [
     Variant("contiguous f16, fused shift", "contiguous", torch.float16, "triton"),
     Variant("contiguous f16, all fused, sparse channel mix", "contiguous", torch.float16, "triton", channel_mix="triton"),
     Variant("same + LoRA, norm+shift fused", "contiguous", torch.float16, "triton", wkv=None,
-            channel_mix=None, lora=None, norm_shift=None),
+            channel_mix="torch", lora="triton", norm_shift=None, gemv="torch"),
     # only when asked for (--variants 9): the runtime never chooses the chunked kernel by itself
     Variant("same + chunked WKV prefill", "contiguous", torch.float16, "triton", wkv=None,
-            wkv_prefill="triton-chunked", channel_mix=None, lora=None, norm_shift=None),
-    # only when asked for (--variants 10,11): the GEMV kernel (ops/gemv.py), not yet the default
-    Variant("same + GEMV projections", "contiguous", torch.float16, "triton", wkv=None, channel_mix=None, lora=None,
-            norm_shift=None, gemv="triton"),
+            wkv_prefill="triton-chunked", channel_mix="torch", lora="triton", norm_shift=None, gemv="torch"),
+    # only when asked for (--variants 10,11): the GEMV kernel (ops/gemv.py) for every projection it takes
+    Variant("same + GEMV projections", "contiguous", torch.float16, "triton", wkv=None, channel_mix="torch",
+            lora="triton", norm_shift=None, gemv="triton"),
     Variant("same + GEMV projections and feed-forward", "contiguous", torch.float16, "triton", wkv=None,
-            channel_mix="triton-gemv", lora=None, norm_shift=None, gemv="triton"),
+            channel_mix="triton-gemv", lora="triton", norm_shift=None, gemv="triton"),
+    # the runtime's default: variant 8 + the GEMV kernel for r/k/v and the feed-forward of decode
+    # batches of at most 8, r/k/v and the LoRA chains as batched GEMMs beyond (every backend None)
+    Variant("default: + GEMV (batch <= 8), batched GEMMs", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix=None, lora=None, norm_shift=None, gemv=None),
 ]
-OPT_IN = VARIANTS[9:]  # left out of --variants all
-OURS = VARIANTS[8]  # the runtime's default configuration (every backend None), the one compared with peers
+OPT_IN = VARIANTS[9:12]  # left out of --variants all
+OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
 OLD_DEFAULT = "contiguous f16, fused shift"  # the default of runs whose JSON names none
 WARMUP = 3  # untimed calls before the first repeat (1 before each later repeat)
 REFERENCE = Variant("pytorch reference, contiguous f32", "contiguous", torch.float32, "torch", "torch", "torch")
@@ -401,7 +405,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every measurement (their spread is checked)")
     parser.add_argument("--max-spread", type=float, default=MAX_SPREAD, help="spread above which a row is re-run")
     parser.add_argument("--variants", default="all",
-                        help='"all" (every variant but 9-11: chunked WKV prefill, GEMV), "default" (only the runtime\'s default) or indices into VARIANTS, e.g. 6,7,8')
+                        help='"all" (every variant but 9-11: chunked WKV prefill, GEMV everywhere), "default" (only the runtime\'s default) or indices into VARIANTS, e.g. 6,7,8')
     parser.add_argument("--official", action="store_true", help="also time the official rwkv package at batch 1")
     parser.add_argument("--official-shapes", type=lambda s: s.split(","), default=list(SHAPES))
     parser.add_argument("--ffn-densities", type=lambda s: [float(d) for d in s.split(",") if d], default=[],

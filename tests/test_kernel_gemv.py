@@ -109,10 +109,10 @@ CFG = tiny_config(n_layer=2, n_embd=48, head_size=16, vocab_size=61, ffn_dim=96,
 
 
 def decode_both(cfg, tensors, dtype, backends: dict, batch: int):
-    """Logits and states of one prompt per sequence then two decode steps (decode_step), with the
-    default backends and with `backends`."""
+    """Logits and states of one prompt per sequence then two decode steps (decode_step), with
+    cuBLAS projections and with `backends`."""
     outs = []
-    for extra in ({}, backends):
+    for extra in ({"gemv": "torch", "channel_mix": "torch", "lora": "torch"}, backends):
         model = Model.from_tensors(tensors, cfg, device=DEVICE, dtype=dtype)
         model.backends.update(extra)
         pool = model.new_pool(batch + 1, state_dtype=torch.float32)
@@ -129,8 +129,8 @@ def test_model_rkv_views_and_mix_order():
     lw = model.weights.layers[1]
     assert lw.rkv.shape == (3, 48, 48) and lw.key.data_ptr() == lw.rkv[1].data_ptr()
     tensors = random_checkpoint(CFG, seed=2)
-    assert torch.equal(lw.mix[1], tensors["blocks.1.att.x_k"].squeeze()) and torch.equal(lw.lora.down_weight(0), lw.w1)
-    assert lw.lora.mixes == (3, 4, 5, 2)  # w, a, g, v read the mixes of x_w, x_a, x_g, x_v
+    assert torch.equal(lw.mix[1], tensors["blocks.1.att.x_k"].squeeze()) and torch.equal(lw.lora.down_weight(1), lw.w1)
+    assert lw.lora.mixes == (2, 3, 4, 5)  # v, w, a, g read the mixes of x_v, x_w, x_a, x_g
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -155,7 +155,7 @@ def test_model_decode_with_gemv_matches_default(batch, monkeypatch):
     assert sorted(map(tuple, calls)) == sorted([(3, 48, 48), (48, 48), (96, 48), (48, 96)] * 2 * 2)
 
 
-def test_model_gemv_backend_is_checked_and_off_by_default():
+def test_model_gemv_backend_is_checked():
     model = Model.from_tensors(random_checkpoint(CFG, seed=3), CFG, device=DEVICE)
     assert model.backends["gemv"] is None
     model.backends["gemv"] = "bogus"
@@ -163,7 +163,45 @@ def test_model_gemv_backend_is_checked_and_off_by_default():
         model.forward(model.new_pool(1), [0], [[1, 2]])
 
 
+def test_model_batched_gemms_match_reference():
+    """r/k/v and the LoRA chains as batched GEMMs (the CUDA default beyond small decode batches)
+    against F.linear each, on a packed pass of prompts and on a decode step."""
+    (want, want_states), (got, got_states) = decode_both(CFG, random_checkpoint(CFG, seed=9), torch.float32,
+                                                         {"gemv": "bmm", "lora": "bmm"}, batch=5)  # fmt: skip
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(want_states, got_states):
+        assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)
+
+
 # ---- on a GPU: the shapes of the released models, and graph decode --------------------------------
+@cuda_only
+def test_cuda_defaults_choose_by_batch(monkeypatch):
+    """With every backend None: the kernel for r/k/v and the feed-forward of decode batches of at
+    most GEMV_ROWS (cuBLAS for the output projection), batched GEMMs beyond; LoRA kernels up to 16
+    rows, batched GEMMs beyond."""
+    from rwkvstate.model import rwkv7
+    from rwkvstate.ops import lora as lo
+
+    calls: dict[str, list] = {"gemv": [], "lora_bmm": [], "lora_triton": []}
+    kernel, bmm, ltri = gm.gemv_triton, lo.lora_bmm, lo.lora_triton
+    monkeypatch.setitem(gm._BACKENDS, "triton", lambda x, w, *a, **k: calls["gemv"].append(x.shape) or kernel(x, w, *a, **k))
+    monkeypatch.setattr(lo, "lora_bmm", lambda x, p: calls["lora_bmm"].append(x.shape[1]) or bmm(x, p))
+    monkeypatch.setitem(lo._BACKENDS, "triton", lambda x, p: calls["lora_triton"].append(x.shape[1]) or ltri(x, p))
+    model = Model.from_tensors(random_checkpoint(CFG, seed=4), CFG, device="cuda", dtype=torch.float16)
+    pool = model.new_pool(20, state_dtype=torch.float16)
+    for batch in (rwkv7.GEMV_ROWS, rwkv7.GEMV_ROWS + 1, 17):
+        for v in calls.values():
+            v.clear()
+        model.decode_step(pool, torch.arange(batch, device="cuda"), torch.ones(batch, dtype=torch.long, device="cuda"))
+        L = CFG.n_layer
+        if batch <= rwkv7.GEMV_ROWS:  # r/k/v grouped, the FFN key and value: three kernel calls per layer
+            assert len(calls["gemv"]) == 3 * L and sum(len(s) == 3 for s in calls["gemv"]) == L
+        else:
+            assert calls["gemv"] == []
+        assert calls["lora_triton"] == ([batch] * L if batch <= 16 else [])
+        assert calls["lora_bmm"] == ([] if batch <= 16 else [batch] * L)
+
+
 @cuda_only
 @pytest.mark.parametrize("C", [2048, 4096])
 @pytest.mark.parametrize("T", [1, 3, 8])

@@ -38,8 +38,13 @@ def poisoned_empty(monkeypatch):
 
 def test_pack_keeps_the_chains_and_pads_with_zeros():
     chains, pack = make_pack(40, (5, 16, 21, 3), torch.float32, seed=1)
-    assert pack.down.shape == (16 + 16 + 32 + 16, 40) and pack.bounds.tolist() == [0, 16, 32, 64, 80]
-    assert pack.block_codes.tolist() == [1 * 4 + 1, 4 * 4, 5 * 4 + 2, 5 * 4 + 2, 3 * 4]
+    # the first three chains padded to 32 rows cost 96 <= 1.5 x 64 rows: one group; the fourth alone
+    assert pack.groups == ((0, 3, 32), (3, 1, 16)) and pack.starts == (0, 32, 64, 96)
+    assert pack.down.shape == (3 * 32 + 16, 40) and pack.bounds.tolist() == [[0, 16], [32, 48], [64, 96], [96, 112]]
+    # (row block, mix * 4 + activation) for every block holding weights; blocks 1 and 3 are padding
+    assert pack.block_codes.tolist() == [[0, 1 * 4 + 1], [2, 4 * 4], [4, 5 * 4 + 2], [5, 5 * 4 + 2], [6, 3 * 4]]
+    assert pack.group_rows(pack.down, 0).shape == (3, 32, 40)
+    assert torch.equal(pack.group_rows(pack.up_t, 0)[1, :16], chains[1][3].t())
     for s, (_, _, down, up) in enumerate(chains):
         assert torch.equal(pack.down_weight(s), down) and torch.equal(pack.up_weight(s), up)
     used = torch.zeros(pack.down.shape[0], dtype=torch.bool)
@@ -74,7 +79,36 @@ def test_several_channel_blocks_and_bad_input():
         lo.lora_triton(x[:3], pack)
 
 
+def test_groups_of_model_ranks():
+    """The released shapes' ranks (v, w, a, g): v, w and a share a group, g is alone."""
+    assert lo._group([64, 96, 96, 256]) == [(0, 3, 96), (3, 1, 256)]
+    assert lo._group([96, 128, 128, 480]) == [(0, 3, 128), (3, 1, 480)]
+    assert lo._group([96, 96, 256]) == [(0, 2, 96), (2, 1, 256)]  # layer 0: no v chain
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T,C,ranks,mix_order", [(1, 40, (5, 16, 21, 3), (1, 4, 5, 3)), (37, 24, (9, 12, 12, 40), (2, 3, 4, 5)),
+                                                 (20, 56, (12, 12, 40), (3, 4, 5))])  # fmt: skip
+def test_batched_gemms_match_reference(T, C, ranks, mix_order, dtype):
+    """The bmm backend (groups of chains in batched GEMMs; consecutive mixes read as a view, others
+    gathered) against the torch chains, at any number of rows."""
+    gen = torch.Generator().manual_seed(T + C)
+    acts = {1: "tanh", 2: "none", 3: "tanh", 4: "none", 5: "sigmoid"}
+    chains = [(m, acts[m], (torch.randn(r, C, generator=gen) * C**-0.5 * 2).to(DEVICE, dtype),
+               (torch.randn(C, r, generator=gen) * r**-0.5).to(DEVICE, dtype)) for m, r in zip(mix_order, ranks)]  # fmt: skip
+    pack = lo.pack_lora(chains)
+    x = mixes(T, C, dtype, seed=T * C + 1)
+    want, got = lo.lora_reference(x, pack), lo.lora(x, pack, backend="bmm")
+    assert len(got) == len(ranks)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == (T, C)
+        assert rel_err(g, w) <= TOL[dtype]
+
+
 def test_default_backend_by_rows():
     _, pack = make_pack(24, (4, 4, 4), torch.float32, seed=6)
     x = mixes(17, 24, torch.float32, seed=7)
-    assert all(torch.equal(g, w) for g, w in zip(lo.lora(x, pack), lo.lora_reference(x, pack)))  # CPU or > 16 rows
+    want = lo.lora_bmm(x, pack) if x.is_cuda else lo.lora_reference(x, pack)  # CUDA, > 16 rows: batched GEMMs
+    assert all(torch.equal(g, w) for g, w in zip(lo.lora(x, pack), want))
+    if x.is_cuda:  # at most 16 rows: the two kernels
+        assert all(torch.equal(g, w) for g, w in zip(lo.lora(x[:, :16], pack), lo.lora_triton(x[:, :16], pack)))

@@ -5,8 +5,9 @@
 #      CUDA-graph decode, and the model/channel-mix kernel tests that use it)
 #   2. benchmarks/bench_gemv.py: r/k/v grouped, the output projection and the two feed-forward
 #      projections against F.linear (cuBLAS), 1.5B and 7.2B widths, batch 1/2/4/8  -> gemv-h200.*
-#   3. decode tokens/s at batch 1 with CUDA graphs, bench_decode variants 8 (default), 10 (GEMV
-#      projections) and 11 (also the feed-forward)                            -> decode-gemv-h200.*
+#   3. decode tokens/s with CUDA graphs at batches 1, 8, 64, 256, bench_decode variants 8 (the
+#      previous default), 10 (GEMV projections), 11 (also the feed-forward) and 12 (the default:
+#      GEMV for r/k/v and the feed-forward up to batch 8, batched GEMMs beyond) -> decode-gemv-h200.*
 #   4. bench_gemv --sweep: launch configurations for r/k/v and the output at batch 1 and 8
 #                                                                              -> gemv-sweep-h200.*
 # Results and logs land in $OUT/gemv/ (JSON + markdown per stage); $OUT/gemv/summary.txt is the short log.
@@ -29,7 +30,7 @@ timeout "$(budget 90)" python3 -m pytest -rA -p no:cacheprovider tests/test_kern
 log "tests: rc $? after $((SECONDS - start)) s"; tail -2 "$R/tests-cuda.log" | tee -a "$R/summary.txt"
 timeout "$(budget 80)" python3 benchmarks/bench_gemv.py --shapes "$SHAPES" --out "$R/gemv-h200" > "$R/gemv.log" 2>&1
 log "bench_gemv: rc $? after $((SECONDS - start)) s"; grep "^|" "$R/gemv-h200.md" 2>/dev/null | tee -a "$R/summary.txt"
-timeout "$(budget 100)" python3 benchmarks/bench_decode.py --variants 8,10,11 --batches 1 --graphs-only --prefill-batches "" \
+timeout "$(budget 100)" python3 benchmarks/bench_decode.py --variants 8,10,11,12 --batches ${BATCHES:-1,8,64,256} --graphs-only --prefill-batches "" \
   --shapes "$SHAPES" --steps 20 --repeats 3 --no-reference --out "$R/decode-gemv-h200" > "$R/decode.log" 2>&1
 log "decode: rc $? after $((SECONDS - start)) s"; grep "^| 1 " "$R/decode-gemv-h200.md" 2>/dev/null | tee -a "$R/summary.txt"
 timeout "$(budget 120)" python3 benchmarks/bench_gemv.py --shapes "$SHAPES" --cases rkv,output --batches 1,8 --sweep \

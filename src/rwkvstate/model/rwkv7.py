@@ -1,7 +1,7 @@
 """The RWKV-7 layer stack over a packed batch, reading and writing a state pool in place.
 
-The GEMMs are torch (opt-in for decode: the GEMV kernel of ops/gemv.py); everything between
-them is an op of ops/ (token shift, the time mix's prologue and epilogue, WKV-7), each with one
+The GEMMs are torch (cuBLAS), except on CUDA for small decode batches, where the GEMV kernel of
+ops/gemv.py takes r/k/v and the feed-forward; everything between them is an op of ops/ (token shift, the time mix's prologue and epilogue, WKV-7), each with one
 torch reference (the CPU path, and the oracle of its Triton kernel). It runs on CPU and CUDA in
 fp32, fp16 or bf16 compute; state arithmetic is always float32 (ops/README.md).
 """
@@ -19,7 +19,9 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..errors import StateError
 from ..ops.channel_mix import MAX_SPARSE_ROWS, channel_mix
+from ..ops._triton import HAS_TRITON
 from ..ops.gemv import gemv
+from ..ops.lora import MAX_ROWS as LORA_ROWS
 from ..ops.lora import lora
 from ..ops.time_mix import GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import norm_shift_mix
@@ -61,16 +63,20 @@ class Model:
         # sequence: "triton-chunked" forces the chunked kernel, "fla" fla-core's chunk_rwkv7
         # channel_mix: "triton" is the sparse feed-forward for passes of up to 16 rows, larger ones
         # take the reference (opt-in: slower than cuBLAS on an H200 at every density measured),
-        # None and "torch" the reference
-        # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (None: for
-        # CUDA decode batches of at most 16), "torch" the reference (eight GEMMs, two activations)
+        # "torch" the reference; None: see gemv below
+        # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (larger
+        # passes take the reference), "bmm" in
+        # batched GEMMs for any number (ops/lora.py), "torch" the reference (eight GEMMs, two
+        # activations); None: on CUDA "triton" for up to 16 rows, "bmm" beyond
         # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for
         # decode (None: on CUDA), "torch" as separate ops (the shift with the token_shift backend)
         # gemv: "triton" computes the time mix's r, k, v projections in one launch and its output
-        # projection in another (ops/gemv.py) for decode batches of at most GEMV_ROWS; None and
-        # "torch" keep F.linear (cuBLAS), the default until the kernel is measured on a GPU.
-        # channel_mix "triton-gemv" runs the feed-forward's two projections through the same kernel
-        # (relu^2 and the residual add in their epilogues) for such batches
+        # projection in another (ops/gemv.py) for decode batches of at most GEMV_ROWS; "bmm" r, k, v
+        # in one batched GEMM; "torch" F.linear each (cuBLAS). None: on CUDA the kernel for r, k, v
+        # of such batches and a batched GEMM for larger passes, F.linear for the output projection
+        # (_projection_backends says why). channel_mix "triton-gemv" runs the feed-forward's two
+        # projections through the same kernel (relu^2 and the residual add in their epilogues) for
+        # such batches (None: on CUDA), cuBLAS for larger passes
         self.backends: dict[str, str | None] = {
             "token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None, "channel_mix": None,
             "lora": None, "norm_shift": None, "gemv": None,
@@ -212,26 +218,41 @@ class Model:
                   v_first: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
         """The time mix of LayerNorm_1(x), without the residual add: returns (its output, v_first)."""
         _, mixed = self._norm_shift(x, None, lw.ln1, att_shift, packed, lw.mix)
-        backend = self._gemv_backend(packed, self.backends["gemv"], "triton")
-        r, k, v = gemv(mixed[:3], lw.rkv, backend=backend).unbind(0)  # mixes r, k, v come first
+        rkv_backend, out_backend = self._projection_backends(packed)
+        r, k, v = gemv(mixed[:3], lw.rkv, backend=rkv_backend).unbind(0)  # mixes r, k, v come first
         # w = tanh(xw W1) W2, a_lora = (xa A1) A2, g = sigmoid(xg G1) G2, v_lora = (xv V1) V2 (layers >= 1);
         # a0 and v0 are added after the LoRAs
-        w, a_lora, g, *v_lora_ = lora(mixed, lw.lora, backend=self.backends["lora"])
+        lora_backend = self.backends["lora"]
+        if lora_backend == "triton" and mixed.shape[1] > LORA_ROWS:  # the kernels take small batches
+            lora_backend = "torch"
+        *v_lora_, w, a_lora, g = lora(mixed, lw.lora, backend=lora_backend)
         if lw.v0 is None:
             v_first, v_lora = v, None
         else:
             assert v_first is not None, "layer 0 sets v_first"
             v_lora = v_lora_[0]  # layers >= 1 have the value-residual LoRA
         out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
-        return gemv(out, lw.output, backend=backend), v_first
+        return gemv(out, lw.output, backend=out_backend), v_first
 
-    @staticmethod
-    def _gemv_backend(packed: Packed, backend: str | None, gemv_name: str) -> str | None:
-        """backend, unless it names the GEMV kernel (gemv_name) and the pass is not a decode batch
-        of at most GEMV_ROWS rows: then "torch" (a bad name passes through to the op's check)."""
-        if backend == gemv_name and not (packed.is_decode and packed.num_tokens <= GEMV_ROWS):
-            return "torch"
-        return backend
+    def _gemv_pass(self, packed: Packed) -> bool:
+        """Whether the GEMV kernel applies to this pass: a decode batch of at most GEMV_ROWS rows."""
+        return packed.is_decode and packed.num_tokens <= GEMV_ROWS
+
+    def _kernels(self) -> bool:
+        return self.device.type == "cuda" and HAS_TRITON
+
+    def _projection_backends(self, packed: Packed) -> tuple[str | None, str | None]:
+        """The gemv backends of the time mix's r/k/v projections (one grouped call) and of its
+        output projection. None: on CUDA the kernel for r/k/v of a small decode batch (1.5-1.9x
+        cuBLAS on an H200), one batched GEMM for them otherwise, cuBLAS for the output (the kernel
+        measured up to 12% slower there); the reference on the CPU. "triton" asks for the kernel
+        for both where it applies; a bad name passes through to the op's check."""
+        backend, small = self.backends["gemv"], self._gemv_pass(packed)
+        if backend is None or (backend == "triton" and not small):
+            if not self._kernels():
+                return "torch", "torch"
+            return ("triton" if small and backend is None else "bmm"), "torch"
+        return backend, backend
 
     def _time_mix_core(self, lw: LayerWeights, packed: Packed, wkv_state: Tensor, r: Tensor, w: Tensor, k: Tensor,
                        v: Tensor, a_lora: Tensor, g: Tensor, v_lora: Tensor | None, v_first: Tensor) -> Tensor:  # fmt: skip
@@ -263,8 +284,12 @@ class Model:
     def _channel_mix(self, lw: LayerWeights, x: Tensor, dx: Tensor, packed: Packed, ffn_shift: Tensor) -> Tensor:
         """x + dx (the time mix's residual add) plus the channel mix of LayerNorm_2(x + dx)."""
         x, mixed = self._norm_shift(x, dx, lw.ln2, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0))
-        backend = self._gemv_backend(packed, self.backends["channel_mix"], "triton-gemv")
-        if backend == "triton" and mixed[0].shape[0] > MAX_SPARSE_ROWS:  # the sparse kernel is for decode
+        backend = self.backends["channel_mix"]
+        if backend is None and self._kernels():  # the GEMV kernel, with relu^2 and the residual add fused
+            backend = "triton-gemv"
+        if (backend == "triton-gemv" and not self._gemv_pass(packed)) or (
+            backend == "triton" and mixed[0].shape[0] > MAX_SPARSE_ROWS  # the sparse kernel is for decode
+        ):
             backend = "torch"
         return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=backend)
 

@@ -43,7 +43,7 @@ class LayerWeights:
     ffn_value: torch.Tensor  # [C, F]: the transposed view of a contiguous [F, C] tensor, so that a
     #                          row of value^T (one activation's contribution) is contiguous for
     #                          the sparse channel mix (ops/channel_mix.py); F.linear takes the view
-    lora: LoraPack  # chains w (mix 3, tanh), a (mix 4), g (mix 5, sigmoid), v (mix 2, layers >= 1)
+    lora: LoraPack  # chains v (mix 2, layers >= 1), w (mix 3, tanh), a (mix 4), g (mix 5, sigmoid)
 
 
 _STACKS = ("rkv",)  # seen through their views (receptance, key, value): counted once
@@ -108,7 +108,9 @@ def _layer(get, l: int) -> LayerWeights:
         return get(p + name, transpose=True)
 
     mix = torch.stack([vec(f"att.x_{c}") for c in "rkvwag"])
-    chains = [(3, "tanh", "w"), (4, "none", "a"), (5, "sigmoid", "g")] + ([(2, "none", "v")] if l else [])
+    # v (layers >= 1), w, a read consecutive mixes (2, 3, 4) and have close ranks: one group of the
+    # pack (ops/lora.py), whose batched GEMM reads them as a view
+    chains = ([(2, "none", "v")] if l else []) + [(3, "tanh", "w"), (4, "none", "a"), (5, "sigmoid", "g")]
     pack = pack_lora((m, act, lora(f"att.{c}1"), lora(f"att.{c}2")) for m, act, c in chains)
     down = {c: pack.down_weight(i) for i, (_, _, c) in enumerate(chains)}
     up = {c: pack.up_weight(i) for i, (_, _, c) in enumerate(chains)}

@@ -15,7 +15,8 @@ are in ops/README.md):
   its float32 partial sums and a second launch adds them in split order: deterministic, no atomics;
 - the epilogue follows the torch reference's roundings: the product rounded to x's dtype, then
   optionally relu and square (rounded), then optionally a residual add (rounded).
-The torch reference is F.linear per group (the model's path when this backend is off).
+The torch reference is F.linear per group; "bmm" puts the groups in one batched GEMM (the model's
+choice on CUDA beyond GEMV_ROWS rows).
 """
 
 from __future__ import annotations
@@ -194,12 +195,26 @@ def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_s
         )  # fmt: skip
 
 
-_BACKENDS = {"torch": gemv_reference, "triton": gemv_triton}
+def gemv_bmm(x, weight, residual=None, activation="none"):
+    """As gemv_reference, with the groups in one batched GEMM (torch.bmm) instead of F.linear each:
+    one launch whose tiles cover every group, for any number of rows."""
+    if x.dim() == 2:
+        return gemv_reference(x, weight, residual, activation)
+    out = torch.bmm(x, weight.transpose(1, 2))
+    if activation == "relu2":
+        out = torch.relu(out).square()
+    return out if residual is None else residual + out
+
+
+_BACKENDS = {"torch": gemv_reference, "triton": gemv_triton, "bmm": gemv_bmm}
 
 
 def gemv(x, weight, residual=None, activation="none", backend=None):
     """x [T, K] @ weight [N, K]^T, or per group x [G, T, K] @ weight [G, N, K]^T, in x's dtype, then
-    activation ("none" or "relu2") and + residual. backend: None picks "torch" (F.linear: the
-    kernel's speed is not yet measured on a GPU); "triton" forces the kernel (at most 16 rows)."""
+    activation ("none" or "relu2") and + residual. backend: None and "torch" use F.linear per group
+    (the model chooses the kernel itself where it measured faster); "bmm" one batched GEMM for the
+    groups; "triton" the kernel (at most 16 rows)."""
     backend = backend or "torch"
+    if backend == "bmm":
+        return gemv_bmm(x, weight, residual, activation)
     return _BACKENDS[pick_backend(backend, x, tuple(_BACKENDS))](x, weight, residual, activation)

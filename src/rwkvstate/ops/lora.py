@@ -1,18 +1,24 @@
-"""The time mix's low-rank chains (decay w, in-context rate a, gate g, value residual v) in two
-launches for a few rows:
+"""The time mix's low-rank chains (decay w, in-context rate a, gate g, value residual v) in a few
+launches:
 
     h_s   = act_s(x_s D_s^T)        x_s = token-shift mix m_s [T, C], D_s [R_s, C]
     out_s = h_s U_s^T               U_s [C, R_s]  ->  out [S, T, C]
 
-with act tanh (w), none (a, v), sigmoid (g). At batch 1 each of these eight GEMVs and two
-activations is its own kernel of 2-5 us for a few hundred kilobytes of weights. Here the down
-matrices are stacked into one [R, C] matrix at load time, each padded with zero rows to a multiple
-of BLOCK_R so that a block of rows belongs to one chain, and the up matrices (transposed) into
-another: one GEMV-shaped kernel computes every h (the activation applied per row block), one
-computes every out. The model keeps views into the stacks as its w1, w2, ... weights, so nothing
-is stored twice. Rounding follows the torch chain step by step (GEMM output, activation, GEMM
-output, each rounded to the compute dtype); padded rows are zero in both stacks and add exact
-zeros.
+with act tanh (w), none (a, v), sigmoid (g). As eight GEMMs and two activations, each is its own
+launch: at batch 1 a kernel of 2-5 us for a few hundred kilobytes of weights, at batch 256 a GEMM
+with so few output columns (R_s = 32..480) that it fills a fraction of the GPU. So the down
+matrices are stacked into one [R, C] matrix at load time and the up matrices (transposed) into
+another, and chains of similar rank form groups: within a group every chain is padded with zero
+rows to the group's rank (a multiple of BLOCK_R), so the group's rows are a [n, R_g, C] batch.
+- "triton" (at most 16 rows): one GEMV-shaped kernel computes every h (the activation applied per
+  row block, padding blocks skipped), one computes every out;
+- "bmm" (any number of rows): per group one torch.bmm for the downs and one for the ups, the
+  activations in place between them: with the usual ranks (v, w, a close, g larger) six launches
+  instead of ten, each over several chains' columns.
+The model keeps views into the stacks as its w1, w2, ... weights, so nothing is stored twice.
+Rounding follows the torch chain step by step (GEMM output, activation, GEMM output, each rounded
+to the compute dtype); padded rows are zero in both stacks and add exact zeros (an activation of a
+padded column, e.g. sigmoid(0), meets a zero row of the up stack).
 """
 
 from __future__ import annotations
@@ -30,19 +36,25 @@ BLOCK_R = 16  # rows of a stacked matrix per program step; every chain is padded
 MAX_ROWS = 16  # the Triton path pads the token rows to one 16-row tl.dot tile
 
 
+GROUP_SLACK = 1.5  # a chain joins the previous one's group while the group's padded rows stay within this of the sum
+
+
 @dataclass
 class LoraPack:
     """Stacked low-rank chains of one layer. Segment s uses mix `mixes[s]`, activation
-    `activations[s]` and rows starts[s] .. starts[s] + ranks[s] - 1 of both stacks."""
+    `activations[s]` and rows starts[s] .. starts[s] + ranks[s] - 1 of both stacks; group g holds
+    chains groups[g] = (first, count, padded rank), stored as rows starts[first] ..
+    starts[first] + count * padded rank - 1."""
 
-    down: torch.Tensor  # [R_pad, C]: D_s stacked, zero rows up to a multiple of BLOCK_R each
+    down: torch.Tensor  # [R_pad, C]: D_s stacked, zero rows up to its group's padded rank each
     up_t: torch.Tensor  # [R_pad, C]: U_s^T stacked the same way
-    block_codes: torch.Tensor  # [R_pad / BLOCK_R] int32: mix * 4 + activation index, per row block
-    bounds: torch.Tensor  # [S + 1] int32: padded first row of each segment, then R_pad
+    block_codes: torch.Tensor  # [B, 2] int32 per row block holding weights: (row block index, mix * 4 + activation)
+    bounds: torch.Tensor  # [S, 2] int32: first row of chain s, end of its last row block
     mixes: tuple[int, ...]
     activations: tuple[str, ...]
     starts: tuple[int, ...]
     ranks: tuple[int, ...]
+    groups: tuple[tuple[int, int, int], ...]
 
     def down_weight(self, s: int) -> torch.Tensor:
         """D_s [R_s, C], a view: the F.linear weight of chain s's first GEMM."""
@@ -52,25 +64,54 @@ class LoraPack:
         """U_s [C, R_s], a transposed view: the F.linear weight of chain s's second GEMM."""
         return self.up_t[self.starts[s] : self.starts[s] + self.ranks[s]].t()
 
+    def group_rows(self, stack: torch.Tensor, g: int) -> torch.Tensor:
+        """Group g's rows of `stack` (down or up_t) as [count, padded rank, C], a view."""
+        first, count, rank = self.groups[g]
+        return stack[self.starts[first] : self.starts[first] + count * rank].view(count, rank, stack.shape[1])
+
+
+def _padded(rank: int) -> int:
+    return -(-rank // BLOCK_R) * BLOCK_R
+
+
+def _group(ranks: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive chains whose padding to a common rank costs at most GROUP_SLACK of their rows."""
+    groups: list[tuple[int, int, int]] = []
+    for s, rank in enumerate(ranks):
+        if groups:
+            first, count, top = groups[-1]
+            top2 = max(top, _padded(rank))
+            if top2 * (count + 1) <= GROUP_SLACK * sum(_padded(r) for r in ranks[first : s + 1]):
+                groups[-1] = (first, count + 1, top2)
+                continue
+        groups.append((s, 1, _padded(rank)))
+    return groups
+
 
 def pack_lora(chains) -> LoraPack:
     """chains: (mix index, activation, down [R, C], up [C, R]) per segment, all on one device and
     dtype. Returns the stacks (new tensors); the inputs can be dropped afterwards."""
     chains = list(chains)
     C = chains[0][2].shape[1]
-    starts, codes, bounds = [], [], [0]
-    for mix, act, down, up in chains:
+    for _, act, down, up in chains:
         if act not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
         if down.dim() != 2 or down.shape[1] != C or up.shape != (C, down.shape[0]):
             raise ValueError(f"expected down [R, {C}] and up [{C}, R], got {list(down.shape)} and {list(up.shape)}")
-        starts.append(bounds[-1])
-        blocks = -(-down.shape[0] // BLOCK_R)
-        codes += [mix * 4 + ACTIVATIONS.index(act)] * blocks
-        bounds.append(bounds[-1] + blocks * BLOCK_R)
+    ranks = [c[2].shape[0] for c in chains]
+    groups = _group(ranks)
+    starts, blocks, bounds, rows = [], [], [], 0
+    for first, count, rank in groups:
+        for s in range(first, first + count):
+            mix, act = chains[s][0], chains[s][1]
+            starts.append(rows)
+            used = _padded(ranks[s])
+            blocks += [(rows // BLOCK_R + b, mix * 4 + ACTIVATIONS.index(act)) for b in range(used // BLOCK_R)]
+            bounds.append((rows, rows + used))
+            rows += rank
     ref = chains[0][2]
-    down_all = torch.zeros(bounds[-1], C, dtype=ref.dtype, device=ref.device)
-    up_all = torch.zeros(bounds[-1], C, dtype=ref.dtype, device=ref.device)
+    down_all = torch.zeros(rows, C, dtype=ref.dtype, device=ref.device)
+    up_all = torch.zeros(rows, C, dtype=ref.dtype, device=ref.device)
     for start, (_, _, down, up) in zip(starts, chains):
         down_all[start : start + down.shape[0]] = down
         up_all[start : start + down.shape[0]] = up.t()
@@ -79,9 +120,9 @@ def pack_lora(chains) -> LoraPack:
         return torch.tensor(values, dtype=torch.int32, device=ref.device)
 
     return LoraPack(
-        down=down_all, up_t=up_all, block_codes=ints(codes), bounds=ints(bounds),
+        down=down_all, up_t=up_all, block_codes=ints(blocks), bounds=ints(bounds),
         mixes=tuple(c[0] for c in chains), activations=tuple(c[1] for c in chains),
-        starts=tuple(starts), ranks=tuple(c[2].shape[0] for c in chains),
+        starts=tuple(starts), ranks=tuple(ranks), groups=tuple(groups),
     )  # fmt: skip
 
 
@@ -101,11 +142,12 @@ def lora_reference(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
 
 # ---- Triton ------------------------------------------------------------------------------------
 # Both kernels pad the T <= 16 token rows to one 16-row tl.dot tile and accumulate in float32.
-# _lora_down_kernel: grid (R_pad / BLOCK_R,); a program owns one row block of the down stack (one
-#   chain: its code gives the mix to read and the activation), steps over C by BLOCK_C, and writes
+# _lora_down_kernel: grid (row blocks holding weights,); a program owns one row block of the down
+#   stack (one chain: its code gives the mix to read and the activation; the zero blocks that pad a
+#   chain to its group's rank get no program), steps over C by BLOCK_C, and writes
 #   h[:, rows] = act(round(x_mix D_rows^T)), rounded. Reads each weight once.
 # _lora_up_kernel: grid (C / BLOCK_C, S); a program owns channels o_c of chain s's output and sums
-#   h[:, rows] U^T[rows, o_c] over the chain's rows, writing out[s, :, o_c] rounded.
+#   h[:, rows] U^T[rows, o_c] over the chain's row blocks, writing out[s, :, o_c] rounded.
 if HAS_TRITON:
     from .channel_mix import _dot, _rows_times_weight_t  # float32 products (IEEE where needed)
     from .wkv7 import _round_nearest
@@ -115,8 +157,8 @@ if HAS_TRITON:
         x, down, codes, h, T, C, stride_xm, stride_xt, stride_h,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        i_r = tl.program_id(0)
-        code = tl.load(codes + i_r)
+        i_b = tl.program_id(0)
+        i_r, code = tl.load(codes + 2 * i_b), tl.load(codes + 2 * i_b + 1)
         i_m, act = code // 4, code % 4
         o_t = tl.arange(0, BLOCK_T)
         o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -135,7 +177,7 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         i_c, i_s = tl.program_id(0), tl.program_id(1)
-        r_start, r_end = tl.load(bounds + i_s), tl.load(bounds + i_s + 1)
+        r_start, r_end = tl.load(bounds + 2 * i_s), tl.load(bounds + 2 * i_s + 1)
         o_t = tl.arange(0, BLOCK_T)
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_t, m_c = o_t < T, o_c < C
@@ -164,7 +206,7 @@ def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None) -> list[to
         return list(out.unbind(0))
     ieee = mixed.dtype == torch.float32 or (mixed.dtype == torch.bfloat16 and is_interpreting())
     h = torch.empty(T, pack.down.shape[0], dtype=mixed.dtype, device=mixed.device)
-    _lora_down_kernel[(pack.block_codes.numel(),)](
+    _lora_down_kernel[(pack.block_codes.shape[0],)](
         mixed, pack.down, pack.block_codes, h, T, C, mixed.stride(0), mixed.stride(1), h.stride(0),
         BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=128, IEEE=ieee, num_warps=4,
     )  # fmt: skip
@@ -176,13 +218,35 @@ def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None) -> list[to
     return list(out.unbind(0))
 
 
-_BACKENDS: dict[str, Callable[..., list[torch.Tensor]]] = {"torch": lora_reference, "triton": lora_triton}
+def lora_bmm(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
+    """Same arguments and result as lora_reference, any number of rows: per group of chains one
+    batched GEMM for the downs, the activations in place, one batched GEMM for the ups."""
+    outs: list[torch.Tensor] = []
+    for g, (first, count, _) in enumerate(pack.groups):
+        mixes = pack.mixes[first : first + count]
+        if mixes == tuple(range(mixes[0], mixes[0] + count)):
+            x = mixed[mixes[0] : mixes[0] + count]  # consecutive mixes: a view, no gather
+        else:
+            x = mixed[list(mixes)]
+        h = torch.bmm(x, pack.group_rows(pack.down, g).transpose(1, 2))  # [count, T, rank]
+        for i in range(count):
+            act = pack.activations[first + i]
+            if act != "none":
+                getattr(h[i], f"{act}_")()  # tanh_ / sigmoid_, in place
+        outs += torch.bmm(h, pack.group_rows(pack.up_t, g)).unbind(0)
+    return outs
+
+
+_BACKENDS: dict[str, Callable[..., list[torch.Tensor]]] = {"torch": lora_reference, "triton": lora_triton,
+                                                           "bmm": lora_bmm}  # fmt: skip
 
 
 def lora(mixed: torch.Tensor, pack: LoraPack, backend=None) -> list[torch.Tensor]:
     """mixed [K, T, C] -> S tensors [T, C]: every chain of `pack`, in its order. backend: None
-    picks "triton" for CUDA tensors with at most 16 rows (decode of 1-16 sequences) when triton
-    imports, else "torch"; "torch" and "triton" force one."""
-    if backend is None and mixed.shape[1] > MAX_ROWS:
-        backend = "torch"
+    picks, for CUDA tensors, "triton" for at most 16 rows (decode of 1-16 sequences) when triton
+    imports and "bmm" for more, else "torch"; "torch", "triton" (at most 16 rows) and "bmm" force one."""
+    if backend is None and mixed.is_cuda and (mixed.shape[1] > MAX_ROWS or not HAS_TRITON):
+        backend = "bmm"
+    if backend == "bmm":
+        return lora_bmm(mixed, pack)
     return _BACKENDS[pick_backend(backend, mixed, tuple(_BACKENDS))](mixed, pack)
