@@ -180,11 +180,13 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
     most GEMV_ROWS (cuBLAS for the output projection), batched GEMMs beyond; LoRA kernels up to 16
     rows, batched GEMMs beyond."""
     from rwkvstate.model import rwkv7
+    from rwkvstate.ops import channel_mix as cm
     from rwkvstate.ops import lora as lo
 
-    calls: dict[str, list] = {"gemv": [], "lora_bmm": [], "lora_triton": []}
-    kernel, bmm, ltri = gm.gemv_triton, lo.lora_bmm, lo.lora_triton
+    calls: dict[str, list] = {"gemv": [], "ffn": [], "lora_bmm": [], "lora_triton": []}
+    kernel, ffn, bmm, ltri = gm.gemv_triton, cm.channel_mix_gemv, lo.lora_bmm, lo.lora_triton
     monkeypatch.setitem(gm._BACKENDS, "triton", lambda x, w, *a, **k: calls["gemv"].append(x.shape) or kernel(x, w, *a, **k))
+    monkeypatch.setitem(cm._BACKENDS, "triton-gemv", lambda *a: calls["ffn"].append(a[0].shape[0]) or ffn(*a))
     monkeypatch.setattr(lo, "lora_bmm", lambda x, p: calls["lora_bmm"].append(x.shape[1]) or bmm(x, p))
     monkeypatch.setitem(lo._BACKENDS, "triton", lambda x, p: calls["lora_triton"].append(x.shape[1]) or ltri(x, p))
     model = Model.from_tensors(random_checkpoint(CFG, seed=4), CFG, device="cuda", dtype=torch.float16)
@@ -194,10 +196,9 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
             v.clear()
         model.decode_step(pool, torch.arange(batch, device="cuda"), torch.ones(batch, dtype=torch.long, device="cuda"))
         L = CFG.n_layer
-        if batch <= rwkv7.GEMV_ROWS:  # r/k/v grouped, the FFN key and value: three kernel calls per layer
-            assert len(calls["gemv"]) == 3 * L and sum(len(s) == 3 for s in calls["gemv"]) == L
-        else:
-            assert calls["gemv"] == []
+        small = batch <= rwkv7.GEMV_ROWS  # r/k/v grouped (the output projection stays on cuBLAS), the FFN
+        assert calls["gemv"] == ([(3, batch, CFG.n_embd)] * L if small else [])
+        assert calls["ffn"] == ([batch] * L if small else [])
         assert calls["lora_triton"] == ([batch] * L if batch <= 16 else [])
         assert calls["lora_bmm"] == ([] if batch <= 16 else [batch] * L)
 
