@@ -1,0 +1,75 @@
+"""Graph decode against eager decode with the CUDA caching allocator's free blocks poisoned.
+
+Each run fills 4 GiB of free allocator blocks with NaN or 1e4 and releases them to the cache, then
+feeds five prompts and generates greedily through an Engine (graphs on or off), as
+tests/test_cuda.py::test_cuda_graph_decode_equals_eager does. A run's states are compared with a
+reference run (eager, the allocator poisoned with zeros): a path that reads memory it never
+wrote shows as a difference. Usage, on a GPU (repeats: runs per configuration and poison):
+
+    PYTHONPATH=src python3 tools/diag_graph_poison.py [repeats]
+
+Prints one line per run and a count of differing runs per configuration and mode.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import SHAPES, random_tokens, rel_err  # noqa: E402
+from rwkvstate import Engine, SamplingParams  # noqa: E402
+from rwkvstate.model.rwkv7 import Model  # noqa: E402
+from rwkvstate.model.synthetic import random_checkpoint  # noqa: E402
+
+TORCH = {"gemv": "torch", "channel_mix": "torch", "lora": "torch"}
+CONFIGS = {  # backends, and decode_prompt_tokens (0: prompts never read inside the decode graph)
+    "default": ({}, 64),
+    "all-torch": (TORCH, 64),
+    "all-torch, no prompt in graph": (TORCH, 0),
+}
+
+
+def poison(value: float) -> None:
+    blocks = [torch.full((2**26,), value, dtype=torch.float32, device="cuda") for _ in range(16)]
+    del blocks
+    torch.cuda.synchronize()
+
+
+def run(tensors, backends: dict, prompt_tokens: int, eager: bool, value: float):
+    cfg = SHAPES["L3-C192-N64-V300"]
+    model = Model.from_tensors(tensors, cfg, device="cuda", dtype=torch.float16)
+    model.backends.update(backends)
+    engine = Engine(model, slots=6, state_dtype=torch.float32, enforce_eager=eager, decode_prompt_tokens=prompt_tokens)
+    poison(value)
+    sessions = [engine.session() for _ in range(5)]
+    for i, s in enumerate(sessions):
+        s.feed(random_tokens(3 + 4 * i, cfg.vocab_size, seed=20 + i))
+    streams = [s.generate(12 + i, SamplingParams(temperature=0)) for i, s in enumerate(sessions)]
+    engine.run(streams)
+    return [st.token_ids for st in streams], [engine.pool.export(s.slot) for s in sessions]
+
+
+def main() -> None:
+    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    tensors = random_checkpoint(SHAPES["L3-C192-N64-V300"], seed=6)
+    differing: Counter = Counter()
+    for name, (backends, prompt_tokens) in CONFIGS.items():
+        ref_ids, ref_states = run(tensors, backends, prompt_tokens, True, 0.0)
+        for _ in range(repeats):
+            for value in (float("nan"), 1e4):
+                for eager in (True, False):
+                    ids, states = run(tensors, backends, prompt_tokens, eager, value)
+                    err = max(max(rel_err(b[k], a[k]) for k in a) for a, b in zip(ref_states, states))
+                    print(f"{name:30s} {'eager' if eager else 'graph'} poison {value:g}: ids equal {ids == ref_ids}, "
+                          f"largest relative state difference {err:.2e}", flush=True)  # fmt: skip
+                    differing[(name, eager)] += err > 0 or ids != ref_ids
+    for (name, eager), n in sorted(differing.items()):
+        print(f"{name:30s} {'eager' if eager else 'graph'}: {n} of {2 * repeats} runs differ")
+
+
+if __name__ == "__main__":
+    main()
