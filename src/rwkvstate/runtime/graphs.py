@@ -35,6 +35,8 @@ class DecodeGraphs:
         self._slots = torch.full((self.max_batch,), pool.scratch_slot, dtype=torch.int64, device=self.device)
         self._tokens = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # the warm-up's stream and one capture stream per graph, kept as long as the graphs
+        self._streams: list[torch.cuda.Stream] = []
         self._captured = False
         self.replays = 0
         self.eager_steps = 0
@@ -48,7 +50,8 @@ class DecodeGraphs:
             return
         self._slots.fill_(self.pool.scratch_slot)
         self._tokens.zero_()
-        stream = torch.cuda.Stream(self.device)
+        self._streams = [torch.cuda.Stream(self.device)]
+        stream = self._streams[0]  # the warm-up's: kept, so no later stream inherits its handle (below)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for size in self.batch_sizes:
@@ -57,7 +60,15 @@ class DecodeGraphs:
         mempool = torch.cuda.graph_pool_handle()
         for size in reversed(self.batch_sizes):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=mempool):
+            # Each graph is captured on a stream of its own, kept as long as the graph. torch keys
+            # cuBLAS workspaces by stream (by the handle's value, which a new stream can reuse once
+            # the old one is gone) and frees a stream's workspace when any graph captured on it is
+            # destroyed, while every other live graph captured there still writes to it
+            # (pytorch/pytorch#193402): with the shared default capture stream, dropping one
+            # engine's graphs made another engine's graphs corrupt memory reused since.
+            stream = torch.cuda.Stream(self.device)
+            self._streams.append(stream)
+            with torch.cuda.graph(graph, pool=mempool, stream=stream):
                 out = self.model.decode_step(self.pool, self._slots[:size], self._tokens[:size])
             self._graphs[size] = (graph, out)
         torch.cuda.synchronize(self.device)
