@@ -1,9 +1,10 @@
 """The RWKV-7 layer stack over a packed batch, reading and writing a state pool in place.
 
 The GEMMs are torch (cuBLAS), except on CUDA for small decode batches, where the GEMV kernel of
-ops/gemv.py takes r/k/v and the feed-forward; everything between them is an op of ops/ (token shift, the time mix's prologue and epilogue, WKV-7), each with one
-torch reference (the CPU path, and the oracle of its Triton kernel). It runs on CPU and CUDA in
-fp32, fp16 or bf16 compute; state arithmetic is always float32 (ops/README.md).
+ops/gemv.py takes r/k/v and the feed-forward; everything between them is an op of ops/ (token
+shift, the time mix's prologue and epilogue, WKV-7), each with one torch reference (the CPU path,
+and the oracle of its Triton kernel). It runs on CPU and CUDA in fp32, fp16 or bf16 compute; state
+arithmetic is always float32 (ops/README.md).
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ class Model:
         # take the reference (opt-in: slower than cuBLAS on an H200 at every density measured),
         # "torch" the reference; None: see gemv below
         # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (larger
-        # passes take the reference), "bmm" in
-        # batched GEMMs for any number (ops/lora.py), "torch" the reference (eight GEMMs, two
-        # activations); None: on CUDA "triton" for up to 16 rows, "bmm" beyond
+        # passes take the reference), "bmm" in batched GEMMs for any number (ops/lora.py),
+        # "torch" the reference (eight GEMMs, two activations); None: on CUDA "triton" for up to
+        # 16 rows, "bmm" beyond
         # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for
         # decode (None: on CUDA), "torch" as separate ops (the shift with the token_shift backend)
         # gemv: "triton" computes the time mix's r, k, v projections in one launch and its output
