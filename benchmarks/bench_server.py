@@ -253,6 +253,31 @@ def stalls(rows: list[dict]) -> dict:
             "slow_gaps_in_largest_bin": max(bins.values(), default=0)}  # fmt: skip
 
 
+def steady(rows: list[dict], level: int) -> dict:
+    """Tokens/s while every stream runs: from the moment the first `level` requests (the first
+    wave, all started at the barrier) have all had their first token to the first end of a
+    request after the last request started (from then on fewer than `level` run). The prompts
+    and first tokens of later requests fall inside; the common start's burst and the tail do
+    not. Tokens come from the text chunks' arrival times (a chunk counted as the request's
+    tokens per chunk). None when the run is too short to have such a window."""
+    if len(rows) <= level:
+        return {"server_steady_tokens_per_s": None, "server_steady_window_s": 0.0}
+    first_wave = sorted(rows, key=lambda r: r["start"])[:level]
+    t_s = max(r["start"] + r["ttft_s"] for r in first_wave)
+    last_start = max(r["start"] for r in rows)
+    t_e = min(r["end"] for r in rows if r["end"] >= last_start)
+    if t_e <= t_s:
+        return {"server_steady_tokens_per_s": None, "server_steady_window_s": 0.0}
+    tokens = 0.0
+    for r in rows:
+        arrivals = [r["start"] + r["ttft_s"]]
+        for gap in r["gaps"]:
+            arrivals.append(arrivals[-1] + gap)
+        inside = sum(t_s <= t <= t_e for t in arrivals)
+        tokens += inside * r["tokens"] / len(arrivals)
+    return {"server_steady_tokens_per_s": tokens / (t_e - t_s), "server_steady_window_s": t_e - t_s}
+
+
 def request_body(model_name: str, i: int, max_tokens: int, stream: bool = True) -> dict:
     """Request i of a run: its own prompt and seed, top-p, exactly max_tokens long."""
     return {"model": model_name, "prompt": prompt(i), "max_tokens": max_tokens, **TOP_P, "seed": i, "stream": stream,
@@ -338,6 +363,7 @@ def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: 
     return {"server_tokens_per_s": sum(r["tokens"] for r in rows) / wall, "server_requests": len(rows),
             "server_engine_steps": int(steps), "server_packed_steps": int(steps - (graph_after - graph_before)), **cpu,
             "server_wall_s": wall, "client_start_spread_ms": 1000 * (max(starts) - min(starts)), **stalls(rows),
+            **steady(rows, level),
             "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
             "itl_p50_ms": 1000 * percentile(gaps, 50), "itl_p99_ms": 1000 * percentile(gaps, 99)}  # fmt: skip
 
@@ -407,6 +433,11 @@ def markdown(r: dict) -> str:
                    f"{row['server_tokens_per_s']:,.0f} ({100 * row['server_vs_engine']:.0f}%) | "
                    f"{row['ttft_p50_ms']:.1f} / {row['ttft_p99_ms']:.1f} | {row['itl_p50_ms']:.2f} / "
                    f"{row['itl_p99_ms']:.2f} ({row['itl_p99_vs_bare_step']:.1f}x of {row['bare_step_ms']:.2f}) |")  # fmt: skip
+    if any(row.get("server_steady_tokens_per_s") for row in r["rows"]):
+        window = ", ".join(f"{row['server_steady_tokens_per_s']:,.0f} tok/s at {row['streams']} streams (over "
+                           f"{row['server_steady_window_s']:.2f} s)" for row in r["rows"] if row["server_steady_tokens_per_s"])  # fmt: skip
+        out += ["", f"Server while every stream runs (from the first wave's last first token to the first end after the "
+                    f"last request started): {window}."]  # fmt: skip
     if all("server_packed_steps" in row for row in r["rows"]):
         steps = ", ".join(f"{row['server_engine_steps']:,} steps at {row['streams']} streams, {row['server_packed_steps']:,} "
                           "of them eager packed forwards" for row in r["rows"])  # fmt: skip

@@ -40,3 +40,37 @@ def test_bench_server_smoke_run(tmp_path):
         assert all(0 < c < 64 for c in row["server_cpu_per_wall"] + row["client_cpu_per_wall"])
     assert "barrier" in result["server_method"]
     assert "| 2 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 1000
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_server", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def request(start: float, first: float, gaps: list[float], tokens: int | None = None) -> dict:
+    end = first + sum(gaps)
+    return {"start": start, "end": end, "ttft_s": first - start, "gaps": gaps, "slow": [],
+            "tokens": len(gaps) + 1 if tokens is None else tokens}  # fmt: skip
+
+
+def test_steady_window_counts_tokens_while_every_stream_runs():
+    """Two streams, two requests each: the window opens at the first wave's last first token
+    (t = 2) and closes at the first end after the last start (t = 9); tokens are counted by their
+    arrival times, a chunk standing for the request's tokens per chunk."""
+    steady = _bench().steady
+    rows = [request(0.0, 1.0, [1.0] * 5),  # stream a: tokens at 1..6, ends at 6
+            request(0.0, 2.0, [1.0] * 4, tokens=10),  # stream b: chunks at 2..6 carrying 2 tokens each
+            request(6.0, 7.0, [1.0] * 3),  # stream a again: 7..10
+            request(6.5, 7.5, [0.5, 1.0])]  # stream b again, the last to start: 7.5, 8, 9; ends at 9
+    got = steady(rows, level=2)
+    # inside [2, 9]: a 2..6 (5 chunks), b 2..6 (5 chunks x 2 tokens), a 7, 8, 9 (3), b 7.5, 8, 9 (3)
+    assert got["server_steady_window_s"] == 7.0
+    assert got["server_steady_tokens_per_s"] == pytest.approx((5 + 10 + 3 + 3) / 7.0)
+    # a run of one wave, or one whose window closes before it opens, has none
+    assert steady(rows[:2], level=2)["server_steady_tokens_per_s"] is None
+    assert steady([request(0.0, 5.0, [1.0]), request(0.0, 1.0, [1.0]), request(2.0, 3.0, [])], level=2)[
+        "server_steady_tokens_per_s"] is None  # fmt: skip
