@@ -6,7 +6,7 @@
 #    errors against the float32 recurrence, and the chunked kernel's launch configurations;
 # 3. decode before/after at 0.1B/1.5B/7.2B, batches 1/8/64/256, CUDA graphs, share of the dense floor:
 #    variant 6 fused f16, 7 + sparse channel mix, 8 + LoRA chains in two launches and residual add + layer
-#    norm + token shift in one launch (the runtime's default); one 4,096-token prefill per shape
+#    norm + token shift in one launch (the default then; variant 12 is now); one 4,096-token prefill per shape
 #    (variants 6 and 8) against the fp16 matmul floor; the feed-forward alone at activation densities
 #    0.1 and 1; the official package at batch 1 beside ours (the log has every row if the timeout hits);
 # 4. the kernel profile of the new code (the model's default backends on CUDA) at batch 1.

@@ -4,7 +4,7 @@
 # 1. the new kernels' tests, compiled: the sparse channel mix (with its dead-row and row-list
 #    tests), the chunked WKV-7 (explicit backend), LoRA chains, norm+shift, the model end to end,
 #    the chunked prefill against the default in test_cuda;
-# 2. decode with CUDA graphs, variants 6 (fused f16) and 8 (the runtime's default: + LoRA chains,
+# 2. decode with CUDA graphs, variants 6 (fused f16) and 8 (the default then, 12 now: + LoRA chains,
 #    norm+shift, and the channel mix the runtime picks: cuBLAS now, the sparse kernel in the run of
 #    docs/benchmarks/decode-recheck-h200.json) at 0.1B/1.5B/7.2B, batches 1 and 256; one 4,096-token prefill per
 #    shape for both; the feed-forward alone at activation densities 0.1, 0.5 and 1.
