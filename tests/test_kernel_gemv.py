@@ -131,6 +131,7 @@ def test_model_rkv_views_and_mix_order():
     tensors = random_checkpoint(CFG, seed=2)
     assert torch.equal(lw.mix[1], tensors["blocks.1.att.x_k"].squeeze()) and torch.equal(lw.lora.down_weight(1), lw.w1)
     assert lw.lora.mixes == (2, 3, 4, 5)  # v, w, a, g read the mixes of x_v, x_w, x_a, x_g
+    assert all(g is None for g in lw.lora.gathers)  # every group reads its mixes as a view
 
 
 @pytest.mark.parametrize("batch", [1, 3])

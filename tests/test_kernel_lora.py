@@ -44,6 +44,7 @@ def test_pack_keeps_the_chains_and_pads_with_zeros():
     # (row block, mix * 4 + activation) for every block holding weights; blocks 1 and 3 are padding
     assert pack.block_codes.tolist() == [[0, 1 * 4 + 1], [2, 4 * 4], [4, 5 * 4 + 2], [5, 5 * 4 + 2], [6, 3 * 4]]
     assert pack.group_rows(pack.down, 0).shape == (3, 32, 40)
+    assert pack.gathers[0].tolist() == [1, 4, 5] and pack.gathers[1] is None  # mixes 1, 4, 5 are gathered
     assert torch.equal(pack.group_rows(pack.up_t, 0)[1, :16], chains[1][3].t())
     for s, (_, _, down, up) in enumerate(chains):
         assert torch.equal(pack.down_weight(s), down) and torch.equal(pack.up_weight(s), up)

@@ -55,6 +55,9 @@ class LoraPack:
     starts: tuple[int, ...]
     ranks: tuple[int, ...]
     groups: tuple[tuple[int, int, int], ...]
+    # per group: None when its chains read consecutive mixes (a view of them), else the mix
+    # indices on the device (made at load, so that a CUDA graph can capture the gather)
+    gathers: tuple[torch.Tensor | None, ...] = ()
 
     def down_weight(self, s: int) -> torch.Tensor:
         """D_s [R_s, C], a view: the F.linear weight of chain s's first GEMM."""
@@ -119,10 +122,15 @@ def pack_lora(chains) -> LoraPack:
     def ints(values):
         return torch.tensor(values, dtype=torch.int32, device=ref.device)
 
+    mixes = tuple(c[0] for c in chains)
+    gathers = []
+    for first, count, _ in groups:
+        own = mixes[first : first + count]
+        gathers.append(None if own == tuple(range(own[0], own[0] + count)) else ints(list(own)))
     return LoraPack(
         down=down_all, up_t=up_all, block_codes=ints(blocks), bounds=ints(bounds),
-        mixes=tuple(c[0] for c in chains), activations=tuple(c[1] for c in chains),
-        starts=tuple(starts), ranks=tuple(ranks), groups=tuple(groups),
+        mixes=mixes, activations=tuple(c[1] for c in chains),
+        starts=tuple(starts), ranks=tuple(ranks), groups=tuple(groups), gathers=tuple(gathers),
     )  # fmt: skip
 
 
@@ -223,11 +231,11 @@ def lora_bmm(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
     batched GEMM for the downs, the activations in place, one batched GEMM for the ups."""
     outs: list[torch.Tensor] = []
     for g, (first, count, _) in enumerate(pack.groups):
-        mixes = pack.mixes[first : first + count]
-        if mixes == tuple(range(mixes[0], mixes[0] + count)):
-            x = mixed[mixes[0] : mixes[0] + count]  # consecutive mixes: a view, no gather
+        gather = pack.gathers[g]
+        if gather is None:  # consecutive mixes: a view, no gather
+            x = mixed[pack.mixes[first] : pack.mixes[first] + count]
         else:
-            x = mixed[list(mixes)]
+            x = mixed.index_select(0, gather)
         h = torch.bmm(x, pack.group_rows(pack.down, g).transpose(1, 2))  # [count, T, rank]
         for i in range(count):
             act = pack.activations[first + i]
