@@ -6,13 +6,16 @@ tests/test_cuda.py::test_cuda_graph_decode_equals_eager does. A run's states are
 reference run (eager, the allocator poisoned with zeros): a path that reads memory it never
 wrote shows as a difference. Usage, on a GPU (repeats: runs per configuration and poison):
 
-    PYTHONPATH=src python3 tools/diag_graph_poison.py [repeats]
+    PYTHONPATH=src python3 tools/diag_graph_poison.py [--repeats N]
+    PYTHONPATH=src python3 tools/diag_graph_poison.py --once all-torch graph   # one run, no poison
 
-Prints one line per run and a count of differing runs per configuration and mode.
+Prints one line per run and a count of differing runs per configuration and mode. --once runs a
+single engine of one configuration (for compute-sanitizer, tools/gpu_graph_check.sh).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import Counter
 from pathlib import Path
@@ -54,8 +57,18 @@ def run(tensors, backends: dict, prompt_tokens: int, eager: bool, value: float):
 
 
 def main() -> None:
-    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--once", nargs=2, metavar=("CONFIG", "MODE"), help=f"one of {list(CONFIGS)}, eager or graph")
+    args = parser.parse_args()
     tensors = random_checkpoint(SHAPES["L3-C192-N64-V300"], seed=6)
+    if args.once:
+        name, mode = args.once
+        backends, prompt_tokens = CONFIGS[name]
+        ids, _ = run(tensors, backends, prompt_tokens, mode == "eager", 0.0)
+        print(f"{name} {mode}: {sum(map(len, ids))} tokens generated")
+        return
+    repeats = args.repeats
     differing: Counter = Counter()
     largest: dict = {}
     for name, (backends, prompt_tokens) in CONFIGS.items():
