@@ -188,7 +188,7 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
     kernel, ffn, bmm, ltri = gm.gemv_triton, cm.channel_mix_gemv, lo.lora_bmm, lo.lora_triton
     monkeypatch.setitem(gm._BACKENDS, "triton", lambda x, w, *a, **k: calls["gemv"].append(x.shape) or kernel(x, w, *a, **k))
     monkeypatch.setitem(cm._BACKENDS, "triton-gemv", lambda *a: calls["ffn"].append(a[0].shape[0]) or ffn(*a))
-    monkeypatch.setattr(lo, "lora_bmm", lambda x, p: calls["lora_bmm"].append(x.shape[1]) or bmm(x, p))
+    monkeypatch.setitem(lo._BACKENDS, "bmm", lambda x, p: calls["lora_bmm"].append(x.shape[1]) or bmm(x, p))
     monkeypatch.setitem(lo._BACKENDS, "triton", lambda x, p: calls["lora_triton"].append(x.shape[1]) or ltri(x, p))
     model = Model.from_tensors(random_checkpoint(CFG, seed=4), CFG, device="cuda", dtype=torch.float16)
     pool = model.new_pool(20, state_dtype=torch.float16)

@@ -22,13 +22,14 @@ def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def pick_backend(backend: str | None, tensor: torch.Tensor, allowed=("torch", "triton")) -> str:
-    """None picks "triton" for CUDA tensors when triton imports, else "torch"; names are checked."""
+def pick_backend(backend: str | None, tensor: torch.Tensor, allowed=("torch", "triton"), native=("torch",)) -> str:
+    """None picks "triton" for CUDA tensors when triton imports, else "torch"; names are checked.
+    `native`: the allowed names that are torch code (any device, no Triton); the others are kernels."""
     if backend is None:
         return "triton" if tensor.is_cuda and HAS_TRITON else "torch"
     if backend not in allowed:
         raise ValueError(f"unknown backend {backend!r}; expected None or one of {', '.join(map(repr, allowed))}")
-    if backend != "torch":
+    if backend not in native:
         if not HAS_TRITON:
             raise RuntimeError(f"backend {backend!r} needs the triton package, which is not installed")
         if not tensor.is_cuda and not is_interpreting():

@@ -245,7 +245,8 @@ def channel_mix(k, key, value, residual=None, backend=None):
     GEMMs at every activation density measured, 0.1 included (docs/benchmarks/decode.md,
     decode-recheck-h200.json); "triton" forces the sparse kernel (at most 16 rows, the value
     weight a [C, F] view of a contiguous [F, C] tensor), "triton-gemv" the dense GEMV kernel
-    (at most 16 rows; speed not yet measured), "torch" the reference."""
+    (at most 16 rows; the model's choice for decode batches of at most 8 on CUDA), "torch" the
+    reference."""
     if backend is None:
         backend = "torch"
     return _BACKENDS[pick_backend(backend, k, tuple(_BACKENDS))](k, key, value, residual)

@@ -217,6 +217,4 @@ def gemv(x, weight, residual=None, activation="none", backend=None):
     (the model chooses the kernel itself where it measured faster); "bmm" one batched GEMM for the
     groups; "triton" the kernel (at most 16 rows)."""
     backend = backend or "torch"
-    if backend == "bmm":
-        return gemv_bmm(x, weight, residual, activation)
-    return _BACKENDS[pick_backend(backend, x, tuple(_BACKENDS))](x, weight, residual, activation)
+    return _BACKENDS[pick_backend(backend, x, tuple(_BACKENDS), native=("torch", "bmm"))](x, weight, residual, activation)

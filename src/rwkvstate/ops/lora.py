@@ -255,6 +255,4 @@ def lora(mixed: torch.Tensor, pack: LoraPack, backend=None) -> list[torch.Tensor
     imports and "bmm" for more, else "torch"; "torch", "triton" (at most 16 rows) and "bmm" force one."""
     if backend is None and mixed.is_cuda and (mixed.shape[1] > MAX_ROWS or not HAS_TRITON):
         backend = "bmm"
-    if backend == "bmm":
-        return lora_bmm(mixed, pack)
-    return _BACKENDS[pick_backend(backend, mixed, tuple(_BACKENDS))](mixed, pack)
+    return _BACKENDS[pick_backend(backend, mixed, tuple(_BACKENDS), native=("torch", "bmm"))](mixed, pack)
