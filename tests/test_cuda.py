@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from conftest import SHAPES, rel_err, random_tokens
 from rwkvstate import Engine, Model, SamplingParams
 from rwkvstate.model.synthetic import random_checkpoint
+from rwkvstate.runtime.graphs import DecodeGraphs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -83,6 +86,55 @@ def test_cuda_graph_decode_equals_eager(state_dtype):
     assert ids_eager == ids_graph
     for a, b in zip(states_eager, states_graph):  # padded GEMMs may round differently
         assert all(rel_err(b[k], a[k]) <= 2e-3 for k in a)
+
+
+def dropped_graphs_check(rounds: int = 3) -> tuple[float, int]:
+    """Captures two DecodeGraphs, drops the first (torch frees the cuBLAS workspace of its capture
+    stream), hands the freed memory out again (1 GiB of 7.0s), then decodes through the second's
+    graphs beside eager forwards. Returns (the largest relative difference of the logits, how many
+    filler elements changed): a graph that still writes the freed workspace shows in either."""
+    cfg = SHAPES["L3-C192-N64-V300"]
+    model = Model.from_tensors(random_checkpoint(cfg, seed=7), cfg, device="cuda", dtype=torch.float16)
+    first = DecodeGraphs(model, model.new_pool(5), max_batch=4)
+    first.capture()
+    second = DecodeGraphs(model, model.new_pool(5), max_batch=4)
+    second.capture()
+    del first
+    gc.collect()
+    torch.cuda.empty_cache()
+    fillers = [torch.full((2**24,), 7.0, device="cuda") for _ in range(16)]
+    reference = model.new_pool(5)
+    worst = 0.0
+    for step in range(rounds * 4):
+        rows = step % 4 + 1  # every graph size
+        slots, tokens = [4, 0, 2, 1][:rows], random_tokens(rows, cfg.vocab_size, seed=step)
+        got = second.decode(slots, tokens).clone()
+        want = model.forward(reference, slots, [[t] for t in tokens])
+        worst = max(worst, rel_err(got, want))
+    torch.cuda.synchronize()
+    return worst, sum(int((f != 7.0).sum()) for f in fillers)
+
+
+def test_cuda_dropping_one_engines_graphs_leaves_anothers_intact():
+    """Live DecodeGraphs capture on different streams: dropping one leaves the other's graphs and
+    the memory handed out since as they were (pytorch/pytorch#193402, runtime/graphs.py)."""
+    worst, changed = dropped_graphs_check()
+    assert changed == 0 and worst <= 2e-3
+
+
+def test_cuda_live_decode_graphs_never_share_a_capture_stream():
+    cfg = SHAPES["L2-C128-N64"]
+    model = Model.from_tensors(random_checkpoint(cfg, seed=1), cfg, device="cuda")
+    live: list[DecodeGraphs | None] = [DecodeGraphs(model, model.new_pool(3), max_batch=2) for _ in range(40)]
+    for i, graphs in enumerate(live):  # 40: more than the 32 streams torch's pool hands out in turn
+        assert graphs is not None
+        graphs.capture()
+        if i >= 20:  # half of them dropped on the way: their streams are handed out again
+            live[i - 20] = None
+    held = [g.stream.cuda_stream for g in live if g is not None and g.stream is not None]
+    assert len(held) == len(set(held)) == 20
+    default = torch.cuda.graph.default_capture_stream
+    assert default is None or default.cuda_stream not in held
 
 
 def test_cuda_graph_steps_mask_stop_ids_and_failed_rows_on_the_device():

@@ -8,6 +8,10 @@ wrote shows as a difference. Usage, on a GPU (repeats: runs per configuration an
 
     PYTHONPATH=src python3 tools/diag_graph_poison.py [--repeats N]
     PYTHONPATH=src python3 tools/diag_graph_poison.py --once all-torch graph   # one run, no poison
+    PYTHONPATH=src python3 tools/diag_graph_poison.py --dropped [--repeats N]    # tests/test_cuda.py's check
+
+--shared-stream captures every DecodeGraphs on one stream, as torch's default capture stream did
+before runtime/graphs.py gave each its own: the behaviour the fix removed, for comparison.
 
 Prints one line per run and a count of differing runs per configuration and mode. --once runs a
 single engine of one configuration (for compute-sanitizer, tools/gpu_graph_check.sh).
@@ -24,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import SHAPES, random_tokens, rel_err  # noqa: E402
+from test_cuda import dropped_graphs_check  # noqa: E402
+from rwkvstate.runtime import graphs  # noqa: E402
 from rwkvstate import Engine, SamplingParams  # noqa: E402
 from rwkvstate.model.rwkv7 import Model  # noqa: E402
 from rwkvstate.model.synthetic import random_checkpoint  # noqa: E402
@@ -60,7 +66,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--once", nargs=2, metavar=("CONFIG", "MODE"), help=f"one of {list(CONFIGS)}, eager or graph")
+    parser.add_argument("--dropped", action="store_true", help="run tests/test_cuda.py's dropped-graphs check")
+    parser.add_argument("--shared-stream", action="store_true", help="every DecodeGraphs on one capture stream")
     args = parser.parse_args()
+    if args.shared_stream:
+        shared = torch.cuda.Stream()
+        graphs.capture_stream = lambda device: shared
+    label = "one shared capture stream" if args.shared_stream else "a capture stream per DecodeGraphs"
+    if args.dropped:
+        bad = 0
+        for i in range(args.repeats):
+            worst, changed = dropped_graphs_check()
+            bad += changed > 0 or worst > 2e-3
+            print(f"dropped-graphs check, {label}: largest logit difference {worst:.2e}, filler elements changed {changed}")
+        print(f"dropped-graphs check, {label}: {bad} of {args.repeats} runs differ")
+        return
     tensors = random_checkpoint(SHAPES["L3-C192-N64-V300"], seed=6)
     if args.once:
         name, mode = args.once
@@ -83,7 +103,7 @@ def main() -> None:
                     differing[(name, eager)] += err > 0 or ids != ref_ids
                     largest[(name, eager)] = max(largest.get((name, eager), 0.0), err)
     for (name, eager), n in sorted(differing.items()):
-        print(f"{name:30s} {'eager' if eager else 'graph'}: {n} of {2 * repeats} runs differ (largest relative "
+        print(f"{label}: {name:30s} {'eager' if eager else 'graph'}: {n} of {2 * repeats} runs differ (largest relative "
               f"state difference {largest[(name, eager)]:.2e})")
 
 

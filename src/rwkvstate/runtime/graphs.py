@@ -11,6 +11,8 @@ once serves every later step.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Sequence
 
 import torch
@@ -19,6 +21,39 @@ from ..tokenizer import check_token_ids
 from .transfer import to_device
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STREAM_DRAWS = 64  # torch's stream pool hands out 32 streams per device and priority, in turn
+
+
+class GraphStreamError(RuntimeError):
+    """Every stream of torch's pool is the capture stream of a live DecodeGraphs."""
+
+
+# Every DecodeGraphs captures its graphs on a stream that no other live DecodeGraphs captured on.
+# torch keeps one cuBLAS workspace per stream, and a graph that calls cuBLAS holds that
+# workspace's address; when any graph captured on a stream is destroyed, torch frees the
+# stream's workspace (pytorch/pytorch#193402). Two engines whose graphs shared a stream (torch's
+# default capture stream, or a pool stream handed out again) therefore corrupted each other:
+# dropping one freed the workspace the other's graphs still wrote, memory that was handed out
+# again since. All graphs of one DecodeGraphs share its stream and are destroyed together.
+_live: weakref.WeakSet[DecodeGraphs] = weakref.WeakSet()
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream of torch's pool that no live DecodeGraphs captures on, nor torch's default
+    capture stream (used by torch.cuda.graph without a stream). DecodeGraphs that are unreachable
+    but not yet collected still hold theirs: the pool is searched again after a collection."""
+    for attempt in range(2):
+        taken = {g.stream.cuda_stream for g in list(_live) if g.stream is not None}
+        default = getattr(torch.cuda.graph, "default_capture_stream", None)
+        if default is not None:
+            taken.add(default.cuda_stream)
+        for _ in range(STREAM_DRAWS):
+            stream = torch.cuda.Stream(device)
+            if stream.cuda_stream not in taken:
+                return stream
+        gc.collect()
+    raise GraphStreamError(f"every stream of torch's pool on {device} is the capture stream of a live DecodeGraphs "
+                           f"({len(_live)} live); drop engines no longer used, or run with enforce_eager")  # fmt: skip
 
 
 class DecodeGraphs:
@@ -35,8 +70,7 @@ class DecodeGraphs:
         self._slots = torch.full((self.max_batch,), pool.scratch_slot, dtype=torch.int64, device=self.device)
         self._tokens = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # the warm-up's stream and one capture stream per graph, kept as long as the graphs
-        self._streams: list[torch.cuda.Stream] = []
+        self.stream: torch.cuda.Stream | None = None  # the warm-up's and every capture's (capture_stream)
         self._captured = False
         self.replays = 0
         self.eager_steps = 0
@@ -50,8 +84,8 @@ class DecodeGraphs:
             return
         self._slots.fill_(self.pool.scratch_slot)
         self._tokens.zero_()
-        self._streams = [torch.cuda.Stream(self.device)]
-        stream = self._streams[0]  # the warm-up's: kept, so no later stream inherits its handle (below)
+        self.stream = stream = capture_stream(self.device)
+        _live.add(self)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for size in self.batch_sizes:
@@ -60,14 +94,6 @@ class DecodeGraphs:
         mempool = torch.cuda.graph_pool_handle()
         for size in reversed(self.batch_sizes):
             graph = torch.cuda.CUDAGraph()
-            # Each graph is captured on a stream of its own, kept as long as the graph. torch keys
-            # cuBLAS workspaces by stream (by the handle's value, which a new stream can reuse once
-            # the old one is gone) and frees a stream's workspace when any graph captured on it is
-            # destroyed, while every other live graph captured there still writes to it
-            # (pytorch/pytorch#193402): with the shared default capture stream, dropping one
-            # engine's graphs made another engine's graphs corrupt memory reused since.
-            stream = torch.cuda.Stream(self.device)
-            self._streams.append(stream)
             with torch.cuda.graph(graph, pool=mempool, stream=stream):
                 out = self.model.decode_step(self.pool, self._slots[:size], self._tokens[:size])
             self._graphs[size] = (graph, out)
