@@ -48,6 +48,7 @@ from rwkvstate import Engine, Model, SamplingParams  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
 from rwkvstate.runtime.core import ModelSpec  # noqa: E402
 from rwkvstate.runtime.graphs import DecodeGraphs  # noqa: E402
+from rwkvstate.runtime.latency import HISTOGRAMS, quantile  # noqa: E402
 from rwkvstate.state.layout import dtype_name, parse_dtype  # noqa: E402
 
 PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
@@ -316,17 +317,33 @@ def _client_main(args: tuple, barrier, results) -> None:
     results.put({"rows": rows, "cpu_s": time.process_time() - clock["cpu0"]})
 
 
-def engine_steps(url: str) -> tuple[float, float]:
-    """The core's (steps, graph steps) counters from /metrics."""
+def engine_figures(url: str) -> tuple[float, float, dict[str, list[float]]]:
+    """The core's (steps, graph steps) counters and its latency histograms (per-bucket counts by
+    name, runtime/latency.py) from /metrics."""
     import httpx
 
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    values = {}
+    values, cumulative = {}, {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        name, _, value = line.rpartition(" ")
         if name in ("rwkvstate_engine_steps_total", "rwkvstate_decode_graph_steps_total"):
             values[name] = float(value)
-    return values["rwkvstate_engine_steps_total"], values["rwkvstate_decode_graph_steps_total"]
+        base, _, labels = name.partition("_seconds_bucket{")
+        if labels and base.removeprefix("rwkvstate_") in HISTOGRAMS:
+            cumulative.setdefault(base.removeprefix("rwkvstate_"), []).append(float(value))
+    counts = {k: [b - a for a, b in zip([0.0] + c[:-1], c)] for k, c in cumulative.items()}
+    return values["rwkvstate_engine_steps_total"], values["rwkvstate_decode_graph_steps_total"], counts
+
+
+def latency_figures(before: dict, after: dict) -> dict:
+    """p50 and p99 (ms) of each core histogram over a level: the counts it added."""
+    out = {}
+    for name in HISTOGRAMS:
+        counts = [b - a for a, b in zip(before.get(name, [0.0] * len(after.get(name, []))), after.get(name, []))]
+        for q in (50, 99):
+            value = quantile(counts, q / 100) if counts else None
+            out[f"{name}_p{q}_ms"] = None if value is None else 1000 * value
+    return out
 
 
 def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: int, clients: int,
@@ -335,7 +352,7 @@ def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: 
     CPU seconds per second of wall time of each server process (`server_pids`: the engine core
     and the API processes) and of each load generator (from its start at the barrier): a
     process near 1.0 is saturated."""
-    steps_before, graph_before = engine_steps(url)
+    steps_before, graph_before, latency_before = engine_figures(url)
     server_cpu = {pid: cpu for pid, (_, cpu) in process_cpu(server_pids).items()}
     clients = max(1, min(clients, level))
     ctx = multiprocessing.get_context("spawn")
@@ -356,14 +373,15 @@ def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: 
     wall = max(r["end"] for r in rows) - min(starts)
     gaps = [g for r in rows for g in r["gaps"]]
     ttft = [r["ttft_s"] for r in rows]
-    steps_after, graph_after = engine_steps(url)
+    time.sleep(0.3)  # the core's stats reach the API processes with its heartbeat (every 0.1 s)
+    steps_after, graph_after, latency_after = engine_figures(url)
     steps = steps_after - steps_before
     cpu = {"server_cpu_per_wall": sorted((c / wall for c in server_cpu.values()), reverse=True),
            "client_cpu_per_wall": sorted((b["cpu_s"] / wall for b in batches), reverse=True)}
     return {"server_tokens_per_s": sum(r["tokens"] for r in rows) / wall, "server_requests": len(rows),
             "server_engine_steps": int(steps), "server_packed_steps": int(steps - (graph_after - graph_before)), **cpu,
             "server_wall_s": wall, "client_start_spread_ms": 1000 * (max(starts) - min(starts)), **stalls(rows),
-            **steady(rows, level),
+            **steady(rows, level), **latency_figures(latency_before, latency_after),
             "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
             "itl_p50_ms": 1000 * percentile(gaps, 50), "itl_p99_ms": 1000 * percentile(gaps, 99)}  # fmt: skip
 
@@ -438,6 +456,22 @@ def markdown(r: dict) -> str:
                            f"{row['server_steady_window_s']:.2f} s)" for row in r["rows"] if row["server_steady_tokens_per_s"])  # fmt: skip
         out += ["", f"Server while every stream runs (from the first wave's last first token to the first end after the "
                     f"last request started): {window}."]  # fmt: skip
+    if any(row.get("engine_first_token_p50_ms") is not None for row in r["rows"]):
+        out += ["", "Where a request's time goes, p50 / p99 ms: the client's view, and the engine core's latency "
+                    "histograms (/metrics; interpolated inside their buckets, so coarse): from the API process "
+                    "receiving a request to the core receiving it; from the core receiving it to its first token "
+                    "leaving the core; between a request's token messages leaving the core.", "",
+                "| streams | client TTFT | API -> core | core receipt -> first token out | client inter-token | "
+                "core token gap |", "|---|---|---|---|---|---|"]  # fmt: skip
+
+        def pair(row: dict, name: str) -> str:
+            low, high = row.get(f"{name}_p50_ms"), row.get(f"{name}_p99_ms")
+            return "-" if low is None or high is None else f"{low:.1f} / {high:.1f}"
+
+        for row in r["rows"]:
+            out.append(f"| {row['streams']} | {row['ttft_p50_ms']:.1f} / {row['ttft_p99_ms']:.1f} | "
+                       f"{pair(row, 'request_to_engine')} | {pair(row, 'engine_first_token')} | "
+                       f"{row['itl_p50_ms']:.2f} / {row['itl_p99_ms']:.2f} | {pair(row, 'engine_token_gap')} |")
     if all("server_packed_steps" in row for row in r["rows"]):
         steps = ", ".join(f"{row['server_engine_steps']:,} steps at {row['streams']} streams, {row['server_packed_steps']:,} "
                           "of them eager packed forwards" for row in r["rows"])  # fmt: skip

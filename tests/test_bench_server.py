@@ -34,12 +34,14 @@ def test_bench_server_smoke_run(tmp_path):
             assert row[key] > 0, key
         assert row["server_requests"] == row["streams"] and row["ttft_p50_ms"] > 0 and row["itl_p99_ms"] >= 0
         assert row["server_wall_s"] > 0 and row["client_start_spread_ms"] >= 0
+        # the core's histograms: every request reached the core and had a first token (same-host clocks)
+        assert row["request_to_engine_p50_ms"] >= 0 and row["engine_first_token_p99_ms"] > 0
         assert 0 <= row["slow_gaps_in_largest_bin"] <= row["slow_gaps"] and row["slow_gap_bins"] <= row["slow_gaps"]
         # CPU seconds per wall second: this process (the server on its threads) and one load generator
         assert len(row["server_cpu_per_wall"]) == 1 and len(row["client_cpu_per_wall"]) == 1
         assert all(0 < c < 64 for c in row["server_cpu_per_wall"] + row["client_cpu_per_wall"])
     assert "barrier" in result["server_method"]
-    assert "| 2 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 1000
+    assert "| 2 |" in out.with_suffix(".md").read_text() and "API -> core" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 1000
 
 
 def _bench():

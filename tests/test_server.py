@@ -165,6 +165,38 @@ def test_models_health_and_metrics(server):
     assert 'rwkvstate_requests_total{route="/v1/completions",status="2xx"} 1.0' in text
 
 
+def latency_counts(srv) -> dict[str, tuple[float, float]]:
+    """(count, sum) of each engine-core latency histogram in /metrics."""
+    out = {}
+    for line in api(srv, "GET", "/metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        for suffix in ("_seconds_count", "_seconds_sum"):
+            if name.startswith("rwkvstate_") and name.endswith(suffix):
+                key = name.removeprefix("rwkvstate_").removesuffix(suffix)
+                count, total = out.get(key, (0.0, 0.0))
+                out[key] = (float(value), total) if suffix == "_seconds_count" else (count, float(value))
+    return out
+
+
+def test_metrics_latency_histograms(server):
+    """The core's histograms count each request once (its receipt, its first token) and each token
+    message after the first; their durations lie inside the client's."""
+    before = latency_counts(server)
+    start = time.monotonic()
+    for prompt in ("import os\n", "def f(x):\n", "class A:\n"):
+        chunks = list(complete(server, prompt, max_tokens=5, stream=True))
+        assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 1
+    wall = time.monotonic() - start
+    after = latency_counts(server)
+    delta = {k: (after[k][0] - before.get(k, (0.0, 0.0))[0], after[k][1] - before.get(k, (0.0, 0.0))[1]) for k in after}
+    assert set(delta) == {"request_to_engine", "engine_first_token", "engine_token_gap"}
+    assert delta["request_to_engine"][0] == delta["engine_first_token"][0] == 3
+    assert 0 < delta["engine_token_gap"][0] <= 3 * 4  # at most one message per token after the first
+    assert all(0 <= total < wall for _, total in delta.values())
+    text = api(server, "GET", "/metrics").text
+    assert 'rwkvstate_engine_first_token_seconds_bucket{le="+Inf"}' in text
+
+
 # ---- completions and chat ----------------------------------------------------------------------
 def test_completion_matches_the_engine(server, ref_model):
     prompt = "def fibonacci(n):\n"

@@ -50,6 +50,7 @@ from ..errors import RequestError, RwkvStateError, describe
 from . import messages as m
 from .registry import SessionRecord, SessionStore
 from .chat import turn_break
+from .latency import HISTOGRAMS, Histogram
 from .sampling import SamplingParams
 
 log = logging.getLogger("rwkvstate.core")
@@ -126,6 +127,8 @@ class Job:
     sent: int = 0  # token ids sent so far
     deadline: float | None = None
     return_state: bool = False  # the last update carries the state file after the request
+    received: float = 0.0  # time.monotonic() when the core received it
+    last_sent: float | None = None  # when its latest token ids left the core
 
     @property
     def prompt_read(self) -> int:
@@ -165,6 +168,7 @@ class EngineCore:
         self._deadlines: list[tuple[float, int, tuple[bytes, int]]] = []  # heap of (deadline, n, job key)
         self._outbox: dict[bytes, list[m.Update]] = defaultdict(list)
         self._rate: deque = deque()
+        self.latency = {name: Histogram() for name in HISTOGRAMS}  # runtime/latency.py
         self._stopping = False
         self._n = 0
         self.parent_pid = parent_pid  # a core process stops when its parent is gone (never orphaned)
@@ -251,7 +255,9 @@ class EngineCore:
 
     # ---- generation requests -------------------------------------------------------------------
     def _generate(self, client: bytes, msg: m.Generate) -> None:
-        job = Job(client, msg.rid)
+        job = Job(client, msg.rid, received=time.monotonic())
+        if msg.arrived is not None:
+            self.latency["request_to_engine"].observe(job.received - msg.arrived)
         try:
             if len(self.jobs) >= self.config.max_jobs:
                 raise RequestError(429, f"the server is at capacity ({len(self.jobs)} requests running or waiting); "
@@ -322,11 +328,18 @@ class EngineCore:
     def _collect(self) -> None:
         """Every stream's new token ids; a stream that ended has its session saved (or closed)
         first, then its finish reason and usage go out."""
+        now, first, gap = time.monotonic(), self.latency["engine_first_token"], self.latency["engine_token_gap"]
         for key, job in list(self.jobs.items()):
             stream, updates = job.stream, self._outbox[job.client]
             ids = stream.token_ids
             new = ids[job.sent :] if len(ids) > job.sent else []
             job.sent = max(job.sent, len(ids))
+            if new:
+                if job.last_sent is None:
+                    first.observe(now - job.received)
+                else:
+                    gap.observe(now - job.last_sent)
+                job.last_sent = now
             if not stream.done:
                 if new:
                     updates.append(m.Update(job.rid, new))
@@ -486,6 +499,7 @@ class EngineCore:
         stats["running"] = stats["generating"]
         stats["requests"] = len(self.jobs)
         stats["pid"] = os.getpid()
+        stats["latency"] = {name: h.wire() for name, h in self.latency.items()}
         stats.update(self._figures())
         return stats
 

@@ -47,6 +47,7 @@ class Generate(msgspec.Struct, tag=True):
     timeout_s: Union[float, None] = None  # from arrival to the last token
     state: Union[bytes, None] = None  # stateless mode: a one-off session starts from this state file
     return_state: bool = False  # the last update carries the state file after the request
+    arrived: Union[float, None] = None  # time.monotonic() when the API process received it (same host only)
 
 
 class Cancel(msgspec.Struct, tag=True):

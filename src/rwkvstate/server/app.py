@@ -43,6 +43,7 @@ from .web import add_web_routes
 DONE_EVENT = b"data: [DONE]\n\n"
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 STATE_PATHS = ("/v1/completions", "/v1/chat/completions")  # requests that may carry a state file
+ARRIVED = "rwkvstate_arrived"  # the request scope's state key: time.monotonic() when Guard saw it
 
 
 def create_app(model=None, config: ServerConfig | None = None) -> FastAPI:
@@ -100,6 +101,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = [500]
+        scope.setdefault("state", {})[ARRIVED] = time.monotonic()  # the request's clock starts here
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
@@ -283,6 +285,7 @@ async def _respond(ctx: ServerContext, body: GenerationRequest, job: Job, reply:
         param, message = unsupported
         raise APIError(400, message, param=param, code="unsupported_parameter")
     ctx.check_alive()
+    job.arrived = request.scope.get("state", {}).get(ARRIVED)
     ctx.submit(job)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

@@ -31,6 +31,8 @@ RESTARTED = m.Error(503, "the engine process stopped while this request ran; ret
 class CoreClient:
     def __init__(self, address: str):
         self.address = address
+        # a core on this host (a local socket) reads this process's time.monotonic() as its own
+        self.same_host = address.startswith(("ipc://", "inproc://"))
         self.context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket | None = None  # made in start(), on the event loop
         self._monitor: zmq.asyncio.Socket | None = None
@@ -74,6 +76,8 @@ class CoreClient:
         """Sends a generation request; its updates arrive on the returned queue."""
         self.check_alive()
         request.rid = next(self._ids)
+        if not self.same_host:
+            request.arrived = None  # another host's clock
         events: asyncio.Queue = asyncio.Queue()
         self._requests[request.rid] = events
         self._send(request)

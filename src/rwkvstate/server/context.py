@@ -64,6 +64,7 @@ class Job:
     session: str | None = None  # a named session to continue
     state: bytes | None = None  # stateless mode: a one-off session starts from this state file
     return_state: bool = False  # Done carries the state file after the request
+    arrived: float | None = None  # time.monotonic() when this process received the request (None: now)
     rid: int = 0
     stop_sent: bool = False
     ended: bool = False
@@ -140,13 +141,14 @@ class ServerContext:
         if self.inflight >= limit:
             raise APIError(429, f"the server is at capacity ({self.inflight} requests running or waiting, "
                                 f"limit {limit}); retry later", code="queue_full")  # fmt: skip
+        arrived = time.monotonic() if job.arrived is None else job.arrived
         request = m.Generate(0, job.prompt, job.max_tokens, _sampling_fields(job.sampling), job.prefix, job.chat,
-                             job.session, c.request_timeout_s, job.state, job.return_state)  # fmt: skip
+                             job.session, c.request_timeout_s, job.state, job.return_state, arrived)  # fmt: skip
         job.events = self.client.generate(request)
         job.rid = request.rid
         assert self.tokenizer is not None, "start() set the tokenizer"
         job.text = StopText(self.tokenizer, job.sampling.stop)
-        job.timer = RequestTimer("chat" if job.chat else "completion", job.session)
+        job.timer = RequestTimer("chat" if job.chat else "completion", job.session, queued=arrived)
         self.inflight += 1
         return job
 

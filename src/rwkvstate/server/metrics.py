@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..runtime.latency import BUCKETS, HISTOGRAMS
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "rwkvstate_"
@@ -98,3 +100,15 @@ class _Snapshot:
         for tier, key in STATE_TIERS:
             tiers.add_metric([tier], float(stats.get(key, 0)))
         yield tiers
+        for name, histogram in stats.get("latency", {}).items():
+            if name in HISTOGRAMS:
+                yield _histogram(PREFIX + name + "_seconds", HISTOGRAMS[name], histogram)
+
+
+def _histogram(name: str, help_text: str, wire: dict) -> HistogramMetricFamily:
+    """A Prometheus histogram from the engine core's per-bucket counts (runtime/latency.py)."""
+    total, buckets = 0, []
+    for bound, count in zip((*BUCKETS, float("inf")), wire["counts"]):
+        total += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+    return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=float(wire["sum"]))

@@ -1,6 +1,6 @@
 """One log line per generation request with its timings, and the start-up summary line.
 
-A request's clock starts when it is queued; the first Text event marks the first token
+A request's clock starts when the API process received it; the first Text event marks the first token
 (time to first token covers queueing and prefill); Done or Failed ends it. Tokens per
 second counts generated tokens over the time after the first one, the decode rate.
 """

@@ -1,0 +1,60 @@
+"""Latency histograms the engine core keeps for /metrics (Prometheus histograms: a count per
+upper bound, a sum), sent to the API processes with the core's stats.
+
+    request_to_engine   from the API process's receipt of a generation request to the core's
+                        (the API's parsing and validation, the socket, the core's loop reaching
+                        its socket); only for API processes on the core's host (ipc:// sockets),
+                        whose clocks are the core's
+    engine_first_token  from the core's receipt of a request to its first token id leaving the
+                        core (waiting for a slot, the prompt, the first draw)
+    engine_token_gap    between a request's consecutive token-id messages (one per step it
+                        produced tokens in)
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+# upper bounds in seconds (the last bucket, +Inf, is implicit)
+BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
+           0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)  # fmt: skip
+HISTOGRAMS = {  # name -> help text
+    "request_to_engine": "seconds from an API process receiving a generation request to the engine core receiving it",
+    "engine_first_token": "seconds from the engine core receiving a generation request to its first token leaving the core",
+    "engine_token_gap": "seconds between consecutive token messages of one request, leaving the engine core",
+}
+
+
+class Histogram:
+    """Durations in seconds, counted per bucket of BUCKETS (plus one past the last)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def wire(self) -> dict:
+        """The form carried in the core's stats: {"counts": per bucket (not cumulative), "sum"}."""
+        return {"counts": list(self.counts), "sum": self.sum}
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """The q-quantile (0..1) of a histogram's per-bucket counts, interpolated linearly inside its
+    bucket (as Prometheus' histogram_quantile); the last finite bound for the +Inf bucket; None
+    when empty."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank, seen = q * total, 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i == len(BUCKETS):
+                return BUCKETS[-1]
+            low = BUCKETS[i - 1] if i else 0.0
+            return low + (BUCKETS[i] - low) * (rank - seen) / n
+        seen += n
+    return BUCKETS[-1]

@@ -1,0 +1,99 @@
+"""Where and under what conditions graph decode leaves eager decode (the open graph-decode difference).
+
+Runs tests/test_cuda.py::test_cuda_graph_decode_equals_eager's scenario (an eager engine, then a
+graph engine, five streams fed prompts of 3, 7, ... tokens, then greedy replies of 12, 13, ...
+tokens) `--repeats` times per variant, in one process, and prints per variant how many graph
+runs differed from their eager run and the first differing (stream, token) of each:
+
+    baseline        as the test
+    no-gc           Python's cyclic garbage collector off during both runs
+    sync-steps      the device synchronised after every engine step
+    pure-torch      every op backend "torch" (no Triton kernel in the graph)
+    capture-first   the graphs captured before any prompt is fed
+    collect-before  the eager engine collected (gc.collect) before the graph engine is made
+
+Usage, on a GPU: PYTHONPATH=src python3 tools/diag_graph_step.py [--repeats N] [--variants a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import SHAPES, random_tokens, rel_err  # noqa: E402
+from rwkvstate import Engine, SamplingParams  # noqa: E402
+from rwkvstate.model.rwkv7 import Model  # noqa: E402
+from rwkvstate.model.synthetic import random_checkpoint  # noqa: E402
+from rwkvstate.runtime.stepper import Stepper  # noqa: E402
+
+PURE_TORCH = {k: "torch" for k in ("token_shift", "wkv", "time_mix", "channel_mix", "lora", "norm_shift", "gemv")}
+VARIANTS = ("baseline", "no-gc", "sync-steps", "pure-torch", "capture-first", "collect-before")
+
+
+def one(tensors, variant: str, eager: bool):
+    cfg = SHAPES["L3-C192-N64-V300"]
+    model = Model.from_tensors(tensors, cfg, device="cuda", dtype=torch.float16)
+    if variant == "pure-torch":
+        model.backends.update(PURE_TORCH)
+    engine = Engine(model, slots=6, state_dtype=torch.float32, enforce_eager=eager)
+    if variant == "capture-first" and not eager:
+        engine.graphs.capture()
+    sessions = [engine.session() for _ in range(5)]
+    for i, s in enumerate(sessions):
+        s.feed(random_tokens(3 + 4 * i, cfg.vocab_size, seed=20 + i))
+    streams = [s.generate(12 + i, SamplingParams(temperature=0)) for i, s in enumerate(sessions)]
+    engine.run(streams)
+    return [st.token_ids for st in streams], [engine.pool.export(s.slot) for s in sessions]
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:
+    for stream, (x, y) in enumerate(zip(a, b)):
+        for position, (p, q) in enumerate(zip(x, y)):
+            if p != q:
+                return stream, position
+        if len(x) != len(y):
+            return stream, min(len(x), len(y))
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    tensors = random_checkpoint(SHAPES["L3-C192-N64-V300"], seed=6)
+    real_step = Stepper.step
+
+    def synced_step(self, chunks):
+        out = real_step(self, chunks)
+        torch.cuda.synchronize()
+        return out
+
+    for variant in args.variants.split(","):
+        Stepper.step = synced_step if variant == "sync-steps" else real_step  # type: ignore[method-assign]
+        if variant == "no-gc":
+            gc.disable()
+        differing, where = 0, []
+        for _ in range(args.repeats):
+            ids_eager, states_eager = one(tensors, variant, True)
+            if variant == "collect-before":
+                gc.collect()
+            ids_graph, states_graph = one(tensors, variant, False)
+            err = max(max(rel_err(b[k], a[k]) for k in a) for a, b in zip(states_eager, states_graph))
+            diff = first_difference(ids_eager, ids_graph)
+            if diff is not None or err > 2e-3:
+                differing += 1
+                where.append(f"{diff} {err:.2e}")
+        gc.enable()
+        print(f"{variant:15s}: {differing} of {args.repeats} graph runs differ; first (stream, token), state error: "
+              f"{'; '.join(where) or '-'}", flush=True)  # fmt: skip
+    Stepper.step = real_step  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    main()
