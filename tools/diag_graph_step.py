@@ -11,6 +11,8 @@ runs differed from their eager run and the first differing (stream, token) of ea
     pure-torch      every op backend "torch" (no Triton kernel in the graph)
     capture-first   the graphs captured before any prompt is fed
     collect-before  the eager engine collected (gc.collect) before the graph engine is made
+    torch-<op>      the one op's backend "torch" (norm_shift, token_shift, wkv, time_mix, gemv,
+                    channel_mix, lora); torch-shift: norm_shift and token_shift both
 
 Usage, on a GPU: PYTHONPATH=src python3 tools/diag_graph_step.py [--repeats N] [--variants a,b]
 """
@@ -33,6 +35,7 @@ from rwkvstate.runtime.stepper import Stepper  # noqa: E402
 
 PURE_TORCH = {k: "torch" for k in ("token_shift", "wkv", "time_mix", "channel_mix", "lora", "norm_shift", "gemv")}
 VARIANTS = ("baseline", "no-gc", "sync-steps", "pure-torch", "capture-first", "collect-before")
+ONE_OP = {f"torch-{op}": {op: "torch"} for op in PURE_TORCH} | {"torch-shift": {"norm_shift": "torch", "token_shift": "torch"}}
 
 
 def one(tensors, variant: str, eager: bool):
@@ -40,6 +43,7 @@ def one(tensors, variant: str, eager: bool):
     model = Model.from_tensors(tensors, cfg, device="cuda", dtype=torch.float16)
     if variant == "pure-torch":
         model.backends.update(PURE_TORCH)
+    model.backends.update(ONE_OP.get(variant, {}))
     engine = Engine(model, slots=6, state_dtype=torch.float32, enforce_eager=eager)
     if variant == "capture-first" and not eager:
         engine.graphs.capture()
