@@ -15,6 +15,11 @@ runs differed from their eager run and the first differing (stream, token) of ea
                     channel_mix, lora); torch-shift: norm_shift and token_shift both
 
 Usage, on a GPU: PYTHONPATH=src python3 tools/diag_graph_step.py [--repeats N] [--variants a,b]
+
+--decode-step runs Model.decode_step eagerly, once per graph size, with the padding rows the
+graphs feed (the scratch slot repeated), and nothing else: the graphs' kernel sequence without a
+capture, for compute-sanitizer with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (every tensor its own
+allocation, so an access past a tensor's end or a read of bytes never written shows).
 """
 
 from __future__ import annotations
@@ -69,8 +74,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--decode-step", action="store_true")
     args = parser.parse_args()
     tensors = random_checkpoint(SHAPES["L3-C192-N64-V300"], seed=6)
+    if args.decode_step:
+        cfg = SHAPES["L3-C192-N64-V300"]
+        model = Model.from_tensors(tensors, cfg, device="cuda", dtype=torch.float16)
+        pool = model.new_pool(6, state_dtype=torch.float32)
+        for size in (1, 2, 4, 6):
+            live = min(size, 5)
+            slots = torch.tensor(list(range(live)) + [pool.scratch_slot] * (size - live), device="cuda")
+            tokens = torch.tensor(random_tokens(size, cfg.vocab_size, seed=size), device="cuda")
+            logits = model.decode_step(pool, slots, tokens)
+            torch.cuda.synchronize()
+            print(f"decode_step of {size} rows ({size - live} padding): logits finite {bool(logits.isfinite().all())}")
+        return
     real_step = Stepper.step
 
     def synced_step(self, chunks):
