@@ -13,6 +13,8 @@ runs differed from their eager run and the first differing (stream, token) of ea
     collect-before  the eager engine collected (gc.collect) before the graph engine is made
     torch-<op>      the one op's backend "torch" (norm_shift, token_shift, wkv, time_mix, gemv,
                     channel_mix, lora); torch-shift: norm_shift and token_shift both
+    triton-gemv     the output projection through the GEMV kernel too (no cuBLAS GEMM in a decode
+                    layer before the feed-forward's norm)
 
 Usage, on a GPU: PYTHONPATH=src python3 tools/diag_graph_step.py [--repeats N] [--variants a,b]
 
@@ -40,7 +42,8 @@ from rwkvstate.runtime.stepper import Stepper  # noqa: E402
 
 PURE_TORCH = {k: "torch" for k in ("token_shift", "wkv", "time_mix", "channel_mix", "lora", "norm_shift", "gemv")}
 VARIANTS = ("baseline", "no-gc", "sync-steps", "pure-torch", "capture-first", "collect-before")
-ONE_OP = {f"torch-{op}": {op: "torch"} for op in PURE_TORCH} | {"torch-shift": {"norm_shift": "torch", "token_shift": "torch"}}
+ONE_OP = {f"torch-{op}": {op: "torch"} for op in PURE_TORCH} | {"torch-shift": {"norm_shift": "torch", "token_shift": "torch"},
+                                                                  "triton-gemv": {"gemv": "triton"}}  # fmt: skip
 
 
 def one(tensors, variant: str, eager: bool):
