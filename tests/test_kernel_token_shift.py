@@ -237,3 +237,41 @@ def test_norm_shift_backends():
     outs = [ts.norm_shift_mix(x, None, ln_w, ln_b, p.layer(0)[0], packed, mix, backend=b, shift_backend=b)
             for p, b in zip(pools, ("triton", "torch"))]  # fmt: skip
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="a race between warps: needs a GPU")
+@pytest.mark.parametrize("C, rows", [(192, 6), (2048, 8)])
+def test_norm_shift_reads_every_old_row_before_writing_new_ones(C, rows):
+    """The fused kernel reads each slot's old shift row and writes its new one in place; 300 replays
+    of a CUDA graph (kernels back to back, as decode runs them) each restore the state, run the
+    kernel and must give the outputs of the first, checked run. A thread that wrote before another
+    had read (the compiler lays the stored value out apart from the load) shows as a replay whose
+    mixes took a new row for an old one."""
+    gen = torch.Generator().manual_seed(C)
+    slots = [4, 0, 2, 1, 3, 5][: min(rows, 6)]
+    slots += [NUM_SLOTS] * (rows - len(slots))  # padding rows on the scratch slot, as the graphs feed
+    packed = pack_decode(torch.tensor(slots, device=DEVICE), torch.zeros(rows, dtype=torch.long, device=DEVICE))
+    x, delta = (torch.randn(rows, C, generator=gen).to(DEVICE, torch.float16) for _ in range(2))
+    ln_w, ln_b = torch.randn(C, generator=gen).to(DEVICE, torch.float16), torch.randn(C, generator=gen).to(DEVICE, torch.float16)
+    mix = torch.rand(6, C, generator=gen).to(DEVICE, torch.float16)
+    pool = _pool(C, torch.float32, "contiguous", 7)
+    shift = pool.layer(1)[0]
+    before = shift.clone()
+    _, want = ts.norm_shift_mix_triton(x, delta, ln_w, ln_b, shift, packed, mix)
+    want, state_after = want.clone(), shift.clone()
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        shift.copy_(before)
+        ts.norm_shift_mix_triton(x, delta, ln_w, ln_b, shift, packed, mix)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph, stream=stream):
+        shift.copy_(before)
+        _, out = ts.norm_shift_mix_triton(x, delta, ln_w, ln_b, shift, packed, mix)
+    live = torch.tensor(slots[: min(rows, 6)], device=DEVICE)
+    bad = 0
+    for _ in range(300):
+        graph.replay()
+        bad += int(not torch.equal(out[:, : len(live)], want[:, : len(live)]) or
+                   not torch.equal(shift[live], state_after[live]))  # fmt: skip
+    assert bad == 0, f"{bad} of 300 replays differ"

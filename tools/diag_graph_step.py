@@ -15,6 +15,9 @@ runs differed from their eager run and the first differing (stream, token) of ea
                     channel_mix, lora); torch-shift: norm_shift and token_shift both
     triton-gemv     the output projection through the GEMV kernel too (no cuBLAS GEMM in a decode
                     layer before the feed-forward's norm)
+    only-norm-shift every op "torch" but the fused norm + token shift kernel
+    norm-shift-row1 the fused norm + token shift kernel with one row per program
+    norm-shift-w8   the fused norm + token shift kernel with 8 warps
 
 Usage, on a GPU: PYTHONPATH=src python3 tools/diag_graph_step.py [--repeats N] [--variants a,b]
 
@@ -38,6 +41,7 @@ from conftest import SHAPES, random_tokens, rel_err  # noqa: E402
 from rwkvstate import Engine, SamplingParams  # noqa: E402
 from rwkvstate.model.rwkv7 import Model  # noqa: E402
 from rwkvstate.model.synthetic import random_checkpoint  # noqa: E402
+from rwkvstate.ops import token_shift  # noqa: E402
 from rwkvstate.runtime.stepper import Stepper  # noqa: E402
 
 PURE_TORCH = {k: "torch" for k in ("token_shift", "wkv", "time_mix", "channel_mix", "lora", "norm_shift", "gemv")}
@@ -52,6 +56,9 @@ def one(tensors, variant: str, eager: bool):
     if variant == "pure-torch":
         model.backends.update(PURE_TORCH)
     model.backends.update(ONE_OP.get(variant, {}))
+    if variant == "only-norm-shift":
+        model.backends.update(PURE_TORCH)
+        model.backends["norm_shift"] = None
     engine = Engine(model, slots=6, state_dtype=torch.float32, enforce_eager=eager)
     if variant == "capture-first" and not eager:
         engine.graphs.capture()
@@ -61,6 +68,25 @@ def one(tensors, variant: str, eager: bool):
     streams = [s.generate(12 + i, SamplingParams(temperature=0)) for i, s in enumerate(sessions)]
     engine.run(streams)
     return [st.token_ids for st in streams], [engine.pool.export(s.slot) for s in sessions]
+
+
+class _Launch:
+    """The fused norm + token shift kernel with its launch changed: one row per program (row1) or
+    8 warps (w8)."""
+
+    def __init__(self, kernel, variant: str):
+        self.kernel, self.variant = kernel, variant
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            if self.variant == "norm-shift-row1":
+                kw["BLOCK_T"] = 1
+                T = args[8]
+                return self.kernel[(T,)](*args, **kw)
+            kw["num_warps"] = 8
+            return self.kernel[grid](*args, **kw)
+
+        return launch
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:
@@ -99,8 +125,10 @@ def main() -> None:
         torch.cuda.synchronize()
         return out
 
+    real_kernel = token_shift._norm_shift_mix_kernel
     for variant in args.variants.split(","):
         Stepper.step = synced_step if variant == "sync-steps" else real_step  # type: ignore[method-assign]
+        token_shift._norm_shift_mix_kernel = _Launch(real_kernel, variant) if variant.startswith("norm-shift-") else real_kernel
         if variant == "no-gc":
             gc.disable()
         differing, where = 0, []

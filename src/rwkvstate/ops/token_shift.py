@@ -50,9 +50,13 @@ def token_shift_mix_reference(x: torch.Tensor, shift_state: torch.Tensor, packed
 # Race: the program reading slot s's old shift row (the sequence's first row) and the one that
 # would write its new row (the last row) differ as soon as a sequence spans two row blocks. So
 # - decode (every sequence is one row, first == last): the program that reads a slot's row is the
-#   only one touching it, and it stores through the same pointers after loading them (same
-#   layout, so the same thread owns each element): one launch, the state row is read and written
-#   once. Padding rows may all point at the scratch slot; only padding outputs can see that.
+#   only one touching it: one launch, the state row is read and written once. Inside the program
+#   the thread that stores an element need not be the one that loaded it (the compiler may lay
+#   the stored value out differently from the load, as after a reduction), so every thread's load
+#   is waited for (tl.debug_barrier, one __syncthreads) before any thread stores: without it, a
+#   program of several warps sometimes read the new row instead of the old (seen as CUDA-graph
+#   decode drifting from eager decode in _norm_shift_mix_kernel). Padding rows may all point at
+#   the scratch slot; only padding outputs can see that.
 # - prefill: the mixes kernel only reads the state, and a second small launch, ordered after it
 #   on the stream, copies each live sequence's last row into its slot.
 if HAS_TRITON:
@@ -83,6 +87,7 @@ if HAS_TRITON:
             b_o = b_x + b_d * b_mix[None, :]
             tl.store(out + i_m * stride_ok + o_o, b_o.to(out.dtype.element_ty), mask=m_tc)
         if IS_DECODE:  # every row is first and last of its sequence; see the race note above
+            tl.debug_barrier()  # every old row is read before any new one is written
             tl.store(p_s, b_x.to(state.dtype.element_ty), mask=m_tc)
 
     # state[slots[i]] = x[cu_seqlens[i+1] - 1] for the B live sequences; grid (channel blocks, sequence blocks).
@@ -209,7 +214,7 @@ def norm_shift_mix_reference(x, delta, ln_w, ln_b, shift_state, packed, mix, shi
 # Grid (row blocks,): a program owns BLOCK_T whole rows (BLOCK_C = next_pow2(C) >= C channels), so
 # the norm's moments stay in the program. Decode only: every row is its sequence's first and
 # last, so the program reads the slot's old shift row and stores the new one (the norm's output)
-# through the same pointers, as _token_shift_mix_kernel does with IS_DECODE.
+# through the same pointers, after a barrier, as _token_shift_mix_kernel does with IS_DECODE.
 if HAS_TRITON:
     from .wkv7 import _round_nearest
 
@@ -240,6 +245,7 @@ if HAS_TRITON:
         b_slot = tl.load(slots + o_t, mask=m_t, other=0).to(tl.int64)
         p_s = state + b_slot[:, None] * stride_s + o_c[None, :]
         b_old = tl.load(p_s, mask=m_tc, other=0).to(tl.float32)
+        tl.debug_barrier()  # every old row is read before any new one is written (the race note above)
         tl.store(p_s, _round_nearest(b_xx, state.dtype.element_ty), mask=m_tc)
         for i_m in tl.static_range(K):
             b_mix = tl.load(mix + i_m * stride_m + o_c, mask=m_c, other=0).to(tl.float32)
