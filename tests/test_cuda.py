@@ -259,3 +259,20 @@ def test_cuda_lifecycle_matches_cpu(fmt):
         want = cpu.forward(cpu.new_pool(1), [0], [s.tokens])[0]
         assert rel_err(s.logits.cpu(), want) < tol, (fmt, s)
     assert engine.prefix_cache.stats.hits >= 4 and engine.tier.evictions > 0 and engine.graphs.replays > 0
+
+
+def test_cuda_warm_up_compiles_and_leaves_the_pool_as_it_was():
+    cfg = SHAPES["L3-C192-N64-V300"]
+    tensors = random_checkpoint(cfg, seed=9)
+    ids = []
+    for warm in (False, True):
+        engine = Engine(Model.from_tensors(tensors, cfg, device="cuda", dtype=torch.float16), slots=5)
+        if warm:
+            assert engine.warm_up() > 0 and engine.graphs.replays == 0
+            assert engine.pool.free_slots == 5 and not engine.pool.data.any()  # every slot reset
+        session = engine.session()
+        session.feed(random_tokens(9, cfg.vocab_size, seed=3))
+        stream = session.generate(6, SamplingParams(temperature=0))
+        engine.run([stream])
+        ids.append(stream.token_ids)
+    assert ids[0] == ids[1]

@@ -347,3 +347,8 @@ def test_decode_graphs_cover_every_batch_up_to_the_slot_count(model):
         graphs = Engine(model, slots=slots).stepper.graphs
         assert graphs.batch_sizes == sizes and graphs.max_batch == slots
     assert Engine(model, slots=300).stepper.graphs.max_batch == 256  # max_decode_batch caps it
+
+
+def test_warm_up_does_nothing_off_the_gpu():
+    engine = Engine(Model.from_tensors(random_checkpoint(tiny_config(), seed=1), tiny_config()), slots=3)
+    assert engine.warm_up() == 0.0 and engine.pool.free_slots == 3 and engine.steps == 0

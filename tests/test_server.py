@@ -197,6 +197,15 @@ def test_metrics_latency_histograms(server):
     assert 'rwkvstate_engine_first_token_seconds_bucket{le="+Inf"}' in text
 
 
+def test_slow_engine_steps_are_logged(server, monkeypatch, caplog):
+    from rwkvstate.runtime import core
+
+    monkeypatch.setattr(core, "SLOW_STEP_S", 0.0)  # every step counts as slow
+    with caplog.at_level("WARNING", logger="rwkvstate.core"):
+        complete(server, "import os\n", max_tokens=2)
+    assert "an engine step took" in caplog.text and "streams generating" in caplog.text
+
+
 # ---- completions and chat ----------------------------------------------------------------------
 def test_completion_matches_the_engine(server, ref_model):
     prompt = "def fibonacci(n):\n"

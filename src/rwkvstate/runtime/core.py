@@ -56,6 +56,7 @@ from .sampling import SamplingParams
 log = logging.getLogger("rwkvstate.core")
 
 IDLE_POLL_MS = 50  # how long the loop blocks on the socket when the engine has nothing to do
+SLOW_STEP_S = 0.5  # an engine step longer than this is logged (every stream of the engine waited that long)
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this window
 
 
@@ -147,6 +148,8 @@ class EngineCore:
         self.config = config
         self.engine = Engine(model, slots=config.slots, state_dtype=config.state_dtype,
                              prefix_cache_bytes=config.prefix_cache_bytes, **config.engine_options)  # fmt: skip
+        if model.device.type == "cuda":  # kernels compiled now, not in the first requests' steps
+            log.info("kernels compiled and decode graphs captured in %.1f s", self.engine.warm_up())
         file_bytes = model.state_layout.slot_nbytes(self.engine.pool.dtype) + 4 * model.config.vocab_size
         shared = None
         if config.shared_store is not None:
@@ -245,8 +248,13 @@ class EngineCore:
     def _step(self) -> None:
         """One engine step. A stream that fails in it ends alone ("error"); a step that raises
         anyway without ending a stream ends every running one."""
+        start = time.perf_counter()
         try:
             self.engine.step()
+            took = time.perf_counter() - start
+            if took > SLOW_STEP_S:
+                log.warning("an engine step took %.2f s (%d streams generating, %d waiting)", took,
+                            self.engine.num_generating, self.engine.num_waiting)  # fmt: skip
         except Exception:
             log.exception("an engine step failed")
             if not any(job.stream.done for job in self.jobs.values()):

@@ -318,6 +318,16 @@ class Engine:
         """
         return ["".join(stream) for stream in streams]
 
+    def warm_up(self) -> float:
+        """Compiles, before any request needs them, the kernels that serving meets: the decode
+        graphs are captured, and packed forwards run on free slots (reset and freed afterwards) for
+        1, 2, 4, ... sequences of 1, 2, 3, 16 and 17 tokens. Triton compiles a kernel once per
+        block size and per specialisation of its integer arguments (== 1, divisible by 16), a
+        second or more each the first time, so without this the first burst of prompts can stall
+        every stream of the engine that long. Returns the seconds it took; on the CPU it does
+        nothing (and returns 0)."""
+        return self.stepper.warm_up()
+
     # ---- housekeeping --------------------------------------------------------------------------
     def maintain(self) -> int:
         """Re-compresses host-tier entries that have been idle for cold_after_s; returns how many."""

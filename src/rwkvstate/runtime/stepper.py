@@ -26,6 +26,7 @@ Detokenisation and stop strings are not done here at all (runtime/text.py).
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .session import GenerationStream, Session
 
 StepItem = tuple["GenerationStream", list[int]]  # a stream and the tokens it feeds this step
+WARM_UP_LENGTHS = (1, 2, 3, 16, 17)  # tokens per sequence in warm_up's packed forwards
 log = logging.getLogger("rwkvstate.engine")
 
 
@@ -92,6 +94,30 @@ class Stepper:
         self.residency.set_logits(slot, logits)  # copies: re-feeding may overwrite a ring entry
         session.tokens = tokens[:start]
         self.feed_ids(session, slot, tokens[start:target], cache=False)
+
+    def warm_up(self) -> float:
+        """Engine.warm_up: the decode graphs, then packed forwards of 1, 2, 4, ... sequences (as
+        many as there are free slots) of each of WARM_UP_LENGTHS tokens, on free slots that are
+        reset and freed again."""
+        if self.model.device.type != "cuda":
+            return 0.0
+        start = time.perf_counter()
+        self.graphs.capture()
+        taken: list[int] = []
+        try:
+            while self.pool.can_allocate():
+                taken.append(self.pool.allocate())
+            count = 1
+            while count <= len(taken):
+                for length in WARM_UP_LENGTHS:
+                    self.model.forward(self.pool, taken[:count], [[0] * length] * count, output="last")
+                count *= 2
+        finally:
+            for slot in taken:
+                self.pool.reset(slot)
+                self.pool.free(slot)
+        torch.cuda.synchronize(self.model.device)
+        return time.perf_counter() - start
 
     # ---- the decode batch ---------------------------------------------------------------------
     def takes_prompt(self, stream: GenerationStream) -> bool:
