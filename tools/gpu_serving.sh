@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU machine of the device tool (carry .whl): the serving benchmark at 64 and 256 streams
+# On a GPU machine of the device tool (carry .whl): the serving benchmark at 1, 64 and 256 streams (LEVELS)
 # (bare decode, engine, HTTP server: engine core process, 4 API processes, 4 load generators that
 # start together at a barrier; API=8 for 8 of each, as in serving-8api-h200, which ran on a 32-core
 # machine), 1.5B shape, fp16 state, 128-token replies; JSON, markdown and
@@ -12,5 +12,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|[0-9]{4}' | head -1 | tr A-Z a-z)
-timeout "${SERVING_S:-330}" python3 benchmarks/bench_server.py --shape 1.5B --state-dtype fp16 --levels 64,256 --waves "${WAVES:-2}" \
+timeout "${SERVING_S:-330}" python3 benchmarks/bench_server.py --shape 1.5B --state-dtype fp16 --levels "${LEVELS:-1,64,256}" --waves "${WAVES:-2}" \
     --max-tokens 128 --api-processes "${API:-4}" --client-processes "${CLIENTS:-${API:-4}}" --out "$OUT/serving-${card:-gpu}" </dev/null 2>&1 | tail -20
