@@ -30,11 +30,12 @@ class GraphStreamError(RuntimeError):
 
 # Every DecodeGraphs captures its graphs on a stream that no other live DecodeGraphs captured on.
 # torch keeps one cuBLAS workspace per stream, and a graph that calls cuBLAS holds that
-# workspace's address; when any graph captured on a stream is destroyed, torch frees the
-# stream's workspace (pytorch/pytorch#193402). Two engines whose graphs shared a stream (torch's
-# default capture stream, or a pool stream handed out again) therefore corrupted each other:
-# dropping one freed the workspace the other's graphs still wrote, memory that was handed out
-# again since. All graphs of one DecodeGraphs share its stream and are destroyed together.
+# workspace's address; torch versions that free a stream's workspace when any graph captured on
+# it is destroyed (pytorch/pytorch#193402) would let one engine's dropped graphs free the
+# workspace another engine's graphs still write, if both captured on one stream (torch's default
+# capture stream, or a pool stream handed out again). Not seen with torch 2.11 on an H200
+# (docs/benchmarks/decode.md), kept as a guard. All graphs of one DecodeGraphs share its stream
+# and are destroyed together.
 _live: weakref.WeakSet[DecodeGraphs] = weakref.WeakSet()
 
 
