@@ -54,9 +54,17 @@ def run(tensors, backends: dict, prompt_tokens: int, eager: bool, value: float):
     model.backends.update(backends)
     engine = Engine(model, slots=6, state_dtype=torch.float32, enforce_eager=eager, decode_prompt_tokens=prompt_tokens)
     poison(value)
+    return scenario(engine)
+
+
+def scenario(engine):
+    """tests/test_cuda.py::test_cuda_graph_decode_equals_eager's workload on an engine of 6 slots:
+    five prompts of 3, 7, ... tokens, then greedy replies of 12, 13, ... tokens. Returns (the
+    replies' ids, the five states)."""
+    vocab = engine.model.config.vocab_size
     sessions = [engine.session() for _ in range(5)]
     for i, s in enumerate(sessions):
-        s.feed(random_tokens(3 + 4 * i, cfg.vocab_size, seed=20 + i))
+        s.feed(random_tokens(3 + 4 * i, vocab, seed=20 + i))
     streams = [s.generate(12 + i, SamplingParams(temperature=0)) for i, s in enumerate(sessions)]
     engine.run(streams)
     return [st.token_ids for st in streams], [engine.pool.export(s.slot) for s in sessions]

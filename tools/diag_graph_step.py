@@ -38,9 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import SHAPES, random_tokens, rel_err  # noqa: E402
-from rwkvstate import Engine, SamplingParams  # noqa: E402
+from rwkvstate import Engine  # noqa: E402
 from rwkvstate.model.rwkv7 import Model  # noqa: E402
 from rwkvstate.model.synthetic import random_checkpoint  # noqa: E402
+from diag_graph_poison import scenario  # noqa: E402
 from rwkvstate.ops import token_shift  # noqa: E402
 from rwkvstate.runtime.stepper import Stepper  # noqa: E402
 
@@ -62,12 +63,7 @@ def one(tensors, variant: str, eager: bool):
     engine = Engine(model, slots=6, state_dtype=torch.float32, enforce_eager=eager)
     if variant == "capture-first" and not eager:
         engine.graphs.capture()
-    sessions = [engine.session() for _ in range(5)]
-    for i, s in enumerate(sessions):
-        s.feed(random_tokens(3 + 4 * i, cfg.vocab_size, seed=20 + i))
-    streams = [s.generate(12 + i, SamplingParams(temperature=0)) for i, s in enumerate(sessions)]
-    engine.run(streams)
-    return [st.token_ids for st in streams], [engine.pool.export(s.slot) for s in sessions]
+    return scenario(engine)
 
 
 class _Launch:
