@@ -43,7 +43,7 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     """A stream of torch's pool that no live DecodeGraphs captures on, nor torch's default
     capture stream (used by torch.cuda.graph without a stream). DecodeGraphs that are unreachable
     but not yet collected still hold theirs: the pool is searched again after a collection."""
-    for attempt in range(2):
+    for _ in range(2):
         taken = {g.stream.cuda_stream for g in list(_live) if g.stream is not None}
         default = getattr(torch.cuda.graph, "default_capture_stream", None)
         if default is not None:
