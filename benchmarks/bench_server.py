@@ -138,7 +138,7 @@ def engine_run(model: Model, level: int, waves: int, max_tokens: int, state_dtyp
 
 
 # ---- the server ---------------------------------------------------------------------------------
-def _serve_main(spec: ModelSpec, config) -> None:
+def _serve_main(spec: ModelSpec | None, config) -> None:
     """A server process: `rwkvstate serve` with this spec and config (engine core in its own process)."""
     from rwkvstate.server import serve
 
@@ -150,13 +150,15 @@ class Server:
     """`rwkvstate serve` in a process of its own (core="process"), or the app on a thread of
     this process with its engine core on another thread (core="thread": quick CPU runs)."""
 
-    def __init__(self, args, spec: ModelSpec, model: Model | None, slots: int):
+    def __init__(self, args, spec: ModelSpec | None, model: Model | None, slots: int, core_address: str | None = None):
+        """core_address: API processes only, for a core already running there (bench_api.py)."""
         from rwkvstate.server import ServerConfig
 
         self.port = free_port()
         self.config = ServerConfig(port=self.port, slots=slots, state_dtype=args.state_dtype,
                                    max_tokens_cap=max(args.max_tokens, 8), max_queue=max(args.levels) * args.waves,
-                                   request_timeout_s=None, prefix_cache_bytes=0,
+                                   request_timeout_s=None, prefix_cache_bytes=0, core_address=core_address,
+                                   http=getattr(args, "http_parser", "auto"),
                                    api_processes=args.api_processes if args.core == "process" else 1)  # fmt: skip
         self.spec, self.model, self.core = spec, model, args.core
         self.url = f"http://127.0.0.1:{self.port}"

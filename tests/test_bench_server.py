@@ -76,3 +76,24 @@ def test_steady_window_counts_tokens_while_every_stream_runs():
     assert steady(rows[:2], level=2)["server_steady_tokens_per_s"] is None
     assert steady([request(0.0, 5.0, [1.0]), request(0.0, 1.0, [1.0]), request(2.0, 3.0, [])], level=2)[
         "server_steady_tokens_per_s"] is None  # fmt: skip
+
+
+API_BENCH = BENCH.parent / "bench_api.py"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(importlib.util.find_spec("httptools") is None, reason="httptools is not installed")
+def test_bench_api_smoke_run(tmp_path):
+    """The HTTP side against the simulated core, both parsers: every token arrives, at the core's pace."""
+    out = tmp_path / "api"
+    cmd = [sys.executable, str(API_BENCH), "--levels", "3", "--step-ms", "5", "--waves", "1", "--max-tokens", "6",
+           "--api-processes", "1", "--client-processes", "1", "--http", "h11,httptools", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [row["http"] for row in result["rows"]] == ["h11", "httptools"]
+    for row in result["rows"]:
+        assert row["server_requests"] == 3 and row["server_tokens_per_s"] > 0 and row["api_cpu_us_per_token"] > 0
+        assert row["itl_p50_ms"] >= 4  # tokens come one simulated step apart
+        assert row["engine_first_token_p50_ms"] is not None and row["request_to_engine_p50_ms"] is not None
+    assert "| httptools | 3 |" in out.with_suffix(".md").read_text()

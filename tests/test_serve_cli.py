@@ -3,6 +3,8 @@ per-request log lines, a busy port, the TOML config file and RWKVSTATE_* variabl
 
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 import os
 import re
@@ -61,6 +63,18 @@ def test_aliases_are_listed_and_accepted_and_each_request_is_logged(caplog):
 def test_a_served_name_must_not_be_empty():
     with pytest.raises(ValueError, match="non-empty string"):
         ServerConfig(model_aliases=("ok", " "))
+
+
+def test_the_http_parser_is_checked_and_auto_picks_httptools_when_installed():
+    assert ServerConfig().http == "h11"
+    from rwkvstate.server.http import limited_protocol, parser_name
+
+    with pytest.raises(ValueError, match="http must be one of"):
+        ServerConfig(http="h2")
+    expected = "h11" if importlib.util.find_spec("httptools") is None else "httptools"
+    assert parser_name("auto") == expected and parser_name("h11") == "h11"
+    assert "H11" in limited_protocol("h11", 1.0, 5).__name__
+    assert limited_protocol("auto", 1.0, 5).max_connections == 5
 
 
 # ---- the command line -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ OpenAI-shaped JSON without host paths. Bundled model on the CPU, servers on back
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import errno
 import json
 import os
@@ -324,8 +325,10 @@ def test_every_error_is_openai_shaped_without_host_paths(model, tmp_path, monkey
 
 
 # ---- connections ----------------------------------------------------------------------------------------
-def test_header_timeout_keep_alive_and_connection_limit(model):
-    with serve(model, slots=1, header_timeout_s=0.5, keep_alive_s=0.5, max_connections=4) as srv:
+@pytest.mark.parametrize("http", ["h11", pytest.param("httptools", marks=pytest.mark.skipif(
+    importlib.util.find_spec("httptools") is None, reason="httptools is not installed"))])  # fmt: skip
+def test_header_timeout_keep_alive_and_connection_limit(model, http):
+    with serve(model, slots=1, header_timeout_s=0.5, keep_alive_s=0.5, max_connections=4, http=http) as srv:
         silent = socket.create_connection((srv.host, srv.port))
         slow = socket.create_connection((srv.host, srv.port))
         slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the end of the headers

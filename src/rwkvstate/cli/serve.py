@@ -70,6 +70,9 @@ def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open (default: 5)")
     p.add_argument("--max-connections", type=positive_int, default=1000,
                    help="open connections; more are closed at once (default: 1000)")
+    p.add_argument("--http", choices=("h11", "httptools", "auto"), default="h11",
+                   help="HTTP/1.1 parser: h11 (pure Python, default), httptools (uvicorn's C parser, if "
+                        "installed), auto: httptools if installed")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the API key if set)")
     p.add_argument("--api-processes", type=positive_int, default=1,
                    help="HTTP processes sharing the port, each connected to the engine core (default: 1)")
@@ -231,7 +234,7 @@ def cmd_serve(args, load_model, model_spec) -> int:
         request_timeout_s=args.request_timeout or None, max_sessions=args.max_sessions or None,
         max_snapshots=args.max_snapshots or None, max_state_dir_bytes=int(args.max_state_dir_mb * (1 << 20)) or None,
         allow_other_weights=args.allow_other_weights, header_timeout_s=args.header_timeout,
-        keep_alive_s=args.keep_alive, max_connections=args.max_connections, docs=args.docs,
+        keep_alive_s=args.keep_alive, max_connections=args.max_connections, http=args.http, docs=args.docs,
         api_processes=args.api_processes, max_state_bytes=args.max_state_bytes,
         session_store=None if args.session_store is None else _store_config(args),
     )  # fmt: skip

@@ -26,7 +26,7 @@ from uvicorn.supervisors import Multiprocess
 from ..state.layout import dtype_name
 from .app import create_app
 from .config import ServerConfig
-from .http import LIMITS_ENV, WorkerH11Protocol, limited_h11
+from .http import LIMITS_ENV, WorkerHttpProtocol, limited_protocol
 from .context import core_config, new_address
 from .requestlog import log_startup
 
@@ -38,10 +38,10 @@ SPARE_FDS = 64  # file descriptors kept for state files, the model and logs
 
 
 def uvicorn_options(config: ServerConfig, http: type | None = None) -> dict:
-    """uvicorn settings from the config: header and keep-alive timeouts, the connection limit.
-    http: the h11 protocol class when it is built elsewhere (the API worker processes')."""
+    """uvicorn settings from the config: the HTTP parser, header and keep-alive timeouts, the
+    connection limit. http: the protocol class when it is built elsewhere (the API worker processes')."""
     if http is None:
-        http = limited_h11(config.header_timeout_s, connection_limit(config))
+        http = limited_protocol(config.http, config.header_timeout_s, connection_limit(config))
     return {"http": http, "timeout_keep_alive": config.keep_alive_s}
 
 
@@ -64,8 +64,10 @@ def connection_limit(config: ServerConfig) -> int:
 def serve(model, config: ServerConfig, log_level: str = "info", sockets=None) -> None:
     """Serves until interrupted (Ctrl-C / SIGTERM); sessions are saved on the way out.
 
-    model: a ModelSpec (the engine core runs in a process of its own: the CLI's default) or a
-    loaded Model (the core runs on a thread of the one API process). sockets: already bound
+    model: a ModelSpec (the engine core runs in a process of its own: the CLI's default), a
+    loaded Model (the core runs on a thread of the one API process), or None with
+    `config.core_address` (API processes for a core that is already running, which this call
+    neither starts nor stops). sockets: already bound
     listening sockets (the CLI binds before anything loads, so a busy port fails fast); None
     binds config.host:config.port here."""
     from ..runtime.core import CoreProcess, ModelSpec
@@ -79,25 +81,30 @@ def serve(model, config: ServerConfig, log_level: str = "info", sockets=None) ->
                                       log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                                       **uvicorn_options(config))).run(sockets=sockets)  # fmt: skip
         return
-    if not isinstance(model, ModelSpec):
-        raise ValueError("several API processes need the engine core in a process of its own (a ModelSpec)")
     names = config.served_names(model)
     config = replace(config, model_name=names[0], model_aliases=names[1:])
-    address = new_address()
-    core = CoreProcess(model, core_config(config, model), address)
-    core.start()
-    log_startup(core.summary, config, names)
+    core = None
+    if model is None and config.core_address is not None:  # a core that is already running
+        address = config.core_address
+    elif not isinstance(model, ModelSpec):
+        raise ValueError("several API processes need the engine core in a process of its own (a ModelSpec)")
+    else:
+        address = new_address()
+        core = CoreProcess(model, core_config(config, model), address)
+        core.start()
+        log_startup(core.summary, config, names)
     try:
         os.environ[CONFIG_ENV] = _config_json(config, address)
         # the workers build their h11 protocol from the environment (see http.py)
-        os.environ[LIMITS_ENV] = json.dumps([config.header_timeout_s, connection_limit(config)])
+        os.environ[LIMITS_ENV] = json.dumps([config.http, config.header_timeout_s, connection_limit(config)])
         workers = uvicorn.Config("rwkvstate.server.background:worker_app", factory=True, host=config.host,
                                  port=config.port, workers=config.api_processes, log_level=log_level,
                                  timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                 **uvicorn_options(config, http=WorkerH11Protocol))  # fmt: skip
+                                 **uvicorn_options(config, http=WorkerHttpProtocol))  # fmt: skip
         Multiprocess(workers, sockets=sockets or [workers.bind_socket()]).run()
     finally:
-        core.stop()
+        if core is not None:
+            core.stop()
 
 
 def worker_app():

@@ -37,6 +37,7 @@ class ServerConfig:
     header_timeout_s: float = 10.0  # from connecting (or the last response) to the end of a request's headers
     keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
     max_connections: int = 1000  # open connections; more are closed at once
+    http: str = "h11"  # the HTTP/1.1 parser: "h11", "httptools", or "auto" (httptools if installed; server/http.py)
     docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
     engine_options: dict = field(default_factory=dict)  # further Engine(...) keyword arguments
     api_processes: int = 1  # HTTP processes sharing the port, each connected to the one engine core
@@ -61,6 +62,10 @@ class ServerConfig:
         for name in ("max_queue", "prefix_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        from .http import PARSERS
+
+        if self.http not in PARSERS:
+            raise ValueError(f"ServerConfig.http must be one of {PARSERS}, got {self.http!r}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"ServerConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
         if not 0 <= self.port < 65536:
