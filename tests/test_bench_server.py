@@ -3,6 +3,7 @@ engine, the HTTP server with a load generator in its own process; JSON, markdown
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys

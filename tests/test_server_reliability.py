@@ -5,8 +5,8 @@ OpenAI-shaped JSON without host paths. Bundled model on the CPU, servers on back
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import errno
+import importlib.util
 import json
 import os
 import socket
