@@ -18,17 +18,23 @@ pytest.importorskip("matplotlib")
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"
+API_BENCH = BENCH.parent / "bench_api.py"
+
+
+def run_bench(script: Path, args: list[str], out: Path) -> dict:
+    """Runs a benchmark script with --out OUT; its JSON result."""
+    done = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True,
+                          timeout=170)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.with_suffix(".json").read_text())
 
 
 @pytest.mark.skipif(not BUNDLED_MODEL.exists(), reason="the bundled model is not in this checkout")
 @pytest.mark.timeout(180)
 def test_bench_server_smoke_run(tmp_path):
     out = tmp_path / "serving"
-    cmd = [sys.executable, str(BENCH), "--device", "cpu", "--levels", "1,2", "--waves", "1", "--max-tokens", "4",
-           "--steps", "3", "--core", "thread", "--client-processes", "1", "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.with_suffix(".json").read_text())
+    result = run_bench(BENCH, ["--device", "cpu", "--levels", "1,2", "--waves", "1", "--max-tokens", "4", "--steps", "3",
+                               "--core", "thread", "--client-processes", "1"], out)  # fmt: skip
     assert [row["streams"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
         for key in ("bare_tokens_per_s", "engine_decode_tokens_per_s", "engine_tokens_per_s", "server_tokens_per_s"):
@@ -79,19 +85,14 @@ def test_steady_window_counts_tokens_while_every_stream_runs():
         "server_steady_tokens_per_s"] is None  # fmt: skip
 
 
-API_BENCH = BENCH.parent / "bench_api.py"
-
 
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(importlib.util.find_spec("httptools") is None, reason="httptools is not installed")
 def test_bench_api_smoke_run(tmp_path):
     """The HTTP side against the simulated core, both parsers: every token arrives, at the core's pace."""
     out = tmp_path / "api"
-    cmd = [sys.executable, str(API_BENCH), "--levels", "3", "--step-ms", "5", "--waves", "1", "--max-tokens", "6",
-           "--api-processes", "1", "--client-processes", "1", "--http", "h11,httptools", "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.with_suffix(".json").read_text())
+    result = run_bench(API_BENCH, ["--levels", "3", "--step-ms", "5", "--waves", "1", "--max-tokens", "6", "--api-processes",
+                                   "1", "--client-processes", "1", "--http", "h11,httptools"], out)  # fmt: skip
     assert [row["http"] for row in result["rows"]] == ["h11", "httptools"]
     for row in result["rows"]:
         assert row["server_requests"] == 3 and row["server_tokens_per_s"] > 0 and row["api_cpu_us_per_token"] > 0
