@@ -95,7 +95,7 @@ def serve(model, config: ServerConfig, log_level: str = "info", sockets=None) ->
         log_startup(core.summary, config, names)
     try:
         os.environ[CONFIG_ENV] = _config_json(config, address)
-        # the workers build their h11 protocol from the environment (see http.py)
+        # the workers build their HTTP protocol (parser and limits) from the environment (see http.py)
         os.environ[LIMITS_ENV] = json.dumps([config.http, config.header_timeout_s, connection_limit(config)])
         workers = uvicorn.Config("rwkvstate.server.background:worker_app", factory=True, host=config.host,
                                  port=config.port, workers=config.api_processes, log_level=log_level,
