@@ -12,8 +12,9 @@ are printable bytes of the byte-level tokenizer. So what it measures is what the
 HTTP and the clients add to a core that is never late: the server's tokens/s against the core's
 (streams / step), time to first token, inter-token latency p50/p99 against the step, and the CPU
 seconds per second of each API process and load generator, with the API processes' CPU per
-token. On a GPU host, the step of a real decode (4 ms for the 1.5B shape at 256 rows on an H200,
-docs/benchmarks/serving-warmup-h200.md) makes it the HTTP part of a serving run, on any machine.
+token. With the step of a real decode (4 ms for the 1.5B shape at 256 rows on an H200,
+docs/benchmarks/serving-warmup-h200.md) it reproduces the HTTP part of that serving run on any
+machine with the cores for it.
 
 Load generators, requests and the reported figures are bench_server.py's (server_level).
 Writes OUT.json and OUT.md.
@@ -56,7 +57,8 @@ class SimulatedCore:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(address)
         self.incarnation = secrets.token_hex(8)
-        self.jobs: dict[tuple[bytes, int], list[int]] = {}  # (client, rid) -> [ids sent, max_tokens, prompt]
+        # (client, rid) -> [ids sent, max_tokens, prompt length, time.monotonic() at receipt]
+        self.jobs: dict[tuple[bytes, int], list] = {}
         self.latency = {name: Histogram() for name in HISTOGRAMS}
         self.steps = 0
         self._stop = threading.Event()
