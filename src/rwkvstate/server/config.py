@@ -62,10 +62,12 @@ class ServerConfig:
         for name in ("max_queue", "prefix_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
-        from .http import PARSERS
+        from .http import parser_name
 
-        if self.http not in PARSERS:
-            raise ValueError(f"ServerConfig.http must be one of {PARSERS}, got {self.http!r}")
+        try:
+            parser_name(self.http)
+        except ValueError as e:
+            raise ValueError(f"ServerConfig.{e}") from None
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"ServerConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
         if not 0 <= self.port < 65536:

@@ -31,11 +31,15 @@ PARSERS = ("auto", "h11", "httptools")
 
 
 def parser_name(http: str) -> str:
-    """The parser "auto" stands for here: httptools if it can be imported, else h11."""
+    """The parser `http` names here ("auto": httptools if it can be imported, else h11); a
+    ValueError for an unknown name, or httptools when it is not installed."""
     if http not in PARSERS:
         raise ValueError(f"http must be one of {PARSERS}, got {http!r}")
+    installed = importlib.util.find_spec("httptools") is not None
     if http == "auto":
-        return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+        return "httptools" if installed else "h11"
+    if http == "httptools" and not installed:
+        raise ValueError("the httptools parser is not installed: pip install httptools (or use h11)")
     return http
 
 
