@@ -118,6 +118,7 @@ class SimulatedCore:
         self.steps += 1
         now = time.monotonic()
         out: dict[bytes, list[m.Update]] = {}
+        gaps = 0  # requests whose previous token left one step ago
         for (client, rid), job in list(self.jobs.items()):
             sent, limit, prompt, started = job
             updates = out.setdefault(client, [])
@@ -130,12 +131,13 @@ class SimulatedCore:
             if sent == 0:
                 self.latency["engine_first_token"].observe(now - started)
             else:
-                self.latency["engine_token_gap"].observe(self.step_s)
+                gaps += 1
             if job[0] >= limit:
                 del self.jobs[client, rid]
                 updates.append(m.Update(rid, [token], "length", prompt, job[0]))
             else:
                 updates.append(m.Update(rid, [token]))
+        self.latency["engine_token_gap"].observe(self.step_s, gaps)
         for client, updates in out.items():
             ended = any(u.finish is not None for u in updates)
             self._send(client, m.Steps(updates, self.stats() if ended else None))

@@ -37,3 +37,11 @@ def test_quantile_lies_in_the_bucket_of_the_exact_one(values, q):
     low = BUCKETS[i - 1] if i else 0.0
     high = BUCKETS[i] if i < len(BUCKETS) else BUCKETS[-1]
     assert got is not None and low - 1e-12 <= got <= high + 1e-12
+
+
+def test_observe_with_a_count_equals_that_many_observations():
+    one, many = Histogram(), Histogram()
+    for _ in range(3):
+        one.observe(0.004)
+    many.observe(0.004, 3)
+    assert one.counts == many.counts and math.isclose(one.sum, many.sum)

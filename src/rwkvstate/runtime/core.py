@@ -38,7 +38,7 @@ import secrets
 import signal
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -336,7 +336,10 @@ class EngineCore:
     def _collect(self) -> None:
         """Every stream's new token ids; a stream that ended has its session saved (or closed)
         first, then its finish reason and usage go out."""
-        now, first, gap = time.monotonic(), self.latency["engine_first_token"], self.latency["engine_token_gap"]
+        now, first = time.monotonic(), self.latency["engine_first_token"]
+        # the gaps, by when each request's previous message left: most left together one step ago,
+        # so a step observes a few distinct gaps instead of one per request
+        previous: Counter[float] = Counter()
         for key, job in list(self.jobs.items()):
             stream, updates = job.stream, self._outbox[job.client]
             ids = stream.token_ids
@@ -346,7 +349,7 @@ class EngineCore:
                 if job.last_sent is None:
                     first.observe(now - job.received)
                 else:
-                    gap.observe(now - job.last_sent)
+                    previous[job.last_sent] += 1
                 job.last_sent = now
             if not stream.done:
                 if new:
@@ -354,6 +357,9 @@ class EngineCore:
                 continue
             del self.jobs[key]
             updates.append(self._finish(job, new))
+        gap = self.latency["engine_token_gap"]
+        for sent, count in previous.items():
+            gap.observe(now - sent, count)
 
     def _finish(self, job: Job, new: list[int]) -> m.Update:
         """The last update of a request whose stream ended: its session is saved (or closed) first;

@@ -32,10 +32,11 @@ class Histogram:
         self.counts = [0] * (len(BUCKETS) + 1)
         self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, count: int = 1) -> None:
+        """`count` durations of `seconds` each."""
         seconds = max(0.0, seconds)
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
-        self.sum += seconds
+        self.counts[bisect_left(BUCKETS, seconds)] += count
+        self.sum += seconds * count
 
     def wire(self) -> dict:
         """The form carried in the core's stats: {"counts": per bucket (not cumulative), "sum"}."""
