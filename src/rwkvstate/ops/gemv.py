@@ -41,6 +41,11 @@ def gemv_reference(x, weight, residual=None, activation="none"):
         out = x.new_empty(x.shape[0], x.shape[1], weight.shape[1])
         for g in range(x.shape[0]):
             torch.mm(x[g], weight[g].t(), out=out[g])
+    return _activate_and_add(out, residual, activation)
+
+
+def _activate_and_add(out, residual, activation: str):
+    """The torch paths' epilogue: relu then square ("relu2"), then + residual."""
     if activation == "relu2":
         out = torch.relu(out).square()
     return out if residual is None else residual + out
@@ -202,10 +207,7 @@ def gemv_bmm(x, weight, residual=None, activation="none"):
     one launch whose tiles cover every group, for any number of rows."""
     if x.dim() == 2:
         return gemv_reference(x, weight, residual, activation)
-    out = torch.bmm(x, weight.transpose(1, 2))
-    if activation == "relu2":
-        out = torch.relu(out).square()
-    return out if residual is None else residual + out
+    return _activate_and_add(torch.bmm(x, weight.transpose(1, 2)), residual, activation)
 
 
 _BACKENDS = {"torch": gemv_reference, "triton": gemv_triton, "bmm": gemv_bmm}
