@@ -155,11 +155,12 @@ class Server:
         from rwkvstate.server import ServerConfig
 
         self.port = free_port()
+        parser = getattr(args, "http_parser", None)  # bench_api.py's choice; else the server's default
         self.config = ServerConfig(port=self.port, slots=slots, state_dtype=args.state_dtype,
                                    max_tokens_cap=max(args.max_tokens, 8), max_queue=max(args.levels) * args.waves,
                                    request_timeout_s=None, prefix_cache_bytes=0, core_address=core_address,
-                                   http=getattr(args, "http_parser", "auto"),
-                                   api_processes=args.api_processes if args.core == "process" else 1)  # fmt: skip
+                                   api_processes=args.api_processes if args.core == "process" else 1,
+                                   **({"http": parser} if parser else {}))  # fmt: skip
         self.spec, self.model, self.core = spec, model, args.core
         self.url = f"http://127.0.0.1:{self.port}"
 
