@@ -28,28 +28,10 @@ from ..state.layout import dtype_name
 from ..tokenizer import Tokenizer, get_tokenizer
 from .client import CoreClient, from_wire
 from .config import ServerConfig
+from .events import Done, Failed, Text
 from .metrics import Metrics
 from .protocol import APIError
 from .requestlog import RequestTimer, log_startup
-
-
-# ---- events of one request, as the handlers see them ----------------------------------------
-@dataclass
-class Text:
-    text: str
-
-
-@dataclass
-class Done:
-    finish_reason: str  # stop, length, timeout, cancelled, error
-    prompt_tokens: int
-    completion_tokens: int
-    state: bytes | None = None  # the state file after the request, when it asked (return_state)
-
-
-@dataclass
-class Failed:
-    error: APIError
 
 
 @dataclass(eq=False)

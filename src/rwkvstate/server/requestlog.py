@@ -11,6 +11,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from .events import Done, Failed, Text
+
 log = logging.getLogger("rwkvstate.server")
 
 
@@ -25,8 +27,6 @@ class RequestTimer:
 
     def on_event(self, event) -> None:
         """Feeds every event of the job; logs the line at Done or Failed."""
-        from .context import Done, Failed, Text
-
         now = time.monotonic()
         if isinstance(event, Text) and self.first_token is None:
             self.first_token = now
