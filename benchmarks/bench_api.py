@@ -168,47 +168,57 @@ def run(args) -> dict:
     return {"machine": platform.node() or "unknown", "date": datetime.date.today().isoformat(),
             "cpu_cores": len(os.sched_getaffinity(0)), "step_ms": args.step_ms, "max_tokens": args.max_tokens,
             "waves": args.waves, "api_processes": args.api_processes, "client_processes": args.client_processes,
-            "http": args.http, "repeats": args.repeats, "rows": rows}  # fmt: skip
+            "http": args.http, "load_clients": args.load_clients, "repeats": args.repeats, "rows": rows}  # fmt: skip
 
 
 def _server_rows(args, address: str, http: str, repeat: int) -> list[dict]:
-    """One server (API processes with this parser) against the simulated core, every level."""
+    """One server (API processes with this parser) against the simulated core, every level with
+    each kind of load generator in turn."""
     rows = []
     args.http_parser = http
     with Server(args, None, None, max(args.levels), core_address=address) as server:
         name = server.model_name()
         for level in args.levels:
             asyncio.run(fire(server.url, name, list(range(10**6, 10**6 + level)), level, 4))  # warm-up
-            row = {"http": parser_name(http), "repeat": repeat, "streams": level,
-                   "core_tokens_per_s": level / (args.step_ms / 1000)}  # fmt: skip
-            row.update(server_level(server.url, name, level, args.waves, args.max_tokens, args.client_processes,
-                                    server.pids()))  # fmt: skip
-            api_cpu = sum(row["server_cpu_per_wall"]) * row["server_wall_s"]
-            row["api_cpu_us_per_token"] = 1e6 * api_cpu / (row["server_tokens_per_s"] * row["server_wall_s"])
-            row["itl_p99_vs_step"] = row["itl_p99_ms"] / args.step_ms
-            rows.append(row)
-            print(f"{row['http']}, {level} streams: {row['server_tokens_per_s']:,.0f} tok/s of "
-                  f"{row['core_tokens_per_s']:,.0f}, inter-token p99 {row['itl_p99_ms']:.2f} ms, API "
-                  f"{row['api_cpu_us_per_token']:.0f} us of CPU per token", file=sys.stderr)  # fmt: skip
+            for client in args.load_clients:
+                row = {"http": parser_name(http), "load_client": client, "repeat": repeat, "streams": level,
+                       "core_tokens_per_s": level / (args.step_ms / 1000)}  # fmt: skip
+                row.update(server_level(server.url, name, level, args.waves, args.max_tokens, args.client_processes,
+                                        server.pids(), client))  # fmt: skip
+                api_cpu = sum(row["server_cpu_per_wall"]) * row["server_wall_s"]
+                tokens = row["server_tokens_per_s"] * row["server_wall_s"]
+                row["api_cpu_us_per_token"] = 1e6 * api_cpu / tokens
+                row["client_cpu_us_per_token"] = 1e6 * sum(row["client_cpu_per_wall"]) * row["server_wall_s"] / tokens
+                row["itl_p99_vs_step"] = row["itl_p99_ms"] / args.step_ms
+                rows.append(row)
+                print(f"{row['http']}, {client}, {level} streams: {row['server_tokens_per_s']:,.0f} tok/s of "
+                      f"{row['core_tokens_per_s']:,.0f}, inter-token p99 {row['itl_p99_ms']:.2f} ms, API "
+                      f"{row['api_cpu_us_per_token']:.0f} us and load generators {row['client_cpu_us_per_token']:.0f} "
+                      f"us of CPU per token", file=sys.stderr)  # fmt: skip
     return rows
 
 
 def markdown(r: dict) -> str:
+    clients = r.get("load_clients")  # recorded since the load generators could use aiohttp (httpx before)
     out = [f"# The HTTP side against a simulated engine core ({r['date']}, {r['cpu_cores']} CPU cores)", "",
            f"A core without a model sends one token id per running request every {r['step_ms']} ms; "
            f"{r['max_tokens']} tokens per request, {r['waves']} waves of `streams` requests; "
            f"{r['api_processes']} API process(es), {r['client_processes']} load-generator process(es); HTTP "
-           f"parsers {', '.join(r['http'])} in turn, {r['repeats']} time(s) (benchmarks/bench_api.py).", "",
-           "| parser | streams | core tok/s | server tok/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms (p99 vs step) | "
-           "API CPU per token us | API processes CPU s/s | load generators CPU s/s |",
-           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           f"parsers {', '.join(r['http'])} in turn, {r['repeats']} time(s)"
+           f"{'' if clients is None else '; load generators on ' + ', '.join(clients) + ' in turn'} "
+           f"(benchmarks/bench_api.py).", "",
+           f"| parser |{'' if clients is None else ' load client |'} streams | core tok/s | server tok/s | TTFT p50 / "
+           f"p99 ms | inter-token p50 / p99 ms (p99 vs step) | API CPU per token us |"
+           f"{'' if clients is None else ' load generators CPU per token us |'} API processes CPU s/s | load "
+           f"generators CPU s/s |", "|---" * (9 if clients is None else 11) + "|"]  # fmt: skip
     for row in r["rows"]:
         api = " / ".join(f"{c:.2f}" for c in row["server_cpu_per_wall"] if c >= 0.01)
-        clients = " / ".join(f"{c:.2f}" for c in row["client_cpu_per_wall"])
-        out.append(f"| {row['http']} | {row['streams']} | {row['core_tokens_per_s']:,.0f} | {row['server_tokens_per_s']:,.0f} | "
+        generators = " / ".join(f"{c:.2f}" for c in row["client_cpu_per_wall"])
+        out.append(f"| {row['http']} |{'' if clients is None else ' ' + row['load_client'] + ' |'} {row['streams']} | "
+                   f"{row['core_tokens_per_s']:,.0f} | {row['server_tokens_per_s']:,.0f} | "
                    f"{row['ttft_p50_ms']:.1f} / {row['ttft_p99_ms']:.1f} | {row['itl_p50_ms']:.2f} / "
-                   f"{row['itl_p99_ms']:.2f} ({row['itl_p99_vs_step']:.1f}x) | {row['api_cpu_us_per_token']:.0f} | "
-                   f"{api} | {clients} |")  # fmt: skip
+                   f"{row['itl_p99_ms']:.2f} ({row['itl_p99_vs_step']:.1f}x) | {row['api_cpu_us_per_token']:.0f} |"
+                   f"{'' if clients is None else ' %.0f |' % row['client_cpu_us_per_token']} {api} | {generators} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -222,6 +232,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--client-processes", type=int, default=8)
     parser.add_argument("--http", type=lambda s: s.split(","), default=["auto"],
                         help="the API's HTTP parsers (auto, httptools, h11), comma-separated: each in turn")
+    parser.add_argument("--load-clients", type=lambda s: s.split(","), default=["aiohttp"],
+                        help="the load generators' HTTP clients (aiohttp, httpx), comma-separated: each in turn")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the parsers")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)

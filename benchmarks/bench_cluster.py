@@ -176,10 +176,9 @@ def summarise(results: list[dict], start: float, streams: int) -> dict:
 async def whole_request(client, url: str, body: dict) -> dict:
     from rwkvstate.cluster.serve import REPLICA_HEADER  # needs Ray, which rendering the results does not
 
-    response = await client.post(url, json=body)
-    response.raise_for_status()
-    return {"tokens": response.json()["usage"]["completion_tokens"], "end": time.monotonic(),
-            "replica": response.headers.get(REPLICA_HEADER, "?")}  # fmt: skip
+    reply, headers = await client.post(url, body)
+    return {"tokens": reply["usage"]["completion_tokens"], "end": time.monotonic(),
+            "replica": headers.get(REPLICA_HEADER.lower(), "?")}  # fmt: skip
 
 
 def throughput(args, model_path: str, redis_url: str, replicas: int) -> dict:

@@ -219,25 +219,79 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def one_request(client, url: str, body: dict) -> dict:
+class LoadClient:
+    """A load generator's HTTP client: aiohttp (the default) or httpx, behind the two calls the
+    requests need. The client is the measuring instrument, so its cost per chunk matters: one
+    that is busy reading some streams delays the arrival times it records for others, which
+    shows as inter-token latency the server did not add. Against the simulated core of
+    bench_api.py (this 2-core machine, 64 streams, one API process) httpx's streaming reader
+    spent about 80 us of CPU per chunk and aiohttp's about 25 (docs/benchmarks/api-clients-cpu.md)."""
+
+    KINDS = ("aiohttp", "httpx")
+
+    def __init__(self, kind: str, connections: int):
+        if kind not in self.KINDS:
+            raise ValueError(f"load client {kind!r}: one of {', '.join(self.KINDS)}")
+        self.kind, self.connections = kind, connections
+
+    async def __aenter__(self) -> "LoadClient":
+        if self.kind == "aiohttp":
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=self.connections)
+            self._client = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
+        else:
+            import httpx
+
+            limits = httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections)
+            self._client = httpx.AsyncClient(limits=limits, timeout=600)
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.__aexit__(*exc)
+
+    async def lines(self, url: str, body: dict):
+        """The lines of a streamed POST's body, as bytes (an HTTP error status raises)."""
+        if self.kind == "aiohttp":
+            async with self._client.post(url, json=body) as response:
+                response.raise_for_status()
+                async for line in response.content:  # aiohttp's reader yields lines, ends included
+                    yield line
+        else:
+            async with self._client.stream("POST", url, json=body) as response:
+                response.raise_for_status()
+                async for text in response.aiter_lines():
+                    yield text.encode()
+
+    async def post(self, url: str, body: dict) -> tuple[dict, dict]:
+        """A whole POST: its JSON body and its headers (names in lower case)."""
+        if self.kind == "aiohttp":
+            async with self._client.post(url, json=body) as response:
+                response.raise_for_status()
+                return await response.json(), {k.lower(): v for k, v in response.headers.items()}
+        response = await self._client.post(url, json=body)
+        response.raise_for_status()
+        return response.json(), {k.lower(): v for k, v in response.headers.items()}
+
+
+async def one_request(client: LoadClient, url: str, body: dict) -> dict:
     """One streaming request: when it started and ended, its first text chunk, the gaps between
     text chunks, and its completion tokens (from the usage chunk). Chunks are not parsed as
     JSON except the last ones, so the load generator stays light."""
     start = time.monotonic()
     arrivals, tokens = [], 0
-    async with client.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            if '"usage":{' in line:
-                import json
+    async for line in client.lines(url, body):
+        if not line.startswith(b"data: {"):
+            continue
+        if b'"usage":{' in line:
+            import json
 
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-            elif '"error"' in line[:20]:
-                raise RuntimeError(line)
-            elif '"text":""' not in line:
-                arrivals.append(time.monotonic())
+            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        elif b'"error"' in line[:20]:
+            raise RuntimeError(line.decode())
+        elif b'"text":""' not in line:
+            arrivals.append(time.monotonic())
     end = time.monotonic()
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     slow = [(b, b - a) for a, b in zip(arrivals, arrivals[1:]) if b - a >= SLOW_GAP_S]
@@ -289,17 +343,15 @@ def request_body(model_name: str, i: int, max_tokens: int, stream: bool = True) 
 
 
 async def fire(url: str, model_name: str, indices: list[int], concurrency: int, max_tokens: int,
-               barrier=None, clock: dict | None = None, stream: bool = True, one=one_request) -> list[dict]:  # fmt: skip
+               barrier=None, clock: dict | None = None, stream: bool = True, one=one_request,
+               client: str = "aiohttp") -> list[dict]:  # fmt: skip
     """The requests `indices`, `concurrency` at a time (a closed loop: each finished request
-    makes room for the next), each sent by `one` (default: streamed, one_request). With
-    `barrier` (a multiprocessing Barrier), every load generator waits there once its imports
-    and its client are ready, so they all start sending together; `clock` gets this process's
-    CPU time at that start."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    makes room for the next), each sent by `one` (default: streamed, one_request) through a
+    LoadClient of kind `client`. With `barrier` (a multiprocessing Barrier), every load
+    generator waits there once its imports and its client are ready, so they all start sending
+    together; `clock` gets this process's CPU time at that start."""
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+    async with LoadClient(client, concurrency + 4) as session:
         if barrier is not None:
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 600)
         if clock is not None:
@@ -307,16 +359,16 @@ async def fire(url: str, model_name: str, indices: list[int], concurrency: int, 
 
         async def limited(i: int) -> dict:
             async with gate:
-                return await one(client, f"{url}/v1/completions", request_body(model_name, i, max_tokens, stream))
+                return await one(session, f"{url}/v1/completions", request_body(model_name, i, max_tokens, stream))
 
         return await asyncio.gather(*(limited(i) for i in indices))
 
 
-def _client_main(args: tuple, barrier, results) -> None:
+def _client_main(args: tuple, barrier, results, client: str) -> None:
     """A load generator in its own process (spawned); it starts sending when all are ready, and
     reports its rows and the CPU seconds it spent from then on."""
     clock: dict = {}
-    rows = asyncio.run(fire(*args, barrier=barrier, clock=clock))
+    rows = asyncio.run(fire(*args, barrier=barrier, clock=clock, client=client))
     results.put({"rows": rows, "cpu_s": time.process_time() - clock["cpu0"]})
 
 
@@ -350,8 +402,9 @@ def latency_figures(before: dict, after: dict) -> dict:
 
 
 def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: int, clients: int,
-                 server_pids: list[int]) -> dict:  # fmt: skip
-    """`level` requests at a time, waves * level in all, split over `clients` processes; with the
+                 server_pids: list[int], load_client: str = "aiohttp") -> dict:  # fmt: skip
+    """`level` requests at a time, waves * level in all, split over `clients` processes (each a
+    LoadClient of kind `load_client`); with the
     CPU seconds per second of wall time of each server process (`server_pids`: the engine core
     and the API processes) and of each load generator (from its start at the barrier): a
     process near 1.0 is saturated."""
@@ -362,7 +415,7 @@ def server_level(url: str, model_name: str, level: int, waves: int, max_tokens: 
     results, barrier = ctx.Queue(), ctx.Barrier(clients)
     share = [list(range(c, waves * level, clients)) for c in range(clients)]
     procs = [ctx.Process(target=_client_main, args=((url, model_name, idx, len(range(c, level, clients)), max_tokens),
-                                                    barrier, results)) for c, idx in enumerate(share)]  # fmt: skip
+                                                    barrier, results, load_client)) for c, idx in enumerate(share)]  # fmt: skip
     for p in procs:
         p.start()
     batches = [results.get(timeout=1800) for _ in procs]
@@ -414,9 +467,15 @@ def run(args) -> dict:
             # warm-up as for the engine: a wave of the level's requests, 4 tokens each
             warm = list(range(10**6, 10**6 + row["streams"]))  # prompts and seeds the timed requests do not use
             asyncio.run(fire(server.url, name, warm, row["streams"], 4))
-            row.update(server_level(server.url, name, row["streams"], args.waves, args.max_tokens,
-                                    args.client_processes, server.pids()))  # fmt: skip
-            print(f"{row['streams']} streams: server {row['server_tokens_per_s']:,.0f} tok/s", file=sys.stderr)
+            for k, kind in enumerate(args.load_clients):  # the first one's figures are the row's
+                level = server_level(server.url, name, row["streams"], args.waves, args.max_tokens,
+                                     args.client_processes, server.pids(), kind)  # fmt: skip
+                if k == 0:
+                    row.update(level)
+                else:
+                    row.setdefault("other_load_clients", {})[kind] = level
+                print(f"{row['streams']} streams, {kind} load generators: server {level['server_tokens_per_s']:,.0f} "
+                      f"tok/s, inter-token p99 {level['itl_p99_ms']:.2f} ms", file=sys.stderr)  # fmt: skip
     for row in rows:
         row["engine_vs_bare"] = row["engine_decode_tokens_per_s"] / row["bare_tokens_per_s"]
         row["server_vs_engine"] = row["server_tokens_per_s"] / row["engine_tokens_per_s"]
@@ -427,7 +486,7 @@ def run(args) -> dict:
         "model": f"random {args.shape} shape" if args.shape else Path(spec.path).name,
         "compute_dtype": spec.dtype, "state_dtype": dtype_name(state_dtype), "max_tokens": args.max_tokens,
         "waves": args.waves, "core": args.core, "api_processes": args.api_processes if args.core == "process" else 1,
-        "client_processes": args.client_processes, "sampling": TOP_P, "server_method": SERVER_METHOD,
+        "client_processes": args.client_processes, "load_client": args.load_clients[0], "sampling": TOP_P, "server_method": SERVER_METHOD,
         "cpu_cores": len(os.sched_getaffinity(0)), "rows": rows,
     }  # fmt: skip
 
@@ -441,6 +500,7 @@ def markdown(r: dict) -> str:
            f"per request, top-p sampling (temperature 1, top_p 0.9), {r['waves']} waves of `streams` requests; "
            f"server: engine core in {'its own process' if r['core'] == 'process' else 'a thread'}, "
            f"{r['api_processes']} API process(es), {r['client_processes']} load-generator process(es)"
+           f"{' (' + r['load_client'] + ')' if 'load_client' in r else ''}"
            f"{cores}; "
            f"torch {r['torch']}.", ""]  # fmt: skip
     if "server_method" in r:  # results written before the load generators had a barrier have none
@@ -475,6 +535,20 @@ def markdown(r: dict) -> str:
             out.append(f"| {row['streams']} | {row['ttft_p50_ms']:.1f} / {row['ttft_p99_ms']:.1f} | "
                        f"{pair(row, 'request_to_engine')} | {pair(row, 'engine_first_token')} | "
                        f"{row['itl_p50_ms']:.2f} / {row['itl_p99_ms']:.2f} | {pair(row, 'engine_token_gap')} |")
+    others = sorted({kind for row in r["rows"] for kind in row.get("other_load_clients", {})})
+    for kind in others:
+        out += ["", f"The same server, each level run again right after with {kind} load generators (same processes "
+                    f"and requests): what the measuring client adds.", "",
+                f"| streams | server tok/s ({r.get('load_client', '?')} / {kind}) | inter-token p50 / p99 ms "
+                f"({r.get('load_client', '?')}) | inter-token p50 / p99 ms ({kind}) | load generators' CPU s/s, "
+                f"highest ({r.get('load_client', '?')} / {kind}) |", "|---|---|---|---|---|"]  # fmt: skip
+        for row in r["rows"]:
+            other = row.get("other_load_clients", {}).get(kind)
+            if other is not None:
+                out.append(f"| {row['streams']} | {row['server_tokens_per_s']:,.0f} / {other['server_tokens_per_s']:,.0f} | "
+                           f"{row['itl_p50_ms']:.2f} / {row['itl_p99_ms']:.2f} | {other['itl_p50_ms']:.2f} / "
+                           f"{other['itl_p99_ms']:.2f} | {max(row['client_cpu_per_wall']):.2f} / "
+                           f"{max(other['client_cpu_per_wall']):.2f} |")  # fmt: skip
     if all("server_packed_steps" in row for row in r["rows"]):
         steps = ", ".join(f"{row['server_engine_steps']:,} steps at {row['streams']} streams, {row['server_packed_steps']:,} "
                           "of them eager packed forwards" for row in r["rows"])  # fmt: skip
@@ -552,6 +626,9 @@ def main(argv=None) -> dict:
                         help="the server's engine core in its own process (default) or on a thread")
     parser.add_argument("--api-processes", type=int, default=4, help="HTTP processes of the server")
     parser.add_argument("--client-processes", type=int, default=4, help="load-generator processes")
+    parser.add_argument("--load-clients", type=lambda s: s.split(","), default=["aiohttp"],
+                        help="the load generators' HTTP client (aiohttp, httpx); with several, each level runs "
+                             "with each in turn and the first one's figures fill the main table")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)
     result = run(args)

@@ -34,7 +34,7 @@ def run_bench(script: Path, args: list[str], out: Path) -> dict:
 def test_bench_server_smoke_run(tmp_path):
     out = tmp_path / "serving"
     result = run_bench(BENCH, ["--device", "cpu", "--levels", "1,2", "--waves", "1", "--max-tokens", "4", "--steps", "3",
-                               "--core", "thread", "--client-processes", "1"], out)  # fmt: skip
+                               "--core", "thread", "--client-processes", "1", "--load-clients", "aiohttp,httpx"], out)  # fmt: skip
     assert [row["streams"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
         for key in ("bare_tokens_per_s", "engine_decode_tokens_per_s", "engine_tokens_per_s", "server_tokens_per_s"):
@@ -47,6 +47,10 @@ def test_bench_server_smoke_run(tmp_path):
         # CPU seconds per wall second: this process (the server on its threads) and one load generator
         assert len(row["server_cpu_per_wall"]) == 1 and len(row["client_cpu_per_wall"]) == 1
         assert all(0 < c < 64 for c in row["server_cpu_per_wall"] + row["client_cpu_per_wall"])
+        # each level again with the other load client, its own figures beside the first's
+        other = row["other_load_clients"]["httpx"]
+        assert other["server_requests"] == row["streams"] and other["server_tokens_per_s"] > 0
+    assert result["load_client"] == "aiohttp" and "with httpx load generators" in out.with_suffix(".md").read_text()
     assert "barrier" in result["server_method"]
     assert "| 2 |" in out.with_suffix(".md").read_text() and "API -> core" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 1000
 
@@ -92,10 +96,13 @@ def test_bench_api_smoke_run(tmp_path):
     """The HTTP side against the simulated core, both parsers: every token arrives, at the core's pace."""
     out = tmp_path / "api"
     result = run_bench(API_BENCH, ["--levels", "3", "--step-ms", "5", "--waves", "1", "--max-tokens", "6", "--api-processes",
-                                   "1", "--client-processes", "1", "--http", "h11,httptools"], out)  # fmt: skip
-    assert [row["http"] for row in result["rows"]] == ["h11", "httptools"]
+                                   "1", "--client-processes", "1", "--http", "h11,httptools", "--load-clients",
+                                   "aiohttp,httpx"], out)  # fmt: skip
+    assert [(row["http"], row["load_client"]) for row in result["rows"]] == [
+        ("h11", "aiohttp"), ("h11", "httpx"), ("httptools", "aiohttp"), ("httptools", "httpx")]
     for row in result["rows"]:
         assert row["server_requests"] == 3 and row["server_tokens_per_s"] > 0 and row["api_cpu_us_per_token"] > 0
+        assert row["client_cpu_us_per_token"] > 0
         assert row["itl_p50_ms"] >= 4  # tokens come one simulated step apart
         assert row["engine_first_token_p50_ms"] is not None and row["request_to_engine_p50_ms"] is not None
-    assert "| httptools | 3 |" in out.with_suffix(".md").read_text()
+    assert "| httptools | httpx | 3 |" in out.with_suffix(".md").read_text()

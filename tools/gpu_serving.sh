@@ -6,11 +6,13 @@
 # chart under $OUT/serving-<card>.*. No tests: about 4 minutes with 4 API processes, more with 8
 # (one level of 256 streams with 8 took more than 175 s); SERVING_S caps it (default 330 s). WAVES
 # (default 2) requests per stream: more waves give the steady-window figure a longer window.
-# CLIENTS load-generator processes (default: as many as API processes).
+# CLIENTS load-generator processes (default: as many as API processes). LOAD_CLIENTS: their HTTP
+# client, aiohttp (default) or httpx; "aiohttp,httpx" runs each level with both in turn.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|[0-9]{4}' | head -1 | tr A-Z a-z)
 timeout "${SERVING_S:-330}" python3 benchmarks/bench_server.py --shape 1.5B --state-dtype fp16 --levels "${LEVELS:-1,64,256}" --waves "${WAVES:-2}" \
-    --max-tokens 128 --api-processes "${API:-4}" --client-processes "${CLIENTS:-${API:-4}}" --out "$OUT/serving-${card:-gpu}" </dev/null 2>&1 | tail -20
+    --max-tokens 128 --api-processes "${API:-4}" --client-processes "${CLIENTS:-${API:-4}}" \
+    --load-clients "${LOAD_CLIENTS:-aiohttp}" --out "$OUT/serving-${card:-gpu}" </dev/null 2>&1 | tail -20
