@@ -48,7 +48,7 @@ from rwkvstate import Engine, Model, SamplingParams  # noqa: E402
 from rwkvstate.cli import BUNDLED_MODEL  # noqa: E402
 from rwkvstate.runtime.core import ModelSpec  # noqa: E402
 from rwkvstate.runtime.graphs import DecodeGraphs  # noqa: E402
-from rwkvstate.runtime.latency import HISTOGRAMS, quantile  # noqa: E402
+from rwkvstate.runtime.latency import BUCKETS, HISTOGRAMS, quantile  # noqa: E402
 from rwkvstate.state.layout import dtype_name, parse_dtype  # noqa: E402
 
 PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n"
@@ -398,6 +398,8 @@ def latency_figures(before: dict, after: dict) -> dict:
         for q in (50, 99):
             value = quantile(counts, q / 100) if counts else None
             out[f"{name}_p{q}_ms"] = None if value is None else 1000 * value
+        out[f"{name}_count"] = int(sum(counts))
+        out[f"{name}_over_5ms"] = int(sum(n for bound, n in zip((0.0, *BUCKETS), counts) if bound >= 0.005))
     return out
 
 
@@ -535,6 +537,10 @@ def markdown(r: dict) -> str:
             out.append(f"| {row['streams']} | {row['ttft_p50_ms']:.1f} / {row['ttft_p99_ms']:.1f} | "
                        f"{pair(row, 'request_to_engine')} | {pair(row, 'engine_first_token')} | "
                        f"{row['itl_p50_ms']:.2f} / {row['itl_p99_ms']:.2f} | {pair(row, 'engine_token_gap')} |")
+    if any(row.get("engine_gc_pause_count") is not None for row in r["rows"]):
+        gcs = ", ".join(f"{row['engine_gc_pause_count']:,} at {row['streams']} streams ({row['engine_gc_pause_over_5ms']} "
+                        f"longer than 5 ms)" for row in r["rows"])  # fmt: skip
+        out += ["", f"Garbage collections in the engine core's process during each level: {gcs}."]
     others = sorted({kind for row in r["rows"] for kind in row.get("other_load_clients", {})})
     for kind in others:
         out += ["", f"The same server, each level run again right after with {kind} load generators (same processes "

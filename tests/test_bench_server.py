@@ -43,6 +43,7 @@ def test_bench_server_smoke_run(tmp_path):
         assert row["server_wall_s"] > 0 and row["client_start_spread_ms"] >= 0
         # the core's histograms: every request reached the core and had a first token (same-host clocks)
         assert row["request_to_engine_p50_ms"] >= 0 and row["engine_first_token_p99_ms"] > 0
+        assert 0 <= row["engine_gc_pause_over_5ms"] <= row["engine_gc_pause_count"]
         assert 0 <= row["slow_gaps_in_largest_bin"] <= row["slow_gaps"] and row["slow_gap_bins"] <= row["slow_gaps"]
         # CPU seconds per wall second: this process (the server on its threads) and one load generator
         assert len(row["server_cpu_per_wall"]) == 1 and len(row["client_cpu_per_wall"]) == 1

@@ -45,3 +45,36 @@ def test_observe_with_a_count_equals_that_many_observations():
         one.observe(0.004)
     many.observe(0.004, 3)
     assert one.counts == many.counts and math.isclose(one.sum, many.sum)
+
+
+def test_gc_pauses_observes_each_collection_until_closed():
+    import gc
+
+    from rwkvstate.runtime.latency import GcPauses
+
+    h = Histogram()
+    pauses = GcPauses(h)
+    try:
+        gc.collect()
+        gc.collect(0)
+        assert sum(h.counts) >= 2 and h.sum > 0  # other threads' collections may add more
+    finally:
+        pauses.close()
+    seen = sum(h.counts)
+    gc.collect()
+    assert sum(h.counts) == seen and pauses._callback not in gc.callbacks
+    pauses.close()  # twice: nothing to remove, no error
+
+
+def test_startup_objects_frozen_keeps_the_heap_out_of_collections_inside_the_block():
+    import gc
+
+    from rwkvstate.runtime.latency import startup_objects_frozen
+
+    kept = [[i] for i in range(1000)]  # tracked containers that survive
+    before = gc.get_freeze_count()
+    with startup_objects_frozen():
+        assert gc.get_freeze_count() >= before + len(kept)
+        gen2 = {id(x) for x in gc.get_objects(generation=2)}
+        assert not any(id(x) in gen2 for x in kept)
+    assert gc.get_freeze_count() == 0  # thawed: the interpreter's exit finds them as usual

@@ -50,7 +50,7 @@ from ..errors import RequestError, RwkvStateError, describe
 from . import messages as m
 from .registry import SessionRecord, SessionStore
 from .chat import turn_break
-from .latency import HISTOGRAMS, Histogram
+from .latency import HISTOGRAMS, GcPauses, Histogram, startup_objects_frozen
 from .sampling import SamplingParams
 
 log = logging.getLogger("rwkvstate.core")
@@ -178,10 +178,13 @@ class EngineCore:
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
+        pauses = GcPauses(self.latency["engine_gc_pause"])
         try:
-            while not self._stopping:
-                self._iteration()
+            with startup_objects_frozen():  # the model, kernels and sessions: collections skip them
+                while not self._stopping:
+                    self._iteration()
         finally:
+            pauses.close()
             self._shutdown()
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.chat import ASSISTANT_STOP, ReplyText, render_messages
+from ..runtime.latency import startup_objects_frozen
 from ..runtime.sampling import SamplingParams
 from ..tokenizer import check_token_ids
 from ..version import __version__
@@ -58,7 +59,8 @@ def create_app(model=None, config: ServerConfig | None = None) -> FastAPI:
     async def lifespan(app):
         await ctx.start()
         try:
-            yield
+            with startup_objects_frozen():  # collections while serving skip the start-up's objects
+                yield
         finally:
             await ctx.stop()
 
