@@ -163,19 +163,11 @@ if HAS_TRITON:
 # The z recurrence is a unit lower-triangular solve of BT rows. Every exponent above is <= 0 (a
 # later cumulative log decay minus an earlier one), so nothing overflows however strong the decay
 # (a factorisation e^{G_t} * e^{-G_s} would overflow float32 once a chunk decays past e^-88). The
-# [BT, BT] matrices are therefore built elementwise over [BT, BT, BK] blocks of keys, not by tl.dot.
-#
-# Two launches. Everything that does not depend on the state is computed first, for every chunk
-# of every sequence and head at once (grid: chunk, head), with A = (I - L_ab)^-1:
-#   P = A (a e^{G_-1})        [BT, N]     M = A L_ak          [BT, BT]
-#   R = r e^{G} + Q_b P       [BT, N]     K = Q_b M + Q_k     [BT, BT]
-#   B = b e^{G_BT - G}        [BT, N]     C = k e^{G_BT - G}  [BT, N]
-# so that, per chunk, z = P S_0^T + M v, y = R S_0^T + K v and S_BT = S_0 diag(e^{G_BT}) + z^T B + v^T C.
-# The second launch (grid and ownership as _wkv7_kernel) carries each program's [BLOCK_V, N] state
-# tile through its sequence's chunks with those six products: the serial chain per chunk is two
-# matrix products, and no program recomputes the key-side matrices. The first launch writes the
-# tiles in the inputs' row layout ([T, H, N] and [T, H, BT] float32), so the second reads chunk
-# rows exactly as it reads v. Products are tl.dot at full float32 ("ieee").
+# [BT, BT] matrices are therefore built elementwise over [BT, BT, BK] blocks of keys, not by tl.dot;
+# the products with the state and with v, z are tl.dot in full float32 ("ieee").
+# Grid and ownership as _wkv7_kernel: (live sequence, head, value-row block); value rows are
+# independent, so each program solves the chunk for its BLOCK_V rows and recomputes the key-side
+# matrices (they depend on r, w, k, a, b only).
 if HAS_TRITON:
 
     @triton.jit
@@ -217,89 +209,57 @@ if HAS_TRITON:
 
     @triton.jit
     def _solve_lower(b_l, b_z, BT: tl.constexpr):
-        """z = (I - L)^-1 z for strictly lower-triangular L [BT, BT], z [BT, X]: row by row,
+        """z = (I - L)^-1 z for strictly lower-triangular L [BT, BT], z [BT, BLOCK_V]: row by row,
         z_t += sum_{s<t} L[t, s] z_s (rows s < t are final when row t is reached)."""
         o_t = tl.arange(0, BT)
         for t in range(1, BT):
             b_row = tl.sum(tl.where(o_t[:, None] == t, b_l, 0.0), axis=0)  # L[t, :]
-            b_add = tl.sum(b_row[:, None] * b_z, axis=0)  # [X]
+            b_add = tl.sum(b_row[:, None] * b_z, axis=0)  # [BLOCK_V]
             b_z = tl.where(o_t[:, None] == t, b_z + b_add[None, :], b_z)
         return b_z
 
     @triton.jit
-    def _wkv7_chunk_prepare_kernel(
-        chunks, r, w, k, a, b, ws_n, ws_t, T,
-        H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    ):  # fmt: skip
-        """Grid (chunk, head): one chunk's P, R, B, C (into ws_n [4, T, H, N]) and M, K (into ws_t
-        [2, T, H, BT]), rows chunks[c, 0] .. chunks[c, 1]-1."""
-        i_c, i_h = tl.program_id(0), tl.program_id(1)
-        t0 = tl.load(chunks + 2 * i_c).to(tl.int64)
-        t1 = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
-        o_t = t0 + tl.arange(0, BT)
-        m_t = o_t < t1
-        o_x = (o_t * H + i_h) * N
+    def _wkv7_chunk_step(b_s, r, w, k, v, a, b, y, o_x, m_t, o_v,
+                         N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+        """One chunk: stores its y rows (this program's value rows), returns the new state tile."""
         o_k = tl.arange(0, N)
-        o_s = tl.arange(0, BT)
         b_lab, b_lak, b_qb, b_qk = _chunk_matrices(r, w, k, a, b, o_x, m_t, N, BT, BK)
-        eye = tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)
-        b_inv = _solve_lower(b_lab, eye, BT)  # A = (I - L_ab)^-1
         b_lw = tl.log(_chunk_rows(w, o_x, o_k, m_t, 1.0))
         b_g = tl.cumsum(b_lw, axis=0)
         b_glast = tl.sum(b_lw, axis=0)  # G at the chunk's last token (rows past the end add log 1 = 0)
-        b_p = tl.dot(b_inv, _chunk_rows(a, o_x, o_k, m_t, 0.0) * tl.exp(b_g - b_lw), input_precision="ieee")
-        b_m = tl.dot(b_inv, b_lak, input_precision="ieee")
-        b_r = _chunk_rows(r, o_x, o_k, m_t, 0.0) * tl.exp(b_g) + tl.dot(b_qb, b_p, input_precision="ieee")
-        b_kk = tl.dot(b_qb, b_m, input_precision="ieee") + b_qk
+        b_v = tl.load(v + o_x[:, None] + o_v[None, :], mask=m_t[:, None], other=0).to(tl.float32)  # [BT, BLOCK_V]
+        b_sT = tl.trans(b_s)  # [N, BLOCK_V]
+        b_a = _chunk_rows(a, o_x, o_k, m_t, 0.0) * tl.exp(b_g - b_lw)
+        b_z = tl.dot(b_a, b_sT, input_precision="ieee") + tl.dot(b_lak, b_v, input_precision="ieee")
+        b_z = _solve_lower(b_lab, b_z, BT)  # [BT, BLOCK_V]: z_t = S_{t-1} a_t, this program's rows
+        b_r = _chunk_rows(r, o_x, o_k, m_t, 0.0) * tl.exp(b_g)
+        b_y = tl.dot(b_r, b_sT, input_precision="ieee") + tl.dot(b_qb, b_z, input_precision="ieee")
+        b_y += tl.dot(b_qk, b_v, input_precision="ieee")
+        tl.store(y + o_x[:, None] + o_v[None, :], b_y, mask=m_t[:, None])
         b_tail = tl.exp(b_glast[None, :] - b_g)  # [BT, N]: e^{G_BT - G_s}
         b_bt = _chunk_rows(b, o_x, o_k, m_t, 0.0) * b_tail
         b_kt = _chunk_rows(k, o_x, o_k, m_t, 0.0) * b_tail
-        p_n = ws_n + o_x[:, None] + o_k[None, :]
-        plane_n = T * H * N
-        tl.store(p_n, b_p, mask=m_t[:, None])
-        tl.store(p_n + plane_n, b_r, mask=m_t[:, None])
-        tl.store(p_n + 2 * plane_n, b_bt, mask=m_t[:, None])
-        tl.store(p_n + 3 * plane_n, b_kt, mask=m_t[:, None])
-        p_t = ws_t + ((o_t * H + i_h) * BT)[:, None] + o_s[None, :]
-        tl.store(p_t, b_m, mask=m_t[:, None])
-        tl.store(p_t + T * H * BT, b_kk, mask=m_t[:, None])
+        b_s = b_s * tl.exp(b_glast)[None, :] + tl.dot(tl.trans(b_z), b_bt, input_precision="ieee")
+        return b_s + tl.dot(tl.trans(b_v), b_kt, input_precision="ieee")
 
     @triton.jit(do_not_specialize=["seed"])
     def _wkv7_chunk_kernel(
-        state, live_slots, cu_seqlens, w, v, ws_n, ws_t, y, stride_slot, seed, T,
-        H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BT: tl.constexpr, STOCHASTIC: tl.constexpr,
+        state, live_slots, cu_seqlens, r, w, k, v, a, b, y, stride_slot, seed,
+        H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
     ):  # fmt: skip
         i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_slot = tl.load(live_slots + i_n).to(tl.int64)
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
         o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        o_k = tl.arange(0, N)
-        o_s = tl.arange(0, BT)
-        o_st = i_h * N * N + o_v[:, None] * N + o_k[None, :]
-        p_s = state + i_slot * stride_slot + o_st
+        o_s = i_h * N * N + o_v[:, None] * N + tl.arange(0, N)[None, :]
+        p_s = state + i_slot * stride_slot + o_s
         b_s = tl.load(p_s).to(tl.float32)  # [BLOCK_V, N], on chip across all chunks
-        plane_n = T * H * N
         for t0 in range(bos, eos, BT):
-            o_t = t0 + o_s
-            m_t = o_t < eos
+            o_t = t0 + tl.arange(0, BT)
             o_x = (o_t * H + i_h) * N  # [BT] row offsets of the [T, H, N] inputs
-            p_n = ws_n + o_x[:, None] + o_k[None, :]
-            b_p = tl.load(p_n, mask=m_t[:, None], other=0.0)
-            b_r = tl.load(p_n + plane_n, mask=m_t[:, None], other=0.0)
-            b_bt = tl.load(p_n + 2 * plane_n, mask=m_t[:, None], other=0.0)
-            b_kt = tl.load(p_n + 3 * plane_n, mask=m_t[:, None], other=0.0)
-            p_t = ws_t + ((o_t * H + i_h) * BT)[:, None] + o_s[None, :]
-            b_m = tl.load(p_t, mask=m_t[:, None], other=0.0)
-            b_kk = tl.load(p_t + T * H * BT, mask=m_t[:, None], other=0.0)
-            b_v = tl.load(v + o_x[:, None] + o_v[None, :], mask=m_t[:, None], other=0).to(tl.float32)  # [BT, BLOCK_V]
-            b_d = tl.exp(tl.sum(tl.log(_chunk_rows(w, o_x, o_k, m_t, 1.0)), axis=0))  # e^{G_BT}
-            b_sT = tl.trans(b_s)  # [N, BLOCK_V]
-            b_z = tl.dot(b_p, b_sT, input_precision="ieee") + tl.dot(b_m, b_v, input_precision="ieee")
-            b_y = tl.dot(b_r, b_sT, input_precision="ieee") + tl.dot(b_kk, b_v, input_precision="ieee")
-            tl.store(y + o_x[:, None] + o_v[None, :], b_y, mask=m_t[:, None])
-            b_s = b_s * b_d[None, :] + tl.dot(tl.trans(b_z), b_bt, input_precision="ieee")
-            b_s += tl.dot(tl.trans(b_v), b_kt, input_precision="ieee")
+            b_s = _wkv7_chunk_step(b_s, r, w, k, v, a, b, y, o_x, o_t < eos, o_v, N, BT, BK)
         if STOCHASTIC:
             b_u = _uniform_tile(i_slot * 4294967296 + seed, i_h, o_v, BLOCK_V, N)
             tl.store(p_s, _stochastic_round(b_s, b_u, state.dtype.element_ty))
@@ -375,36 +335,26 @@ def wkv7_triton(
     return y
 
 
-CHUNK_SIZES = (16, 32, 64)
+CHUNK_SIZES = (16, 32)
 
 
 def _chunk_config(N: int, num_seqs: int, num_heads: int) -> int:
-    """BLOCK_V for the chunked kernel's state pass: whole heads unless that leaves fewer than
-    256 programs, then down to 16 rows (the tiles of tl.dot)."""
+    """BLOCK_V for the chunked kernel: whole heads (the key-side matrices are computed once per
+    program) unless that leaves fewer than 256 programs, then down to 16 rows."""
     block_v = N
     while block_v > 16 and num_seqs * num_heads * (N // block_v) < 256:
         block_v //= 2
     return block_v
 
 
-def _chunk_table(packed, chunk: int, device) -> torch.Tensor:
-    """[C, 2] int32 (first row, end row) of every chunk of every live sequence, in order."""
-    rows, start = [], 0
-    for n in (n for n in packed.lengths if n > 0):
-        rows += [(t, min(t + chunk, start + n)) for t in range(start, start + n, chunk)]
-        start += n
-    return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
-
-
 def wkv7_chunked(
     state, packed, r, w, k, v, a, b, rounding="nearest", seed=0, *, out=None, block_v=None, chunk=16, num_warps=4
 ) -> torch.Tensor:
     """The chunked-parallel form: same arguments, results (to float32 rounding) and in-place state
-    update as wkv7_triton, two launches: the state-independent products of every chunk at once,
-    then each program carries its state rows through its sequence `chunk` tokens at a time with
-    matrix products. w must lie in (0, 1]. block_v overrides the value rows per program of the
-    second launch (a power of two, at least 16). Needs a float32 workspace of about
-    T * H * (4 N + 2 chunk) elements."""
+    update as wkv7_triton, one launch, but each program advances `chunk` tokens per step with
+    matrix products instead of one token at a time. w must lie in (0, 1]. block_v overrides the
+    value rows per program (a power of two, at least 16). Only an explicit choice: on an H200 it is
+    about 3.3x slower than wkv7_triton for one 4,096-token prompt (ops/README.md)."""
     inputs = (r, w, k, v, a, b)
     y, work = _prepare(state, packed, inputs, rounding, out)
     if not work:
@@ -417,18 +367,12 @@ def wkv7_chunked(
     _check_block_v(block_v, N)
     if block_v < 16:
         raise ValueError(f"the chunked kernel needs block_v >= 16 (tl.dot tiles), got {block_v}")
-    r, w, k, v, a, b = (t.contiguous() for t in inputs)
-    chunks = _chunk_table(packed, chunk, r.device)
-    ws_n = torch.empty((4, T, H, N), dtype=torch.float32, device=r.device)
-    ws_t = torch.empty((2, T, H, chunk), dtype=torch.float32, device=r.device)
-    block_k = max(1, min(N, 4096 // (chunk * chunk)))  # [chunk, chunk, block_k] blocks of 4096 elements
-    _wkv7_chunk_prepare_kernel[(chunks.shape[0], H)](
-        chunks, r, w, k, a, b, ws_n, ws_t, T, H=H, N=N, BT=chunk, BK=block_k, num_warps=num_warps,
-    )  # fmt: skip
+    block_k = min(N, 4096 // (chunk * chunk))  # [chunk, chunk, block_k] blocks of 4096 elements
     stochastic = rounding == "stochastic" and state.dtype != torch.float32
     _wkv7_chunk_kernel[(num_live, H, N // block_v)](
-        state, packed.live_slots, packed.cu_seqlens, w, v, ws_n, ws_t, y, state.stride(0), seed & 0xFFFFFFFF, T,
-        H=H, N=N, BLOCK_V=block_v, BT=chunk, STOCHASTIC=stochastic, num_warps=num_warps,
+        state, packed.live_slots, packed.cu_seqlens, *(t.contiguous() for t in inputs), y,
+        state.stride(0), seed & 0xFFFFFFFF, H=H, N=N, BLOCK_V=block_v, BT=chunk, BK=block_k,
+        STOCHASTIC=stochastic, num_warps=num_warps,
     )  # fmt: skip
     return y
 
