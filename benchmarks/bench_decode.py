@@ -398,7 +398,7 @@ def _ratio(official: dict, ours: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
-    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8, 64, 256])
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",") if b], default=[1, 8, 64, 256])
     parser.add_argument("--prefill-batches", type=lambda s: [int(b) for b in s.split(",") if b], default=[1, 8])
     parser.add_argument("--prefill-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20, help="timed calls per repeat")

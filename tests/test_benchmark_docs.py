@@ -43,6 +43,7 @@ WRITERS = {
     "decode-fused-7b-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-final-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-recheck-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "prefill-two-launch-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-official-small-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-official-final-h200": lambda d, _: bench("bench_decode").markdown(d),
     "prefill-wkv": lambda d, _: bench("bench_prefill").markdown(d),
