@@ -164,3 +164,34 @@ def test_a_prompting_stream_cancelled_halfway_leaves_the_batch_clean(model):
     list(follow)
     assert follow.token_ids == alone(model, "next", 6, GREEDY)
 
+
+
+def test_queued_short_prompts_join_the_decode_batch_once_streams_decode(model, monkeypatch):
+    """A burst into an idle engine: the first step reads its budget packed; the short prompts
+    still queued then join the decode batch instead of more packed steps, which would hold up
+    the streams that just started. A prompt whose packed read has begun stays packed."""
+    engine = on_device_engine(model, slots=6, max_prefill_tokens=8, decode_prompt_tokens=8)
+    packed = packed_steps(engine, monkeypatch)
+    prompts = ["abcd", "efgh", "mnop", "qrst"]  # the first two fill the first step's budget of 8
+    streams = [engine.session().generate(6, GREEDY, prompt=p) for p in prompts]
+    assert engine.scheduler.prefilling == streams  # nothing decodes yet: all queued for packed reads
+    engine.step()
+    assert packed == [2] and engine.scheduler.prefilling == streams[2:]
+    engine.step()  # two streams decode now: the other two are read in the decode batch
+    assert packed == [2] and not engine.scheduler.prefilling
+    assert set(streams[2:]) <= engine.stepper.batch.prompting
+    engine.run(streams)
+    assert packed == [2]
+    for stream, prompt in zip(streams, prompts):
+        assert stream.token_ids == alone(model, prompt, 6, GREEDY)
+
+    begun = on_device_engine(model, slots=3, max_prefill_tokens=8, decode_prompt_tokens=8)
+    packed = packed_steps(begun, monkeypatch)
+    first = begun.session().generate(6, GREEDY, prompt="abcd")
+    long = begun.session().generate(6, GREEDY, prompt="abcdefghijkl")  # 4 of its 12 tokens in step 1
+    begun.step()
+    assert begun.scheduler.prefilling == [long] and len(long.pending) == 8
+    begun.step()  # 8 left (<= decode_prompt_tokens), but its packed read has begun: it stays packed
+    assert packed == [2, 1] and not begun.scheduler.prefilling
+    begun.run([first, long])
+    assert long.token_ids == alone(model, "abcdefghijkl", 6, GREEDY)

@@ -10,7 +10,9 @@ by a generating session means waiting. Each step decodes every decoding stream f
 feeds prompt chunks up to `max_prefill_tokens` tokens in all, oldest prompt first, so new
 requests never stall the running ones for more than one budget's worth of tokens. A short
 prompt admitted while streams decode skips the prefilling list: it joins the decode batch and
-is read there one token per step (Stepper.takes_prompt), stalling nobody.
+is read there one token per step (Stepper.takes_prompt), stalling nobody; so does a short
+prompt still queued for a packed read, untouched, once streams decode (a burst into an idle
+engine: the first step's budget is read packed, the rest in the decode batch).
 
 While an operation of the engine's own waits for a slot (`hold()`), nothing is admitted: the
 running streams finish and free their slots for it.
@@ -42,6 +44,7 @@ class Scheduler:
         self.config = config
         self.waiting: deque[GenerationStream] = deque()
         self.prefilling: list[GenerationStream] = []
+        self._fed: set[GenerationStream] = set()  # prefilling streams that got a chunk already
         self._holds = 0  # operations waiting for a slot: no admissions meanwhile
 
     @property
@@ -66,6 +69,7 @@ class Scheduler:
             self.waiting.remove(stream)
         elif stream in self.prefilling:
             self.prefilling.remove(stream)
+            self._fed.discard(stream)
         else:
             self.stepper.leave(stream)
 
@@ -123,6 +127,7 @@ class Scheduler:
     def prefill_chunks(self) -> list[StepItem]:
         """This step's prompt chunks, max_prefill_tokens in all; a stream whose prompt is read
         moves to the decode batch (the stepper moves it once the chunk is fed)."""
+        self._join_decoding()
         budget, items = self.config.max_prefill_tokens, []
         for stream in list(self.prefilling):
             if budget <= 0:
@@ -132,6 +137,19 @@ class Scheduler:
             items.append((stream, stream.pending[:size]))
             del stream.pending[:size]
             budget -= size
+            self._fed.add(stream)
             if not stream.pending:
                 self.prefilling.remove(stream)
+                self._fed.discard(stream)
         return items
+
+    def _join_decoding(self) -> None:
+        """Short prompts queued for a packed read while nothing decoded (e.g. a burst of requests
+        into an idle engine, more than one step's budget) join the decode batch as soon as other
+        streams decode, to be read there one token per step: the streams that started decoding
+        are then not held up by packed forwards of the rest. A prompt whose reading has begun
+        stays packed."""
+        for stream in list(self.prefilling):
+            if stream not in self._fed and self.stepper.takes_prompt(stream):
+                self.prefilling.remove(stream)
+                self.stepper.join(stream)
