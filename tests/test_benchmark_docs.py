@@ -66,6 +66,7 @@ WRITERS = {
     "serving-warmup-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-clients-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-gcfreeze-h200": lambda d, _: bench("bench_server").markdown(d),
+    "serving-8api-aiohttp-h200": lambda d, _: bench("bench_server").markdown(d),
     "decode-batched-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-gemv-h200": lambda d, _: bench("bench_decode").markdown(d),
     "gemv-h200": lambda d, _: bench("bench_gemv").markdown(d),
