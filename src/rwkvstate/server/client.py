@@ -39,6 +39,7 @@ class CoreClient:
         self.welcome: m.Welcome | None = None  # the latest answer of a core: model info and incarnation
         self.stats: dict = {}
         self.connected = False
+        self._answered = False  # a Welcome came since the latest connection: requests go to a known core
         self._requests: dict[int, asyncio.Queue] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -47,7 +48,10 @@ class CoreClient:
 
     @property
     def alive(self) -> bool:
-        return self.connected and self.welcome is not None
+        """Connected, and the core at the other end has said who it is. A request sent after a
+        reconnection but before the new core's Welcome would be failed by that Welcome (a new
+        incarnation ends everything in flight), so until then the engine counts as not running."""
+        return self.connected and self._answered and self.welcome is not None
 
     async def start(self, timeout: float = 600.0) -> None:
         self._socket = self.context.socket(zmq.DEALER)
@@ -147,6 +151,7 @@ class CoreClient:
             elif isinstance(msg, m.Welcome):
                 self._on_incarnation(msg.incarnation)
                 self.welcome, self.stats = msg, msg.stats
+                self._answered = True
                 self._welcomed.set()
 
     def _on_incarnation(self, incarnation: str) -> None:
@@ -158,7 +163,7 @@ class CoreClient:
         while True:
             event = await recv_monitor_message(monitor)
             if event["event"] == zmq.EVENT_CONNECTED:
-                self.connected = True
+                self.connected, self._answered = True, False
                 self._send(m.Hello())
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected = False
