@@ -537,6 +537,12 @@ def markdown(r: dict) -> str:
             out.append(f"| {row['streams']} | {row['ttft_p50_ms']:.1f} / {row['ttft_p99_ms']:.1f} | "
                        f"{pair(row, 'request_to_engine')} | {pair(row, 'engine_first_token')} | "
                        f"{row['itl_p50_ms']:.2f} / {row['itl_p99_ms']:.2f} | {pair(row, 'engine_token_gap')} |")
+    if any(row.get("engine_core_step_p99_ms") is not None for row in r["rows"]):
+        loop = ", ".join(f"{row['engine_core_step_p50_ms']:.2f} / {row['engine_core_step_p99_ms']:.2f} and "
+                         f"{row['engine_core_between_steps_p50_ms']:.2f} / {row['engine_core_between_steps_p99_ms']:.2f} ms at "
+                         f"{row['streams']} streams" for row in r["rows"] if row.get("engine_core_step_p99_ms") is not None)  # fmt: skip
+        out += ["", f"The engine core's loop, p50 / p99: each engine step and the rest of its iteration (requests in, "
+                    f"token messages out): {loop}."]  # fmt: skip
     if any(row.get("engine_gc_pause_count") is not None for row in r["rows"]):
         gcs = ", ".join(f"{row['engine_gc_pause_count']:,} at {row['streams']} streams ({row['engine_gc_pause_over_5ms']} "
                         f"longer than 5 ms)" for row in r["rows"])  # fmt: skip

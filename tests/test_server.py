@@ -189,7 +189,9 @@ def test_metrics_latency_histograms(server):
     wall = time.monotonic() - start
     after = latency_counts(server)
     delta = {k: (after[k][0] - before.get(k, (0.0, 0.0))[0], after[k][1] - before.get(k, (0.0, 0.0))[1]) for k in after}
-    assert set(delta) == {"request_to_engine", "engine_first_token", "engine_token_gap", "engine_gc_pause"}
+    assert set(delta) == {"request_to_engine", "engine_first_token", "engine_token_gap", "engine_gc_pause", "engine_core_step",
+                          "engine_core_between_steps"}  # fmt: skip
+    assert delta["engine_core_step"][0] == delta["engine_core_between_steps"][0] >= 5  # at least one step per token
     assert delta["request_to_engine"][0] == delta["engine_first_token"][0] == 3
     assert 0 < delta["engine_token_gap"][0] <= 3 * 4  # at most one message per token after the first
     assert all(0 <= total < wall for _, total in delta.values())

@@ -192,13 +192,23 @@ class EngineCore:
         self._stopping = True
 
     def _iteration(self) -> None:
-        self._receive(block=not self.engine.has_work)
+        idle = not self.engine.has_work
+        start = time.perf_counter()
+        self._receive(block=idle)
+        if idle:  # the wait for a first request is not time between steps
+            start = time.perf_counter()
         self._run_local()
         self._expire()
-        if self.engine.has_work:
+        stepped = self.engine.has_work
+        if stepped:
+            before = time.perf_counter()
             self._step()
+            after = time.perf_counter()
         self._collect()
         self._flush()
+        if stepped:
+            self.latency["engine_core_step"].observe(after - before)
+            self.latency["engine_core_between_steps"].observe(time.perf_counter() - after + before - start)
 
     def _receive(self, block: bool) -> None:
         if not self.socket.poll(IDLE_POLL_MS if block else 0):

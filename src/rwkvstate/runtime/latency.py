@@ -11,6 +11,10 @@ upper bound, a sum), sent to the API processes with the core's stats.
                         produced tokens in)
     engine_gc_pause     each collection of Python's garbage collector in the core's process
                         (every stream waits while it runs)
+    engine_core_step    each engine step of the core's loop: admissions, the forward (a decode
+                        graph replay or a packed forward), sampling, the step's bookkeeping
+    engine_core_between_steps  the rest of each loop iteration that stepped: receiving requests and
+                        sending the step's token messages
 
 Python's collector walks every tracked object of a generation; a full collection over the
 objects of torch, Triton and a loaded model took about 80 ms on a 2-core machine, long enough to
@@ -34,6 +38,8 @@ HISTOGRAMS = {  # name -> help text
     "engine_first_token": "seconds from the engine core receiving a generation request to its first token leaving the core",
     "engine_token_gap": "seconds between consecutive token messages of one request, leaving the engine core",
     "engine_gc_pause": "seconds of each Python garbage collection in the engine core's process",
+    "engine_core_step": "seconds of each engine step in the engine core (admissions, forward, sampling, bookkeeping)",
+    "engine_core_between_steps": "seconds of each engine core loop iteration outside its engine step (requests in, tokens out)",
 }
 
 
