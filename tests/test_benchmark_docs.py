@@ -67,6 +67,8 @@ WRITERS = {
     "serving-clients-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-gcfreeze-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-8api-aiohttp-h200": lambda d, _: bench("bench_server").markdown(d),
+    "serving-scheduler-h200": lambda d, _: bench("bench_server").markdown(d),
+    "serving-8api-loop-h200": lambda d, _: bench("bench_server").markdown(d),
     "decode-batched-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-gemv-h200": lambda d, _: bench("bench_decode").markdown(d),
     "gemv-h200": lambda d, _: bench("bench_gemv").markdown(d),
