@@ -17,13 +17,11 @@ the format's measured error.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
-from .snapshot import Encoded, default_group, empty_encoded, is_quantized
+from .snapshot import Encoded, default_group, empty_encoded
 
 
 @dataclass
@@ -53,8 +51,6 @@ class StateHistory:
         self.has_logits = [[False] * self.entries for _ in range(pool.num_slots)]
         self.records = 0
         self.restores = 0
-        # records whose bytes are not written yet (inside `deferred`): (slot, index, logits or None)
-        self._pending: list[tuple[int, int, torch.Tensor | None]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -78,52 +74,12 @@ class StateHistory:
         own = range(self.capacity, self.entries) if mark and self.marks else range(self.capacity)
         i = self._victim(slot, own)
         index = self._index(slot, i)
-        if self._pending is not None:
-            self._pending.append((slot, index, logits))
-        else:
-            self.pool.encode_slot(slot, self.fmt, out=self.states[index])
-            if logits is not None:
-                self.logits[index].copy_(logits)
+        self.pool.encode_slot(slot, self.fmt, out=self.states[index])
+        if logits is not None:
+            self.logits[index].copy_(logits)
         self.positions[slot][i] = position
         self.has_logits[slot][i] = logits is not None
         self.records += 1
-
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Records made inside the block are booked at once but their bytes are copied when it
-        ends, all of them in one gather and one scatter (and one for their logits) instead of
-        two copies per record: for a step in which many streams pass a cut. The recorded slots'
-        states must not change inside the block (reading an entry back writes what is pending
-        first). Formats that quantise, and pools that keep a slot in several blocks, copy one
-        record at a time as outside the block."""
-        if self._pending is not None or is_quantized(self.fmt) or self.pool.layout_name != "contiguous":
-            yield  # nested, or nothing to gain
-            return
-        self._pending = []
-        try:
-            yield
-        finally:
-            self._write_pending()
-
-    def _write_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if not pending:
-            return
-        device = self.states.data.device
-        slots = torch.tensor([p[0] for p in pending], device=device)
-        index = torch.tensor([p[1] for p in pending], device=device)
-        rows = self.pool.data.view(self.pool.data.shape[0], -1).index_select(0, slots)
-        self.states.data.index_copy_(0, index, rows.to(self.states.data.dtype))
-        with_logits = [(i, logits) for _, i, logits in pending if logits is not None]
-        if with_logits:
-            where = torch.tensor([i for i, _ in with_logits], device=device)
-            self.logits.index_copy_(0, where, torch.stack([logits for _, logits in with_logits]).float())
-
-    def _settle(self) -> None:
-        """Writes pending records before an entry is read (inside `deferred`)."""
-        if self._pending:
-            self._write_pending()
-            self._pending = []
 
     def _victim(self, slot: int, own: range) -> int:
         """The entry of `own` a record overwrites: a free one (never used, or freed by a
@@ -141,7 +97,6 @@ class StateHistory:
 
     def restore(self, slot: int, i: int) -> tuple[int, torch.Tensor | None]:
         """Writes entry i back into the slot; returns (position, logits view or None)."""
-        self._settle()
         index = self._index(slot, i)
         self.pool.load_encoded(slot, self.states[index])
         self.restores += 1
@@ -159,7 +114,6 @@ class StateHistory:
 
     def get_recent(self, slot: int, n: int | None = None) -> list[HistoryEntry]:
         """Views of the slot's newest n entries (all when n is None), newest first."""
-        self._settle()
         order = sorted((p, i) for i, p in enumerate(self.positions[slot]) if p >= 0)[::-1]
         out = []
         for p, i in order[:n]:
