@@ -69,6 +69,7 @@ WRITERS = {
     "serving-8api-aiohttp-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-scheduler-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-8api-loop-h200": lambda d, _: bench("bench_server").markdown(d),
+    "serving-deferred-history-h200": lambda d, _: bench("bench_server").markdown(d),
     "decode-batched-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-gemv-h200": lambda d, _: bench("bench_decode").markdown(d),
     "gemv-h200": lambda d, _: bench("bench_gemv").markdown(d),
