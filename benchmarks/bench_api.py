@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_server import Server, fire, server_level  # noqa: E402
+from bench_server import LoadClient, Server, fire, server_level  # noqa: E402
 from common import write_results  # noqa: E402
 
 from rwkvstate.runtime import messages as m  # noqa: E402
@@ -237,6 +237,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the parsers")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
+    unknown = [kind for kind in args.load_clients if kind not in LoadClient.KINDS]
+    if unknown:  # checked here: a load generator that fails to start would leave the run waiting for it
+        parser.error(f"--load-clients: unknown {', '.join(unknown)} (known: {', '.join(LoadClient.KINDS)})")
     multiprocessing.set_start_method("spawn", force=True)
     result = run(args)
     write_results(args.out, result, markdown(result))

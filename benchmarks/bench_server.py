@@ -643,6 +643,9 @@ def main(argv=None) -> dict:
                              "with each in turn and the first one's figures fill the main table")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)
+    unknown = [kind for kind in args.load_clients if kind not in LoadClient.KINDS]
+    if unknown:  # checked here: a load generator that fails to start would leave the run waiting for it
+        parser.error(f"--load-clients: unknown {', '.join(unknown)} (known: {', '.join(LoadClient.KINDS)})")
     result = run(args)
     write_results(args.out, result, markdown(result))
     if args.out:
