@@ -165,7 +165,6 @@ def test_a_prompting_stream_cancelled_halfway_leaves_the_batch_clean(model):
     assert follow.token_ids == alone(model, "next", 6, GREEDY)
 
 
-
 def test_queued_short_prompts_join_the_decode_batch_once_streams_decode(model, monkeypatch):
     """A burst into an idle engine: the first step reads its budget packed; the short prompts
     still queued then join the decode batch instead of more packed steps, which would hold up
