@@ -61,6 +61,7 @@ WRITERS = {
     "serving-batched-h200": lambda d, _: bench("bench_server").markdown(d),
     "api-parsers-cpu": lambda d, _: bench("bench_api").markdown(d),
     "api-clients-cpu": lambda d, _: bench("bench_api").markdown(d),
+    "api-requests-cpu": lambda d, _: bench("bench_api").markdown(d),
     "serving-stages-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-8lg-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-warmup-h200": lambda d, _: bench("bench_server").markdown(d),
