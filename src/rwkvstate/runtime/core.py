@@ -200,15 +200,12 @@ class EngineCore:
         self._run_local()
         self._expire()
         stepped = self.engine.has_work
-        if stepped:
-            before = time.perf_counter()
-            self._step()
-            after = time.perf_counter()
+        took = self._step() if stepped else 0.0
         self._collect()
         self._flush()
         if stepped:
-            self.latency["engine_core_step"].observe(after - before)
-            self.latency["engine_core_between_steps"].observe(time.perf_counter() - after + before - start)
+            self.latency["engine_core_step"].observe(took)
+            self.latency["engine_core_between_steps"].observe(time.perf_counter() - start - took)
 
     def _receive(self, block: bool) -> None:
         if not self.socket.poll(IDLE_POLL_MS if block else 0):
@@ -258,9 +255,9 @@ class EngineCore:
             except Exception:
                 log.exception("a local call in the engine core failed")
 
-    def _step(self) -> None:
-        """One engine step. A stream that fails in it ends alone ("error"); a step that raises
-        anyway without ending a stream ends every running one."""
+    def _step(self) -> float:
+        """One engine step; returns the seconds it took. A stream that fails in it ends alone
+        ("error"); a step that raises anyway without ending a stream ends every running one."""
         start = time.perf_counter()
         try:
             self.engine.step()
@@ -268,11 +265,13 @@ class EngineCore:
             if took > SLOW_STEP_S:
                 log.warning("an engine step took %.2f s (%d streams generating, %d waiting)", took,
                             self.engine.num_generating, self.engine.num_waiting)  # fmt: skip
+            return took
         except Exception:
             log.exception("an engine step failed")
             if not any(job.stream.done for job in self.jobs.values()):
                 for job in self.jobs.values():
                     job.stream.finish("error")
+        return time.perf_counter() - start
 
     # ---- generation requests -------------------------------------------------------------------
     def _generate(self, client: bytes, msg: m.Generate) -> None:
