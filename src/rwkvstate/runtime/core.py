@@ -3,7 +3,8 @@
 One core serves one or more API server processes over a ZeroMQ ROUTER socket (msgpack
 messages, runtime/messages.py). Its loop:
 
-    receive (requests, cancellations, stops, session operations, pings)
+    receive (requests, cancellations, stops, session operations, pings; while streams generate,
+             for at most RECEIVE_BUDGET_S, so a burst of requests is admitted over several steps)
     -> end requests that were cancelled or ran out of time
     -> engine.step() (the scheduler admits, decodes, feeds prompt chunks)
     -> one message per API process: every stream's new token ids and finish reasons
@@ -56,6 +57,10 @@ from .sampling import SamplingParams
 log = logging.getLogger("rwkvstate.core")
 
 IDLE_POLL_MS = 50  # how long the loop blocks on the socket when the engine has nothing to do
+# while streams generate, one iteration handles messages for at most this long and leaves the rest
+# in the socket for the next: a burst of new requests is admitted over several steps instead of
+# holding every running stream's next token for all of it
+RECEIVE_BUDGET_S = 0.001
 SLOW_STEP_S = 0.5  # an engine step longer than this is logged (every stream of the engine waited that long)
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this window
 
@@ -208,11 +213,14 @@ class EngineCore:
             self.latency["engine_core_between_steps"].observe(time.perf_counter() - start - took)
 
     def _receive(self, block: bool) -> None:
+        """Handles the messages waiting (after waiting for one when block); with work running,
+        at least one and then more for at most RECEIVE_BUDGET_S."""
         if not self.socket.poll(IDLE_POLL_MS if block else 0):
             if block and self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.error("the process that started this engine core is gone; stopping")
                 self.stop()
             return
+        until = time.perf_counter() + RECEIVE_BUDGET_S
         while True:
             try:
                 client, payload = self.socket.recv_multipart(zmq.NOBLOCK)
@@ -222,6 +230,8 @@ class EngineCore:
                 self._handle(client, m.decode_to_core(payload))
             except Exception:
                 log.exception("a message from an API process could not be handled")
+            if self.engine.has_work and time.perf_counter() >= until:
+                return
 
     def _handle(self, client: bytes, msg) -> None:
         if isinstance(msg, m.Generate):

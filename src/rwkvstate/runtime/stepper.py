@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, ContextManager
 
 import torch
 
@@ -219,9 +220,16 @@ class Stepper:
         if copied is not None:
             copied.synchronize()
         _, ended, prompts = self._take(streams, host[: len(streams)].tolist())
-        for stream in prompts:  # the graph fed each one's next prompt token
-            self._prompt_chunk_done(stream, resident_slot(stream), [stream.pending.pop(0)], cuts_only=True)
-        self._end_decode(ended)
+        with self._records_batched():
+            for stream in prompts:  # the graph fed each one's next prompt token
+                self._prompt_chunk_done(stream, resident_slot(stream), [stream.pending.pop(0)], cuts_only=True)
+            self._end_decode(ended)
+
+    def _records_batched(self) -> ContextManager[None]:
+        """History records of a step's bookkeeping (after its forward, before the next one),
+        written together when the block ends (StateHistory.deferred)."""
+        history = self.timeline.history
+        return nullcontext() if history is None else history.deferred()
 
     def _prompt_items(self, streams: list[GenerationStream]) -> list[StepItem]:
         """Prompting streams of the decode batch whose next token a step feeds on the host: each
@@ -255,7 +263,8 @@ class Stepper:
             self._end_decode(ended)
             raise
         if streams:
-            self._end_decode(ended)
+            with self._records_batched():
+                self._end_decode(ended)
 
     def _run_alone(self, items: list[StepItem]) -> None:
         """After a packed forward raised (and its states were rebuilt): each item runs alone, so
@@ -315,9 +324,10 @@ class Stepper:
         else:
             logits = self.model.forward(self.pool, slots, [ids for _, ids in items], output="last")
         self.residency.logits[slots] = logits
-        for (stream, ids), slot in zip(items, slots):
-            if stream.start_position is None:  # a prompt chunk
-                self._prompt_chunk_done(stream, slot, ids)
+        with self._records_batched():
+            for (stream, ids), slot in zip(items, slots):
+                if stream.start_position is None:  # a prompt chunk
+                    self._prompt_chunk_done(stream, slot, ids)
 
     def _prompt_chunk_done(self, stream: GenerationStream, slot: int, ids: list[int], cuts_only: bool = False) -> None:
         session = stream.session

@@ -17,11 +17,15 @@ the format's measured error.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
-from .snapshot import Encoded, default_group, empty_encoded
+from .snapshot import Encoded, default_group, empty_encoded, is_quantized
+
+GATHER_ROWS = 32  # slots a deferred write gathers at once
 
 
 @dataclass
@@ -51,6 +55,8 @@ class StateHistory:
         self.has_logits = [[False] * self.entries for _ in range(pool.num_slots)]
         self.records = 0
         self.restores = 0
+        # records whose bytes are not written yet (inside `deferred`): (slot, index, logits or None)
+        self._pending: list[tuple[int, int, torch.Tensor | None]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -74,12 +80,64 @@ class StateHistory:
         own = range(self.capacity, self.entries) if mark and self.marks else range(self.capacity)
         i = self._victim(slot, own)
         index = self._index(slot, i)
-        self.pool.encode_slot(slot, self.fmt, out=self.states[index])
-        if logits is not None:
-            self.logits[index].copy_(logits)
+        if self._pending is not None:
+            self._pending.append((slot, index, logits))
+        else:
+            self.pool.encode_slot(slot, self.fmt, out=self.states[index])
+            if logits is not None:
+                self.logits[index].copy_(logits)
         self.positions[slot][i] = position
         self.has_logits[slot][i] = logits is not None
         self.records += 1
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Records made inside the block are booked at once but their bytes are copied when it
+        ends, all of them in one gather and one scatter (and one for their logits) instead of
+        two copies per record: for a step in which many streams pass a cut. The recorded slots'
+        states must not change inside the block (reading an entry back writes what is pending
+        first). Formats that quantise, and pools that keep a slot in several blocks, copy one
+        record at a time as outside the block."""
+        if self._pending is not None or is_quantized(self.fmt) or self.pool.layout_name != "contiguous":
+            yield  # nested, or nothing to gain
+            return
+        self._pending = []
+        try:
+            yield
+        finally:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if not pending:
+            return
+        slots = self._on_device([p[0] for p in pending])
+        index = self._on_device([p[1] for p in pending])
+        rows = self.pool.data.view(self.pool.data.shape[0], -1)
+        for start in range(0, len(pending), GATHER_ROWS):  # bounded scratch: a slot can be megabytes
+            part = slice(start, start + GATHER_ROWS)
+            self.states.data.index_copy_(0, index[part], rows.index_select(0, slots[part]).to(self.states.data.dtype))
+        with_logits = [(i, logits) for _, i, logits in pending if logits is not None]
+        if with_logits:
+            where = self._on_device([i for i, _ in with_logits])
+            self.logits.index_copy_(0, where, torch.stack([logits for _, logits in with_logits]).float())
+
+    def _on_device(self, values: list[int]) -> torch.Tensor:
+        """An index tensor on the ring's device, without waiting for the work queued there: staged
+        in pinned memory and copied asynchronously (a plain copy from pageable memory would
+        synchronise with the queued forward). PyTorch's pinned allocator keeps the staging
+        buffer until the copy has run."""
+        host = torch.tensor(values, dtype=torch.int64)
+        device = self.states.data.device
+        if device.type != "cuda":
+            return host.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
+
+    def _settle(self) -> None:
+        """Writes pending records before an entry is read (inside `deferred`)."""
+        if self._pending:
+            self._write_pending()
+            self._pending = []
 
     def _victim(self, slot: int, own: range) -> int:
         """The entry of `own` a record overwrites: a free one (never used, or freed by a
@@ -97,6 +155,7 @@ class StateHistory:
 
     def restore(self, slot: int, i: int) -> tuple[int, torch.Tensor | None]:
         """Writes entry i back into the slot; returns (position, logits view or None)."""
+        self._settle()
         index = self._index(slot, i)
         self.pool.load_encoded(slot, self.states[index])
         self.restores += 1
@@ -114,6 +173,7 @@ class StateHistory:
 
     def get_recent(self, slot: int, n: int | None = None) -> list[HistoryEntry]:
         """Views of the slot's newest n entries (all when n is None), newest first."""
+        self._settle()
         order = sorted((p, i) for i, p in enumerate(self.positions[slot]) if p >= 0)[::-1]
         out = []
         for p, i in order[:n]:
