@@ -74,6 +74,11 @@ def test_several_channel_blocks_and_bad_input():
     x = mixes(3, 72, torch.float32, seed=4)
     for g, w in zip(lo.lora_triton(x, pack, block_c=16), lo.lora_reference(x, pack)):  # 5 blocks, the last partial
         assert rel_err(g, w) <= 1e-5
+    # wider steps: over C (32 and 64 channels, the last step partial) and over a chain's rows (32
+    # and 64: steps that run past a 16-row chain into the next chain's rows, which must be masked)
+    for down_c, up_r in ((32, 32), (64, 64)):
+        for g, w in zip(lo.lora_triton(x, pack, down_block_c=down_c, up_block_r=up_r), lo.lora_reference(x, pack)):
+            assert rel_err(g, w) <= 1e-5
     with pytest.raises(ValueError, match="at most 16 rows"):
         lo.lora_triton(mixes(17, 72, torch.float32, seed=5), pack)
     with pytest.raises(ValueError, match="mixed must be"):

@@ -149,13 +149,16 @@ def lora_reference(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
 
 
 # ---- Triton ------------------------------------------------------------------------------------
-# Both kernels pad the T <= 16 token rows to one 16-row tl.dot tile and accumulate in float32.
+# Both kernels pad the T <= 16 token rows to one 16-row tl.dot tile and accumulate in float32. At
+# decode sizes they are latency-bound (a layer's LoRA weights are 1-4 MB, far below what the GPU
+# reads in the time of one dependent load), so each program takes few, wide steps.
 # _lora_down_kernel: grid (row blocks holding weights,); a program owns one row block of the down
 #   stack (one chain: its code gives the mix to read and the activation; the zero blocks that pad a
 #   chain to its group's rank get no program), steps over C by BLOCK_C, and writes
 #   h[:, rows] = act(round(x_mix D_rows^T)), rounded. Reads each weight once.
 # _lora_up_kernel: grid (C / BLOCK_C, S); a program owns channels o_c of chain s's output and sums
-#   h[:, rows] U^T[rows, o_c] over the chain's row blocks, writing out[s, :, o_c] rounded.
+#   h[:, rows] U^T[rows, o_c] over the chain's rows, BLOCK_R at a time (rows past the chain's end,
+#   another chain's, masked), writing out[s, :, o_c] rounded.
 if HAS_TRITON:
     from .channel_mix import _dot, _rows_times_weight_t  # float32 products (IEEE where needed)
     from .wkv7 import _round_nearest
@@ -192,16 +195,27 @@ if HAS_TRITON:
         b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for r0 in range(r_start, r_end, BLOCK_R):
             o_r = r0 + tl.arange(0, BLOCK_R)
-            b_h = tl.load(h + o_t[:, None] * stride_h + o_r[None, :], mask=m_t[:, None], other=0)
-            b_u = tl.load(up_t + o_r[:, None].to(tl.int64) * C + o_c[None, :], mask=m_c[None, :], other=0)
+            m_r = o_r < r_end
+            b_h = tl.load(h + o_t[:, None] * stride_h + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0)
+            b_u = tl.load(up_t + o_r[:, None].to(tl.int64) * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0)
             b_acc += _dot(b_h, b_u, IEEE)
         p_o = out + i_s * stride_os + o_t[:, None] * stride_ot + o_c[None, :]
         tl.store(p_o, _round_nearest(b_acc, out.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
-def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None) -> list[torch.Tensor]:
+# launch configuration: on an H200 (benchmarks/bench_lora.py) one layer's chains took 10.1 us at C =
+# 2048 and 16.9 us at C = 4096 with these, 17.9 / 33.2 with steps of 128 channels and 16 rows
+DOWN_BLOCK_C = 1024  # channels per step of a down program
+UP_BLOCK_R = 64  # rows per step of an up program (a multiple of BLOCK_R)
+UP_BLOCK_C = 64  # output channels per up program
+
+
+def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block_c=None,
+                up_block_r=None) -> list[torch.Tensor]:  # fmt: skip
     """Two launches; same arguments and result as lora_reference for T <= 16 rows. block_c
-    overrides the channel block (tests use it to cover several blocks)."""
+    overrides the up kernel's channel block, down_block_c the down kernel's step over C and
+    up_block_r the up kernel's step over a chain's rows (tests use them to cover several blocks;
+    benchmarks/bench_lora.py compares them)."""
     K, T, C = mixed.shape
     if T > MAX_ROWS:
         raise ValueError(f"the Triton LoRA kernels take at most {MAX_ROWS} rows, got {T}")
@@ -214,14 +228,15 @@ def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None) -> list[to
         return list(out.unbind(0))
     ieee = mixed.dtype == torch.float32 or (mixed.dtype == torch.bfloat16 and is_interpreting())
     h = torch.empty(T, pack.down.shape[0], dtype=mixed.dtype, device=mixed.device)
+    down_c = max(16, min(down_block_c or DOWN_BLOCK_C, triton.next_power_of_2(C)))
     _lora_down_kernel[(pack.block_codes.shape[0],)](
         mixed, pack.down, pack.block_codes, h, T, C, mixed.stride(0), mixed.stride(1), h.stride(0),
-        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=128, IEEE=ieee, num_warps=4,
+        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=down_c, IEEE=ieee, num_warps=4,
     )  # fmt: skip
-    block_c = block_c or min(128, triton.next_power_of_2(C))
+    block_c = block_c or min(UP_BLOCK_C, triton.next_power_of_2(C))
     _lora_up_kernel[(triton.cdiv(C, block_c), S)](
         h, pack.up_t, pack.bounds, out, T, C, h.stride(0), out.stride(0), out.stride(1),
-        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=block_c, IEEE=ieee, num_warps=4,
+        BLOCK_T=MAX_ROWS, BLOCK_R=up_block_r or UP_BLOCK_R, BLOCK_C=block_c, IEEE=ieee, num_warps=4,
     )  # fmt: skip
     return list(out.unbind(0))
 

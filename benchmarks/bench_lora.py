@@ -1,0 +1,127 @@
+"""The time mix's low-rank chains at decode batch sizes on a GPU: the two Triton kernels
+(ops/lora.py) in several launch configurations (the down kernel's step over C, the up kernel's
+step over a chain's rows and its channel block), the batched GEMMs and the torch chains, at the
+ranks of the released 1.5B and 7.2B models.
+
+    python benchmarks/bench_lora.py --out docs/benchmarks/lora-h200
+
+One layer's four chains (v, w, a, g; ranks 64/96/96/256 at C = 2048, 96/128/128/480 at C = 4096)
+at batch B = 1, 2, 4, 8, 16 in fp16. Packs rotated through at least ROTATE_BYTES (several times
+the 50 MB L2 of an H200), one call per pack captured in one CUDA graph (bench_gemv's timer).
+Bytes per call = both stacks + the six mixes read + the four outputs written; the floor is those
+bytes over the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import bench_gemv  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_decode import copy_bandwidth  # noqa: E402
+from bench_gemv import nbytes, time_call  # noqa: E402
+from common import MAX_SPREAD, write_results  # noqa: E402
+from rwkvstate.ops import lora as lo
+
+SHAPES = {"1.5B": (2048, (64, 96, 96, 256)), "7.2B": (4096, (96, 128, 128, 480))}
+CHAINS = ((2, "none"), (3, "tanh"), (4, "none"), (5, "sigmoid"))  # (mix, activation) of v, w, a, g
+ROTATE_BYTES = 256 * 2**20
+# Triton launch configurations, "down_block_c:up_block_r:up_block_c"; the first is the default's
+CONFIGS = ["128:16:128", "256:16:128", "512:16:128", "512:32:64", "512:64:64", "512:64:128", "1024:64:64",
+           "256:64:64"]  # fmt: skip
+
+
+def triton_call(config: str):
+    down_c, up_r, up_c = (int(v) for v in config.split(":"))
+    return lambda x, p: lo.lora_triton(x, p, down_block_c=down_c, up_block_r=up_r, block_c=up_c)
+
+
+BACKENDS = {"bmm": lo.lora_bmm, "torch": lo.lora_reference}
+
+
+def packs(C: int, ranks, dtype, count: int) -> list[lo.LoraPack]:
+    device = bench_gemv.DEVICE
+    return [lo.pack_lora((m, act, torch.randn(r, C, device=device, dtype=dtype) * C**-0.5,
+                          torch.randn(C, r, device=device, dtype=dtype) * r**-0.5) for (m, act), r in zip(CHAINS, ranks))
+            for _ in range(count)]  # fmt: skip
+
+
+def run(args) -> dict:
+    device = bench_gemv.DEVICE
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    bandwidth = copy_bandwidth(device)
+    print(f"{card}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    for shape in args.shapes:
+        C, ranks = SHAPES[shape]
+        one = packs(C, ranks, args.dtype, 1)[0]
+        copies = max(2, -(-ROTATE_BYTES // nbytes(one.down, one.up_t)))
+        all_packs = packs(C, ranks, args.dtype, copies)
+        for batch in args.batches:
+            x = torch.randn(6, batch, C, device=device, dtype=args.dtype)
+            moved = nbytes(one.down, one.up_t, x) + len(CHAINS) * batch * C * x.element_size()
+            want = lo.lora_reference(x, all_packs[0])
+            for name in [f"triton {c}" for c in args.configs] + args.backends:
+                fn = triton_call(name.split()[1]) if name.startswith("triton ") else BACKENDS[name]
+                got = fn(x, all_packs[0])
+                err = max(float((g.float() - w.float()).norm() / w.float().norm()) for g, w in zip(got, want))
+                t = time_call(lambda p: fn(x, p), all_packs, args)
+                floor_us = moved / bandwidth * 1e6
+                print(f"  {shape} B={batch:<2} {name:<22} {t['us']:8.2f} us  floor {floor_us:5.2f} us  rel err {err:.1e}"
+                      + ("  UNSTABLE" if t["unstable"] else ""), flush=True)  # fmt: skip
+                rows.append({"shape": shape, "batch": batch, "backend": name, **t, "bytes": moved,
+                             "floor_us": floor_us, "rel_err_vs_torch": err})  # fmt: skip
+        del all_packs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "dtype": str(args.dtype).removeprefix("torch."),
+            "copy_bandwidth_bytes_per_s": bandwidth, "rotate_bytes": ROTATE_BYTES,
+            "method": {"timer": "CUDA-graph replay of one call per pack copy, wall clock, device synchronised",
+                       "repeats": args.repeats, "calls": args.calls, "max_spread": args.max_spread},
+            "rows": rows}  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    names = list(dict.fromkeys(r["backend"] for r in result["rows"]))
+    out = [f"# LoRA chains at decode batch sizes, {result['card']}, {result['date']}", "",
+           f"torch {result['torch']}, Triton {result['triton']}, {result['dtype']}; copy bandwidth "
+           f"{result['copy_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s. One layer's four chains; packs rotated "
+           f"through {result['rotate_bytes'] >> 20} MiB; microseconds per call (floor: bytes / copy bandwidth). "
+           "`triton D:R:N`: the down kernel steps over C by D channels, the up kernel over a chain's rows by R, "
+           "N output channels per up program.", "",
+           "| shape | batch | floor us | " + " | ".join(f"{n} us" for n in names) + " |",
+           "|---|---|---|" + "---|" * len(names)]  # fmt: skip
+    by = {(r["shape"], r["batch"], r["backend"]): r for r in result["rows"]}
+    for shape, batch in dict.fromkeys((r["shape"], r["batch"]) for r in result["rows"]):
+        cells = [f"{by[shape, batch, n]['us']:.2f}" + (" (unstable)" if by[shape, batch, n]["unstable"] else "")
+                 for n in names]  # fmt: skip
+        out.append(f"| {shape} | {batch} | {by[shape, batch, names[0]]['floor_us']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 2, 4, 8, 16])
+    parser.add_argument("--configs", type=lambda s: [c for c in s.split(",") if c], default=CONFIGS,
+                        help="Triton launch configurations down_block_c:up_block_r:up_block_c")
+    parser.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b], default=list(BACKENDS))
+    parser.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float16)
+    parser.add_argument("--calls", type=int, default=20, help="timed graph replays per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-spread", type=float, default=MAX_SPREAD)
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
+    result = run(args)
+    write_results(args.out, result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()
