@@ -79,6 +79,8 @@ WRITERS = {
     "decode-lora-512-64-64-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-lora-1024-64-64-h200": lambda d, _: bench("bench_decode").markdown(d),
     "peers-ours-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "serving-reuseport-h200": lambda d, _: bench("bench_server").markdown(d),
+    "serving-reuseport-4api-h200": lambda d, _: bench("bench_server").markdown(d),
     "decode-batched-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-gemv-h200": lambda d, _: bench("bench_decode").markdown(d),
     "gemv-h200": lambda d, _: bench("bench_gemv").markdown(d),

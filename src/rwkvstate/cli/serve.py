@@ -194,20 +194,21 @@ def _convert(action: argparse.Action, value, where: str):
 # ---- running ------------------------------------------------------------------------------------
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """Binds the listening address before the (slow) model load, so a busy port or a bad host
-    is a one-line error at once rather than uvicorn's traceback later."""
+    is a one-line error at once rather than uvicorn's traceback later. reuse_port: with
+    SO_REUSEPORT (Linux), so that each API process can have a socket of its own on the address
+    (server/workers.py)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]  # fmt: skip
     except socket.gaierror as e:
         raise RwkvStateError(f"--host {host!r} is not an address to listen on: {e.strerror}")
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    from ..server.workers import bind_address
+
     try:
-        sock.bind(address)
+        return bind_address(family, kind, proto, address, reuse_port)
     except OSError as e:
-        sock.close()
         if e.errno == errno.EADDRINUSE:
             raise RwkvStateError(f"port {port} on {host} is already in use: stop what is listening there "
                                  f"or pick another --port")  # fmt: skip
@@ -215,7 +216,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
             raise RwkvStateError(f"no permission to listen on port {port} (ports below 1024 need privileges): "
                                  f"pick another --port")  # fmt: skip
         raise RwkvStateError(f"cannot listen on {host}:{port} (--host/--port): {e.strerror}")
-    return sock
 
 
 def cmd_serve(args, load_model, model_spec) -> int:
@@ -245,7 +245,7 @@ def cmd_serve(args, load_model, model_spec) -> int:
         raise RwkvStateError("--ingress-replicas sets the ingresses in front of --replicas; give --replicas too")
     if args.replicas is not None:
         return _serve_replicas(args, config, model_spec)
-    sock = bind_socket(args.host, args.port)
+    sock = bind_socket(args.host, args.port, reuse_port=args.api_processes > 1)
     try:  # the engine core loads the model in a process of its own, unless --in-process-core
         model = load_model(args) if args.in_process_core else model_spec(args)
         serve(model, config, log_level=args.log_level, sockets=[sock])

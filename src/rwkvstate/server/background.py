@@ -3,9 +3,9 @@ and benchmarks).
 
 `serve` with one API process: uvicorn serves one app, whose lifespan starts the engine core
 (a process of its own for a ModelSpec, a thread for a loaded Model) and watches it. With N API
-processes: this process starts and watches the core process, and uvicorn runs N worker
-processes on one listening socket, each building its app from the environment (`worker_app`)
-and connecting to the core.
+processes: this process starts and watches the core process and runs N API processes
+(server/workers.py: on Linux each on a listening socket of its own, bound with SO_REUSEPORT),
+each building its app from the environment (`worker_app`) and connecting to the core.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, replace
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from ..state.layout import dtype_name
 from .app import create_app
@@ -29,6 +28,7 @@ from .config import ServerConfig
 from .http import LIMITS_ENV, WorkerHttpProtocol, limited_protocol
 from .context import core_config, new_address
 from .requestlog import log_startup
+from .workers import ApiWorkers, bind_reusable, listening_sockets
 
 log = logging.getLogger("rwkvstate.server")
 GRACEFUL_SHUTDOWN_S = 10
@@ -101,7 +101,17 @@ def serve(model, config: ServerConfig, log_level: str = "info", sockets=None) ->
                                  port=config.port, workers=config.api_processes, log_level=log_level,
                                  timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                                  **uvicorn_options(config, http=WorkerHttpProtocol))  # fmt: skip
-        Multiprocess(workers, sockets=sockets or [workers.bind_socket()]).run()
+        own = [] if sockets else [bind_reusable(config.host, config.port)]
+        try:
+            given = sockets or own
+            if len(given) == 1:  # more sockets on its address, one per API process, where that balances
+                more = listening_sockets(given[0], config.api_processes)[1:]
+                own += more
+                given = [given[0], *more]
+            ApiWorkers(workers, given).run()
+        finally:
+            for sock in own:
+                sock.close()
     finally:
         if core is not None:
             core.stop()

@@ -1,0 +1,163 @@
+"""N API processes on one port, each accepting connections from a listening socket of its own.
+
+With one listening socket shared by every process, which process accepts a new connection is a
+race that the busiest tends to win: at 256 streams over 4 processes on an H200 the busiest API
+process ran at 0.86 CPU seconds per second and the idlest at 0.23, and the streams of the busiest
+got their tokens late. On Linux every process here gets a socket of its own, bound to the same
+address with SO_REUSEPORT, and the kernel spreads new connections evenly over them (by a hash of
+the connection's addresses). Elsewhere (no SO_REUSEPORT, or one that does not balance) the
+processes share one socket as before.
+
+`ApiWorkers` starts the processes (spawned: each imports the app afresh and runs uvicorn on its
+socket), restarts one that dies (its socket stays open here, so connections that arrive in the
+meantime wait in its backlog instead of being refused), and on SIGINT or SIGTERM stops them all
+(uvicorn's graceful shutdown in each) and returns. A process that fails before it serves (a
+broken app or config) stops the whole server instead of restarting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import sys
+import threading
+
+import uvicorn
+from uvicorn.server import STARTUP_FAILURE
+
+log = logging.getLogger("rwkvstate.server")
+STOP_WAIT_S = 30  # how long stopping waits for a process's graceful shutdown before killing it
+
+
+def balances_connections() -> bool:
+    """Whether sockets bound with SO_REUSEPORT share connections out evenly (Linux)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def reuse_port(sock: socket.socket) -> bool:
+    """Whether sock was bound with SO_REUSEPORT (so that more sockets can join its address)."""
+    return balances_connections() and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+
+
+def bind_address(family: int, kind: int, proto: int, address, reuse_port: bool) -> socket.socket:
+    """A socket bound to address. reuse_port: with SO_REUSEPORT where that balances connections
+    (so that listening_sockets can add more on the address), after a plain bind of a probe that
+    must succeed first: an address where another server listens, with SO_REUSEPORT too, is then
+    refused (EADDRINUSE) instead of joined."""
+    reuse_port = reuse_port and balances_connections()
+    if reuse_port:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_reusable(host: str, port: int) -> socket.socket:
+    """bind_address for host:port, with SO_REUSEPORT where that balances connections."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return bind_address(family, kind, proto, address, reuse_port=True)
+
+
+def listening_sockets(first: socket.socket, count: int) -> list[socket.socket]:
+    """`count` sockets bound to first's address: first and count - 1 more, when first was bound
+    with SO_REUSEPORT; else [first] alone (the processes then share it)."""
+    if count <= 1 or not reuse_port(first):
+        return [first]
+    socks = [first]
+    try:
+        for _ in range(count - 1):
+            sock = socket.socket(first.family, first.type, first.proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(first.getsockname())
+    except OSError:
+        for sock in socks[1:]:
+            sock.close()
+        raise
+    return socks
+
+
+def _serve(config: uvicorn.Config, sock: socket.socket) -> None:
+    """One API process (spawned): uvicorn on its socket, until SIGTERM or SIGINT."""
+    config.configure_logging()  # a spawned process starts with no logging set up
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # a Ctrl-C that reached it outside uvicorn's own handler
+        pass
+
+
+class ApiWorkers:
+    """`config.workers` API processes, spread over `sockets` (one each, or all on one)."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]):
+        if len(sockets) not in (1, config.workers):
+            raise ValueError(f"{config.workers} API processes need 1 or {config.workers} sockets, got {len(sockets)}")
+        self.config = config
+        self.sockets = sockets
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: list = [None] * config.workers
+        self.stopping = threading.Event()
+
+    def socket_of(self, i: int) -> socket.socket:
+        return self.sockets[i % len(self.sockets)]
+
+    def _start(self, i: int) -> None:
+        process = self.context.Process(target=_serve, args=(self.config, self.socket_of(i)), name=f"api-{i}")
+        process.start()
+        self.processes[i] = process
+
+    def run(self) -> None:
+        """Serves until SIGINT or SIGTERM (on the main thread) or stop(), then stops every process."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # else the caller stops it with stop()
+            previous = {sig: signal.signal(sig, lambda *_: self.stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for i in range(len(self.processes)):
+                self._start(i)
+            log.info("%d API processes, %s", len(self.processes),
+                     "each on its own socket (SO_REUSEPORT)" if len(self.sockets) > 1 else "sharing one socket")
+            while not self.stopping.wait(0.5):
+                self._restart_dead()
+        finally:
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _restart_dead(self) -> None:
+        for i, process in enumerate(self.processes):
+            if process.is_alive():
+                continue
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                log.error("API process %d failed to start (exit code %d); stopping the server", i, process.exitcode)
+                self.stopping.set()
+                return
+            log.warning("API process %d (pid %s) ended with exit code %s; starting a new one", i, process.pid,
+                        process.exitcode)  # fmt: skip
+            self._start(i)
+
+    def _stop_all(self) -> None:
+        live = [p for p in self.processes if p is not None and p.is_alive()]
+        for process in live:
+            process.terminate()  # SIGTERM: uvicorn's graceful shutdown
+        for process in live:
+            process.join(STOP_WAIT_S)
+            if process.is_alive():
+                log.warning("API process %s did not stop within %d s; killing it", process.name, STOP_WAIT_S)
+                process.kill()
+                process.join()
