@@ -40,6 +40,8 @@ def test_bench_server_smoke_run(tmp_path):
         for key in ("bare_tokens_per_s", "engine_decode_tokens_per_s", "engine_tokens_per_s", "server_tokens_per_s"):
             assert row[key] > 0, key
         assert row["server_requests"] == row["streams"] and row["ttft_p50_ms"] > 0 and row["itl_p99_ms"] >= 0
+        # the engine at a full batch: the decode steps that carry every stream (at least one does)
+        assert 0 < row["engine_full_batch_steps"] <= row["engine_decode_steps"] and row["engine_full_batch_tokens_per_s"] > 0
         assert row["server_wall_s"] > 0 and row["client_start_spread_ms"] >= 0
         # the core's histograms: every request reached the core and had a first token (same-host clocks)
         assert row["request_to_engine_p50_ms"] >= 0 and row["engine_first_token_p99_ms"] > 0
@@ -53,6 +55,7 @@ def test_bench_server_smoke_run(tmp_path):
         assert other["server_requests"] == row["streams"] and other["server_tokens_per_s"] > 0
     assert result["load_client"] == "aiohttp" and "with httpx load generators" in out.with_suffix(".md").read_text()
     assert "barrier" in result["server_method"]
+    assert "The engine at a full batch" in out.with_suffix(".md").read_text()
     assert "| 2 |" in out.with_suffix(".md").read_text() and "API -> core" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 1000
 
 
