@@ -116,12 +116,16 @@ def run(args) -> dict:
         for case in args.cases:
             for batch in args.batches:
                 rows += measure_case(shape, case, batch, bandwidth, args)
+    return {**run_info(card, bandwidth, args, ROTATE_BYTES, "weight copy"), "rows": rows}
+
+
+def run_info(card: str, bandwidth: float, args, rotate_bytes: int, copy: str) -> dict:
+    """What a result of these kernel benchmarks records besides its rows (bench_lora.py too)."""
     return {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "dtype": str(args.dtype).removeprefix("torch."),
-            "copy_bandwidth_bytes_per_s": bandwidth, "rotate_bytes": ROTATE_BYTES,
-            "method": {"timer": "CUDA-graph replay of one call per weight copy, wall clock, device synchronised",
-                       "repeats": args.repeats, "calls": args.calls, "max_spread": args.max_spread},
-            "rows": rows}  # fmt: skip
+            "copy_bandwidth_bytes_per_s": bandwidth, "rotate_bytes": rotate_bytes,
+            "method": {"timer": f"CUDA-graph replay of one call per {copy}, wall clock, device synchronised",
+                       "repeats": args.repeats, "calls": args.calls, "max_spread": args.max_spread}}  # fmt: skip
 
 
 def markdown(result: dict) -> str:

@@ -15,14 +15,13 @@ bytes over the copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 import bench_gemv  # noqa: E402  (benchmarks/ is the script's directory)
 from bench_decode import copy_bandwidth  # noqa: E402
-from bench_gemv import nbytes, time_call  # noqa: E402
+from bench_gemv import nbytes, run_info, time_call  # noqa: E402
 from common import MAX_SPREAD, write_results  # noqa: E402
 from rwkvstate.ops import lora as lo
 
@@ -77,12 +76,7 @@ def run(args) -> dict:
         del all_packs
         if device == "cuda":
             torch.cuda.empty_cache()
-    return {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "dtype": str(args.dtype).removeprefix("torch."),
-            "copy_bandwidth_bytes_per_s": bandwidth, "rotate_bytes": ROTATE_BYTES,
-            "method": {"timer": "CUDA-graph replay of one call per pack copy, wall clock, device synchronised",
-                       "repeats": args.repeats, "calls": args.calls, "max_spread": args.max_spread},
-            "rows": rows}  # fmt: skip
+    return {**run_info(card, bandwidth, args, ROTATE_BYTES, "pack copy"), "rows": rows}
 
 
 def markdown(result: dict) -> str:
