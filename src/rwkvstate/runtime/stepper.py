@@ -227,7 +227,9 @@ class Stepper:
 
     def _records_batched(self) -> ContextManager[None]:
         """History records of a step's bookkeeping (after its forward, before the next one),
-        written together when the block ends (StateHistory.deferred)."""
+        written together when the block ends (StateHistory.deferred). Nothing inside writes a
+        slot's state: a stop string's take-back (a rollback) waits until the step has ended
+        (Engine.stop_at)."""
         history = self.timeline.history
         return nullcontext() if history is None else history.deferred()
 
