@@ -12,7 +12,9 @@ processes share one socket as before.
 socket), restarts one that dies (its socket stays open here, so connections that arrive in the
 meantime wait in its backlog instead of being refused), and on SIGINT or SIGTERM stops them all
 (uvicorn's graceful shutdown in each) and returns. A process that fails before it serves (a
-broken app or config) stops the whole server instead of restarting forever.
+broken app or config) stops the whole server instead of restarting forever. A process that
+hangs without ending is not detected (uvicorn's own supervisor pinged its workers; it has no
+way to give each worker a socket of its own).
 """
 
 from __future__ import annotations
