@@ -1,6 +1,6 @@
 """API processes with a listening socket each (server/workers.py): sockets bound with SO_REUSEPORT
 share connections out over every process; an address another server listens on is refused, not
-joined; a process that dies is replaced on its socket; stop() ends them all."""
+joined; a process that dies or hangs is replaced on its socket; stop() ends them all."""
 
 from __future__ import annotations
 
@@ -67,12 +67,12 @@ def pid_of(url: str) -> int:
         return int(client.get(url, headers={"connection": "close"}).text)
 
 
-def test_each_process_serves_and_a_dead_one_is_replaced(monkeypatch):
+def test_each_process_serves_and_a_dead_or_hung_one_is_replaced(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
     first = bind_reusable("127.0.0.1", 0)
     socks = listening_sockets(first, 2)
     url = "http://127.0.0.1:%d/" % first.getsockname()[1]
-    config = uvicorn.Config("pid_app:app", workers=2, log_level="warning")
+    config = uvicorn.Config("pid_app:app", workers=2, log_level="warning", timeout_worker_healthcheck=1)
     workers = ApiWorkers(config, socks)
     thread = threading.Thread(target=workers.run, daemon=True)
     thread.start()
@@ -96,6 +96,13 @@ def test_each_process_serves_and_a_dead_one_is_replaced(monkeypatch):
             assert time.monotonic() < deadline, f"only {seen} answered after the restart"
             seen.add(pid_of(url))
         assert victim not in seen and seen == {p.pid for p in workers.processes}
+        hung = workers.processes[1].pid
+        os.kill(hung, signal.SIGSTOP)  # alive but answering nothing: replaced after a failed health check
+        while workers.processes[1].pid == hung:
+            assert time.monotonic() < deadline, "the hung process was not replaced"
+            time.sleep(0.1)
+        while pid_of(url) == workers.processes[0].pid:  # the replacement serves the hung one's socket
+            assert time.monotonic() < deadline, "the replacement of the hung process does not answer"
     finally:
         workers.stop()
         thread.join(60)

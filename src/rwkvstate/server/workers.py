@@ -8,19 +8,18 @@ address with SO_REUSEPORT, and the kernel spreads new connections evenly over th
 the connection's addresses). Elsewhere (no SO_REUSEPORT, or one that does not balance) the
 processes share one socket as before.
 
-`ApiWorkers` starts the processes (spawned: each imports the app afresh and runs uvicorn on its
-socket), restarts one that dies (its socket stays open here, so connections that arrive in the
-meantime wait in its backlog instead of being refused), and on SIGINT or SIGTERM stops them all
-(uvicorn's graceful shutdown in each) and returns. A process that fails before it serves (a
-broken app or config) stops the whole server instead of restarting forever. A process that
-hangs without ending is not detected (uvicorn's own supervisor pinged its workers; it has no
-way to give each worker a socket of its own).
+`ApiWorkers` runs the processes as uvicorn's supervisor does, with uvicorn's worker process
+(spawned: each imports the app afresh; it answers health checks), but gives each its own socket,
+which uvicorn's supervisor cannot. It replaces one that dies or stops answering (its socket stays
+open here, so connections that arrive in the meantime wait in its backlog instead of being
+refused), and on SIGINT or SIGTERM stops them all (uvicorn's graceful shutdown in each) and
+returns. A process that fails before it serves (a broken app or config) stops the whole server
+instead of restarting forever.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import signal
 import socket
 import sys
@@ -28,6 +27,7 @@ import threading
 
 import uvicorn
 from uvicorn.server import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Process
 
 log = logging.getLogger("rwkvstate.server")
 STOP_WAIT_S = 30  # how long stopping waits for a process's graceful shutdown before killing it
@@ -91,15 +91,6 @@ def listening_sockets(first: socket.socket, count: int) -> list[socket.socket]:
     return socks
 
 
-def _serve(config: uvicorn.Config, sock: socket.socket) -> None:
-    """One API process (spawned): uvicorn on its socket, until SIGTERM or SIGINT."""
-    config.configure_logging()  # a spawned process starts with no logging set up
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # a Ctrl-C that reached it outside uvicorn's own handler
-        pass
-
-
 class ApiWorkers:
     """`config.workers` API processes, spread over `sockets` (one each, or all on one)."""
 
@@ -108,7 +99,6 @@ class ApiWorkers:
             raise ValueError(f"{config.workers} API processes need 1 or {config.workers} sockets, got {len(sockets)}")
         self.config = config
         self.sockets = sockets
-        self.context = multiprocessing.get_context("spawn")
         self.processes: list = [None] * config.workers
         self.stopping = threading.Event()
 
@@ -116,7 +106,7 @@ class ApiWorkers:
         return self.sockets[i % len(self.sockets)]
 
     def _start(self, i: int) -> None:
-        process = self.context.Process(target=_serve, args=(self.config, self.socket_of(i)), name=f"api-{i}")
+        process = Process(self.config, [self.socket_of(i)])  # uvicorn's: spawned, answers health checks
         process.start()
         self.processes[i] = process
 
@@ -142,24 +132,25 @@ class ApiWorkers:
 
     def _restart_dead(self) -> None:
         for i, process in enumerate(self.processes):
-            if process.is_alive():
+            if process.is_alive(self.config.timeout_worker_healthcheck):  # running and answering
                 continue
+            process.kill()  # ended, or hung
             process.join()
             if process.exitcode == STARTUP_FAILURE:
                 log.error("API process %d failed to start (exit code %d); stopping the server", i, process.exitcode)
                 self.stopping.set()
                 return
-            log.warning("API process %d (pid %s) ended with exit code %s; starting a new one", i, process.pid,
-                        process.exitcode)  # fmt: skip
+            log.warning("API process %d (pid %s) ended or stopped answering (exit code %s); starting a new one", i,
+                        process.pid, process.exitcode)  # fmt: skip
             self._start(i)
 
     def _stop_all(self) -> None:
-        live = [p for p in self.processes if p is not None and p.is_alive()]
+        live = [p for p in self.processes if p is not None and p.process.is_alive()]
         for process in live:
             process.terminate()  # SIGTERM: uvicorn's graceful shutdown
         for process in live:
-            process.join(STOP_WAIT_S)
-            if process.is_alive():
-                log.warning("API process %s did not stop within %d s; killing it", process.name, STOP_WAIT_S)
+            process.process.join(STOP_WAIT_S)
+            if process.process.is_alive():
+                log.warning("API process (pid %s) did not stop within %d s; killing it", process.pid, STOP_WAIT_S)
                 process.kill()
-                process.join()
+                process.process.join()
