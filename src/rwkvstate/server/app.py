@@ -382,6 +382,7 @@ async def _sse(ctx: ServerContext, job: Job, reply: Reply, include_usage: bool):
     reason, an optional usage chunk, then `data: [DONE]`. An error after the stream began is
     sent as `data: {"error": ...}` before [DONE]."""
     try:
+        finished = False
         if reply.chat:
             yield _sse_data(reply.chunk(role=True))
         async for event in ctx.events(job):
@@ -389,13 +390,16 @@ async def _sse(ctx: ServerContext, job: Job, reply: Reply, include_usage: bool):
                 text = reply.text(event.text)
                 if text:
                     yield reply.text_event(text)
-            elif isinstance(event, Done):
-                yield _sse_data(reply.add_state(reply.chunk(finish=event.finish_reason), event))
+            elif isinstance(event, Done):  # the last events in one write: the finish, usage and [DONE]
+                tail = _sse_data(reply.add_state(reply.chunk(finish=event.finish_reason), event))
                 if include_usage:
-                    yield _sse_data(reply.usage_chunk(event))
+                    tail += _sse_data(reply.usage_chunk(event))
+                yield tail + DONE_EVENT
+                finished = True
             elif isinstance(event, Failed):
                 yield _sse_data(event.error.body())
-        yield DONE_EVENT
+        if not finished:
+            yield DONE_EVENT
     finally:
         if not job.ended:
             ctx.cancel(job)
