@@ -105,9 +105,8 @@ def serve(model, config: ServerConfig, log_level: str = "info", sockets=None) ->
         try:
             given = sockets or own
             if len(given) == 1:  # more sockets on its address, one per API process, where that balances
-                more = listening_sockets(given[0], config.api_processes)[1:]
-                own += more
-                given = [given[0], *more]
+                given = listening_sockets(given[0], config.api_processes)
+                own += given[1:]
             ApiWorkers(workers, given).run()
         finally:
             for sock in own:

@@ -38,21 +38,13 @@ def balances_connections() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def reuse_port(sock: socket.socket) -> bool:
+def has_reuse_port(sock: socket.socket) -> bool:
     """Whether sock was bound with SO_REUSEPORT (so that more sockets can join its address)."""
     return balances_connections() and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
 
 
-def bind_address(family: int, kind: int, proto: int, address, reuse_port: bool) -> socket.socket:
-    """A socket bound to address. reuse_port: with SO_REUSEPORT where that balances connections
-    (so that listening_sockets can add more on the address), after a plain bind of a probe that
-    must succeed first: an address where another server listens, with SO_REUSEPORT too, is then
-    refused (EADDRINUSE) instead of joined."""
-    reuse_port = reuse_port and balances_connections()
-    if reuse_port:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+def _bound(family: int, kind: int, proto: int, address, reuse_port: bool) -> socket.socket:
+    """A new socket with SO_REUSEADDR (and SO_REUSEPORT when asked) bound to address."""
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -65,6 +57,17 @@ def bind_address(family: int, kind: int, proto: int, address, reuse_port: bool) 
     return sock
 
 
+def bind_address(family: int, kind: int, proto: int, address, reuse_port: bool) -> socket.socket:
+    """A socket bound to address. reuse_port: with SO_REUSEPORT where that balances connections
+    (so that listening_sockets can add more on the address), after a plain bind of a probe that
+    must succeed first: an address where another server listens, with SO_REUSEPORT too, is then
+    refused (EADDRINUSE) instead of joined."""
+    reuse_port = reuse_port and balances_connections()
+    if reuse_port:
+        _bound(family, kind, proto, address, reuse_port=False).close()  # the probe
+    return _bound(family, kind, proto, address, reuse_port)
+
+
 def bind_reusable(host: str, port: int) -> socket.socket:
     """bind_address for host:port, with SO_REUSEPORT where that balances connections."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -74,16 +77,12 @@ def bind_reusable(host: str, port: int) -> socket.socket:
 def listening_sockets(first: socket.socket, count: int) -> list[socket.socket]:
     """`count` sockets bound to first's address: first and count - 1 more, when first was bound
     with SO_REUSEPORT; else [first] alone (the processes then share it)."""
-    if count <= 1 or not reuse_port(first):
+    if count <= 1 or not has_reuse_port(first):
         return [first]
     socks = [first]
     try:
         for _ in range(count - 1):
-            sock = socket.socket(first.family, first.type, first.proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(first.getsockname())
+            socks.append(_bound(first.family, first.type, first.proto, first.getsockname(), reuse_port=True))
     except OSError:
         for sock in socks[1:]:
             sock.close()

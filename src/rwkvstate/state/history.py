@@ -105,10 +105,11 @@ class StateHistory:
         try:
             yield
         finally:
-            self._write_pending()
+            pending, self._pending = self._pending, None
+            self._write(pending)
 
-    def _write_pending(self) -> None:
-        pending, self._pending = self._pending, None
+    def _write(self, pending: list[tuple[int, int, torch.Tensor | None]]) -> None:
+        """Copies booked records' states (and logits) into their ring entries."""
         if not pending:
             return
         slots = self._on_device([p[0] for p in pending])
@@ -136,8 +137,8 @@ class StateHistory:
     def _settle(self) -> None:
         """Writes pending records before an entry is read (inside `deferred`)."""
         if self._pending:
-            self._write_pending()
-            self._pending = []
+            pending, self._pending = self._pending, []
+            self._write(pending)
 
     def _victim(self, slot: int, own: range) -> int:
         """The entry of `own` a record overwrites: a free one (never used, or freed by a
