@@ -81,6 +81,7 @@ WRITERS = {
     "peers-ours-h200": lambda d, _: bench("bench_decode").markdown(d),
     "serving-reuseport-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-reuseport-4api-h200": lambda d, _: bench("bench_server").markdown(d),
+    "serving-workers-h200": lambda d, _: bench("bench_server").markdown(d),
     "decode-batched-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-gemv-h200": lambda d, _: bench("bench_decode").markdown(d),
     "gemv-h200": lambda d, _: bench("bench_gemv").markdown(d),

@@ -182,3 +182,32 @@ def test_ingresses_without_replicas_is_one_line(capsys):
     assert main(["serve", "--ingress-replicas", "2"]) == 1
     assert capsys.readouterr().err == ("rwkvstate: error: --ingress-replicas sets the ingresses in front of "
                                        "--replicas; give --replicas too\n")  # fmt: skip
+
+
+def test_api_processes_default_to_half_the_cores_at_most_eight(monkeypatch):
+    from rwkvstate.cli.serve import resolve_api_processes
+
+    assert parse_args(["serve"]).api_processes == "auto"
+    assert parse_args(["serve", "--api-processes", "3"]).api_processes == 3
+    for cores, expected in ((None, 1), (1, 1), (2, 1), (7, 3), (16, 8), (64, 8)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert resolve_api_processes("auto", False, None) == expected, cores
+        assert resolve_api_processes("auto", True, None) == 1  # the core shares the one API process
+        assert resolve_api_processes("auto", False, 2) == 1  # replicas serve
+        assert resolve_api_processes(5, False, None) == 5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--api-processes", "0"], "argument --api-processes: expected a positive integer or auto, got 0\n"),
+    (["--api-processes", "many"], "argument --api-processes: expected a positive integer or auto, got many\n"),
+])  # fmt: skip
+def test_a_bad_api_process_count_is_refused(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        parse_args(["serve", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_one_api_process_goes_with_an_in_process_core(capsys):
+    assert main(["serve", "--in-process-core", "--api-processes", "2"]) == 1
+    assert capsys.readouterr().err == ("rwkvstate: error: --in-process-core runs one API process: leave out "
+                                       "--api-processes\n")  # fmt: skip

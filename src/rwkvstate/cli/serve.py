@@ -74,8 +74,9 @@ def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
                    help="HTTP/1.1 parser: h11 (pure Python, default), httptools (uvicorn's C parser, if "
                         "installed), auto: httptools if installed")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the API key if set)")
-    p.add_argument("--api-processes", type=positive_int, default=1,
-                   help="HTTP processes sharing the port, each connected to the engine core (default: 1)")
+    p.add_argument("--api-processes", type=_api_processes_arg(positive_int), default="auto",
+                   help="HTTP processes sharing the port, each connected to the engine core; auto (default): "
+                        f"half the CPU cores, at most {MAX_AUTO_API_PROCESSES}, 1 with --in-process-core or --replicas")
     p.add_argument("--in-process-core", action="store_true",
                    help="run the engine core on a thread of the single API process instead of a process of its "
                         "own: one interpreter lock for HTTP and engine (small CPU runs)")
@@ -99,6 +100,32 @@ def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
     c.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. auto, or HOST:PORT) instead of starting a local one")
     return p  # fmt: skip
+
+
+MAX_AUTO_API_PROCESSES = 8
+
+
+def _api_processes_arg(positive_int):
+    def parse(text: str) -> int | str:
+        if text == "auto":
+            return text
+        try:
+            return positive_int(text)
+        except (argparse.ArgumentTypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text}") from None
+
+    return parse
+
+
+def resolve_api_processes(value: int | str, in_process_core: bool, replicas: int | None) -> int:
+    """--api-processes: a number as given; auto: one where the engine core shares the API's process or the
+    replicas serve (those take one), else half the CPU cores (each API process spends about 0.6-0.7 ms of
+    CPU per request, docs/server.md), at most MAX_AUTO_API_PROCESSES."""
+    if value != "auto":
+        return int(value)
+    if in_process_core or replicas is not None:
+        return 1
+    return max(1, min(MAX_AUTO_API_PROCESSES, (os.cpu_count() or 1) // 2))
 
 
 def _port(text: str) -> int:
@@ -226,6 +253,11 @@ def cmd_serve(args, load_model, model_spec) -> int:
             f"rwkvstate serve needs the server extra ({e.name} is not installed): pip install 'rwkvstate[server]'"
         )
     names = args.served_model_name or _name_of(args.model)
+    if args.in_process_core and args.api_processes not in ("auto", 1):
+        raise RwkvStateError("--in-process-core runs one API process: leave out --api-processes")
+    if args.replicas is not None and args.api_processes not in ("auto", 1):
+        raise RwkvStateError("--replicas runs each replica's engine core in the replica: leave out --api-processes")
+    args.api_processes = resolve_api_processes(args.api_processes, args.in_process_core, args.replicas)
     config = ServerConfig(
         host=args.host, port=args.port, model_name=names[0] if names else None, model_aliases=tuple(names[1:]),
         slots=args.slots, state_dtype=parse_dtype(args.state_dtype),
@@ -238,8 +270,6 @@ def cmd_serve(args, load_model, model_spec) -> int:
         api_processes=args.api_processes, max_state_bytes=args.max_state_bytes,
         session_store=None if args.session_store is None else _store_config(args),
     )  # fmt: skip
-    if args.in_process_core and args.api_processes != 1:
-        raise RwkvStateError("--in-process-core runs one API process: leave out --api-processes")
     _log_to_stderr(args.log_level)
     if args.ingress_replicas is not None and args.replicas is None:
         raise RwkvStateError("--ingress-replicas sets the ingresses in front of --replicas; give --replicas too")
@@ -280,9 +310,8 @@ def _serve_replicas(args, config, model_spec) -> int:
         raise RwkvStateError("--replicas needs --session-store redis://HOST:PORT/DB: replicas share sessions there")
     if args.state_dir is not None:
         raise RwkvStateError("--replicas keeps sessions in --session-store; drop --state-dir")
-    if args.api_processes != 1 or args.in_process_core:
-        raise RwkvStateError("--replicas runs each replica's engine core in the replica: leave out --api-processes "
-                             "and --in-process-core")  # fmt: skip
+    if args.in_process_core:
+        raise RwkvStateError("--replicas runs each replica's engine core in the replica: leave out --in-process-core")
     try:
         from ..cluster.serve import ClusterConfig, run
     except ImportError as e:
