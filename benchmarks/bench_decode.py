@@ -74,8 +74,12 @@ VARIANTS = [
     # batches of at most 8, r/k/v and the LoRA chains as batched GEMMs beyond (every backend None)
     Variant("default: + GEMV (batch <= 8), batched GEMMs", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix=None, lora=None, norm_shift=None, gemv=None),
+    # only when asked for (--variants 13): the default with the step WKV kernel for prompts too,
+    # the prompt path before the prompt kernel (ops/wkv7.py); decode is variant 12's
+    Variant("default, step WKV kernel for prompts", "contiguous", torch.float16, "triton", wkv=None,
+            wkv_prefill="triton-step", channel_mix=None, lora=None, norm_shift=None, gemv=None),
 ]
-OPT_IN = VARIANTS[9:12]  # left out of --variants all
+OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
 OLD_DEFAULT = "contiguous f16, fused shift"  # the default of runs whose JSON names none
 WARMUP = 3  # untimed calls before the first repeat (1 before each later repeat)

@@ -97,8 +97,9 @@ def _cases():
     return cases
 
 
+@pytest.mark.parametrize("kernel", ["step", "prompt"])
 @pytest.mark.parametrize("pool_name, batch, H, N, dtype", _cases())
-def test_kernel_matches_reference(pool_name, batch, H, N, dtype):
+def test_kernel_matches_reference(pool_name, batch, H, N, dtype, kernel):
     kind, storage = POOLS[pool_name]
     pool = make_pool(kind, storage, H, N, seed=7)
     before = [t.clone() for t in storages(pool)]
@@ -106,7 +107,7 @@ def test_kernel_matches_reference(pool_name, batch, H, N, dtype):
     packed, inputs = make_batch(batch, H, N, dtype, seed=11)
     y = torch.full(inputs[0].shape, float("nan"), device=DEVICE)
 
-    assert wkv7_triton(pool.layer(LAYER)[1], packed, *inputs, out=y) is y
+    assert wkv7_triton(pool.layer(LAYER)[1], packed, *inputs, out=y, kernel=kernel) is y
     y_ref = wkv7_reference(ref_pool.layer(LAYER)[1], packed, *inputs)
 
     assert not y.isnan().any(), "some outputs were never written"
@@ -121,12 +122,13 @@ def test_kernel_matches_reference(pool_name, batch, H, N, dtype):
         assert torch.equal(raw[~mask].view(torch.uint8), old[~mask].view(torch.uint8))  # guard band: bit-unchanged
 
 
+@pytest.mark.parametrize("kernel", ["step", "prompt"])
 @pytest.mark.parametrize("N", [32, 128])
-def test_other_head_sizes_decode(N):
+def test_other_head_sizes(N, kernel):
     pool = make_pool("contiguous", torch.float32, 1, N, seed=3)
     ref_pool = copy.deepcopy(pool)
-    packed, inputs = make_batch("decode", 1, N, torch.float32, seed=4)
-    y = wkv7_triton(pool.layer(LAYER)[1], packed, *inputs)
+    packed, inputs = make_batch("decode" if kernel == "step" else "uneven", 1, N, torch.float32, seed=4)
+    y = wkv7_triton(pool.layer(LAYER)[1], packed, *inputs, kernel=kernel)
     y_ref = wkv7_reference(ref_pool.layer(LAYER)[1], packed, *inputs)
     assert rel_err(y, y_ref) <= 1e-5
     assert rel_err(pool.data, ref_pool.data) <= 1e-5
@@ -141,6 +143,45 @@ def test_block_v_split_and_num_warps_do_not_change_results():
         results.append((y, pool.data))
     for y, data in results[1:]:
         assert torch.equal(y, results[0][0]) and torch.equal(data, results[0][1])
+
+
+def test_prompt_kernel_row_blocks_agree_with_the_step_kernel():
+    """Every BLOCK_V of the prompt kernel picks its own rows of v out of the head's row: a block
+    that took another block's values would differ from the step kernel."""
+    packed, inputs = make_batch("uneven", 2, 64, torch.float32, seed=5)
+    pool = make_pool("contiguous", torch.float32, 2, 64, seed=6)
+    y_step = wkv7_triton(pool.layer(LAYER)[1], packed, *inputs, kernel="step")
+    for block_v in (4, 16, 64):
+        other = make_pool("contiguous", torch.float32, 2, 64, seed=6)
+        y = wkv7_triton(other.layer(LAYER)[1], packed, *inputs, kernel="prompt", block_v=block_v)
+        assert rel_err(y, y_step) <= 1e-6 and rel_err(other.data, pool.data) <= 1e-6, block_v
+
+
+def test_default_kernel_is_step_for_decode_and_prompt_otherwise(monkeypatch):
+    import rwkvstate.ops.wkv7 as mod
+
+    launched = []
+    for name in ("_wkv7_kernel", "_wkv7_prompt_kernel"):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, _Recorder(real, name, launched))
+    for batch in ("decode", "uneven"):
+        packed, inputs = make_batch(batch, 1, 16, torch.float32, seed=1)
+        pool = make_pool("contiguous", torch.float32, 1, 16, seed=2)
+        wkv7_triton(pool.layer(LAYER)[1], packed, *inputs)
+    assert launched == ["_wkv7_kernel", "_wkv7_prompt_kernel"]
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        wkv7_triton(pool.layer(LAYER)[1], packed, *inputs, kernel="chunked")
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records its name at launch, then launches it."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
 
 
 def test_empty_inputs_and_bad_arguments():

@@ -146,11 +146,50 @@ if HAS_TRITON:
             b_sa = tl.sum(b_s * b_a[None, :], axis=1)  # [BLOCK_V] = (S @ a)[o_v]
             b_s = b_s * b_w[None, :] + b_sa[:, None] * b_b[None, :] + b_v[:, None] * b_k[None, :]
             tl.store(y + o_t + o_v, tl.sum(b_s * b_r[None, :], axis=1))
+        _store_state(p_s, b_s, i_slot, seed, i_h, o_v, BLOCK_V, N, STOCHASTIC)
+
+    @triton.jit
+    def _store_state(p_s, b_s, i_slot, seed, i_h, o_v, BLOCK_V: tl.constexpr, N: tl.constexpr,
+                     STOCHASTIC: tl.constexpr):  # fmt: skip
+        """Stores a program's float32 state tile in the pool's dtype (nearest or stochastic)."""
         if STOCHASTIC:
             b_u = _uniform_tile(i_slot * 4294967296 + seed, i_h, o_v, BLOCK_V, N)
-            tl.store(p_s, _stochastic_round(b_s, b_u, state.dtype.element_ty))
+            tl.store(p_s, _stochastic_round(b_s, b_u, p_s.dtype.element_ty))
         else:
-            tl.store(p_s, _round_nearest(b_s, state.dtype.element_ty))
+            tl.store(p_s, _round_nearest(b_s, p_s.dtype.element_ty))
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _wkv7_prompt_kernel(
+        state, live_slots, cu_seqlens, r, w, k, v, a, b, y, stride_slot, seed,
+        H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, STOCHASTIC: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """_wkv7_kernel for prompts (one warp): the token loop is software-pipelined, so every
+        input row is copied to shared memory STAGES - 1 tokens ahead (cp.async) and read from there
+        straight into the state tile's layout. v is loaded as the head's whole row (N values: at
+        least 4 bytes per thread, as an asynchronous copy needs) and the program's BLOCK_V values
+        are picked out of it."""
+        i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_slot = tl.load(live_slots + i_n).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        o_k = tl.arange(0, N)
+        mine = (tl.arange(0, N // BLOCK_V) == i_v)[:, None]  # this program's row block of a head's v
+        p_s = state + i_slot * stride_slot + i_h * N * N + o_v[:, None] * N + o_k[None, :]
+        b_s = tl.load(p_s).to(tl.float32)  # [BLOCK_V, N], on chip until the last token
+        for t in tl.range(bos, eos, num_stages=STAGES):
+            o_t = (t * H + i_h) * N  # row t, head i_h of the [T, H, N] inputs
+            b_r = tl.load(r + o_t + o_k).to(tl.float32)[None, :]
+            b_w = tl.load(w + o_t + o_k).to(tl.float32)[None, :]
+            b_k = tl.load(k + o_t + o_k).to(tl.float32)[None, :]
+            b_a = tl.load(a + o_t + o_k).to(tl.float32)[None, :]
+            b_b = tl.load(b + o_t + o_k).to(tl.float32)[None, :]
+            b_vh = tl.reshape(tl.load(v + o_t + o_k).to(tl.float32), [N // BLOCK_V, BLOCK_V])
+            b_v = tl.sum(tl.where(mine, b_vh, 0.0), axis=0)[:, None]  # [BLOCK_V, 1] = v[o_v]
+            b_sa = tl.sum(b_s * b_a, axis=1, keep_dims=True)  # (S @ a)[o_v]
+            b_s = b_s * b_w + b_sa * b_b + b_v * b_k
+            tl.store(y + o_t + o_v, tl.sum(b_s * b_r, axis=1))
+        _store_state(p_s, b_s, i_slot, seed, i_h, o_v, BLOCK_V, N, STOCHASTIC)
 
 
 # ---- chunked-parallel form (long prompts) --------------------------------------------------------
@@ -278,6 +317,19 @@ def _launch_config(N: int, num_seqs: int, num_heads: int) -> tuple[int, int]:
     return block_v, 2
 
 
+PROMPT_STAGES = 4  # tokens of inputs in flight per program (3 copies ahead of the one in use)
+
+
+def _prompt_block_v(N: int, num_seqs: int, num_heads: int) -> int:
+    """BLOCK_V of the prompt kernel: the largest of 32 .. 4 value rows (one warp, so 1-8 rows per
+    thread group) that still gives 512 programs; measured on an H200 from one 4,096-token prompt to
+    64 x 256 tokens at H = 32 and 64 (ops/README.md)."""
+    block_v = min(N, 32)
+    while block_v > 4 and num_seqs * num_heads * (N // block_v) < 512:
+        block_v //= 2
+    return block_v
+
+
 def _check(state: torch.Tensor, r: torch.Tensor, inputs) -> None:
     if r.dim() != 3:
         raise ValueError(f"r, w, k, v, a, b must be [T, H, N], got r {list(r.shape)}")
@@ -310,27 +362,44 @@ def _check_block_v(block_v: int, N: int) -> None:
         raise ValueError(f"block_v must be a power of two dividing N = {N}, got {block_v}")
 
 
+KERNELS = ("step", "prompt")
+
+
 def wkv7_triton(
-    state, packed, r, w, k, v, a, b, rounding="nearest", seed=0, *, out=None, block_v=None, num_warps=None
-) -> torch.Tensor:
+    state, packed, r, w, k, v, a, b, rounding="nearest", seed=0, *, out=None, block_v=None, num_warps=None,
+    kernel=None,
+) -> torch.Tensor:  # fmt: skip
     """One launch over all live sequences; reads and writes each live slot's state once, in
     place. rounding="stochastic" (fp16/bf16 storage) rounds the stored state with noise from
     (seed, slot, element): pass a new seed every call, or the same noise repeats step after step.
-    out: an optional float32 [T, H, N] tensor for y. block_v / num_warps override the heuristic
-    (tests and benchmarks)."""
+    out: an optional float32 [T, H, N] tensor for y. kernel: "step" (inputs loaded one token ahead;
+    decode), "prompt" (one warp, inputs copied to shared memory several tokens ahead; faster
+    for packed prompts, ops/README.md), None: "step" for decode batches, else "prompt". block_v /
+    num_warps override the launch heuristics (tests and benchmarks; the prompt kernel runs one warp)."""
     inputs = (r, w, k, v, a, b)
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     y, work = _prepare(state, packed, inputs, rounding, out)
     if not work:
         return y
     T, H, N = r.shape
     num_live = packed.live_slots.numel()
+    kernel = kernel or ("step" if packed.is_decode else "prompt")
+    stochastic = rounding == "stochastic" and state.dtype != torch.float32
+    args = (state, packed.live_slots, packed.cu_seqlens, *(t.contiguous() for t in inputs), y,
+            state.stride(0), seed & 0xFFFFFFFF)  # fmt: skip
+    if kernel == "prompt":
+        block_v = block_v or _prompt_block_v(N, num_live, H)
+        _check_block_v(block_v, N)
+        _wkv7_prompt_kernel[(num_live, H, N // block_v)](
+            *args, H=H, N=N, BLOCK_V=block_v, STOCHASTIC=stochastic, STAGES=PROMPT_STAGES, num_warps=num_warps or 1,
+        )  # fmt: skip
+        return y
     bv, nw = _launch_config(N, num_live, H)
     block_v, num_warps = block_v or bv, num_warps or nw
     _check_block_v(block_v, N)
-    stochastic = rounding == "stochastic" and state.dtype != torch.float32
     _wkv7_kernel[(num_live, H, N // block_v)](
-        state, packed.live_slots, packed.cu_seqlens, *(t.contiguous() for t in inputs), y,
-        state.stride(0), seed & 0xFFFFFFFF, H=H, N=N, BLOCK_V=block_v, STOCHASTIC=stochastic, num_warps=num_warps,
+        *args, H=H, N=N, BLOCK_V=block_v, STOCHASTIC=stochastic, num_warps=num_warps,
     )  # fmt: skip
     return y
 
@@ -419,16 +488,23 @@ def wkv7_fla(state, packed, r, w, k, v, a, b, rounding="nearest", seed=0) -> tor
     return y[0].float()
 
 
+def _wkv7_triton_step(state, packed, r, w, k, v, a, b, rounding="nearest", seed=0) -> torch.Tensor:
+    """The step kernel for prompts too (the default before the prompt kernel; benchmarks)."""
+    return wkv7_triton(state, packed, r, w, k, v, a, b, rounding=rounding, seed=seed, kernel="step")
+
+
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
-    "torch": _wkv7_torch, "triton": wkv7_triton, "triton-chunked": wkv7_chunked, "fla": wkv7_fla,
+    "torch": _wkv7_torch, "triton": wkv7_triton, "triton-step": _wkv7_triton_step, "triton-chunked": wkv7_chunked,
+    "fla": wkv7_fla,
 }  # fmt: skip
 
 
 def wkv7(state, packed, r, w, k, v, a, b, backend=None, rounding="nearest", seed=0) -> torch.Tensor:
     """state [S, H, N, N] pool view, r, w, k, v, a, b [T, H, N] -> y [T, H, N] float32; updates
-    the live slots' state. backend: None ("triton", the token-by-token kernel, for CUDA tensors
-    when triton imports, whatever the sequence lengths; otherwise "torch"), "torch", "triton",
-    "triton-chunked" (the chunked-parallel kernel, only when asked for: it is slower, ops/README.md),
-    "fla". rounding: "nearest" or "stochastic" (fp16/bf16 storage; seed picks the noise)."""
+    the live slots' state. backend: None ("triton", the token-by-token kernels, for CUDA tensors
+    when triton imports, whatever the sequence lengths; otherwise "torch"), "torch", "triton" (the
+    step kernel for decode batches, the prompt kernel otherwise), "triton-step" (the step kernel for
+    everything), "triton-chunked" (the chunked-parallel kernel, only when asked for: it is slower,
+    ops/README.md), "fla". rounding: "nearest" or "stochastic" (fp16/bf16 storage; seed picks the noise)."""
     fn = _BACKENDS[pick_backend(backend, r, tuple(_BACKENDS))]
     return fn(state, packed, r, w, k, v, a, b, rounding=rounding, seed=seed)
