@@ -50,6 +50,7 @@ WRITERS = {
     "ffn-sparsity": lambda d, _: bench("bench_ffn_sparsity").markdown(d),
     "profile-before-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-after-h200": lambda d, _: tool("profile_step").markdown(d),
+    "profile-prompt-h200": lambda d, _: tool("profile_step").markdown(d),
     "state-h200": lambda d, _: bench("bench_state").markdown(d),
     "server-h200": lambda d, _: bench("bench_server").markdown(d),
     "server-h200-rerun": lambda d, _: bench("bench_server").markdown(d),
