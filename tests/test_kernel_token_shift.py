@@ -194,7 +194,8 @@ NORM_BATCHES = {"decode": ([2, 5, 0], [1, 1, 1]), "with-empty": ([4, 3, 1], [1, 
 
 @pytest.mark.parametrize("batch", NORM_BATCHES)
 @pytest.mark.parametrize("C, K, dtype, with_delta", [(40, 6, torch.float32, True), (104, 1, torch.float32, False),
-                                                     (96, 6, torch.float16, True), (200, 1, torch.bfloat16, True)])  # fmt: skip
+                                                     (96, 6, torch.float16, True), (200, 1, torch.bfloat16, True),
+                                                     (4096, 6, torch.float16, False)])  # fmt: skip
 def test_norm_shift_matches_reference(batch, C, K, dtype, with_delta, monkeypatch):
     from conftest import poison_empty, rel_err
 

@@ -215,6 +215,10 @@ def norm_shift_mix_reference(x, delta, ln_w, ln_b, shift_state, packed, mix, shi
 # the norm's moments stay in the program. Decode only: every row is its sequence's first and
 # last, so the program reads the slot's old shift row and stores the new one (the norm's output)
 # through the same pointers, after a barrier, as _token_shift_mix_kernel does with IS_DECODE.
+# Every load comes before the first store: the compiler may not move a load past a store it cannot
+# prove apart, so loads placed after a store (the norm's weights after the residual's store, each
+# mix after the previous mix's store) each cost a trip to memory of their own, and at batch 1 the
+# kernel is those trips. The K mixes are one [K_P2, BLOCK_T, BLOCK_C] tile and one store.
 if HAS_TRITON:
     from .wkv7 import _round_nearest
 
@@ -222,35 +226,40 @@ if HAS_TRITON:
     def _norm_shift_mix_kernel(
         x, delta, ln_w, ln_b, state, slots, x_out, out, T, C, eps,
         stride_x, stride_d, stride_s, stride_m, stride_xo, stride_ok, stride_ot, mix,
-        K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DELTA: tl.constexpr,
+        K: tl.constexpr, K_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DELTA: tl.constexpr,
     ):  # fmt: skip
         i_t = tl.program_id(0)
         o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         o_c = tl.arange(0, BLOCK_C)
+        o_k = tl.arange(0, K_P2)
         m_t, m_c = o_t < T, o_c < C
         m_tc = m_t[:, None] & m_c[None, :]
+        m_ktc = (o_k < K)[:, None, None] & m_tc[None, :, :]
         o_r = o_t.to(tl.int64)[:, None]
+        # loads: the slot indices first (the old shift rows wait on them), then everything else
+        b_slot = tl.load(slots + o_t, mask=m_t, other=0).to(tl.int64)
         b_x = tl.load(x + o_r * stride_x + o_c[None, :], mask=m_tc, other=0).to(tl.float32)
+        if HAS_DELTA:
+            b_delta = tl.load(delta + o_r * stride_d + o_c[None, :], mask=m_tc, other=0).to(tl.float32)
+        b_w = tl.load(ln_w + o_c, mask=m_c, other=0).to(tl.float32)
+        b_b = tl.load(ln_b + o_c, mask=m_c, other=0).to(tl.float32)
+        b_mix = tl.load(mix + o_k[:, None] * stride_m + o_c[None, :], mask=(o_k < K)[:, None] & m_c[None, :],
+                        other=0).to(tl.float32)  # [K_P2, BLOCK_C]  # fmt: skip
+        p_s = state + b_slot[:, None] * stride_s + o_c[None, :]
+        b_old = tl.load(p_s, mask=m_tc, other=0).to(tl.float32)
         if HAS_DELTA:  # the residual add, rounded to the stream's dtype as torch's add is
-            b_x += tl.load(delta + o_r * stride_d + o_c[None, :], mask=m_tc, other=0).to(tl.float32)
-            b_x = _round_nearest(b_x, x_out.dtype.element_ty)
+            b_x = _round_nearest(b_x + b_delta, x_out.dtype.element_ty)
             tl.store(x_out + o_r * stride_xo + o_c[None, :], b_x, mask=m_tc)
             b_x = b_x.to(tl.float32)
         b_mean = tl.sum(b_x, axis=1) / C
         b_d = tl.where(m_c[None, :], b_x - b_mean[:, None], 0.0)
         b_rstd = 1 / tl.sqrt(tl.sum(b_d * b_d, axis=1) / C + eps)
-        b_w = tl.load(ln_w + o_c, mask=m_c, other=0).to(tl.float32)
-        b_b = tl.load(ln_b + o_c, mask=m_c, other=0).to(tl.float32)
         b_xx = _round_nearest(b_d * b_rstd[:, None] * b_w[None, :] + b_b[None, :], out.dtype.element_ty).to(tl.float32)
-        b_slot = tl.load(slots + o_t, mask=m_t, other=0).to(tl.int64)
-        p_s = state + b_slot[:, None] * stride_s + o_c[None, :]
-        b_old = tl.load(p_s, mask=m_tc, other=0).to(tl.float32)
         tl.debug_barrier()  # every old row is read before any new one is written (the race note above)
         tl.store(p_s, _round_nearest(b_xx, state.dtype.element_ty), mask=m_tc)
-        for i_m in tl.static_range(K):
-            b_mix = tl.load(mix + i_m * stride_m + o_c, mask=m_c, other=0).to(tl.float32)
-            b_o = b_xx + (b_old - b_xx) * b_mix[None, :]
-            tl.store(out + i_m * stride_ok + o_r * stride_ot + o_c[None, :], _round_nearest(b_o, out.dtype.element_ty), mask=m_tc)
+        b_o = b_xx[None, :, :] + (b_old - b_xx)[None, :, :] * b_mix[:, None, :]  # [K_P2, BLOCK_T, BLOCK_C]
+        p_o = out + o_k[:, None, None] * stride_ok + o_r[None, :, :] * stride_ot + o_c[None, None, :]
+        tl.store(p_o, _round_nearest(b_o, out.dtype.element_ty), mask=m_ktc)
 
 
 def norm_shift_mix_triton(x, delta, ln_w, ln_b, shift_state, packed, mix, shift_backend=None):
@@ -267,13 +276,16 @@ def norm_shift_mix_triton(x, delta, ln_w, ln_b, shift_state, packed, mix, shift_
     x_out = x if delta is None else torch.empty_like(x, memory_format=torch.contiguous_format)
     if T == 0:
         return x_out, out
-    block_c = triton.next_power_of_2(C)
-    block_t = min(max(4096 // block_c, 1), triton.next_power_of_2(T))
+    block_c, k_p2 = triton.next_power_of_2(C), triton.next_power_of_2(K)
+    block_t = min(max(4096 // block_c, 1), triton.next_power_of_2(T))  # rows: a [BLOCK_T, BLOCK_C] tile of <= 4096
+    # the warps of the norm's tile, as before the loads were reordered: the moments are summed in
+    # the same order, so the results are the same bits (the mix tile then holds up to 128 per thread)
+    num_warps = 4 if block_t * block_c <= 2048 else 8
     d = x if delta is None else delta  # unread without a delta
     _norm_shift_mix_kernel[(triton.cdiv(T, block_t),)](
         x, d, ln_w, ln_b, shift_state, packed.live_slots, x_out, out, T, C, LAYER_NORM_EPS,
         x.stride(0), d.stride(0), shift_state.stride(0), mix.stride(0), x_out.stride(0), out.stride(0), out.stride(1), mix,
-        K=K, BLOCK_T=block_t, BLOCK_C=block_c, HAS_DELTA=delta is not None, num_warps=4 if block_c * block_t <= 2048 else 8,
+        K=K, K_P2=k_p2, BLOCK_T=block_t, BLOCK_C=block_c, HAS_DELTA=delta is not None, num_warps=num_warps,
     )  # fmt: skip
     return x_out, out
 
