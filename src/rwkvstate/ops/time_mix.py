@@ -96,14 +96,15 @@ if HAS_TRITON:
         b_kk = b_kk / tl.maximum(b_norm, 1e-12)[:, None]
         b_k2 = b_k * (1 + (b_a - 1) * _vec(k_a, o_c))
         b_w = tl.sigmoid(_vec(w0, o_c) + _tile(w_lora, o_x, m_x))
+        if HAS_V:  # loaded before the first store: a load after a store waits for a trip of its own
+            b_v = _tile(v, o_x, m_x)
+            b_mv = tl.sigmoid(_vec(v0, o_c) + _tile(v_lora, o_x, m_x))
+            b_v2 = b_v + (_tile(v_first, o_x, m_x) - b_v) * b_mv
         tl.store(decay + o_x, tl.exp(-0.6065306597126334 * b_w), mask=m_x)  # exp(-exp(-0.5) * w)
         tl.store(k2 + o_x, _round_nearest(b_k2, k2.dtype.element_ty), mask=m_x)
         tl.store(a_in + o_x, _round_nearest(-b_kk, a_in.dtype.element_ty), mask=m_x)
         tl.store(b_in + o_x, _round_nearest(b_kk * b_a, b_in.dtype.element_ty), mask=m_x)
         if HAS_V:
-            b_v = _tile(v, o_x, m_x)
-            b_mv = tl.sigmoid(_vec(v0, o_c) + _tile(v_lora, o_x, m_x))
-            b_v2 = b_v + (_tile(v_first, o_x, m_x) - b_v) * b_mv
             tl.store(v2 + o_x, _round_nearest(b_v2, v2.dtype.element_ty), mask=m_x)
 
     @triton.jit
