@@ -321,9 +321,9 @@ PROMPT_STAGES = 4  # tokens of inputs in flight per program (3 copies ahead of t
 
 
 def _prompt_block_v(N: int, num_seqs: int, num_heads: int) -> int:
-    """BLOCK_V of the prompt kernel: the largest of 32 .. 4 value rows (one warp, so 1-8 rows per
-    thread group) that still gives 512 programs; measured on an H200 from one 4,096-token prompt to
-    64 x 256 tokens at H = 32 and 64 (ops/README.md)."""
+    """BLOCK_V of the prompt kernel: the largest of 32 .. 4 value rows (one warp: 1-8 rows per
+    thread) that still gives 512 programs; measured on an H200 from one 4,096-token prompt to
+    64 x 256 tokens at H = 32 and 64 (docs/benchmarks/wkv-prompt-h200.md)."""
     block_v = min(N, 32)
     while block_v > 4 and num_seqs * num_heads * (N // block_v) < 512:
         block_v //= 2
