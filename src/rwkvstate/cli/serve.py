@@ -226,15 +226,12 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
     is a one-line error at once rather than uvicorn's traceback later. reuse_port: with
     SO_REUSEPORT (Linux), so that each API process can have a socket of its own on the address
     (server/workers.py)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
-    except socket.gaierror as e:
-        raise RwkvStateError(f"--host {host!r} is not an address to listen on: {e.strerror}")
-    from ..server.workers import bind_address
+    from ..server.workers import bind_reusable
 
     try:
-        return bind_address(family, kind, proto, address, reuse_port)
+        return bind_reusable(host, port, reuse_port)
+    except socket.gaierror as e:
+        raise RwkvStateError(f"--host {host!r} is not an address to listen on: {e.strerror}")
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise RwkvStateError(f"port {port} on {host} is already in use: stop what is listening there "

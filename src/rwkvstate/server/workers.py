@@ -68,10 +68,11 @@ def bind_address(family: int, kind: int, proto: int, address, reuse_port: bool) 
     return _bound(family, kind, proto, address, reuse_port)
 
 
-def bind_reusable(host: str, port: int) -> socket.socket:
-    """bind_address for host:port, with SO_REUSEPORT where that balances connections."""
+def bind_reusable(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    """bind_address for host:port (its first address to listen on), with SO_REUSEPORT where
+    that balances connections unless reuse_port is False."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    return bind_address(family, kind, proto, address, reuse_port=True)
+    return bind_address(family, kind, proto, address, reuse_port)
 
 
 def listening_sockets(first: socket.socket, count: int) -> list[socket.socket]:
