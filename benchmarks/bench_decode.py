@@ -49,6 +49,7 @@ class Variant:
     lora: str | None = "torch"  # "triton": the LoRA chains in two launches for batches of 1-16; None: and batched GEMMs beyond
     norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
+    lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
 
 
 VARIANTS = [
@@ -78,6 +79,14 @@ VARIANTS = [
     # the prompt path before the prompt kernel (ops/wkv7.py); decode is variant 12's
     Variant("default, step WKV kernel for prompts", "contiguous", torch.float16, "triton", wkv=None,
             wkv_prefill="triton-step", channel_mix=None, lora=None, norm_shift=None, gemv=None),
+    # only when asked for (--variants 14): the default with the sparse feed-forward (GEMV key, the
+    # sparse-input value projection: rows of zero activations are not read) for decode of <= 16 rows
+    Variant("default + sparse feed-forward", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix="triton", lora=None, norm_shift=None, gemv=None),
+    # only when asked for (--variants 15): the default with the LoRA chains on a second CUDA stream,
+    # beside the r/k/v projections (Model.lora_stream)
+    Variant("default + LoRA on a second stream", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=True),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
@@ -90,6 +99,7 @@ def use(model, variant: Variant) -> None:
     model.backends.update(token_shift=variant.token_shift, wkv=variant.wkv, wkv_prefill=variant.wkv_prefill,
                           time_mix=variant.time_mix, channel_mix=variant.channel_mix, lora=variant.lora,
                           norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
+    model.lora_stream = variant.lora_stream
 
 
 def config_for(shape: str) -> ModelConfig:

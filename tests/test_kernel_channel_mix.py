@@ -1,6 +1,7 @@
-"""The sparse channel-mix kernels against the torch reference (interpreted on CPU, tiny odd
-shapes): dense and sparse activations, with and without the residual, several channel blocks
-and F slices, NaN-poisoned outputs."""
+"""The sparse channel mix (GEMV key + sparse-input GEMV value, ops/gemv.py) against the torch
+reference (interpreted on CPU, tiny odd shapes): dense and sparse activations, one row and
+several, with and without the residual, several channel blocks and F slices, NaN-poisoned
+outputs, and rows of zero activations that are never read."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ pytest.importorskip("triton")
 # tests/conftest.py sets TRITON_INTERPRET=1 before rwkvstate is imported when there is no GPU
 from conftest import poison_empty  # noqa: E402
 from rwkvstate.ops import channel_mix as cm  # noqa: E402
+from rwkvstate.ops import gemv as gm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,7 +39,7 @@ def _args(T, C, F, dtype, seed, zero_rows=0.0):
 @pytest.fixture
 def poisoned_empty(monkeypatch):
     """Every torch.empty inside the ops returns NaN-filled memory, so unwritten outputs show."""
-    poison_empty(monkeypatch, cm)
+    poison_empty(monkeypatch, gm)  # the kernels' outputs are allocated in ops/gemv.py
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -52,30 +54,32 @@ def test_matches_reference(T, C, F, zero_rows, dtype, poisoned_empty):
         torch.testing.assert_close(got, want, **_tol(dtype))
 
 
-def test_many_channel_blocks_and_slices(poisoned_empty):
-    k, key, value, residual = _args(5, 72, 200, torch.float32, seed=7, zero_rows=0.3)
-    want = cm.channel_mix_reference(k, key, value, residual)
-    got = cm.channel_mix_triton(k, key, value, residual, block_c=16)  # 5 channel blocks, the last partial
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+@pytest.mark.parametrize("zero_rows", [0.0, 0.8, 1.0])
+def test_any_split_and_channel_block_agrees(T, num_splits, zero_rows, poisoned_empty):
+    """One program per channel block, a few splits of F, or more splits than steps (empty ranges
+    store zeros); partial channel blocks; no live rows at all gives the residual exactly."""
+    k, key, value, residual = _args(T, 72, 230, torch.float32, seed=11 + T, zero_rows=zero_rows)
+    act = gm.gemv_triton(k, key, activation="relu2")
+    for block_n in (16, 32):  # 72 channels: 5 or 3 blocks, the last one partial
+        got = gm.gemv_sparse_input(act, value, residual, num_splits=num_splits, block_n=block_n, block_k=16)
+        torch.testing.assert_close(got, cm.channel_mix_reference(k, key, value, residual), rtol=1e-5, atol=1e-5)
+        if zero_rows == 1.0:
+            assert torch.equal(got, residual)
 
 
-@pytest.fixture
-def poisoned_all(monkeypatch):
-    """As poisoned_empty, and integer buffers (the lists of needed rows) filled with a huge index,
-    so reading an entry past a block's count would gather far outside the weights."""
-    poison_empty(monkeypatch, cm, int_fill=2**30)
-
-
+@pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
-def test_rows_of_zero_activations_are_never_read(poison, poisoned_all):
+def test_rows_of_zero_activations_are_never_read(T, poison, poisoned_empty):
     """Rows of value^T whose activations are zero for every token may hold anything: NaN or Inf
     there must not reach the output (0 * Inf would), which stays exact. Rows dead for some tokens
     only are read (their zeros multiply finite values)."""
-    k, key, value, residual = _args(4, 48, 128, torch.float32, seed=3, zero_rows=0.5)
-    k[1, :7] = -3.0  # per-token differences: some rows live for a few tokens only
+    k, key, value, residual = _args(T, 48, 128, torch.float32, seed=3, zero_rows=0.5)
+    k[T - 1, :7] = -3.0  # per-token differences: some rows live for a few tokens only
     act = torch.relu(k @ key.t()).square()
     dead = (act == 0).all(0)
-    assert dead.any() and not dead.all() and ((act == 0).any(0) & ~dead).any()
+    assert dead.any() and not dead.all() and (T == 1 or ((act == 0).any(0) & ~dead).any())
     value_t = value.t().clone()
     value_t[dead] = poison
     got = cm.channel_mix_triton(k, key, value_t.t(), residual)
@@ -84,28 +88,15 @@ def test_rows_of_zero_activations_are_never_read(poison, poisoned_all):
     torch.testing.assert_close(got, cm.channel_mix_reference(k, key, value_t.t(), residual), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("T,F,zero_rows", [(1, 200, 0.9), (3, 97, 0.0), (2, 300, 1.0)])
-def test_lists_of_needed_rows_are_exact(T, F, zero_rows):
-    """The key kernel lists, block by block and in order, exactly the rows with a non-zero stored
-    activation: the value kernel reads those rows of V^T and no others."""
-    k, key, _, _ = _args(T, 40, F, torch.float16, seed=F + T, zero_rows=zero_rows)
-    act, idx, counts, block_f = cm._key_launch(k, key, ieee=False)
-    want = act.ne(0).any(0).nonzero().flatten().int()
-    listed = [idx[b * block_f : b * block_f + int(n)] for b, n in enumerate(counts.tolist())]
-    assert torch.equal(torch.cat(listed), want)
-    assert counts.sum().item() == want.numel()
-
-
-@pytest.mark.parametrize("num_splits", [1, 3, 64])
-@pytest.mark.parametrize("zero_rows", [0.0, 0.8, 1.0])
-def test_any_split_of_the_needed_rows_agrees(num_splits, zero_rows, poisoned_all):
-    """One program per channel block, a few, or more programs than BLOCK_J steps of work (most
-    exit with zeros); no needed rows at all gives the residual exactly."""
-    k, key, value, residual = _args(3, 40, 230, torch.float32, seed=11, zero_rows=zero_rows)
-    got = cm.channel_mix_triton(k, key, value, residual, num_splits=num_splits)
-    torch.testing.assert_close(got, cm.channel_mix_reference(k, key, value, residual), rtol=1e-5, atol=1e-5)
-    if zero_rows == 1.0:
-        assert torch.equal(got, residual)
+def test_sparse_input_gemv_checks_its_weight():
+    x = torch.randn(2, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous \\[K, N\\]"):
+        gm.gemv_sparse_input(x, torch.randn(40, 24, device=DEVICE))  # row-major [N, K]: rows of W^T strided
+    with pytest.raises(ValueError, match="one projection"):
+        gm.gemv_sparse_input(x.expand(2, 2, 24), torch.randn(2, 24, 40, device=DEVICE).transpose(1, 2))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gm.gemv_sparse_input(torch.randn(17, 24, device=DEVICE), torch.randn(24, 40, device=DEVICE).t())
+    assert gm.gemv_sparse_input(x[:0], torch.randn(24, 40, device=DEVICE).t()).shape == (0, 40)
 
 
 def test_backend_choice_and_errors():
@@ -120,3 +111,25 @@ def test_backend_choice_and_errors():
         cm.channel_mix(k, key, value, residual, backend="bogus")
     # None: the torch reference off CUDA, and for more than 16 rows anywhere
     torch.testing.assert_close(cm.channel_mix(k, key, value, residual), cm.channel_mix_reference(k, key, value, residual))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("C", [768, 2048, 4096])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_cuda_release_shapes(C, T):
+    """The sparse-input value projection at the released widths (F = 4C), default launch
+    configuration, activations of density 1 / 0.5 / 0.1, fp16 and bf16: against the fp32 product
+    of the same inputs, cuBLAS, and itself run to run (the sums' order is fixed)."""
+    gen = torch.Generator(device="cuda").manual_seed(C + T)
+    for dtype in (torch.float16, torch.bfloat16):
+        value = (torch.randn(4 * C, C, device="cuda", generator=gen) * (4 * C) ** -0.5).to(dtype).t()
+        residual = torch.randn(T, C, device="cuda", generator=gen).to(dtype)
+        for density in (1.0, 0.5, 0.1):
+            keep = torch.rand(T, 4 * C, device="cuda", generator=gen) < density
+            act = (torch.randn(T, 4 * C, device="cuda", generator=gen).square() * keep).to(dtype)
+            got = gm.gemv_sparse_input(act, value, residual)
+            want = residual.float() + act.float() @ value.float().t()
+            tol = 1e-2 if dtype == torch.float16 else 3e-2  # two roundings (product, residual add)
+            torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+            torch.testing.assert_close(got, gm.gemv_reference(act, value, residual), rtol=tol, atol=tol)
+            assert torch.equal(got, gm.gemv_sparse_input(act, value, residual))

@@ -82,6 +82,11 @@ class Model:
             "token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None, "channel_mix": None,
             "lora": None, "norm_shift": None, "gemv": None,
         }  # fmt: skip
+        # lora_stream: whether the LoRA chains run on a second CUDA stream while r, k, v are
+        # projected on the current one (both read only the token-shift mixes; CUDA graphs capture
+        # the fork and join). None: on CUDA; False: one stream; True: on CUDA (a no-op elsewhere)
+        self.lora_stream: bool | None = False
+        self._side_stream: torch.cuda.Stream | None = None
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
         self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
@@ -220,13 +225,26 @@ class Model:
         """The time mix of LayerNorm_1(x), without the residual add: returns (its output, v_first)."""
         _, mixed = self._norm_shift(x, None, lw.ln1, att_shift, packed, lw.mix)
         rkv_backend, out_backend = self._projection_backends(packed)
-        r, k, v = gemv(mixed[:3], lw.rkv, backend=rkv_backend).unbind(0)  # mixes r, k, v come first
         # w = tanh(xw W1) W2, a_lora = (xa A1) A2, g = sigmoid(xg G1) G2, v_lora = (xv V1) V2 (layers >= 1);
         # a0 and v0 are added after the LoRAs
         lora_backend = self.backends["lora"]
         if lora_backend == "triton" and mixed.shape[1] > LORA_ROWS:  # the kernels take small batches
             lora_backend = "torch"
-        *v_lora_, w, a_lora, g = lora(mixed, lw.lora, backend=lora_backend)
+        side = self._lora_side_stream()
+        if side is None:
+            r, k, v = gemv(mixed[:3], lw.rkv, backend=rkv_backend).unbind(0)  # mixes r, k, v come first
+            *v_lora_, w, a_lora, g = lora(mixed, lw.lora, backend=lora_backend)
+        else:
+            # The chains on the side stream, r/k/v on this one, joined before the prologue. Memory:
+            # the mixes are this stream's and stay referenced until after the join; the chains'
+            # outputs come from the side stream's pool and, once this stream has read them and
+            # dropped them, the side stream reuses them only after its next wait on this stream.
+            main = torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                *v_lora_, w, a_lora, g = lora(mixed, lw.lora, backend=lora_backend)
+            r, k, v = gemv(mixed[:3], lw.rkv, backend=rkv_backend).unbind(0)
+            main.wait_stream(side)
         if lw.v0 is None:
             v_first, v_lora = v, None
         else:
@@ -234,6 +252,15 @@ class Model:
             v_lora = v_lora_[0]  # layers >= 1 have the value-residual LoRA
         out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
         return gemv(out, lw.output, backend=out_backend), v_first
+
+    def _lora_side_stream(self) -> torch.cuda.Stream | None:
+        """The second stream of the LoRA chains, or None to run them on the current stream."""
+        wanted = self.lora_stream
+        if not (self.device.type == "cuda" and (wanted or wanted is None)):
+            return None
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
 
     def _gemv_pass(self, packed: Packed) -> bool:
         """Whether the GEMV kernel applies to this pass: a decode batch of at most GEMV_ROWS rows."""

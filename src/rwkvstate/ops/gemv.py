@@ -53,8 +53,32 @@ def _activate_and_add(out, residual, activation: str):
 
 # ---- Triton ------------------------------------------------------------------------------------
 if HAS_TRITON:
-    from .channel_mix import _dot  # float32 products (IEEE for fp32, and bf16 when interpreted)
     from .wkv7 import _round_nearest
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b in float32. IEEE: full float32 products (float32 inputs, which would otherwise
+        go through tf32; and bf16 inputs in the CPU interpreter, whose bf16 dot is wrong: the
+        products of bf16 values are exact in float32, so the result is the same)."""
+        if IEEE:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _rows_times_weight_t(
+        p_x, stride_x, o_t, m_t, w, stride_w, o_f, m_f, C,
+        BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """float32 [BLOCK_T, BLOCK_F] = x[o_t, :C] @ w[o_f, :C]^T: the GEMV-shaped product of a few
+        token rows (padded to a tl.dot tile) with rows o_f of a [F, C] weight, stepping over C."""
+        b_acc = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            o_c = c0 + tl.arange(0, BLOCK_C)
+            m_c = o_c < C
+            b_x = tl.load(p_x + o_t[:, None] * stride_x + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0)
+            b_w = tl.load(w + o_f[:, None].to(tl.int64) * stride_w + o_c[None, :], mask=m_f[:, None] & m_c[None, :], other=0)
+            b_acc += _dot(b_x, tl.trans(b_w), IEEE)
+        return b_acc
 
     @triton.jit
     def _epilogue(b_acc, out, residual, o_t, o_n, m, stride_ot, stride_rt, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
@@ -101,24 +125,68 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_reduce_kernel(
-        partial, out, residual, T, N, G, stride_og, stride_ot, stride_rg, stride_rt,
-        SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-        ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        partial, out, residual, T, N, G, SPLIT, stride_og, stride_ot, stride_rg, stride_rt,
+        SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ):  # fmt: skip
-        i_n, i_g = tl.program_id(0), tl.program_id(1)
+        """Grid (N blocks, G, T): one output row's BLOCK_N columns; every split's partial sums are
+        loaded at once (one [SPLIT_P2, BLOCK_N] tile: no chain of dependent loads however many
+        splits) and added by tl.sum, whose order is fixed at compile time: deterministic."""
+        i_n, i_g, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        o_s = tl.arange(0, SPLIT_P2)
+        o_t = i_t + tl.arange(0, 1)
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        p_p = partial + ((o_s[:, None] * G + i_g).to(tl.int64) * T + i_t) * N + o_n[None, :]
+        b_acc = tl.sum(tl.load(p_p, mask=(o_s < SPLIT)[:, None] & m_n[None, :], other=0), axis=0)[None, :]
+        p_o, p_r = out + i_g.to(tl.int64) * stride_og, residual + i_g.to(tl.int64) * stride_rg
+        _epilogue(b_acc, p_o, p_r, o_t, o_n, m_n[None, :], stride_ot, stride_rt, ACT, HAS_RESIDUAL)
+
+    @triton.jit
+    def _gemv_rows_kernel(
+        x, wt, out, partial, residual, T, N, K, K_SPLIT, stride_xt, stride_wk, stride_ot, stride_rt,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """x [T, K] @ wt [K, N] (rows of wt contiguous), reading only the rows k of wt where some
+        x[:, k] != 0 (a masked-off row is never fetched). BLOCK_T == 1: one input row, products
+        summed elementwise in a [BLOCK_K, BLOCK_N] float32 tile and reduced over K once at the end;
+        otherwise the rows are padded to a 16-row tl.dot tile."""
+        i_n, i_s = tl.program_id(0), tl.program_id(1)
         o_t = tl.arange(0, BLOCK_T)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = (o_t < T)[:, None] & (o_n < N)[None, :]
-        b_acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for i_s in range(SPLIT):  # a fixed order: the result does not depend on scheduling
-            p_p = partial + ((i_s * G + i_g).to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :]
-            b_acc += tl.load(p_p, mask=m, other=0)
-        p_o, p_r = out + i_g.to(tl.int64) * stride_og, residual + i_g.to(tl.int64) * stride_rg
-        _epilogue(b_acc, p_o, p_r, o_t, o_n, m, stride_ot, stride_rt, ACT, HAS_RESIDUAL)
+        m_t, m_n = o_t < T, o_n < N
+        k_start = i_s * K_SPLIT
+        k_end = tl.minimum(k_start + K_SPLIT, K)
+        if BLOCK_T == 1:
+            b_acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        else:
+            b_acc2 = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < k_end
+            p_w = wt + o_k[:, None].to(tl.int64) * stride_wk + o_n[None, :]
+            if BLOCK_T == 1:
+                b_x = tl.load(x + o_k, mask=m_k, other=0)
+                b_w = tl.load(p_w, mask=(b_x != 0)[:, None] & m_n[None, :], other=0)
+                b_acc2 += b_x.to(tl.float32)[:, None] * b_w.to(tl.float32)
+            else:
+                b_x = tl.load(x + o_t[:, None] * stride_xt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+                b_need = tl.max((b_x != 0).to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row needs wt[k]
+                b_w = tl.load(p_w, mask=b_need[:, None] & m_n[None, :], other=0)
+                b_acc2 += _dot(b_x, b_w, IEEE)
+        if BLOCK_T == 1:
+            b_acc = tl.sum(b_acc2, axis=0)[None, :]
+        else:
+            b_acc = b_acc2
+        m = m_t[:, None] & m_n[None, :]
+        if SPLIT == 1:
+            _epilogue(b_acc, out, residual, o_t, o_n, m, stride_ot, stride_rt, 0, HAS_RESIDUAL)
+        else:  # partial[i_s, :T, :N], float32, as the reduce kernel reads it (one group)
+            tl.store(partial + (i_s.to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :], b_acc, mask=m)
 
 
 PROGRAMS_PER_SM = 2  # programs wanted per SM before K is split (an estimate, not yet measured)
-REDUCE_BLOCK_N = 256  # columns per program of the reduce launch
+REDUCE_TILE = 4096  # partial sums per program of the reduce launch: splits (padded) x columns
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,15 +195,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def tiles(G: int, N: int, K: int, device, block_n=None, block_k=None, num_splits=None) -> dict:
+def tiles(G: int, N: int, K: int, device, block_n=None, block_k=None, num_splits=None,
+          programs_per_sm: int = PROGRAMS_PER_SM) -> dict:
     """The launch configuration: BLOCK_N output columns (16 or 32) by BLOCK_K (up to 256) weight
     tiles, and K split into num_splits ranges (whole BLOCK_K steps) when G * cdiv(N, BLOCK_N)
-    tiles give fewer than PROGRAMS_PER_SM programs per SM. Arguments override the choice."""
+    tiles give fewer than programs_per_sm programs per SM. Arguments override the choice."""
     block_n = block_n or max(16, min(32, triton.next_power_of_2(N)))
     block_k = block_k or max(16, min(256, triton.next_power_of_2(K)))
     steps = triton.cdiv(K, block_k)
     if num_splits is None:
-        wanted = PROGRAMS_PER_SM * _num_sms(torch.device(device))
+        wanted = programs_per_sm * _num_sms(torch.device(device))
         num_splits = min(steps, max(1, triton.cdiv(wanted, G * triton.cdiv(N, block_n))))
     k_split = triton.cdiv(steps, max(1, min(num_splits, steps))) * block_k
     return {"block_n": block_n, "block_k": block_k, "k_split": k_split, "num_splits": triton.cdiv(K, k_split)}
@@ -195,11 +264,62 @@ def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_s
         num_warps=num_warps, num_stages=num_stages, **flags,
     )  # fmt: skip
     if splits > 1:
-        block = min(REDUCE_BLOCK_N, triton.next_power_of_2(N))
-        _gemv_reduce_kernel[(triton.cdiv(N, block), G)](
-            partial, out, res, T, N, G, out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-            SPLIT=splits, BLOCK_T=MAX_ROWS, BLOCK_N=block, num_warps=4, **flags,
-        )  # fmt: skip
+        _reduce(partial, out, res, G, T, N, splits, **flags)
+
+
+# sparse-input GEMV launch: output columns per program (512 contiguous bytes of an fp16 row), rows of
+# W^T per step, programs per SM before K is split
+ROWS_BLOCK_N = 256
+ROWS_BLOCK_K = 64
+ROWS_PROGRAMS_PER_SM = 2
+
+
+def gemv_sparse_input(x, weight, residual=None, *, block_n=None, block_k=None, num_splits=None,
+                      programs_per_sm=ROWS_PROGRAMS_PER_SM, num_warps=4, num_stages=3):  # fmt: skip
+    """x [T, K] @ weight [N, K]^T (+ residual), T <= 16, for an x with many exact zeros (the
+    feed-forward's squared-ReLU activations): weight must be the [N, K] view of a contiguous
+    [K, N] tensor, and row k of that tensor is read only if some x[:, k] != 0. The result equals
+    gemv_reference's up to the order of the float32 sums (terms of zero activations are exact
+    zeros, so skipping them changes nothing, except that a NaN or Inf in a skipped row cannot show).
+    One launch, two when K is split; the other arguments override the launch configuration."""
+    single, x, weight, residual = _as_groups(x, weight, residual)
+    if x.shape[0] != 1:
+        raise ValueError(f"gemv_sparse_input takes one projection, got {x.shape[0]} groups")
+    wt = weight[0].t()  # [K, N]
+    if wt.stride(1) != 1:
+        raise ValueError("gemv_sparse_input needs weight as the [N, K] view of a contiguous [K, N] tensor")
+    x, res = x[0], None if residual is None else residual[0]
+    T, K = x.shape
+    N = wt.shape[1]
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out if single else out.unsqueeze(0)
+    block_n = block_n or min(ROWS_BLOCK_N, max(16, triton.next_power_of_2(N)))
+    block_t = 1 if T == 1 else MAX_ROWS
+    block_k = block_k or ROWS_BLOCK_K
+    cfg = tiles(1, N, K, x.device, block_n, block_k, num_splits, programs_per_sm)
+    splits = cfg["num_splits"]
+    partial = torch.empty(splits, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out
+    res_arg = res if res is not None else out  # unread without a residual
+    ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and is_interpreting())
+    _gemv_rows_kernel[(triton.cdiv(N, block_n), splits)](
+        x, wt, out, partial, res_arg, T, N, K, cfg["k_split"], x.stride(0), wt.stride(0), out.stride(0),
+        res_arg.stride(0), BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT=splits,
+        HAS_RESIDUAL=res is not None, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _reduce(partial, out.unsqueeze(0), res_arg.unsqueeze(0), 1, T, N, splits, ACT=0, HAS_RESIDUAL=res is not None)
+    return out if single else out.unsqueeze(0)
+
+
+def _reduce(partial, out, res, G: int, T: int, N: int, splits: int, **flags) -> None:
+    """The second launch of a split K: out[g, t] = epilogue(sum over splits of partial[:, g, t])."""
+    split_p2 = triton.next_power_of_2(splits)
+    block = max(16, min(256, REDUCE_TILE // split_p2, triton.next_power_of_2(N)))
+    _gemv_reduce_kernel[(triton.cdiv(N, block), G, T)](
+        partial, out, res, T, N, G, splits, out.stride(0), out.stride(1), res.stride(0), res.stride(1),
+        SPLIT_P2=split_p2, BLOCK_N=block, num_warps=4, **flags,
+    )  # fmt: skip
 
 
 def gemv_bmm(x, weight, residual=None, activation="none"):

@@ -160,7 +160,7 @@ def lora_reference(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
 #   h[:, rows] U^T[rows, o_c] over the chain's rows, BLOCK_R at a time (rows past the chain's end,
 #   another chain's, masked), writing out[s, :, o_c] rounded.
 if HAS_TRITON:
-    from .channel_mix import _dot, _rows_times_weight_t  # float32 products (IEEE where needed)
+    from .gemv import _dot, _rows_times_weight_t  # float32 products (IEEE where needed)
     from .wkv7 import _round_nearest
 
     @triton.jit
