@@ -50,6 +50,7 @@ class Variant:
     norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
     lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
+    dependent_launches: bool | None = False  # True: programmatic dependent launches of the decode kernels
 
 
 VARIANTS = [
@@ -87,6 +88,14 @@ VARIANTS = [
     # beside the r/k/v projections (Model.lora_stream)
     Variant("default + LoRA on a second stream", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=True),
+    # only when asked for (--variants 16): the default with programmatic dependent launches of the
+    # decode kernels (Model.dependent_launches)
+    Variant("default + dependent launches", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix=None, lora=None, norm_shift=None, gemv=None, dependent_launches=True),
+    # only when asked for (--variants 17): 14, 15 and 16 together
+    Variant("default + sparse FFN, LoRA stream, dependent launches", "contiguous", torch.float16, "triton",
+            wkv=None, channel_mix="triton", lora=None, norm_shift=None, gemv=None, lora_stream=True,
+            dependent_launches=True),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
@@ -100,6 +109,7 @@ def use(model, variant: Variant) -> None:
                           time_mix=variant.time_mix, channel_mix=variant.channel_mix, lora=variant.lora,
                           norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
     model.lora_stream = variant.lora_stream
+    model.dependent_launches = variant.dependent_launches
 
 
 def config_for(shape: str) -> ModelConfig:

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..errors import StateError
 from ..ops.channel_mix import MAX_SPARSE_ROWS, channel_mix
-from ..ops._triton import HAS_TRITON
+from ..ops._triton import HAS_TRITON, dependent_launches
 from ..ops.gemv import gemv
 from ..ops.lora import MAX_ROWS as LORA_ROWS
 from ..ops.lora import lora
@@ -86,6 +86,11 @@ class Model:
         # projected on the current one (both read only the token-shift mixes; CUDA graphs capture
         # the fork and join). None: on CUDA; False: one stream; True: on CUDA (a no-op elsewhere)
         self.lora_stream: bool | None = False
+        # dependent_launches: whether the decode kernels are launched as programmatic dependent
+        # launches (ops/_triton.py dependent_launches; Hopper and later, a no-op elsewhere): each
+        # launches while the previous kernel runs and waits for it in its first instruction.
+        # None: on CUDA; False: off; True: on CUDA
+        self.dependent_launches: bool | None = False
         self._side_stream: torch.cuda.Stream | None = None
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
@@ -208,10 +213,11 @@ class Model:
         if packed.num_tokens == 0:
             return x
         v_first = None
-        for index, lw in enumerate(self.weights.layers):
-            att_shift, wkv_state, ffn_shift = pool.layer(index)
-            dx, v_first = self._time_mix(lw, x, packed, att_shift, wkv_state, v_first)
-            x = self._channel_mix(lw, x, dx, packed, ffn_shift)
+        with dependent_launches(self.device.type == "cuda" and self.dependent_launches is not False):
+            for index, lw in enumerate(self.weights.layers):
+                att_shift, wkv_state, ffn_shift = pool.layer(index)
+                dx, v_first = self._time_mix(lw, x, packed, att_shift, wkv_state, v_first)
+                x = self._channel_mix(lw, x, dx, packed, ffn_shift)
         return x
 
     def _norm_shift(self, x: Tensor, delta: Tensor | None, ln: tuple[Tensor, Tensor], shift_state: Tensor,

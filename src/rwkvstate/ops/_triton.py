@@ -3,6 +3,9 @@ its torch reference, and asking for a Triton backend explicitly is an error that
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import os
 
 import torch
@@ -14,6 +17,7 @@ except ImportError:  # the torch backends still work
     triton = tl = None
 
 HAS_TRITON = triton is not None
+_DEPENDENT_LAUNCHES = contextvars.ContextVar("rwkvstate_dependent_launches", default=False)
 
 
 def is_interpreting() -> bool:
@@ -35,3 +39,44 @@ def pick_backend(backend: str | None, tensor: torch.Tensor, allowed=("torch", "t
         if not tensor.is_cuda and not is_interpreting():
             raise ValueError(f"backend {backend!r} runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
     return backend
+
+
+@contextlib.contextmanager
+def dependent_launches(enabled: bool = True):
+    """Within it, the decode kernels that take `PDL` are launched as programmatic dependent
+    launches (Hopper and later): the next kernel is launched while the current one still runs and
+    waits in its first instruction (griddepcontrol.wait) until the current one has finished and its
+    writes are visible, so the launch latency between the two overlaps the first one's work.
+    CUDA graphs capture the dependency. Each such kernel waits before touching memory, so the
+    order of every read and write is the same as without it."""
+    token = _DEPENDENT_LAUNCHES.set(enabled)
+    try:
+        yield
+    finally:
+        _DEPENDENT_LAUNCHES.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_dependent_launch(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def pdl_args(tensor: torch.Tensor) -> dict:
+    """Launch arguments of a kernel with a `PDL` constexpr: dependent launch inside
+    dependent_launches() for CUDA tensors on a GPU that has it, else a plain launch."""
+    if _DEPENDENT_LAUNCHES.get() and tensor.is_cuda and not is_interpreting():
+        if _supports_dependent_launch(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()):
+            return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+if HAS_TRITON:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """First statement of a kernel launched with pdl_args: wait for the previous kernel (and
+        its writes), then let the next one launch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()

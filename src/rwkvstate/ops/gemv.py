@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, is_interpreting, pick_backend, tl, triton
+from ._triton import HAS_TRITON, is_interpreting, pdl_args, pick_backend, tl, triton
 
 MAX_ROWS = 16  # rows are padded to one 16-row tl.dot tile
 ACTIVATIONS = ("none", "relu2")  # relu2: relu, then square (the channel mix's key projection)
@@ -53,6 +53,7 @@ def _activate_and_add(out, residual, activation: str):
 
 # ---- Triton ------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
     from .wkv7 import _round_nearest
 
     @triton.jit
@@ -97,8 +98,9 @@ if HAS_TRITON:
         x, w, out, partial, residual, T, N, K, K_SPLIT, G,
         stride_xg, stride_xt, stride_wg, stride_wn, stride_wk, stride_og, stride_ot, stride_rg, stride_rt,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-        ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+        ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_enter(PDL)
         i_n, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         o_t = tl.arange(0, BLOCK_T)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,10 +129,12 @@ if HAS_TRITON:
     def _gemv_reduce_kernel(
         partial, out, residual, T, N, G, SPLIT, stride_og, stride_ot, stride_rg, stride_rt,
         SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """Grid (N blocks, G, T): one output row's BLOCK_N columns; every split's partial sums are
         loaded at once (one [SPLIT_P2, BLOCK_N] tile: no chain of dependent loads however many
         splits) and added by tl.sum, whose order is fixed at compile time: deterministic."""
+        pdl_enter(PDL)
         i_n, i_g, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         o_s = tl.arange(0, SPLIT_P2)
         o_t = i_t + tl.arange(0, 1)
@@ -145,12 +149,13 @@ if HAS_TRITON:
     def _gemv_rows_kernel(
         x, wt, out, partial, residual, T, N, K, K_SPLIT, stride_xt, stride_wk, stride_ot, stride_rt,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """x [T, K] @ wt [K, N] (rows of wt contiguous), reading only the rows k of wt where some
         x[:, k] != 0 (a masked-off row is never fetched). BLOCK_T == 1: one input row, products
         summed elementwise in a [BLOCK_K, BLOCK_N] float32 tile and reduced over K once at the end;
         otherwise the rows are padded to a 16-row tl.dot tile."""
+        pdl_enter(PDL)
         i_n, i_s = tl.program_id(0), tl.program_id(1)
         o_t = tl.arange(0, BLOCK_T)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,7 +266,7 @@ def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_s
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
         out.stride(0), out.stride(1), res.stride(0), res.stride(1),
         BLOCK_T=MAX_ROWS, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], SPLIT=splits, IEEE=ieee,
-        num_warps=num_warps, num_stages=num_stages, **flags,
+        num_warps=num_warps, num_stages=num_stages, **flags, **pdl_args(x),
     )  # fmt: skip
     if splits > 1:
         _reduce(partial, out, res, G, T, N, splits, **flags)
@@ -305,7 +310,7 @@ def gemv_sparse_input(x, weight, residual=None, *, block_n=None, block_k=None, n
     _gemv_rows_kernel[(triton.cdiv(N, block_n), splits)](
         x, wt, out, partial, res_arg, T, N, K, cfg["k_split"], x.stride(0), wt.stride(0), out.stride(0),
         res_arg.stride(0), BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT=splits,
-        HAS_RESIDUAL=res is not None, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+        HAS_RESIDUAL=res is not None, IEEE=ieee, num_warps=num_warps, num_stages=num_stages, **pdl_args(x),
     )  # fmt: skip
     if splits > 1:
         _reduce(partial, out.unsqueeze(0), res_arg.unsqueeze(0), 1, T, N, splits, ACT=0, HAS_RESIDUAL=res is not None)
@@ -318,7 +323,7 @@ def _reduce(partial, out, res, G: int, T: int, N: int, splits: int, **flags) -> 
     block = max(16, min(256, REDUCE_TILE // split_p2, triton.next_power_of_2(N)))
     _gemv_reduce_kernel[(triton.cdiv(N, block), G, T)](
         partial, out, res, T, N, G, splits, out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-        SPLIT_P2=split_p2, BLOCK_N=block, num_warps=4, **flags,
+        SPLIT_P2=split_p2, BLOCK_N=block, num_warps=4, **flags, **pdl_args(partial),
     )  # fmt: skip
 
 

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, is_interpreting, pick_backend, tl, triton
+from ._triton import HAS_TRITON, is_interpreting, pdl_args, pick_backend, tl, triton
 
 ACTIVATIONS = ("none", "tanh", "sigmoid")
 BLOCK_R = 16  # rows of a stacked matrix per program step; every chain is padded to a multiple
@@ -160,14 +160,16 @@ def lora_reference(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
 #   h[:, rows] U^T[rows, o_c] over the chain's rows, BLOCK_R at a time (rows past the chain's end,
 #   another chain's, masked), writing out[s, :, o_c] rounded.
 if HAS_TRITON:
+    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
     from .gemv import _dot, _rows_times_weight_t  # float32 products (IEEE where needed)
     from .wkv7 import _round_nearest
 
     @triton.jit
     def _lora_down_kernel(
         x, down, codes, h, T, C, stride_xm, stride_xt, stride_h,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_enter(PDL)
         i_b = tl.program_id(0)
         i_r, code = tl.load(codes + 2 * i_b), tl.load(codes + 2 * i_b + 1)
         i_m, act = code // 4, code % 4
@@ -185,8 +187,9 @@ if HAS_TRITON:
     @triton.jit
     def _lora_up_kernel(
         h, up_t, bounds, out, T, C, stride_h, stride_os, stride_ot,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_enter(PDL)
         i_c, i_s = tl.program_id(0), tl.program_id(1)
         r_start, r_end = tl.load(bounds + 2 * i_s), tl.load(bounds + 2 * i_s + 1)
         o_t = tl.arange(0, BLOCK_T)
@@ -231,12 +234,13 @@ def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block
     down_c = max(16, min(down_block_c or DOWN_BLOCK_C, triton.next_power_of_2(C)))
     _lora_down_kernel[(pack.block_codes.shape[0],)](
         mixed, pack.down, pack.block_codes, h, T, C, mixed.stride(0), mixed.stride(1), h.stride(0),
-        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=down_c, IEEE=ieee, num_warps=4,
+        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=down_c, IEEE=ieee, num_warps=4, **pdl_args(mixed),
     )  # fmt: skip
     block_c = block_c or min(UP_BLOCK_C, triton.next_power_of_2(C))
     _lora_up_kernel[(triton.cdiv(C, block_c), S)](
         h, pack.up_t, pack.bounds, out, T, C, h.stride(0), out.stride(0), out.stride(1),
         BLOCK_T=MAX_ROWS, BLOCK_R=up_block_r or UP_BLOCK_R, BLOCK_C=block_c, IEEE=ieee, num_warps=4,
+        **pdl_args(mixed),
     )  # fmt: skip
     return list(out.unbind(0))
 

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, pick_backend, tl, triton
+from ._triton import HAS_TRITON, pdl_args, pick_backend, tl, triton
 
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-exp(-0.5) * sigmoid(.)) lies in (0.545, 1)
 GROUP_NORM_EPS = 64e-5
@@ -68,6 +68,7 @@ def time_mix_epilogue_reference(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=GROU
 # norm of kk, the group-norm moments, sum_head(r * k2 * r_k)) stay inside the program. Every
 # input element is read once and every output element written once; no two programs share one.
 if HAS_TRITON:
+    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
     from .wkv7 import _round_nearest  # float32 -> fp16/bf16 to nearest, also in the interpreter
 
     @triton.jit
@@ -82,8 +83,9 @@ if HAS_TRITON:
     def _time_mix_prologue_kernel(
         k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a,
         decay, k2, v2, a_in, b_in, T,
-        H: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, HAS_V: tl.constexpr,
+        H: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, HAS_V: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_enter(PDL)
         i_t, i_h = tl.program_id(0), tl.program_id(1)
         o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         o_c = i_h * N + tl.arange(0, N)
@@ -110,8 +112,9 @@ if HAS_TRITON:
     @triton.jit
     def _time_mix_epilogue_kernel(
         y, r, k2, v2, g, r_k, ln_w, ln_b, out, T, eps,
-        H: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr,
+        H: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_enter(PDL)
         i_t, i_h = tl.program_id(0), tl.program_id(1)
         o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         o_c = i_h * N + tl.arange(0, N)
@@ -171,7 +174,7 @@ def time_mix_prologue_triton(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, 
         block_t, num_warps = _launch_config(T, N)
         _time_mix_prologue_kernel[(triton.cdiv(T, block_t), H)](
             *ins, *vecs, decay, k2, v2, a_in, b_in, T,
-            H=H, N=N, BLOCK_T=block_t, HAS_V=has_v, num_warps=num_warps,
+            H=H, N=N, BLOCK_T=block_t, HAS_V=has_v, num_warps=num_warps, **pdl_args(k),
         )  # fmt: skip
     return decay, k2, v2, a_in, b_in
 
@@ -185,7 +188,7 @@ def time_mix_epilogue_triton(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=GROUP_N
         block_t, num_warps = _launch_config(T, N)
         _time_mix_epilogue_kernel[(triton.cdiv(T, block_t), H)](
             *(t.contiguous() for t in (y, r, k2, v2, g)), *_flat(r_k, ln_w, ln_b), out, T, float(eps),
-            H=H, N=N, BLOCK_T=block_t, num_warps=num_warps,
+            H=H, N=N, BLOCK_T=block_t, num_warps=num_warps, **pdl_args(r),
         )  # fmt: skip
     return out
 

@@ -21,7 +21,7 @@ import torch
 
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, pick_backend, tl, triton
+from ._triton import HAS_TRITON, pdl_args, pick_backend, tl, triton
 
 LAYER_NORM_EPS = 1e-5  # F.layer_norm's default, which the model uses
 
@@ -60,6 +60,7 @@ def token_shift_mix_reference(x: torch.Tensor, shift_state: torch.Tensor, packed
 # - prefill: the mixes kernel only reads the state, and a second small launch, ordered after it
 #   on the stream, copies each live sequence's last row into its slot.
 if HAS_TRITON:
+    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
 
     @triton.jit
     def _token_shift_mix_kernel(
@@ -227,7 +228,9 @@ if HAS_TRITON:
         x, delta, ln_w, ln_b, state, slots, x_out, out, T, C, eps,
         stride_x, stride_d, stride_s, stride_m, stride_xo, stride_ok, stride_ot, mix,
         K: tl.constexpr, K_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DELTA: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_enter(PDL)
         i_t = tl.program_id(0)
         o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         o_c = tl.arange(0, BLOCK_C)
@@ -286,6 +289,7 @@ def norm_shift_mix_triton(x, delta, ln_w, ln_b, shift_state, packed, mix, shift_
         x, d, ln_w, ln_b, shift_state, packed.live_slots, x_out, out, T, C, LAYER_NORM_EPS,
         x.stride(0), d.stride(0), shift_state.stride(0), mix.stride(0), x_out.stride(0), out.stride(0), out.stride(1), mix,
         K=K, K_P2=k_p2, BLOCK_T=block_t, BLOCK_C=block_c, HAS_DELTA=delta is not None, num_warps=num_warps,
+        **pdl_args(x),
     )  # fmt: skip
     return x_out, out
 

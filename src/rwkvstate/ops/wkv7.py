@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ._triton import HAS_TRITON, pick_backend, tl, triton
+from ._triton import HAS_TRITON, pdl_args, pick_backend, tl, triton
 
 ROUNDINGS = ("nearest", "stochastic")
 HEAD_SIZES = (16, 32, 64, 128)
@@ -75,6 +75,7 @@ def stochastic_round_reference(x: torch.Tensor, dtype: torch.dtype, u: torch.Ten
 # b [N] and v [BLOCK_V] (prefetched one token ahead) and writes y [BLOCK_V]. No two programs
 # touch the same state or y element, so there are no races and no atomics.
 if HAS_TRITON:
+    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
 
     @triton.jit
     def _round_nearest(x, DTYPE: tl.constexpr):
@@ -122,8 +123,9 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["seed"])
     def _wkv7_kernel(
         state, live_slots, cu_seqlens, r, w, k, v, a, b, y, stride_slot, seed,
-        H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, STOCHASTIC: tl.constexpr,
+        H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, STOCHASTIC: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_enter(PDL)
         i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_slot = tl.load(live_slots + i_n).to(tl.int64)
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -399,7 +401,7 @@ def wkv7_triton(
     block_v, num_warps = block_v or bv, num_warps or nw
     _check_block_v(block_v, N)
     _wkv7_kernel[(num_live, H, N // block_v)](
-        *args, H=H, N=N, BLOCK_V=block_v, STOCHASTIC=stochastic, num_warps=num_warps,
+        *args, H=H, N=N, BLOCK_V=block_v, STOCHASTIC=stochastic, num_warps=num_warps, **pdl_args(state),
     )  # fmt: skip
     return y
 
