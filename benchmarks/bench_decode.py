@@ -75,27 +75,24 @@ VARIANTS = [
     # the runtime's default: variant 8 + the GEMV kernel for r/k/v and the feed-forward of decode
     # batches of at most 8, r/k/v and the LoRA chains as batched GEMMs beyond (every backend None)
     Variant("default: + GEMV (batch <= 8), batched GEMMs", "contiguous", torch.float16, "triton", wkv=None,
-            channel_mix=None, lora=None, norm_shift=None, gemv=None),
+            channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
     # only when asked for (--variants 13): the default with the step WKV kernel for prompts too,
     # the prompt path before the prompt kernel (ops/wkv7.py); decode is variant 12's
     Variant("default, step WKV kernel for prompts", "contiguous", torch.float16, "triton", wkv=None,
-            wkv_prefill="triton-step", channel_mix=None, lora=None, norm_shift=None, gemv=None),
+            wkv_prefill="triton-step", channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
+            dependent_launches=None),
     # only when asked for (--variants 14): the default with the sparse feed-forward (GEMV key, the
-    # sparse-input value projection: rows of zero activations are not read) for decode of <= 16 rows
+    # sparse-input value projection: rows of zero activations are not read) for every decode batch
+    # of <= 16 rows, not only where it pays (Model._sparse_ffn_pays)
     Variant("default + sparse feed-forward", "contiguous", torch.float16, "triton", wkv=None,
-            channel_mix="triton", lora=None, norm_shift=None, gemv=None),
-    # only when asked for (--variants 15): the default with the LoRA chains on a second CUDA stream,
-    # beside the r/k/v projections (Model.lora_stream)
-    Variant("default + LoRA on a second stream", "contiguous", torch.float16, "triton", wkv=None,
-            channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=True),
-    # only when asked for (--variants 16): the default with programmatic dependent launches of the
-    # decode kernels (Model.dependent_launches)
-    Variant("default + dependent launches", "contiguous", torch.float16, "triton", wkv=None,
-            channel_mix=None, lora=None, norm_shift=None, gemv=None, dependent_launches=True),
-    # only when asked for (--variants 17): 14, 15 and 16 together
-    Variant("default + sparse FFN, LoRA stream, dependent launches", "contiguous", torch.float16, "triton",
-            wkv=None, channel_mix="triton", lora=None, norm_shift=None, gemv=None, lora_stream=True,
-            dependent_launches=True),
+            channel_mix="triton", lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
+    # only when asked for (--variants 15): the default before the sparse feed-forward, the LoRA
+    # stream and dependent launches: one stream, the dense GEMV kernels for the feed-forward
+    Variant("previous default: one stream, dense GEMV feed-forward", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix="triton-gemv", lora=None, norm_shift=None, gemv=None),
+    # only when asked for (--variants 16): the default without dependent launches
+    Variant("default without dependent launches", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers

@@ -62,9 +62,10 @@ class Model:
         # (the chunked-parallel kernel is slower on an H200, docs/benchmarks/decode.md).
         # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
         # sequence: "triton-chunked" forces the chunked kernel, "fla" fla-core's chunk_rwkv7
-        # channel_mix: "triton" is the sparse feed-forward for passes of up to 16 rows, larger ones
-        # take the reference (opt-in: slower than cuBLAS on an H200 at every density measured),
-        # "torch" the reference; None: see gemv below
+        # channel_mix: "triton" is the sparse feed-forward (GEMV key, the value projection reading
+        # only rows of non-zero activations) for passes of up to 16 rows, larger ones take the
+        # reference; "triton-gemv" the dense GEMV kernels; "torch" the reference. None: on CUDA
+        # "triton" where it measured faster (_sparse_ffn_pays), else as gemv below
         # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (larger
         # passes take the reference), "bmm" in batched GEMMs for any number (ops/lora.py),
         # "torch" the reference (eight GEMMs, two activations); None: on CUDA "triton" for up to
@@ -77,7 +78,7 @@ class Model:
         # of such batches and a batched GEMM for larger passes, F.linear for the output projection
         # (_projection_backends says why). channel_mix "triton-gemv" runs the feed-forward's two
         # projections through the same kernel (relu^2 and the residual add in their epilogues) for
-        # such batches (None: on CUDA), cuBLAS for larger passes
+        # such batches (None: on CUDA, where the sparse one does not pay), cuBLAS for larger passes
         self.backends: dict[str, str | None] = {
             "token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None, "channel_mix": None,
             "lora": None, "norm_shift": None, "gemv": None,
@@ -85,13 +86,14 @@ class Model:
         # lora_stream: whether the LoRA chains run on a second CUDA stream while r, k, v are
         # projected on the current one (both read only the token-shift mixes; CUDA graphs capture
         # the fork and join). None: on CUDA; False: one stream; True: on CUDA (a no-op elsewhere)
-        self.lora_stream: bool | None = False
+        self.lora_stream: bool | None = None
         # dependent_launches: whether the decode kernels are launched as programmatic dependent
         # launches (ops/_triton.py dependent_launches; Hopper and later, a no-op elsewhere): each
         # launches while the previous kernel runs and waits for it in its first instruction.
         # None: on CUDA; False: off; True: on CUDA
-        self.dependent_launches: bool | None = False
-        self._side_stream: torch.cuda.Stream | None = None
+        self.dependent_launches: bool | None = None
+        # made here, not at first use, which may be inside a CUDA-graph capture
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
         self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
@@ -261,12 +263,17 @@ class Model:
 
     def _lora_side_stream(self) -> torch.cuda.Stream | None:
         """The second stream of the LoRA chains, or None to run them on the current stream."""
-        wanted = self.lora_stream
-        if not (self.device.type == "cuda" and (wanted or wanted is None)):
-            return None
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(self.device)
-        return self._side_stream
+        return self._side_stream if self.lora_stream is not False else None
+
+    def _sparse_ffn_pays(self, packed: Packed, C: int) -> bool:
+        """Whether the sparse feed-forward (the value projection reads only the rows of non-zero
+        activations) is the default for this pass: where it measured faster than the dense GEMV
+        kernel on an H200 with random weights (about half the activations zero; bench_ffn.py,
+        docs/benchmarks/ffn-h200.md): one row at C >= 2048 (1.5B: 10.8 against 13.2 us), up to
+        GEMV_ROWS rows at C >= 4096 (7.2B); not at C = 768, nor at 1.5B beyond one row, where
+        fewer rows can be skipped and the dense kernel is faster."""
+        rows = packed.num_tokens
+        return self._gemv_pass(packed) and (C >= 4096 or (rows == 1 and C >= 2048))
 
     def _gemv_pass(self, packed: Packed) -> bool:
         """Whether the GEMV kernel applies to this pass: a decode batch of at most GEMV_ROWS rows."""
@@ -319,8 +326,8 @@ class Model:
         """x + dx (the time mix's residual add) plus the channel mix of LayerNorm_2(x + dx)."""
         x, mixed = self._norm_shift(x, dx, lw.ln2, ffn_shift, packed, lw.ffn_x_k.unsqueeze(0))
         backend = self.backends["channel_mix"]
-        if backend is None and self._kernels():  # the GEMV kernel, with relu^2 and the residual add fused
-            backend = "triton-gemv"
+        if backend is None and self._kernels():  # the GEMV kernels, with relu^2 and the residual add fused
+            backend = "triton" if self._sparse_ffn_pays(packed, x.shape[1]) else "triton-gemv"
         if (backend == "triton-gemv" and not self._gemv_pass(packed)) or (
             backend == "triton" and mixed[0].shape[0] > MAX_SPARSE_ROWS  # the sparse kernel is for decode
         ):

@@ -272,15 +272,19 @@ def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_s
         _reduce(partial, out, res, G, T, N, splits, **flags)
 
 
-# sparse-input GEMV launch: output columns per program (512 contiguous bytes of an fp16 row), rows of
-# W^T per step, programs per SM before K is split
-ROWS_BLOCK_N = 256
-ROWS_BLOCK_K = 64
-ROWS_PROGRAMS_PER_SM = 2
+def rows_config(N: int) -> dict:
+    """The sparse-input GEMV's launch: output columns per program, rows of W^T per step, warps and
+    programs per SM before K is split. Chosen on an H200 (bench_ffn.py --sweep, batch 1, densities
+    1 and 0.5, docs/benchmarks/ffn-sweep-h200.md): 64 x 128 tiles with 4 programs per SM were the
+    fastest at N = 768 and 2048 (10.8 us at 1.5B, density 0.5), 256 x 64 with 2 at N = 4096
+    (31.3 us against 34.4 with the smaller tile)."""
+    if N <= 2048:
+        return {"block_n": 64, "block_k": 128, "num_warps": 4, "programs_per_sm": 4}
+    return {"block_n": 256, "block_k": 64, "num_warps": 4, "programs_per_sm": 2}
 
 
 def gemv_sparse_input(x, weight, residual=None, *, block_n=None, block_k=None, num_splits=None,
-                      programs_per_sm=ROWS_PROGRAMS_PER_SM, num_warps=4, num_stages=3):  # fmt: skip
+                      programs_per_sm=None, num_warps=None, num_stages=3):  # fmt: skip
     """x [T, K] @ weight [N, K]^T (+ residual), T <= 16, for an x with many exact zeros (the
     feed-forward's squared-ReLU activations): weight must be the [N, K] view of a contiguous
     [K, N] tensor, and row k of that tensor is read only if some x[:, k] != 0. The result equals
@@ -299,10 +303,12 @@ def gemv_sparse_input(x, weight, residual=None, *, block_n=None, block_k=None, n
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return out if single else out.unsqueeze(0)
-    block_n = block_n or min(ROWS_BLOCK_N, max(16, triton.next_power_of_2(N)))
+    default = rows_config(N)
+    block_n = block_n or min(default["block_n"], max(16, triton.next_power_of_2(N)))
     block_t = 1 if T == 1 else MAX_ROWS
-    block_k = block_k or ROWS_BLOCK_K
-    cfg = tiles(1, N, K, x.device, block_n, block_k, num_splits, programs_per_sm)
+    block_k = block_k or default["block_k"]
+    num_warps = num_warps or default["num_warps"]
+    cfg = tiles(1, N, K, x.device, block_n, block_k, num_splits, programs_per_sm or default["programs_per_sm"])
     splits = cfg["num_splits"]
     partial = torch.empty(splits, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out
     res_arg = res if res is not None else out  # unread without a residual
