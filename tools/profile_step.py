@@ -148,9 +148,7 @@ def triton_bytes(row, T, C, N, state_elem, lora_rows=0) -> int | None:
         return 6 * T * C * 2 + T * C * 4 + 4 * T * C * 2
     if "epilogue" in name:
         return T * C * 4 + 5 * T * C * 2
-    if "_ffn_key" in name:  # the sparse channel mix (F = 4C); the value kernel counted dense
-        return 4 * C * C * 2 + T * C * 2 + 4 * T * C * 2
-    if "_ffn_value" in name:
+    if "_gemv_rows" in name:  # the sparse channel mix's value projection (F = 4C), counted dense
         return 4 * C * C * 2 + 4 * T * C * 2
     if "_lora_" in name:  # one stack ([R, C], R ~ C / 4 at 1.5B-7.2B) plus 3-4 rows of C in or out
         return lora_rows * C * 2 + 4 * T * C * 2

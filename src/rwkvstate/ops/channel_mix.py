@@ -75,12 +75,10 @@ _BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton, "trit
 
 def channel_mix(k, key, value, residual=None, backend=None):
     """residual + relu(k key^T)^2 value^T, [T, C] in k's dtype (residual None: no add).
-    backend: None picks "torch" (cuBLAS): on an H200 the sparse kernel is slower than the two dense
-    GEMMs at every activation density measured, 0.1 included (docs/benchmarks/decode.md,
-    decode-recheck-h200.json); "triton" forces the sparse kernel (at most 16 rows, the value
-    weight a [C, F] view of a contiguous [F, C] tensor), "triton-gemv" the dense GEMV kernel
-    (at most 16 rows; the model's choice for decode batches of at most 8 on CUDA), "torch" the
-    reference."""
+    backend: None picks "torch" (cuBLAS; the model makes its own choice per pass, Model._channel_mix);
+    "triton" the sparse feed-forward (at most 16 rows, the value weight a [C, F] view of a
+    contiguous [F, C] tensor: rows of zero activations are not read), "triton-gemv" the dense GEMV
+    kernels (at most 16 rows), "torch" the reference."""
     if backend is None:
         backend = "torch"
     return _BACKENDS[pick_backend(backend, k, tuple(_BACKENDS))](k, key, value, residual)
