@@ -50,7 +50,7 @@ class Variant:
     norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
     lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
-    dependent_launches: bool | None = False  # True: programmatic dependent launches of the decode kernels
+    dependent_launches: bool | str | None = False  # programmatic dependent launches: "start"/"end" trigger, None: runtime's
 
 
 VARIANTS = [
@@ -93,6 +93,10 @@ VARIANTS = [
     # only when asked for (--variants 16): the default without dependent launches
     Variant("default without dependent launches", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None),
+    # only when asked for (--variants 17): the default with dependent launches triggered at each
+    # kernel's start instead of its end
+    Variant("default, dependent launches triggered at the start", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches="start"),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers

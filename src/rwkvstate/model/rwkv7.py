@@ -89,9 +89,10 @@ class Model:
         self.lora_stream: bool | None = None
         # dependent_launches: whether the decode kernels are launched as programmatic dependent
         # launches (ops/_triton.py dependent_launches; Hopper and later, a no-op elsewhere): each
-        # launches while the previous kernel runs and waits for it in its first instruction.
-        # None: on CUDA; False: off; True: on CUDA
-        self.dependent_launches: bool | None = None
+        # may launch before the previous kernel has finished and waits for it in its first
+        # instruction. "start" / "end": when a kernel lets the next one launch; None: on CUDA with
+        # the trigger at the end; False: off; True: as None
+        self.dependent_launches: bool | str | None = None
         # made here, not at first use, which may be inside a CUDA-graph capture
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
@@ -215,7 +216,7 @@ class Model:
         if packed.num_tokens == 0:
             return x
         v_first = None
-        with dependent_launches(self.device.type == "cuda" and self.dependent_launches is not False):
+        with dependent_launches(self._launch_trigger()):
             for index, lw in enumerate(self.weights.layers):
                 att_shift, wkv_state, ffn_shift = pool.layer(index)
                 dx, v_first = self._time_mix(lw, x, packed, att_shift, wkv_state, v_first)
@@ -260,6 +261,13 @@ class Model:
             v_lora = v_lora_[0]  # layers >= 1 have the value-residual LoRA
         out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
         return gemv(out, lw.output, backend=out_backend), v_first
+
+    def _launch_trigger(self) -> str | None:
+        """The trigger of dependent launches for this model's kernels (None: plain launches)."""
+        wanted = self.dependent_launches
+        if self.device.type != "cuda" or wanted is False:
+            return None
+        return wanted if isinstance(wanted, str) else "end"
 
     def _lora_side_stream(self) -> torch.cuda.Stream | None:
         """The second stream of the LoRA chains, or None to run them on the current stream."""

@@ -17,7 +17,7 @@ except ImportError:  # the torch backends still work
     triton = tl = None
 
 HAS_TRITON = triton is not None
-_DEPENDENT_LAUNCHES = contextvars.ContextVar("rwkvstate_dependent_launches", default=False)
+_DEPENDENT_LAUNCHES: contextvars.ContextVar[str | None] = contextvars.ContextVar("rwkvstate_dependent_launches", default=None)
 
 
 def is_interpreting() -> bool:
@@ -42,18 +42,26 @@ def pick_backend(backend: str | None, tensor: torch.Tensor, allowed=("torch", "t
 
 
 @contextlib.contextmanager
-def dependent_launches(enabled: bool = True):
+def dependent_launches(trigger: str | None = "end"):
     """Within it, the decode kernels that take `PDL` are launched as programmatic dependent
-    launches (Hopper and later): the next kernel is launched while the current one still runs and
-    waits in its first instruction (griddepcontrol.wait) until the current one has finished and its
-    writes are visible, so the launch latency between the two overlaps the first one's work.
-    CUDA graphs capture the dependency. Each such kernel waits before touching memory, so the
-    order of every read and write is the same as without it."""
-    token = _DEPENDENT_LAUNCHES.set(enabled)
+    launches (Hopper and later): the next kernel may be launched before the current one has
+    finished, and waits in its first statement (griddepcontrol.wait) until the current one has
+    finished and its writes are visible, so the launch latency between the two overlaps the first
+    one's work. CUDA graphs capture the dependency. Each such kernel waits before touching memory,
+    so the order of every read and write is the same as without it.
+    trigger: when a kernel lets the next one launch: "start" (right after its wait: the next
+    kernel's programs then wait on the SMs while this one runs), "end" (after its last store:
+    only the tail overlaps), or None (plain launches)."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+    token = _DEPENDENT_LAUNCHES.set(trigger)
     try:
         yield
     finally:
         _DEPENDENT_LAUNCHES.reset(token)
+
+
+TRIGGERS = (None, "start", "end")
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,12 +70,14 @@ def _supports_dependent_launch(index: int) -> bool:
 
 
 def pdl_args(tensor: torch.Tensor) -> dict:
-    """Launch arguments of a kernel with a `PDL` constexpr: dependent launch inside
-    dependent_launches() for CUDA tensors on a GPU that has it, else a plain launch."""
-    if _DEPENDENT_LAUNCHES.get() and tensor.is_cuda and not is_interpreting():
+    """Launch arguments of a kernel with a `PDL` constexpr (0: plain, 1: trigger at the start, 2: at
+    the end): a dependent launch inside dependent_launches() for CUDA tensors on a GPU that has it,
+    else a plain launch."""
+    trigger = _DEPENDENT_LAUNCHES.get()
+    if trigger is not None and tensor.is_cuda and not is_interpreting():
         if _supports_dependent_launch(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()):
-            return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+            return {"PDL": TRIGGERS.index(trigger), "launch_pdl": True}
+    return {"PDL": 0}
 
 
 if HAS_TRITON:
@@ -76,7 +86,14 @@ if HAS_TRITON:
     @triton.jit
     def pdl_enter(PDL: tl.constexpr):
         """First statement of a kernel launched with pdl_args: wait for the previous kernel (and
-        its writes), then let the next one launch."""
-        if PDL:
+        its writes); with the trigger at the start, then let the next one launch."""
+        if PDL > 0:
             gdc_wait()
+        if PDL == 1:
+            gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_exit(PDL: tl.constexpr):
+        """Last statement of such a kernel: with the trigger at the end, let the next one launch."""
+        if PDL == 2:
             gdc_launch_dependents()

@@ -53,7 +53,7 @@ def _activate_and_add(out, residual, activation: str):
 
 # ---- Triton ------------------------------------------------------------------------------------
 if HAS_TRITON:
-    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
+    from ._triton import pdl_enter, pdl_exit  # first and last statements of the kernels launched with pdl_args
     from .wkv7 import _round_nearest
 
     @triton.jit
@@ -124,6 +124,7 @@ if HAS_TRITON:
         else:  # partial[i_s, i_g, :T, :N], float32
             p_p = partial + ((i_s * G + i_g).to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :]
             tl.store(p_p, b_acc, mask=m)
+        pdl_exit(PDL)
 
     @triton.jit
     def _gemv_reduce_kernel(
@@ -144,6 +145,7 @@ if HAS_TRITON:
         b_acc = tl.sum(tl.load(p_p, mask=(o_s < SPLIT)[:, None] & m_n[None, :], other=0), axis=0)[None, :]
         p_o, p_r = out + i_g.to(tl.int64) * stride_og, residual + i_g.to(tl.int64) * stride_rg
         _epilogue(b_acc, p_o, p_r, o_t, o_n, m_n[None, :], stride_ot, stride_rt, ACT, HAS_RESIDUAL)
+        pdl_exit(PDL)
 
     @triton.jit
     def _gemv_rows_kernel(
@@ -188,6 +190,7 @@ if HAS_TRITON:
             _epilogue(b_acc, out, residual, o_t, o_n, m, stride_ot, stride_rt, 0, HAS_RESIDUAL)
         else:  # partial[i_s, :T, :N], float32, as the reduce kernel reads it (one group)
             tl.store(partial + (i_s.to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :], b_acc, mask=m)
+        pdl_exit(PDL)
 
 
 PROGRAMS_PER_SM = 2  # programs wanted per SM before K is split (an estimate, not yet measured)

@@ -160,7 +160,7 @@ def lora_reference(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
 #   h[:, rows] U^T[rows, o_c] over the chain's rows, BLOCK_R at a time (rows past the chain's end,
 #   another chain's, masked), writing out[s, :, o_c] rounded.
 if HAS_TRITON:
-    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
+    from ._triton import pdl_enter, pdl_exit  # first and last statements of the kernels launched with pdl_args
     from .gemv import _dot, _rows_times_weight_t  # float32 products (IEEE where needed)
     from .wkv7 import _round_nearest
 
@@ -183,6 +183,7 @@ if HAS_TRITON:
         b_tanh = 2 * tl.sigmoid(2 * b_h) - 1  # tanh, from the sigmoid Triton has everywhere
         b_h = tl.where(act == 1, b_tanh, tl.where(act == 2, b_sig, b_h))
         tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _round_nearest(b_h, h.dtype.element_ty), mask=m_t[:, None])
+        pdl_exit(PDL)
 
     @triton.jit
     def _lora_up_kernel(
@@ -204,6 +205,7 @@ if HAS_TRITON:
             b_acc += _dot(b_h, b_u, IEEE)
         p_o = out + i_s * stride_os + o_t[:, None] * stride_ot + o_c[None, :]
         tl.store(p_o, _round_nearest(b_acc, out.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+        pdl_exit(PDL)
 
 
 # launch configuration: on an H200 (benchmarks/bench_lora.py) one layer's chains took 10.1 us at C =

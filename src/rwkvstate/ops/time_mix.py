@@ -68,7 +68,7 @@ def time_mix_epilogue_reference(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=GROU
 # norm of kk, the group-norm moments, sum_head(r * k2 * r_k)) stay inside the program. Every
 # input element is read once and every output element written once; no two programs share one.
 if HAS_TRITON:
-    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
+    from ._triton import pdl_enter, pdl_exit  # first and last statements of the kernels launched with pdl_args
     from .wkv7 import _round_nearest  # float32 -> fp16/bf16 to nearest, also in the interpreter
 
     @triton.jit
@@ -108,6 +108,7 @@ if HAS_TRITON:
         tl.store(b_in + o_x, _round_nearest(b_kk * b_a, b_in.dtype.element_ty), mask=m_x)
         if HAS_V:
             tl.store(v2 + o_x, _round_nearest(b_v2, v2.dtype.element_ty), mask=m_x)
+        pdl_exit(PDL)
 
     @triton.jit
     def _time_mix_epilogue_kernel(
@@ -129,6 +130,7 @@ if HAS_TRITON:
         b_o += b_rk[:, None] * _tile(v2, o_x, m_x)
         b_o *= _tile(g, o_x, m_x)
         tl.store(out + o_x, _round_nearest(b_o, out.dtype.element_ty), mask=m_x)
+        pdl_exit(PDL)
 
 
 def _launch_config(T: int, N: int) -> tuple[int, int]:

@@ -60,7 +60,7 @@ def token_shift_mix_reference(x: torch.Tensor, shift_state: torch.Tensor, packed
 # - prefill: the mixes kernel only reads the state, and a second small launch, ordered after it
 #   on the stream, copies each live sequence's last row into its slot.
 if HAS_TRITON:
-    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
+    from ._triton import pdl_enter, pdl_exit  # first and last statements of the kernels launched with pdl_args
 
     @triton.jit
     def _token_shift_mix_kernel(
@@ -263,6 +263,7 @@ if HAS_TRITON:
         b_o = b_xx[None, :, :] + (b_old - b_xx)[None, :, :] * b_mix[:, None, :]  # [K_P2, BLOCK_T, BLOCK_C]
         p_o = out + o_k[:, None, None] * stride_ok + o_r[None, :, :] * stride_ot + o_c[None, None, :]
         tl.store(p_o, _round_nearest(b_o, out.dtype.element_ty), mask=m_ktc)
+        pdl_exit(PDL)
 
 
 def norm_shift_mix_triton(x, delta, ln_w, ln_b, shift_state, packed, mix, shift_backend=None):

@@ -75,7 +75,7 @@ def stochastic_round_reference(x: torch.Tensor, dtype: torch.dtype, u: torch.Ten
 # b [N] and v [BLOCK_V] (prefetched one token ahead) and writes y [BLOCK_V]. No two programs
 # touch the same state or y element, so there are no races and no atomics.
 if HAS_TRITON:
-    from ._triton import pdl_enter  # first statement of the kernels launched with pdl_args
+    from ._triton import pdl_enter, pdl_exit  # first and last statements of the kernels launched with pdl_args
 
     @triton.jit
     def _round_nearest(x, DTYPE: tl.constexpr):
@@ -149,6 +149,7 @@ if HAS_TRITON:
             b_s = b_s * b_w[None, :] + b_sa[:, None] * b_b[None, :] + b_v[:, None] * b_k[None, :]
             tl.store(y + o_t + o_v, tl.sum(b_s * b_r[None, :], axis=1))
         _store_state(p_s, b_s, i_slot, seed, i_h, o_v, BLOCK_V, N, STOCHASTIC)
+        pdl_exit(PDL)
 
     @triton.jit
     def _store_state(p_s, b_s, i_slot, seed, i_h, o_v, BLOCK_V: tl.constexpr, N: tl.constexpr,
