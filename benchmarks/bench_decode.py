@@ -90,7 +90,8 @@ VARIANTS = [
     # stream and dependent launches: one stream, the dense GEMV kernels for the feed-forward
     Variant("previous default: one stream, dense GEMV feed-forward", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix="triton-gemv", lora=None, norm_shift=None, gemv=None),
-    # only when asked for (--variants 16): the default without dependent launches
+    # only when asked for (--variants 16): the default without dependent launches (the default
+    # itself since they became opt-in; decode-options-h200 measured it beside them)
     Variant("default without dependent launches", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None),
     # only when asked for (--variants 17): the default with dependent launches triggered at each

@@ -90,9 +90,10 @@ class Model:
         # dependent_launches: whether the decode kernels are launched as programmatic dependent
         # launches (ops/_triton.py dependent_launches; Hopper and later, a no-op elsewhere): each
         # may launch before the previous kernel has finished and waits for it in its first
-        # instruction. "start" / "end": when a kernel lets the next one launch; None: on CUDA with
-        # the trigger at the end; False: off; True: as None
-        self.dependent_launches: bool | str | None = None
+        # instruction. "start" / "end": when a kernel lets the next one launch; True: "end";
+        # False (the default): off. Off by default: on an H200 it gained up to 10% at 0.1B but
+        # lost up to 6% at 1.5B and 7.2B, differently from run to run (docs/benchmarks/decode.md)
+        self.dependent_launches: bool | str | None = False
         # made here, not at first use, which may be inside a CUDA-graph capture
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
@@ -265,7 +266,7 @@ class Model:
     def _launch_trigger(self) -> str | None:
         """The trigger of dependent launches for this model's kernels (None: plain launches)."""
         wanted = self.dependent_launches
-        if self.device.type != "cuda" or wanted is False:
+        if self.device.type != "cuda" or not wanted:
             return None
         return wanted if isinstance(wanted, str) else "end"
 
