@@ -54,6 +54,8 @@ WRITERS = {
     "ffn-sweep-h200": lambda d, _: bench("bench_ffn").markdown(d),
     "decode-ffn-first-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-ffn-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-options-first-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-options-h200": lambda d, _: bench("bench_decode").markdown(d),
     "profile-before-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-after-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-prompt-h200": lambda d, _: tool("profile_step").markdown(d),
