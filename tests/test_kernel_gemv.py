@@ -280,3 +280,27 @@ def test_cuda_launch_options_change_no_bit(option, batch):
     assert torch.equal(got, want) and got_ids == want_ids
     for a, b in zip(want_states, got_states):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dependent_launch_arguments():
+    """pdl_args asks for a dependent launch only inside dependent_launches() and only for CUDA
+    tensors off the interpreter; the trigger names the kernels' PDL mode; a bad one is refused."""
+    from rwkvstate.ops import _triton as tr
+
+    x = torch.zeros(2, device=DEVICE)
+    assert tr.pdl_args(x) == {"PDL": 0}
+    for trigger in tr.TRIGGERS:
+        with tr.dependent_launches(trigger):
+            args = tr.pdl_args(x)
+            if trigger is not None and x.is_cuda and tr.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0):
+                assert args == {"PDL": tr.TRIGGERS.index(trigger), "launch_pdl": True}
+            else:
+                assert args == {"PDL": 0}
+    assert tr.pdl_args(x) == {"PDL": 0}  # the context is left as it was
+    with pytest.raises(ValueError, match="trigger must be one of"):
+        with tr.dependent_launches("middle"):
+            pass
+    model = Model.from_tensors(random_checkpoint(CFG, seed=5), CFG, device=DEVICE)
+    assert model.dependent_launches is False and model._launch_trigger() is None
+    model.dependent_launches = True
+    assert model._launch_trigger() == ("end" if DEVICE == "cuda" else None)

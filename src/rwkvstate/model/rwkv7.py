@@ -91,8 +91,8 @@ class Model:
         # launches (ops/_triton.py dependent_launches; Hopper and later, a no-op elsewhere): each
         # may launch before the previous kernel has finished and waits for it in its first
         # instruction. "start" / "end": when a kernel lets the next one launch; True: "end";
-        # False (the default): off. Off by default: on an H200 it gained up to 10% at 0.1B but
-        # lost up to 6% at 1.5B and 7.2B, differently from run to run (docs/benchmarks/decode.md)
+        # False (the default): off. Off by default: on an H200 it gained 1-22% at 0.1B, but at 1.5B
+        # and 7.2B it gained in one run and lost up to 6% in the next (docs/benchmarks/decode.md)
         self.dependent_launches: bool | str | None = False
         # made here, not at first use, which may be inside a CUDA-graph capture
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

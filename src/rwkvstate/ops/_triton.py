@@ -74,14 +74,31 @@ def pdl_args(tensor: torch.Tensor) -> dict:
     the end): a dependent launch inside dependent_launches() for CUDA tensors on a GPU that has it,
     else a plain launch."""
     trigger = _DEPENDENT_LAUNCHES.get()
-    if trigger is not None and tensor.is_cuda and not is_interpreting():
+    if trigger is not None and HAS_GDC and tensor.is_cuda and not is_interpreting():
         if _supports_dependent_launch(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()):
             return {"PDL": TRIGGERS.index(trigger), "launch_pdl": True}
     return {"PDL": 0}
 
 
-if HAS_TRITON:
+try:  # Triton 3.3 and later
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # older Triton: plain launches only (pdl_args never asks for more)
+    HAS_GDC = False
+
+if HAS_TRITON and not HAS_GDC:
+
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """Without grid dependency control in this Triton: nothing (PDL is always 0)."""
+        pass
+
+    @triton.jit
+    def pdl_exit(PDL: tl.constexpr):
+        pass
+
+elif HAS_TRITON:
 
     @triton.jit
     def pdl_enter(PDL: tl.constexpr):
