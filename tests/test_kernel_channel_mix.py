@@ -133,3 +133,13 @@ def test_cuda_release_shapes(C, T):
             torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
             torch.testing.assert_close(got, gm.gemv_reference(act, value, residual), rtol=tol, atol=tol)
             assert torch.equal(got, gm.gemv_sparse_input(act, value, residual))
+
+
+def test_sparse_input_gemv_takes_a_strided_residual():
+    """A residual whose channels are not contiguous (a transposed view) is read correctly."""
+    k, key, value, residual = _args(3, 40, 96, torch.float32, seed=13, zero_rows=0.3)
+    act = torch.relu(k @ key.t()).square()
+    strided = residual.t().contiguous().t()  # same values, stride (1, T)
+    assert strided.stride(1) != 1
+    got = gm.gemv_sparse_input(act, value, strided)
+    torch.testing.assert_close(got, gm.gemv_reference(act, value, residual), rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ from .gemv import gemv_sparse_input, gemv_triton
 
 # the key projection unsplit: F / 32 column tiles already give every SM work, and on an H200 the
 # unsplit launch took 4.5 / 11.1 / 36.7 us at C = 768 / 2048 / 4096, batch 1, against 5.7 / 13.3 /
-# 36.8 us split in two plus the reduce (docs/benchmarks/ffn-h200.md)
+# 36.8 us split in two plus the reduce (docs/benchmarks/ffn-first-h200.md)
 KEY_SPLITS = 1
 MAX_SPARSE_ROWS = 16  # the Triton path pads rows to one 16-row tl.dot tile
 

@@ -236,6 +236,8 @@ def _as_groups(x, weight, residual):
         raise ValueError("x needs unit stride along K, and weight unit stride along N or K")
     if residual is not None and residual.shape != (G, T, weight.shape[1]):
         raise ValueError(f"residual must be {[G, T, weight.shape[1]][int(single):]}, got {list(residual.shape[int(single):])}")
+    if residual is not None and residual.stride(2) != 1:  # the epilogues read it along N with unit stride
+        residual = residual.contiguous()
     return single, x, weight, residual
 
 
