@@ -304,3 +304,17 @@ def test_dependent_launch_arguments():
     assert model.dependent_launches is False and model._launch_trigger() is None
     model.dependent_launches = True
     assert model._launch_trigger() == ("end" if DEVICE == "cuda" else None)
+
+
+def test_lora_stream_default_only_while_capturing(monkeypatch):
+    """lora_stream None (the default) takes the second stream only while a CUDA graph is being
+    captured (the decode graphs); True always, False never; without a CUDA device there is none."""
+    model = Model.from_tensors(random_checkpoint(CFG, seed=6), CFG)
+    assert model.lora_stream is None and model._lora_side_stream() is None  # CPU: no second stream
+    side = object()
+    monkeypatch.setattr(model, "_side_stream", side)
+    for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        for wanted, expected in ((None, side if capturing else None), (True, side), (False, None)):
+            model.lora_stream = wanted
+            assert model._lora_side_stream() is expected

@@ -85,7 +85,9 @@ class Model:
         }  # fmt: skip
         # lora_stream: whether the LoRA chains run on a second CUDA stream while r, k, v are
         # projected on the current one (both read only the token-shift mixes; CUDA graphs capture
-        # the fork and join). None: on CUDA; False: one stream; True: on CUDA (a no-op elsewhere)
+        # the fork and join). None: while a CUDA graph is being captured (the decode graphs, where
+        # it was measured to pay and the fork and join cost no host time at replay), not in eager
+        # passes; True: every pass on CUDA; False: never
         self.lora_stream: bool | None = None
         # dependent_launches: whether the decode kernels are launched as programmatic dependent
         # launches (ops/_triton.py dependent_launches; Hopper and later, a no-op elsewhere): each
@@ -272,7 +274,10 @@ class Model:
 
     def _lora_side_stream(self) -> torch.cuda.Stream | None:
         """The second stream of the LoRA chains, or None to run them on the current stream."""
-        return self._side_stream if self.lora_stream is not False else None
+        wanted = self.lora_stream
+        if wanted is None:
+            wanted = self._side_stream is not None and torch.cuda.is_current_stream_capturing()
+        return self._side_stream if wanted else None
 
     def _sparse_ffn_pays(self, packed: Packed, C: int) -> bool:
         """Whether the sparse feed-forward (the value projection reads only the rows of non-zero
