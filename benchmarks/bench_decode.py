@@ -87,7 +87,8 @@ VARIANTS = [
     Variant("default + sparse feed-forward", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix="triton", lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
     # only when asked for (--variants 15): the default before the sparse feed-forward, the LoRA
-    # stream and dependent launches: one stream, the dense GEMV kernels for the feed-forward
+    # stream and dependent launches: one stream, the dense GEMV kernels for the feed-forward (with
+    # today's GEMV launches: the key projection unsplit, the one-tile split-K reduce)
     Variant("previous default: one stream, dense GEMV feed-forward", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix="triton-gemv", lora=None, norm_shift=None, gemv=None),
     # only when asked for (--variants 16): the default without dependent launches (the default
