@@ -99,6 +99,12 @@ VARIANTS = [
     # kernel's start instead of its end
     Variant("default, dependent launches triggered at the start", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches="start"),
+    # only when asked for (--variants 18): the default with the channel mix's "cublas" backend for
+    # every pass (relu^2 in one pass, the residual add inside the value GEMM); meant for batches
+    # beyond 8 and prompts, where the default takes the reference (at 1-8 rows it replaces the
+    # GEMV kernels with cuBLAS)
+    Variant("default + folded cuBLAS feed-forward", "contiguous", torch.float16, "triton", wkv=None,
+            channel_mix="cublas", lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers

@@ -143,3 +143,25 @@ def test_sparse_input_gemv_takes_a_strided_residual():
     assert strided.stride(1) != 1
     got = gm.gemv_sparse_input(act, value, strided)
     torch.testing.assert_close(got, gm.gemv_reference(act, value, residual), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T,C,F", [(1, 40, 96), (37, 24, 100), (300, 16, 72)])
+def test_cublas_backend_folds_the_elementwise_work(T, C, F, dtype):
+    """"cublas": relu^2 in one pass (the Triton kernel, interpreted here) with the reference's
+    roundings, bit for bit, and the residual added inside the value GEMM (one rounding instead of
+    two: within one step of the dtype of the reference)."""
+    k, key, value, residual = _args(T, C, F, dtype, seed=T + C + F, zero_rows=0.3)
+    h = torch.nn.functional.linear(k, key)
+    want_h = torch.relu(h).square()
+    got_h = cm.relu2_(h.clone())
+    assert torch.equal(got_h, want_h)
+    assert torch.equal(cm.relu2_(h[:, :0].contiguous()), want_h[:, :0])  # empty: nothing to launch
+    for res in (residual, None):
+        got = cm.channel_mix(k, key, value, res, backend="cublas")
+        want = cm.channel_mix(k, key, value, res, backend="torch")
+        assert got.dtype == dtype and got.shape == (T, C)
+        torch.testing.assert_close(got, want, **_tol(dtype))
+    exact = residual.double() + torch.relu(k.double() @ key.double().t()).square() @ value.double().t()
+    torch.testing.assert_close(cm.channel_mix(k, key, value, residual, backend="cublas").double(), exact,
+                               **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else _tol(dtype)))

@@ -15,7 +15,9 @@ Launches (ops/gemv.py has the kernels):
                                         channels and a range of F, and loads row f of V^T only
                                         where act[:, f] != 0 (a masked load fetches nothing), so the
                                         bytes read follow the density; a split adds a reduce
-"triton-gemv" is the dense GEMV kernel for both projections.
+"triton-gemv" is the dense GEMV kernel for both projections. "cublas" (any number of rows) keeps
+the cuBLAS GEMMs and folds the elementwise work: relu^2 in one in-place pass (relu2_), the residual
+add into the value GEMM (addmm).
 Rounding follows the torch reference step by step: k K^T is rounded to the compute dtype before
 the relu, its square is rounded, the value GEMM's result is rounded, then added to the residual.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import pick_backend
+from ._triton import HAS_TRITON, is_interpreting, pick_backend, tl, triton
 from .gemv import gemv_sparse_input, gemv_triton
 
 # the key projection unsplit: F / 32 column tiles already give every SM work, and on an H200 the
@@ -39,6 +41,45 @@ def channel_mix_reference(k, key, value, residual=None):
     """k [T, C], key [F, C], value [C, F] (any strides), residual [T, C] or None -> [T, C]."""
     out = F.linear(torch.relu(F.linear(k, key)).square(), value)
     return out if residual is None else residual + out
+
+
+if HAS_TRITON:
+    from .wkv7 import _round_nearest  # float32 -> fp16/bf16 to nearest, also in the interpreter
+
+    @triton.jit
+    def _relu2_kernel(h, n, BLOCK: tl.constexpr):
+        """h = relu(h)^2 in place, rounded as torch's relu then square (the square of a rounded
+        value, computed in float32 and rounded once)."""
+        o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        b_h = tl.maximum(tl.load(h + o, mask=m, other=0).to(tl.float32), 0)
+        tl.store(h + o, _round_nearest(b_h * b_h, h.dtype.element_ty), mask=m)
+
+
+RELU2_BLOCK = 2048  # elements per program of the in-place relu^2
+
+
+def relu2_(h: torch.Tensor) -> torch.Tensor:
+    """relu(h)^2 in place: one Triton pass for a contiguous CUDA tensor (or interpreted), else torch's
+    relu_ and square_ (two passes, the same values)."""
+    if HAS_TRITON and h.is_contiguous() and (h.is_cuda or is_interpreting()):
+        if h.numel():
+            _relu2_kernel[(triton.cdiv(h.numel(), RELU2_BLOCK),)](h, h.numel(), BLOCK=RELU2_BLOCK, num_warps=4)
+        return h
+    return h.relu_().square_()
+
+
+def channel_mix_cublas(k, key, value, residual=None):
+    """cuBLAS GEMMs with the elementwise work folded, any number of rows: the key GEMM, relu^2 in
+    one in-place pass, and the value GEMM with the residual as its C input (addmm, beta = 1):
+    three launches (four with a split-K reduce) instead of five or six. The value GEMM's output and
+    the residual add are rounded once, not twice as in the reference, so results can differ from
+    it in the last bit. value must be the [C, F] view of a contiguous [F, C] tensor (as the model
+    stores it), so that value.t() is the contiguous [F, C] matrix addmm takes."""
+    h = relu2_(F.linear(k, key))
+    if residual is None:
+        return F.linear(h, value)
+    return torch.addmm(residual, h, value.t())
 
 
 def channel_mix_triton(k, key, value, residual=None):
@@ -70,7 +111,8 @@ def channel_mix_gemv(k, key, value, residual=None):
     return gemv_triton(gemv_triton(k, key, activation="relu2", num_splits=KEY_SPLITS), value, residual)
 
 
-_BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton, "triton-gemv": channel_mix_gemv}
+_BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton, "triton-gemv": channel_mix_gemv,
+             "cublas": channel_mix_cublas}
 
 
 def channel_mix(k, key, value, residual=None, backend=None):
@@ -78,7 +120,8 @@ def channel_mix(k, key, value, residual=None, backend=None):
     backend: None picks "torch" (cuBLAS; the model makes its own choice per pass, Model._channel_mix);
     "triton" the sparse feed-forward (at most 16 rows, the value weight a [C, F] view of a
     contiguous [F, C] tensor: rows of zero activations are not read), "triton-gemv" the dense GEMV
-    kernels (at most 16 rows), "torch" the reference."""
+    kernels (at most 16 rows), "cublas" the GEMMs with relu^2 in one pass and the residual add in
+    the value GEMM (any number of rows), "torch" the reference."""
     if backend is None:
         backend = "torch"
-    return _BACKENDS[pick_backend(backend, k, tuple(_BACKENDS))](k, key, value, residual)
+    return _BACKENDS[pick_backend(backend, k, tuple(_BACKENDS), native=("torch", "cublas"))](k, key, value, residual)
