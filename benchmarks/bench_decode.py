@@ -105,6 +105,11 @@ VARIANTS = [
     # GEMV kernels with cuBLAS)
     Variant("default + folded cuBLAS feed-forward", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix="cublas", lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
+    # only when asked for (--variants 19): the default with the prologue, WKV-7 and epilogue of a
+    # decode batch in one launch (time_mix "triton-fused")
+    Variant("default + one-launch decode time mix", "contiguous", torch.float16, "triton", wkv=None,
+            time_mix="triton-fused", channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
+            dependent_launches=None),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers

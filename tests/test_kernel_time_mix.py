@@ -146,3 +146,106 @@ def test_time_mix_backend_defaults_to_torch_off_cuda():
     model.backends["time_mix"] = "bogus"
     with pytest.raises(ValueError, match="unknown backend"):
         model.forward(model.new_pool(1), [0], [[1]])
+
+
+def _decode_args(B, H, N, dtype, layer0, seed, state_dtype):
+    """A decode batch of B sequences over a pool of B + 2 slots (in shuffled slot order), the
+    time mix's inputs for it, and a state with entries of order 0.1."""
+    from rwkvstate.model.packing import pack_decode
+
+    d, C = _Draw(seed, dtype), H * N
+    k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, _, _ = _prologue_args(B, H, N, dtype, layer0, seed)
+    r, g = d.normal(B, C), d.normal(B, C)
+    r_k, ln_w, ln_b = d.normal(H, N, scale=0.3), d.uniform(0.7, 1.3, C), d.uniform(-0.1, 0.1, C)
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = (torch.randn(B + 2, H, N, N, generator=gen) * 0.1).to(DEVICE, state_dtype)
+    slots = torch.randperm(B + 2, generator=gen)[:B].to(DEVICE)
+    packed = pack_decode(slots, torch.zeros(B, dtype=torch.long, device=DEVICE))
+    args = (r, w_lora, k, v, a_lora, g, v_lora, v_first, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, H, N)
+    return state, packed, args
+
+
+def _three_kernels(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_first, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b,
+                   H, N, rounding="nearest", seed=0):  # fmt: skip
+    """The unfused Triton path: prologue, the WKV-7 step kernel, epilogue."""
+    from rwkvstate.ops.wkv7 import wkv7
+
+    decay, k2, v2, a_in, b_in = tm.time_mix_prologue(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, H, N,
+                                                     backend="triton")  # fmt: skip
+    T = r.shape[0]
+    heads = [t.reshape(T, H, N) for t in (r, decay, k2, v2, a_in, b_in)]
+    y = wkv7(state, packed, *heads, backend="triton-step", rounding=rounding, seed=seed).reshape(T, H * N)
+    return tm.time_mix_epilogue(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, backend="triton")
+
+
+@pytest.mark.parametrize("B,H,N", [(1, 1, 16), (3, 2, 16), (2, 2, 64), (5, 1, 32)])
+@pytest.mark.parametrize("layer0", [True, False], ids=["layer0", "later"])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float32)], ids=["fp32", "bf16", "fp16-f32state"])
+def test_fused_decode_time_mix_matches_three_kernels(B, H, N, layer0, dtype, state_dtype, poisoned_empty):
+    """One launch for prologue + WKV-7 + epilogue of a decode batch: the same output and state as the
+    three kernels (their roundings, sums in another order) and as the torch reference."""
+    state, packed, args = _decode_args(B, H, N, dtype, layer0, seed=B * 100 + N + layer0, state_dtype=state_dtype)
+    want_state, ref_state = state.clone(), state.clone()
+    got = tm.time_mix_decode_triton(state, packed, *args)
+    want = _three_kernels(want_state, packed, *args)
+    ref = tm.time_mix_decode_reference(ref_state, packed, *args)
+    assert got.dtype == dtype and got.shape == want.shape and not got.isnan().any()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(state, want_state, **tol)
+    torch.testing.assert_close(state, ref_state, **tol)
+    untouched = torch.ones(state.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[packed.live_slots] = False
+    assert torch.equal(state[untouched], want_state[untouched])  # other slots are not written
+
+
+def test_fused_decode_time_mix_stochastic_rounding_and_errors():
+    """Stochastic rounding of an fp16 state draws the same noise as the WKV-7 kernel (per slot,
+    seed, head and element); bad calls are refused."""
+    state, packed, args = _decode_args(2, 2, 16, torch.float32, False, seed=5, state_dtype=torch.float16)
+    want_state = state.clone()
+    tm.time_mix_decode_triton(state, packed, *args, rounding="stochastic", seed=123)
+    _three_kernels(want_state, packed, *args, rounding="stochastic", seed=123)
+    diff = (state.float() - want_state.float()).abs()
+    assert (diff > 0).float().mean() < 0.01  # the same noise: equal but where the sums' order flips a bit
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        tm.time_mix_decode_triton(state, packed, *args, rounding="up")
+    from rwkvstate.model.packing import pack
+
+    prompt = pack([0], [[1, 2]], 10, DEVICE)
+    with pytest.raises(ValueError, match="decode batches"):
+        tm.time_mix_decode_triton(state, prompt, *args)
+    bad = list(args)
+    bad[7] = None  # v_first missing in a later layer
+    with pytest.raises(ValueError, match="all given"):
+        tm.time_mix_decode_triton(state, packed, *bad)
+
+
+def test_model_with_the_fused_decode_time_mix_matches_three_kernels():
+    """backends["time_mix"] = "triton-fused": decode steps take the one-launch kernel, prompts the
+    three kernels; logits and states as with "triton" within float32 rounding."""
+    from rwkvstate.model.rwkv7 import FUSED_TIME_MIX
+
+    tensors = random_checkpoint(CFG, seed=34)
+    seqs = [random_tokens(n, CFG.vocab_size, seed=20 + n) for n in (3, 5, 1)]
+    calls = []
+    outs = []
+    for time_mix in ("triton", FUSED_TIME_MIX):
+        model = Model.from_tensors(tensors, CFG, device=DEVICE)
+        model.backends.update({**TRITON, "time_mix": time_mix})
+        pool = model.new_pool(4)
+        model.forward(pool, [0, 2, 3], seqs)
+        slots = torch.tensor([2, 0, 3], device=DEVICE)
+        real = tm.time_mix_decode_triton
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("rwkvstate.model.rwkv7.time_mix_decode_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+            steps = [model.decode_step(pool, slots, torch.tensor([4 + s, 7, 9 - s], device=DEVICE)) for s in range(2)]
+        outs.append((torch.stack(steps), [pool.export(s) for s in range(4)]))
+    assert len(calls) == 2 * CFG.n_layer  # the fused path ran for every layer of both decode steps
+    (a, sa), (b, sb) = outs
+    assert rel_err(b, a) <= 1e-5
+    for x, y in zip(sa, sb):
+        for key in x:
+            assert rel_err(y[key], x[key]) <= 1e-5 or not x[key].any(), key

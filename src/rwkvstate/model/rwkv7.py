@@ -24,7 +24,7 @@ from ..ops._triton import HAS_TRITON, dependent_launches
 from ..ops.gemv import gemv
 from ..ops.lora import MAX_ROWS as LORA_ROWS
 from ..ops.lora import lora
-from ..ops.time_mix import GROUP_NORM_EPS, time_mix_epilogue, time_mix_prologue
+from ..ops.time_mix import GROUP_NORM_EPS, time_mix_decode_triton, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import norm_shift_mix
 from ..ops.wkv7 import wkv7
 from ..state.layout import StateLayout, parse_dtype
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 OUTPUTS = ("last", "all", "none")
 GEMV_ROWS = 8  # decode batches up to this size may take the GEMV kernel (backends "gemv", "channel_mix")
+FUSED_TIME_MIX = "triton-fused"  # backends["time_mix"]: prologue, WKV-7 and epilogue in one launch for decode
 Tokens = Union[Sequence[int], torch.Tensor]  # one sequence's token ids (a list or a 1-D integer tensor)
 
 
@@ -57,7 +58,9 @@ class Model:
         self._tokenizer: Tokenizer | None = None
         # op backends: None picks Triton kernels for CUDA tensors and the torch reference
         # otherwise; "torch", "triton" (and "triton-per-mix" for token_shift) force one.
-        # time_mix: "torch" is the reference of ops/time_mix.py, "triton" its fused kernels
+        # time_mix: "torch" is the reference of ops/time_mix.py, "triton" its fused kernels,
+        # "triton-fused" (opt-in, not yet measured on a GPU) the prologue, WKV-7 and epilogue of a
+        # decode batch in one launch (time_mix_decode_triton; other passes as "triton")
         # wkv: None takes, on CUDA, the token-by-token kernel for decode and prompts alike
         # (the chunked-parallel kernel is slower on an H200, docs/benchmarks/decode.md).
         # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
@@ -316,6 +319,14 @@ class Model:
         H, N = self.config.n_head, self.config.head_size
         backend = self.backends["time_mix"]
         v_mix = None if v_lora is None else v_first  # layer 0 takes v as it is
+        if backend == FUSED_TIME_MIX:  # one launch for decode batches; the three kernels otherwise
+            if packed.is_decode:
+                self._round_calls += 1  # a fresh stochastic-rounding seed per layer call, as _wkv
+                return time_mix_decode_triton(
+                    wkv_state, packed, r, w, k, v, a_lora, g, v_lora, v_mix, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a,
+                    lw.r_k, *lw.ln_x, H, N, eps=GROUP_NORM_EPS, rounding=self.state_rounding, seed=self._round_calls,
+                )  # fmt: skip
+            backend = "triton"
         decay, k, v, a_in, b_in = time_mix_prologue(
             k, v, w, a_lora, v_lora, v_mix, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H, N, backend=backend
         )

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, pdl_args, pick_backend, tl, triton
+from .wkv7 import HEAD_SIZES, ROUNDINGS, wkv7
 
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-exp(-0.5) * sigmoid(.)) lies in (0.545, 1)
 GROUP_NORM_EPS = 64e-5
@@ -70,6 +71,7 @@ def time_mix_epilogue_reference(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=GROU
 if HAS_TRITON:
     from ._triton import pdl_enter, pdl_exit  # first and last statements of the kernels launched with pdl_args
     from .wkv7 import _round_nearest  # float32 -> fp16/bf16 to nearest, also in the interpreter
+    from .wkv7 import _store_state  # the state tile stored in the pool's dtype (nearest or stochastic)
 
     @triton.jit
     def _tile(p, o_x, m_x):
@@ -133,6 +135,65 @@ if HAS_TRITON:
         pdl_exit(PDL)
 
 
+    @triton.jit(do_not_specialize=["seed"])
+    def _time_mix_decode_kernel(
+        state, live_slots, cu_seqlens, r, w_lora, k, v, a_lora, g, v_lora, v_first,
+        w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, out, stride_slot, seed, eps,
+        H: tl.constexpr, N: tl.constexpr, HAS_V: tl.constexpr, STOCHASTIC: tl.constexpr,
+    ):  # fmt: skip
+        """One decode token of one sequence and one head: the prologue, WKV-7 and the epilogue
+        with the state on chip, every intermediate rounded as the three kernels round it.
+        Vectors along the state's columns (o_k: r, k2, a_in, b_in, decay) and along its rows
+        (o_v: v2, y and the output) are loaded in the layout they are used in."""
+        i_n, i_h = tl.program_id(0), tl.program_id(1)
+        i_slot = tl.load(live_slots + i_n).to(tl.int64)
+        row = tl.load(cu_seqlens + i_n).to(tl.int64)  # the sequence's one token
+        o_k = i_h * N + tl.arange(0, N)
+        o_v = i_h * N + tl.arange(0, N)
+        p_k, p_v = row * (H * N) + o_k, row * (H * N) + o_v
+        dt = out.dtype.element_ty
+        # loads first: a load placed after a store waits for a trip of its own
+        b_k = tl.load(k + p_k).to(tl.float32)
+        b_r = tl.load(r + p_k).to(tl.float32)
+        b_a = tl.sigmoid(tl.load(a0 + o_k).to(tl.float32) + tl.load(a_lora + p_k).to(tl.float32))
+        b_w = tl.sigmoid(tl.load(w0 + o_k).to(tl.float32) + tl.load(w_lora + p_k).to(tl.float32))
+        b_kkw = tl.load(k_k + o_k).to(tl.float32)
+        b_ka = tl.load(k_a + o_k).to(tl.float32)
+        b_rk = tl.load(r_k + o_k).to(tl.float32)
+        b_v = tl.load(v + p_v)
+        if HAS_V:
+            b_vf = b_v.to(tl.float32)
+            b_mv = tl.sigmoid(tl.load(v0 + o_v).to(tl.float32) + tl.load(v_lora + p_v).to(tl.float32))
+            b_v2 = _round_nearest(b_vf + (tl.load(v_first + p_v).to(tl.float32) - b_vf) * b_mv, dt).to(tl.float32)
+        else:
+            b_v2 = b_v.to(tl.float32)
+        b_g = tl.load(g + p_v).to(tl.float32)
+        b_lw = tl.load(ln_w + o_v).to(tl.float32)
+        b_lb = tl.load(ln_b + o_v).to(tl.float32)
+        o_s = i_h * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+        p_s = state + i_slot * stride_slot + o_s
+        b_s = tl.load(p_s).to(tl.float32)  # [N (v), N (k)]
+        # the prologue (as _time_mix_prologue_kernel, for one row)
+        b_kk = b_k * b_kkw
+        b_kk = b_kk / tl.maximum(tl.sqrt(tl.sum(b_kk * b_kk, axis=0)), 1e-12)
+        b_k2 = _round_nearest(b_k * (1 + (b_a - 1) * b_ka), dt).to(tl.float32)
+        b_ain = _round_nearest(-b_kk, dt).to(tl.float32)
+        b_bin = _round_nearest(b_kk * b_a, dt).to(tl.float32)
+        b_decay = tl.exp(-0.6065306597126334 * b_w)  # exp(-exp(-0.5) * w), float32 as the prologue stores it
+        # WKV-7, one token (as _wkv7_kernel)
+        b_sa = tl.sum(b_s * b_ain[None, :], axis=1)
+        b_s = b_s * b_decay[None, :] + b_sa[:, None] * b_bin[None, :] + b_v2[:, None] * b_k2[None, :]
+        b_y = tl.sum(b_s * b_r[None, :], axis=1)  # [N (v)], float32
+        # the epilogue (as _time_mix_epilogue_kernel, for one row)
+        b_mean = tl.sum(b_y, axis=0) / N
+        b_d = b_y - b_mean
+        b_rstd = 1 / tl.sqrt(tl.sum(b_d * b_d, axis=0) / N + eps)
+        b_bonus = tl.sum(b_r * b_k2 * b_rk, axis=0)
+        b_o = (b_d * b_rstd * b_lw + b_lb + b_bonus * b_v2) * b_g
+        tl.store(out + p_v, _round_nearest(b_o, dt))
+        _store_state(p_s, b_s, i_slot, seed, i_h, tl.arange(0, N), N, N, STOCHASTIC)
+
+
 def _launch_config(T: int, N: int) -> tuple[int, int]:
     """(BLOCK_T, num_warps): tiles of up to 1024 elements (8 per thread at 4 warps per tensor;
     the prologue holds about eight such tiles), one warp for a decode row of one head."""
@@ -192,6 +253,51 @@ def time_mix_epilogue_triton(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=GROUP_N
             *(t.contiguous() for t in (y, r, k2, v2, g)), *_flat(r_k, ln_w, ln_b), out, T, float(eps),
             H=H, N=N, BLOCK_T=block_t, num_warps=num_warps, **pdl_args(r),
         )  # fmt: skip
+    return out
+
+
+def time_mix_decode_reference(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_first, w0, a0, v0, k_k, k_a,
+                              r_k, ln_w, ln_b, H, N, eps=GROUP_NORM_EPS, rounding="nearest", seed=0):  # fmt: skip
+    """The three steps in torch: prologue, WKV-7 (updating state), epilogue -> [T, C] in r's dtype."""
+    decay, k2, v2, a_in, b_in = time_mix_prologue_reference(k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k,
+                                                            k_a, H, N)  # fmt: skip
+    T = r.shape[0]
+    heads = [t.reshape(T, H, N) for t in (r, decay, k2, v2, a_in, b_in)]
+    y = wkv7(state, packed, *heads, backend="torch", rounding=rounding, seed=seed).reshape(T, H * N)
+    return time_mix_epilogue_reference(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=eps)
+
+
+def time_mix_decode_triton(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_first, w0, a0, v0, k_k, k_a,
+                           r_k, ln_w, ln_b, H, N, eps=GROUP_NORM_EPS, rounding="nearest", seed=0):  # fmt: skip
+    """One launch for a decode batch (one token per live sequence): the prologue, WKV-7 and the
+    epilogue of time_mix_decode_reference, with the same roundings as the three Triton kernels.
+    Grid (live sequences, heads): a program holds one head's [N, N] state."""
+    if not packed.is_decode:
+        raise ValueError("the fused decode time mix takes decode batches (one token per sequence)")
+    has_v = v_lora is not None
+    if has_v != (v_first is not None) or has_v != (v0 is not None):
+        raise ValueError("v_lora, v_first and v0 are all given (layers >= 1) or all None (layer 0)")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if N not in HEAD_SIZES:
+        raise ValueError(f"the fused decode time mix supports head sizes {HEAD_SIZES}, got N = {N}")
+    _check(H, N, {"r": r, "w_lora": w_lora, "k": k, "v": v, "a_lora": a_lora, "g": g, "v_lora": v_lora,
+                  "v_first": v_first})  # fmt: skip
+    if state.dim() != 4 or state.shape[1:] != (H, N, N) or state.stride()[1:] != (N * N, N, 1):
+        raise ValueError(f"state must be a [S, {H}, {N}, {N}] pool view with contiguous heads, got {list(state.shape)}")
+    T, C = r.shape
+    out = torch.empty(T, C, dtype=r.dtype, device=r.device)
+    num_live = packed.live_slots.numel()
+    if T == 0 or num_live == 0:
+        return out
+    ins = [t.contiguous() for t in (r, w_lora, k, v, a_lora, g)]
+    ins += [t.contiguous() for t in (v_lora, v_first)] if has_v else [ins[0], ins[0]]  # unread if not has_v
+    vecs = _flat(w0, a0, v0 if has_v else w0, k_k, k_a, r_k, ln_w, ln_b)
+    stochastic = rounding == "stochastic" and state.dtype != torch.float32
+    _time_mix_decode_kernel[(num_live, H)](
+        state, packed.live_slots, packed.cu_seqlens, *ins, *vecs, out, state.stride(0), seed & 0xFFFFFFFF, float(eps),
+        H=H, N=N, HAS_V=has_v, STOCHASTIC=stochastic, num_warps=4 if N <= 64 else 8,
+    )  # fmt: skip
     return out
 
 
