@@ -8,11 +8,7 @@
 # 2. decode with CUDA graphs at batches BATCHES (default 1, 8, 256) and one 4,096-token prompt, three
 #    shapes, one run: variants 12 (the default), 18 and 19      -> decode-candidates-<card>.{json,md}
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|[0-9]{4}' | head -1 | tr A-Z a-z)
-card=${card:-gpu}
+. tools/gpu_env.sh
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_kernel_channel_mix.py \
   tests/test_kernel_time_mix.py > "$OUT/tests.log" 2>&1
 echo "tests exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -8

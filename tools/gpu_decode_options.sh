@@ -8,11 +8,7 @@
 #    each kernel's start) and 12 (the default: triggered at the end)
 #                                                                  -> decode-options-<card>.{json,md}
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|[0-9]{4}' | head -1 | tr A-Z a-z)
-card=${card:-gpu}
+. tools/gpu_env.sh
 timeout "${TEST_TIMEOUT:-290}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernel_channel_mix.py \
   tests/test_kernel_gemv.py tests/test_kernel_model.py tests/test_cuda.py} > "$OUT/tests.log" 2>&1
 echo "tests exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -12

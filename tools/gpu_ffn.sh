@@ -4,22 +4,20 @@
 # 2. bench_ffn.py: the value projection (sparse-input GEMV / dense GEMV / cuBLAS) at densities
 #    1, 0.5, 0.1, the key projection, the whole channel mix per backend; 0.1B, 1.5B, 7.2B widths,
 #    batches 1, 2, 4, 8                                                     -> ffn-<card>.{json,md}
-# 3. decode with CUDA graphs, the default (bench_decode variant 12), the default with the sparse
-#    feed-forward (variant 14) and with the LoRA chains on a second stream (variant 15), batches
-#    BATCHES (default 1,256), three shapes, one run                        -> decode-ffn-<card>.*
+# 3. decode with CUDA graphs, the default (bench_decode variant 12) and the default with the sparse
+#    feed-forward for every decode batch of <= 16 rows (variant 14), batches BATCHES (default
+#    1,256), three shapes, one run                                        -> decode-ffn-<card>.*
+#    (decode-ffn-h200 ran 12, 14 and a variant 15 that then put the LoRA chains on a second stream;
+#    that is the default now, and 15 is the previous default)
 # 4. bench_ffn.py --sweep: the sparse kernel's launch configurations, batch 1 -> ffn-sweep-<card>.*
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|[0-9]{4}' | head -1 | tr A-Z a-z)
-card=${card:-gpu}
+. tools/gpu_env.sh
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_channel_mix.py \
   tests/test_kernel_gemv.py ${MORE_TESTS-tests/test_kernel_lora.py tests/test_kernel_model.py} > "$OUT/tests.log" 2>&1
 echo "tests exit $?"; tail -3 "$OUT/tests.log"
 (cd benchmarks && timeout "${FFN_TIMEOUT:-150}" python3 bench_ffn.py --out "$OUT/ffn-$card") > "$OUT/ffn.log" 2>&1
 echo "ffn exit $?"; grep -E "^\| (0.1B|1.5B|7.2B) \| (channel|value) \| 1 \|" "$OUT/ffn.log"
-timeout "${DECODE_TIMEOUT:-170}" python3 benchmarks/bench_decode.py --variants ${VARIANTS:-12,14,15} --graphs-only \
+timeout "${DECODE_TIMEOUT:-170}" python3 benchmarks/bench_decode.py --variants ${VARIANTS:-12,14} --graphs-only \
   --no-reference --batches ${BATCHES:-1,256} --prefill-batches "" --steps 20 --repeats 3 --out "$OUT/decode-ffn-$card" \
   > "$OUT/decode.log" 2>&1
 echo "decode exit $?"; grep "graphs=" "$OUT/decode.log" | tail -30
