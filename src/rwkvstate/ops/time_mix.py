@@ -272,6 +272,7 @@ def time_mix_decode_triton(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_
     """One launch for a decode batch (one token per live sequence): the prologue, WKV-7 and the
     epilogue of time_mix_decode_reference, with the same roundings as the three Triton kernels.
     Grid (live sequences, heads): a program holds one head's [N, N] state."""
+    pick_backend("triton", r)  # a clear error without Triton, or for CPU tensors outside the interpreter
     if not packed.is_decode:
         raise ValueError("the fused decode time mix takes decode batches (one token per sequence)")
     has_v = v_lora is not None
