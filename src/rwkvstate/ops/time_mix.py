@@ -82,6 +82,33 @@ if HAS_TRITON:
         return tl.load(p + o_c).to(tl.float32)[None, :]
 
     @triton.jit
+    def _prologue_math(b_k, b_a_lora, b_w_lora, b_a0, b_w0, b_k_k, b_k_a):
+        """[R, N] float32 tiles of one head (the vectors [1, N]) -> (decay, k2, a_in, b_in) in
+        float32, before any rounding."""
+        b_a = tl.sigmoid(b_a0 + b_a_lora)
+        b_kk = b_k * b_k_k
+        b_kk = b_kk / tl.maximum(tl.sqrt(tl.sum(b_kk * b_kk, axis=1)), 1e-12)[:, None]
+        b_k2 = b_k * (1 + (b_a - 1) * b_k_a)
+        b_decay = tl.exp(-0.6065306597126334 * tl.sigmoid(b_w0 + b_w_lora))  # exp(-exp(-0.5) * w)
+        return b_decay, b_k2, -b_kk, b_kk * b_a
+
+    @triton.jit
+    def _value_mix(b_v, b_v_first, b_v0, b_v_lora):
+        """v2 = v + (v_first - v) * sigmoid(v0 + v_lora), float32 (layers >= 1)."""
+        return b_v + (b_v_first - b_v) * tl.sigmoid(b_v0 + b_v_lora)
+
+    @triton.jit
+    def _epilogue_math(b_y, b_rkk, b_v2, b_g, b_ln_w, b_ln_b, eps, N: tl.constexpr):
+        """[R, N] float32 tiles of one head: (GroupNorm(y) + sum(r * k2 * r_k) * v2) * g, before
+        rounding; b_rkk is r * k2 * r_k."""
+        b_mean = tl.sum(b_y, axis=1) / N
+        b_d = b_y - b_mean[:, None]
+        b_rstd = 1 / tl.sqrt(tl.sum(b_d * b_d, axis=1) / N + eps)
+        b_o = b_d * b_rstd[:, None] * b_ln_w + b_ln_b
+        b_o += tl.sum(b_rkk, axis=1)[:, None] * b_v2
+        return b_o * b_g
+
+    @triton.jit
     def _time_mix_prologue_kernel(
         k, v, w_lora, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a,
         decay, k2, v2, a_in, b_in, T,
@@ -93,21 +120,16 @@ if HAS_TRITON:
         o_c = i_h * N + tl.arange(0, N)
         m_x = (o_t < T)[:, None]
         o_x = o_t.to(tl.int64)[:, None] * (H * N) + o_c[None, :]
-        b_k = _tile(k, o_x, m_x)
-        b_a = tl.sigmoid(_vec(a0, o_c) + _tile(a_lora, o_x, m_x))
-        b_kk = b_k * _vec(k_k, o_c)
-        b_norm = tl.sqrt(tl.sum(b_kk * b_kk, axis=1))
-        b_kk = b_kk / tl.maximum(b_norm, 1e-12)[:, None]
-        b_k2 = b_k * (1 + (b_a - 1) * _vec(k_a, o_c))
-        b_w = tl.sigmoid(_vec(w0, o_c) + _tile(w_lora, o_x, m_x))
+        b_decay, b_k2, b_ain, b_bin = _prologue_math(
+            _tile(k, o_x, m_x), _tile(a_lora, o_x, m_x), _tile(w_lora, o_x, m_x), _vec(a0, o_c), _vec(w0, o_c),
+            _vec(k_k, o_c), _vec(k_a, o_c),
+        )  # fmt: skip
         if HAS_V:  # loaded before the first store: a load after a store waits for a trip of its own
-            b_v = _tile(v, o_x, m_x)
-            b_mv = tl.sigmoid(_vec(v0, o_c) + _tile(v_lora, o_x, m_x))
-            b_v2 = b_v + (_tile(v_first, o_x, m_x) - b_v) * b_mv
-        tl.store(decay + o_x, tl.exp(-0.6065306597126334 * b_w), mask=m_x)  # exp(-exp(-0.5) * w)
+            b_v2 = _value_mix(_tile(v, o_x, m_x), _tile(v_first, o_x, m_x), _vec(v0, o_c), _tile(v_lora, o_x, m_x))
+        tl.store(decay + o_x, b_decay, mask=m_x)
         tl.store(k2 + o_x, _round_nearest(b_k2, k2.dtype.element_ty), mask=m_x)
-        tl.store(a_in + o_x, _round_nearest(-b_kk, a_in.dtype.element_ty), mask=m_x)
-        tl.store(b_in + o_x, _round_nearest(b_kk * b_a, b_in.dtype.element_ty), mask=m_x)
+        tl.store(a_in + o_x, _round_nearest(b_ain, a_in.dtype.element_ty), mask=m_x)
+        tl.store(b_in + o_x, _round_nearest(b_bin, b_in.dtype.element_ty), mask=m_x)
         if HAS_V:
             tl.store(v2 + o_x, _round_nearest(b_v2, v2.dtype.element_ty), mask=m_x)
         pdl_exit(PDL)
@@ -123,17 +145,11 @@ if HAS_TRITON:
         o_c = i_h * N + tl.arange(0, N)
         m_x = (o_t < T)[:, None]
         o_x = o_t.to(tl.int64)[:, None] * (H * N) + o_c[None, :]
-        b_y = _tile(y, o_x, m_x)
-        b_mean = tl.sum(b_y, axis=1) / N
-        b_d = b_y - b_mean[:, None]
-        b_rstd = 1 / tl.sqrt(tl.sum(b_d * b_d, axis=1) / N + eps)
-        b_o = b_d * b_rstd[:, None] * _vec(ln_w, o_c) + _vec(ln_b, o_c)
-        b_rk = tl.sum(_tile(r, o_x, m_x) * _tile(k2, o_x, m_x) * _vec(r_k, o_c), axis=1)
-        b_o += b_rk[:, None] * _tile(v2, o_x, m_x)
-        b_o *= _tile(g, o_x, m_x)
+        b_rkk = _tile(r, o_x, m_x) * _tile(k2, o_x, m_x) * _vec(r_k, o_c)
+        b_o = _epilogue_math(_tile(y, o_x, m_x), b_rkk, _tile(v2, o_x, m_x), _tile(g, o_x, m_x), _vec(ln_w, o_c),
+                             _vec(ln_b, o_c), eps, N)  # fmt: skip
         tl.store(out + o_x, _round_nearest(b_o, out.dtype.element_ty), mask=m_x)
         pdl_exit(PDL)
-
 
     @triton.jit(do_not_specialize=["seed"])
     def _time_mix_decode_kernel(
@@ -142,57 +158,40 @@ if HAS_TRITON:
         H: tl.constexpr, N: tl.constexpr, HAS_V: tl.constexpr, STOCHASTIC: tl.constexpr,
     ):  # fmt: skip
         """One decode token of one sequence and one head: the prologue, WKV-7 and the epilogue
-        with the state on chip, every intermediate rounded as the three kernels round it.
-        Vectors along the state's columns (o_k: r, k2, a_in, b_in, decay) and along its rows
-        (o_v: v2, y and the output) are loaded in the layout they are used in."""
+        (the two kernels' math, _prologue_math and _epilogue_math, on [1, N] tiles) with the state
+        on chip, every intermediate rounded where the three kernels round it. v2 is also needed
+        along the state's rows ([N, 1]) for the update."""
         i_n, i_h = tl.program_id(0), tl.program_id(1)
         i_slot = tl.load(live_slots + i_n).to(tl.int64)
         row = tl.load(cu_seqlens + i_n).to(tl.int64)  # the sequence's one token
-        o_k = i_h * N + tl.arange(0, N)
-        o_v = i_h * N + tl.arange(0, N)
-        p_k, p_v = row * (H * N) + o_k, row * (H * N) + o_v
+        o_c = i_h * N + tl.arange(0, N)
+        o_x = row * (H * N) + o_c[None, :]  # [1, N]
+        m_x = o_x >= 0  # all true: _tile's mask
         dt = out.dtype.element_ty
         # loads first: a load placed after a store waits for a trip of its own
-        b_k = tl.load(k + p_k).to(tl.float32)
-        b_r = tl.load(r + p_k).to(tl.float32)
-        b_a = tl.sigmoid(tl.load(a0 + o_k).to(tl.float32) + tl.load(a_lora + p_k).to(tl.float32))
-        b_w = tl.sigmoid(tl.load(w0 + o_k).to(tl.float32) + tl.load(w_lora + p_k).to(tl.float32))
-        b_kkw = tl.load(k_k + o_k).to(tl.float32)
-        b_ka = tl.load(k_a + o_k).to(tl.float32)
-        b_rk = tl.load(r_k + o_k).to(tl.float32)
-        b_v = tl.load(v + p_v)
+        b_r = _tile(r, o_x, m_x)
+        b_decay, b_k2, b_ain, b_bin = _prologue_math(
+            _tile(k, o_x, m_x), _tile(a_lora, o_x, m_x), _tile(w_lora, o_x, m_x), _vec(a0, o_c), _vec(w0, o_c),
+            _vec(k_k, o_c), _vec(k_a, o_c),
+        )  # fmt: skip
+        b_v2 = _tile(v, o_x, m_x)
         if HAS_V:
-            b_vf = b_v.to(tl.float32)
-            b_mv = tl.sigmoid(tl.load(v0 + o_v).to(tl.float32) + tl.load(v_lora + p_v).to(tl.float32))
-            b_v2 = _round_nearest(b_vf + (tl.load(v_first + p_v).to(tl.float32) - b_vf) * b_mv, dt).to(tl.float32)
-        else:
-            b_v2 = b_v.to(tl.float32)
-        b_g = tl.load(g + p_v).to(tl.float32)
-        b_lw = tl.load(ln_w + o_v).to(tl.float32)
-        b_lb = tl.load(ln_b + o_v).to(tl.float32)
+            b_v2 = _value_mix(b_v2, _tile(v_first, o_x, m_x), _vec(v0, o_c), _tile(v_lora, o_x, m_x))
+        b_v2 = _round_nearest(b_v2, dt).to(tl.float32)  # layer 0: v itself, unchanged by the rounding
+        b_g, b_rk, b_lw, b_lb = _tile(g, o_x, m_x), _vec(r_k, o_c), _vec(ln_w, o_c), _vec(ln_b, o_c)
         o_s = i_h * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
         p_s = state + i_slot * stride_slot + o_s
         b_s = tl.load(p_s).to(tl.float32)  # [N (v), N (k)]
-        # the prologue (as _time_mix_prologue_kernel, for one row)
-        b_kk = b_k * b_kkw
-        b_kk = b_kk / tl.maximum(tl.sqrt(tl.sum(b_kk * b_kk, axis=0)), 1e-12)
-        b_k2 = _round_nearest(b_k * (1 + (b_a - 1) * b_ka), dt).to(tl.float32)
-        b_ain = _round_nearest(-b_kk, dt).to(tl.float32)
-        b_bin = _round_nearest(b_kk * b_a, dt).to(tl.float32)
-        b_decay = tl.exp(-0.6065306597126334 * b_w)  # exp(-exp(-0.5) * w), float32 as the prologue stores it
-        # WKV-7, one token (as _wkv7_kernel)
-        b_sa = tl.sum(b_s * b_ain[None, :], axis=1)
-        b_s = b_s * b_decay[None, :] + b_sa[:, None] * b_bin[None, :] + b_v2[:, None] * b_k2[None, :]
-        b_y = tl.sum(b_s * b_r[None, :], axis=1)  # [N (v)], float32
-        # the epilogue (as _time_mix_epilogue_kernel, for one row)
-        b_mean = tl.sum(b_y, axis=0) / N
-        b_d = b_y - b_mean
-        b_rstd = 1 / tl.sqrt(tl.sum(b_d * b_d, axis=0) / N + eps)
-        b_bonus = tl.sum(b_r * b_k2 * b_rk, axis=0)
-        b_o = (b_d * b_rstd * b_lw + b_lb + b_bonus * b_v2) * b_g
-        tl.store(out + p_v, _round_nearest(b_o, dt))
+        b_k2 = _round_nearest(b_k2, dt).to(tl.float32)
+        b_ain = _round_nearest(b_ain, dt).to(tl.float32)
+        b_bin = _round_nearest(b_bin, dt).to(tl.float32)
+        # WKV-7, one token (as _wkv7_kernel): [1, N] vectors run along the state's columns
+        b_sa = tl.sum(b_s * b_ain, axis=1)
+        b_s = b_s * b_decay + b_sa[:, None] * b_bin + tl.reshape(b_v2, [N, 1]) * b_k2
+        b_y = tl.sum(b_s * b_r, axis=1)[None, :]  # [1, N (v)], float32
+        b_o = _epilogue_math(b_y, b_r * b_k2 * b_rk, b_v2, b_g, b_lw, b_lb, eps, N)
+        tl.store(out + o_x, _round_nearest(b_o, dt))
         _store_state(p_s, b_s, i_slot, seed, i_h, tl.arange(0, N), N, N, STOCHASTIC)
-
 
 def _launch_config(T: int, N: int) -> tuple[int, int]:
     """(BLOCK_T, num_warps): tiles of up to 1024 elements (8 per thread at 4 warps per tensor;
