@@ -321,10 +321,10 @@ class Model:
         v_mix = None if v_lora is None else v_first  # layer 0 takes v as it is
         if backend == FUSED_TIME_MIX:  # one launch for decode batches; the three kernels otherwise
             if packed.is_decode:
-                self._round_calls += 1  # a fresh stochastic-rounding seed per layer call, as _wkv
+                rounding, seed = self._state_rounding()
                 return time_mix_decode_triton(
                     wkv_state, packed, r, w, k, v, a_lora, g, v_lora, v_mix, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a,
-                    lw.r_k, *lw.ln_x, H, N, eps=GROUP_NORM_EPS, rounding=self.state_rounding, seed=self._round_calls,
+                    lw.r_k, *lw.ln_x, H, N, eps=GROUP_NORM_EPS, rounding=rounding, seed=seed,
                 )  # fmt: skip
             backend = "triton"
         decay, k, v, a_in, b_in = time_mix_prologue(
@@ -333,17 +333,21 @@ class Model:
         y = self._wkv(wkv_state, packed, r, decay, k, v, a_in, b_in)
         return time_mix_epilogue(y, r, k, v, g, lw.r_k, *lw.ln_x, H, N, eps=GROUP_NORM_EPS, backend=backend)
 
+    def _state_rounding(self) -> tuple[str, int]:
+        """How a layer call stores the WKV state: the rounding and a fresh stochastic-rounding seed."""
+        self._round_calls += 1
+        return self.state_rounding, self._round_calls
+
     def _wkv(self, wkv_state: Tensor, packed: Packed, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor,
              b: Tensor) -> Tensor:  # fmt: skip
         """WKV-7 on [T, C] inputs viewed as [T, H, N]; returns y [T, C] float32."""
         T, C = r.shape
         H, N = self.config.n_head, self.config.head_size
         r, w, k, v, a, b = (t.view(T, H, N) for t in (r, w, k, v, a, b))
-        self._round_calls += 1  # a fresh stochastic-rounding seed per layer call
         backend = self.backends["wkv"]
         if not packed.is_decode and self.backends["wkv_prefill"] is not None:
             backend = self.backends["wkv_prefill"]
-        rounding, seed = self.state_rounding, self._round_calls
+        rounding, seed = self._state_rounding()
         y = wkv7(wkv_state, packed, r, w, k, v, a, b, backend=backend, rounding=rounding, seed=seed)
         return y.view(T, C)
 
