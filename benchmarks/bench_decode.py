@@ -44,13 +44,15 @@ class Variant:
     token_shift: str  # backend of token_shift_mix
     wkv: str | None = "triton"  # None: the runtime's choice (the token-by-token kernel on CUDA)
     wkv_prefill: str | None = None  # None: as wkv; "triton-chunked": the chunked-parallel kernel for prompts
-    time_mix: str = "triton"  # "triton": fused elementwise prologue/epilogue around the WKV kernel
+    time_mix: str | None = "triton"  # "triton": fused elementwise prologue/epilogue around the WKV kernel;
+    #                                  "triton-fused": the three in one launch (decode); None: the runtime's
     channel_mix: str | None = "torch"  # None: the runtime's choice (GEMV kernel for decode <= 8, else cuBLAS); "triton": sparse
     lora: str | None = "torch"  # "triton": the LoRA chains in two launches for batches of 1-16; None: and batched GEMMs beyond
     norm_shift: str | None = "torch"  # None: residual add + layer norm + token shift in one launch (decode)
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
     lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
     dependent_launches: bool | str | None = False  # programmatic dependent launches: "start"/"end" trigger, None: runtime's
+    l2_prefetch: int | None = 0  # bytes of weights read into L2 per layer during the time mix (None: the runtime's)
 
 
 VARIANTS = [
@@ -75,7 +77,8 @@ VARIANTS = [
     # the runtime's default: variant 8 + the GEMV kernel for r/k/v and the feed-forward of decode
     # batches of at most 8, r/k/v and the LoRA chains as batched GEMMs beyond (every backend None)
     Variant("default: + GEMV (batch <= 8), batched GEMMs", "contiguous", torch.float16, "triton", wkv=None,
-            channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
+            time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
+            dependent_launches=None, l2_prefetch=None),
     # only when asked for (--variants 13): the default with the step WKV kernel for prompts too,
     # the prompt path before the prompt kernel (ops/wkv7.py); decode is variant 12's
     Variant("default, step WKV kernel for prompts", "contiguous", torch.float16, "triton", wkv=None,
@@ -110,6 +113,21 @@ VARIANTS = [
     Variant("default + one-launch decode time mix", "contiguous", torch.float16, "triton", wkv=None,
             time_mix="triton-fused", channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),
+    # only when asked for (--variants 20-22): the default with 16, 32 or 64 MiB of each layer's
+    # output-projection and feed-forward weights read into L2 on the second stream while the time
+    # mix's small kernels run (Model.l2_prefetch; decode graphs of at most 8 rows)
+    *(Variant(f"default + {mib} MiB L2 prefetch", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
+              channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None,
+              l2_prefetch=mib << 20)
+      for mib in (16, 32, 64)),
+    # only when asked for (--variants 23, 24): the default with the three-kernel time mix for every
+    # pass (before 2026-12-01 the default for decode batches too), and with the reference
+    # feed-forward (cuBLAS GEMMs, relu, square and the residual add as separate kernels) for every
+    # pass (before that date the default beyond 8 rows and for prompts)
+    Variant("default, three-kernel time mix", "contiguous", torch.float16, "triton", wkv=None, channel_mix=None,
+            lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
+    Variant("default, reference feed-forward", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
+            channel_mix="torch", lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
@@ -124,6 +142,7 @@ def use(model, variant: Variant) -> None:
                           norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
     model.lora_stream = variant.lora_stream
     model.dependent_launches = variant.dependent_launches
+    model.l2_prefetch = variant.l2_prefetch
 
 
 def config_for(shape: str) -> ModelConfig:

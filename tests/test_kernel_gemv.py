@@ -178,16 +178,19 @@ def test_model_batched_gemms_match_reference():
 @cuda_only
 def test_cuda_defaults_choose_by_batch(monkeypatch):
     """With every backend None: the kernel for r/k/v and the feed-forward of decode batches of at
-    most GEMV_ROWS (cuBLAS for the output projection), batched GEMMs beyond; LoRA kernels up to 16
-    rows, batched GEMMs beyond."""
+    most GEMV_ROWS (cuBLAS for the output projection) and the one-launch time mix, batched GEMMs
+    and the folded cuBLAS feed-forward beyond; LoRA kernels up to 16 rows, batched GEMMs beyond."""
     from rwkvstate.model import rwkv7
     from rwkvstate.ops import channel_mix as cm
     from rwkvstate.ops import lora as lo
 
-    calls: dict[str, list] = {"gemv": [], "ffn": [], "lora_bmm": [], "lora_triton": []}
+    calls: dict[str, list] = {"gemv": [], "ffn": [], "lora_bmm": [], "lora_triton": [], "cublas": [], "fused": []}
     kernel, ffn, bmm, ltri = gm.gemv_triton, cm.channel_mix_gemv, lo.lora_bmm, lo.lora_triton
+    folded, fused = cm.channel_mix_cublas, rwkv7.time_mix_decode_triton
     monkeypatch.setitem(gm._BACKENDS, "triton", lambda x, w, *a, **k: calls["gemv"].append(x.shape) or kernel(x, w, *a, **k))
     monkeypatch.setitem(cm._BACKENDS, "triton-gemv", lambda *a: calls["ffn"].append(a[0].shape[0]) or ffn(*a))
+    monkeypatch.setitem(cm._BACKENDS, "cublas", lambda *a: calls["cublas"].append(a[0].shape[0]) or folded(*a))
+    monkeypatch.setattr(rwkv7, "time_mix_decode_triton", lambda *a, **k: calls["fused"].append(a[2].shape[0]) or fused(*a, **k))
     monkeypatch.setitem(lo._BACKENDS, "bmm", lambda x, p: calls["lora_bmm"].append(x.shape[1]) or bmm(x, p))
     monkeypatch.setitem(lo._BACKENDS, "triton", lambda x, p: calls["lora_triton"].append(x.shape[1]) or ltri(x, p))
     model = Model.from_tensors(random_checkpoint(CFG, seed=4), CFG, device="cuda", dtype=torch.float16)
@@ -200,6 +203,8 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
         small = batch <= rwkv7.GEMV_ROWS  # r/k/v grouped (the output projection stays on cuBLAS), the FFN
         assert calls["gemv"] == ([(3, batch, CFG.n_embd)] * L if small else [])
         assert calls["ffn"] == ([batch] * L if small else [])
+        assert calls["cublas"] == ([] if small else [batch] * L)
+        assert calls["fused"] == ([batch] * L if small else [])
         assert calls["lora_triton"] == ([batch] * L if batch <= 16 else [])
         assert calls["lora_bmm"] == ([] if batch <= 16 else [batch] * L)
 
@@ -250,20 +255,24 @@ def test_cuda_model_decode_and_graphs_with_gemv(dtype):
 
 @cuda_only
 @pytest.mark.parametrize("batch", [1, 3, 20])
-@pytest.mark.parametrize("option", ["lora_stream", "dependent_launches"])
+@pytest.mark.parametrize("option", ["lora_stream", "dependent_launches", "l2_prefetch"])
 def test_cuda_launch_options_change_no_bit(option, batch):
-    """Model.lora_stream (the LoRA chains on a second stream beside r/k/v) and
-    Model.dependent_launches (programmatic dependent launches) give the same logits and states,
-    bit for bit, as without them (the same kernels in the same order on each stream), eagerly and
-    in CUDA-graph decode (which captures the fork and join, and the launch dependencies); the ids of
-    greedy generation match too."""
+    """Model.lora_stream (the LoRA chains on a second stream beside r/k/v),
+    Model.dependent_launches (programmatic dependent launches) and Model.l2_prefetch (weights read
+    into L2 on the second stream, here with the stream taken eagerly too) give the same logits and
+    states, bit for bit, as without them (the same kernels in the same order on each stream),
+    eagerly and in CUDA-graph decode (which captures the fork and join, and the launch
+    dependencies); the ids of greedy generation match too."""
+    values = {"lora_stream": True, "dependent_launches": True, "l2_prefetch": 64 << 20}
     cfg = tiny_config(n_layer=3, n_embd=256, head_size=64, vocab_size=300, ffn_dim=1024, decay_rank=32,
                       aaa_rank=32, mv_rank=16, gate_rank=64)  # fmt: skip
     tensors = random_checkpoint(cfg, seed=9)
     runs = []
     for on in (False, True):
         model = Model.from_tensors(tensors, cfg, device="cuda", dtype=torch.float16)
-        setattr(model, option, on)
+        setattr(model, option, values[option] if on else False)
+        if option == "l2_prefetch":
+            model.lora_stream = True
         pool = model.new_pool(batch + 1, state_dtype=torch.float16)
         model.forward(pool, list(range(batch)), [random_tokens(5 + i, cfg.vocab_size, seed=i) for i in range(batch)])
         slots = torch.arange(batch, device="cuda")
