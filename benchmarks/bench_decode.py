@@ -52,7 +52,6 @@ class Variant:
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
     lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
     dependent_launches: bool | str | None = False  # programmatic dependent launches: "start"/"end" trigger, None: runtime's
-    l2_prefetch: int | None = 0  # bytes of weights read into L2 per layer during the time mix (None: the runtime's)
 
 
 VARIANTS = [
@@ -78,7 +77,7 @@ VARIANTS = [
     # batches of at most 8, r/k/v and the LoRA chains as batched GEMMs beyond (every backend None)
     Variant("default: + GEMV (batch <= 8), batched GEMMs", "contiguous", torch.float16, "triton", wkv=None,
             time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
-            dependent_launches=None, l2_prefetch=None),
+            dependent_launches=None),
     # only when asked for (--variants 13): the default with the step WKV kernel for prompts too,
     # the prompt path before the prompt kernel (ops/wkv7.py); decode is variant 12's
     Variant("default, step WKV kernel for prompts", "contiguous", torch.float16, "triton", wkv=None,
@@ -113,14 +112,7 @@ VARIANTS = [
     Variant("default + one-launch decode time mix", "contiguous", torch.float16, "triton", wkv=None,
             time_mix="triton-fused", channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),
-    # only when asked for (--variants 20-22): the default with 16, 32 or 64 MiB of each layer's
-    # output-projection and feed-forward weights read into L2 on the second stream while the time
-    # mix's small kernels run (Model.l2_prefetch; decode graphs of at most 8 rows)
-    *(Variant(f"default + {mib} MiB L2 prefetch", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
-              channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None,
-              l2_prefetch=mib << 20)
-      for mib in (16, 32, 64)),
-    # only when asked for (--variants 23, 24): the default with the three-kernel time mix for every
+    # only when asked for (--variants 20, 21): the default with the three-kernel time mix for every
     # pass (before 2026-12-01 the default for decode batches too), and with the reference
     # feed-forward (cuBLAS GEMMs, relu, square and the residual add as separate kernels) for every
     # pass (before that date the default beyond 8 rows and for prompts)
@@ -142,7 +134,6 @@ def use(model, variant: Variant) -> None:
                           norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
     model.lora_stream = variant.lora_stream
     model.dependent_launches = variant.dependent_launches
-    model.l2_prefetch = variant.l2_prefetch
 
 
 def config_for(shape: str) -> ModelConfig:

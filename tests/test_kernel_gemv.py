@@ -255,24 +255,20 @@ def test_cuda_model_decode_and_graphs_with_gemv(dtype):
 
 @cuda_only
 @pytest.mark.parametrize("batch", [1, 3, 20])
-@pytest.mark.parametrize("option", ["lora_stream", "dependent_launches", "l2_prefetch"])
+@pytest.mark.parametrize("option", ["lora_stream", "dependent_launches"])
 def test_cuda_launch_options_change_no_bit(option, batch):
-    """Model.lora_stream (the LoRA chains on a second stream beside r/k/v),
-    Model.dependent_launches (programmatic dependent launches) and Model.l2_prefetch (weights read
-    into L2 on the second stream, here with the stream taken eagerly too) give the same logits and
-    states, bit for bit, as without them (the same kernels in the same order on each stream),
-    eagerly and in CUDA-graph decode (which captures the fork and join, and the launch
-    dependencies); the ids of greedy generation match too."""
-    values = {"lora_stream": True, "dependent_launches": True, "l2_prefetch": 64 << 20}
+    """Model.lora_stream (the LoRA chains on a second stream beside r/k/v) and
+    Model.dependent_launches (programmatic dependent launches) give the same logits and states,
+    bit for bit, as without them (the same kernels in the same order on each stream), eagerly and
+    in CUDA-graph decode (which captures the fork and join, and the launch dependencies); the ids of
+    greedy generation match too."""
     cfg = tiny_config(n_layer=3, n_embd=256, head_size=64, vocab_size=300, ffn_dim=1024, decay_rank=32,
                       aaa_rank=32, mv_rank=16, gate_rank=64)  # fmt: skip
     tensors = random_checkpoint(cfg, seed=9)
     runs = []
     for on in (False, True):
         model = Model.from_tensors(tensors, cfg, device="cuda", dtype=torch.float16)
-        setattr(model, option, values[option] if on else False)
-        if option == "l2_prefetch":
-            model.lora_stream = True
+        setattr(model, option, on)
         pool = model.new_pool(batch + 1, state_dtype=torch.float16)
         model.forward(pool, list(range(batch)), [random_tokens(5 + i, cfg.vocab_size, seed=i) for i in range(batch)])
         slots = torch.arange(batch, device="cuda")

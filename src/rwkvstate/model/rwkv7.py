@@ -24,7 +24,6 @@ from ..ops._triton import HAS_TRITON, dependent_launches
 from ..ops.gemv import gemv
 from ..ops.lora import MAX_ROWS as LORA_ROWS
 from ..ops.lora import lora
-from ..ops.prefetch import l2_prefetch, sink_size
 from ..ops.time_mix import GROUP_NORM_EPS, time_mix_decode_triton, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import norm_shift_mix
 from ..ops.wkv7 import wkv7
@@ -104,16 +103,8 @@ class Model:
         # False (the default): off. Off by default: on an H200 it gained 1-22% at 0.1B, but at 1.5B
         # and 7.2B it gained in one run and lost up to 6% in the next (docs/benchmarks/decode.md)
         self.dependent_launches: bool | str | None = False
-        # l2_prefetch: bytes of weights read into L2 per layer while the time mix's small kernels
-        # run, for decode batches of at most GEMV_ROWS whose LoRA chains take the second stream:
-        # after r, k, v are issued, the second stream reads the first l2_prefetch bytes of the
-        # output projection, then of the feed-forward's key and value weights (ops/prefetch.py),
-        # so that those projections find them in L2. 0: off; None: the default, off (not yet measured)
-        self.l2_prefetch: int | None = None
         # made here, not at first use, which may be inside a CUDA-graph capture
-        cuda = self.device.type == "cuda"
-        self._side_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._prefetch_sink = torch.empty(sink_size(self.device), dtype=torch.int32, device=self.device) if cuda else None
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
         self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
@@ -238,10 +229,8 @@ class Model:
         with dependent_launches(self._launch_trigger()):
             for index, lw in enumerate(self.weights.layers):
                 att_shift, wkv_state, ffn_shift = pool.layer(index)
-                dx, v_first, side = self._time_mix(lw, x, packed, att_shift, wkv_state, v_first)
+                dx, v_first = self._time_mix(lw, x, packed, att_shift, wkv_state, v_first)
                 x = self._channel_mix(lw, x, dx, packed, ffn_shift)
-                if side is not None:  # the side stream's prefetch joins before the next layer
-                    torch.cuda.current_stream(self.device).wait_stream(side)
         return x
 
     def _norm_shift(self, x: Tensor, delta: Tensor | None, ln: tuple[Tensor, Tensor], shift_state: Tensor,
@@ -251,9 +240,8 @@ class Model:
         return norm_shift_mix(x, delta, *ln, shift_state, packed, mix, backend=b["norm_shift"], shift_backend=b["token_shift"])
 
     def _time_mix(self, lw: LayerWeights, x: Tensor, packed: Packed, att_shift: Tensor, wkv_state: Tensor,
-                  v_first: Tensor | None) -> tuple[Tensor, Tensor, torch.cuda.Stream | None]:  # fmt: skip
-        """The time mix of LayerNorm_1(x), without the residual add: returns (its output, v_first,
-        the side stream if work on it (an L2 prefetch) is still to be joined, else None)."""
+                  v_first: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The time mix of LayerNorm_1(x), without the residual add: returns (its output, v_first)."""
         _, mixed = self._norm_shift(x, None, lw.ln1, att_shift, packed, lw.mix)
         rkv_backend, out_backend = self._projection_backends(packed)
         # w = tanh(xw W1) W2, a_lora = (xa A1) A2, g = sigmoid(xg G1) G2, v_lora = (xv V1) V2 (layers >= 1);
@@ -262,7 +250,6 @@ class Model:
         if lora_backend == "triton" and mixed.shape[1] > LORA_ROWS:  # the kernels take small batches
             lora_backend = "torch"
         side = self._lora_side_stream()
-        prefetching = None
         if side is None:
             r, k, v = gemv(mixed[:3], lw.rkv, backend=rkv_backend).unbind(0)  # mixes r, k, v come first
             *v_lora_, w, a_lora, g = lora(mixed, lw.lora, backend=lora_backend)
@@ -275,23 +262,15 @@ class Model:
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 *v_lora_, w, a_lora, g = lora(mixed, lw.lora, backend=lora_backend)
-                chains_done = side.record_event()
             r, k, v = gemv(mixed[:3], lw.rkv, backend=rkv_backend).unbind(0)
-            if self.l2_prefetch and self._gemv_pass(packed):
-                # after r, k, v have streamed their weights: the next projections' weights, read
-                # while the prologue, WKV and epilogue leave the memory idle (joined in _layers)
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    l2_prefetch([lw.output, lw.ffn_key, lw.ffn_value], self.l2_prefetch, self._prefetch_sink)
-                prefetching = side
-            main.wait_event(chains_done)
+            main.wait_stream(side)
         if lw.v0 is None:
             v_first, v_lora = v, None
         else:
             assert v_first is not None, "layer 0 sets v_first"
             v_lora = v_lora_[0]  # layers >= 1 have the value-residual LoRA
         out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
-        return gemv(out, lw.output, backend=out_backend), v_first, prefetching
+        return gemv(out, lw.output, backend=out_backend), v_first
 
     def _launch_trigger(self) -> str | None:
         """The trigger of dependent launches for this model's kernels (None: plain launches)."""
