@@ -120,6 +120,12 @@ VARIANTS = [
             lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
     Variant("default, reference feed-forward", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
             channel_mix="torch", lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
+    # only when asked for (--variants 22): the default with the WKV step kernel in its token-loop
+    # form for decode batches too (before the one-token form; beyond 8 rows, where the decode WKV
+    # is its own kernel) and for prompts
+    Variant("default, WKV step kernel with its token loop", "contiguous", torch.float16, "triton", wkv="triton-step",
+            time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
+            dependent_launches=None),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers

@@ -145,6 +145,20 @@ def test_block_v_split_and_num_warps_do_not_change_results():
         assert torch.equal(y, results[0][0]) and torch.equal(data, results[0][1])
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_one_token_form_equals_the_loop_form(rounding):
+    """For decode batches the step kernel runs without its token loop (nothing loaded ahead): the
+    same operations, so the same bits as the loop form, y and the stored fp16 state alike."""
+    packed, inputs = make_batch("decode", 2, 64, torch.float16, seed=12)
+    assert packed.is_decode
+    results = []
+    for one_token in (True, False):
+        pool = make_pool("contiguous", torch.float16, 2, 64, seed=13)
+        y = wkv7_triton(pool.layer(LAYER)[1], packed, *inputs, rounding=rounding, seed=99, one_token=one_token)
+        results.append((y, pool.data))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_prompt_kernel_row_blocks_agree_with_the_step_kernel():
     """Every BLOCK_V of the prompt kernel picks its own rows of v out of the head's row: a block
     that took another block's values would differ from the step kernel."""

@@ -120,36 +120,57 @@ if HAS_TRITON:
             tl.load(v + o_t + o_v), tl.load(a + o_t + o_k), tl.load(b + o_t + o_k),
         )  # fmt: skip
 
+    @triton.jit
+    def _wkv7_token(b_s, n_r, n_w, n_k, n_v, n_a, n_b, y, o_t, o_v):
+        """One token's update of a [BLOCK_V, N] float32 state tile from its loaded inputs; stores
+        y[o_t + o_v] and returns the new tile."""
+        b_r, b_w, b_k = n_r.to(tl.float32), n_w.to(tl.float32), n_k.to(tl.float32)
+        b_v, b_a, b_b = n_v.to(tl.float32), n_a.to(tl.float32), n_b.to(tl.float32)
+        b_sa = tl.sum(b_s * b_a[None, :], axis=1)  # [BLOCK_V] = (S @ a)[o_v]
+        b_s = b_s * b_w[None, :] + b_sa[:, None] * b_b[None, :] + b_v[:, None] * b_k[None, :]
+        tl.store(y + o_t + o_v, tl.sum(b_s * b_r[None, :], axis=1))
+        return b_s
+
     @triton.jit(do_not_specialize=["seed"])
     def _wkv7_kernel(
         state, live_slots, cu_seqlens, r, w, k, v, a, b, y, stride_slot, seed,
         H: tl.constexpr, N: tl.constexpr, BLOCK_V: tl.constexpr, STOCHASTIC: tl.constexpr, PDL: tl.constexpr,
+        ONE_TOKEN: tl.constexpr,
     ):  # fmt: skip
+        """ONE_TOKEN: every sequence feeds exactly one token (decode): no token loop, nothing
+        loaded ahead, so fewer registers per program."""
         pdl_enter(PDL)
         i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_slot = tl.load(live_slots + i_n).to(tl.int64)
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)  # > bos: only live sequences are launched
         o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
         o_k = tl.arange(0, N)
         o_s = i_h * N * N + o_v[:, None] * N + o_k[None, :]  # int32: < H * N * N
         p_s = state + i_slot * stride_slot + o_s
         b_s = tl.load(p_s).to(tl.float32)  # [BLOCK_V, N], on chip until the last token
         n_r, n_w, n_k, n_v, n_a, n_b = _load_token(r, w, k, v, a, b, (bos * H + i_h) * N, o_k, o_v)
+        if ONE_TOKEN:
+            b_s = _wkv7_token(b_s, n_r, n_w, n_k, n_v, n_a, n_b, y, (bos * H + i_h) * N, o_v)
+        else:
+            b_s = _wkv7_tokens(b_s, n_r, n_w, n_k, n_v, n_a, n_b, r, w, k, v, a, b, y, bos,
+                               tl.load(cu_seqlens + i_n + 1).to(tl.int64), i_h, o_k, o_v, H, N)  # fmt: skip
+        _store_state(p_s, b_s, i_slot, seed, i_h, o_v, BLOCK_V, N, STOCHASTIC)
+        pdl_exit(PDL)
+
+    @triton.jit
+    def _wkv7_tokens(b_s, n_r, n_w, n_k, n_v, n_a, n_b, r, w, k, v, a, b, y, bos, eos, i_h, o_k, o_v,
+                     H: tl.constexpr, N: tl.constexpr):  # fmt: skip
+        """Tokens bos .. eos-1 (eos > bos: only live sequences are launched) of one head, token
+        bos's inputs already loaded; returns the final state tile."""
         for t in range(bos, eos):
-            o_t = (t * H + i_h) * N  # row t, head i_h of the [T, H, N] inputs
-            b_r, b_w, b_k = n_r.to(tl.float32), n_w.to(tl.float32), n_k.to(tl.float32)
-            b_v, b_a, b_b = n_v.to(tl.float32), n_a.to(tl.float32), n_b.to(tl.float32)
             # Issue token t+1's loads before token t's arithmetic: the chain through b_s is serial,
             # the inputs are not, so their latency hides behind it.
             # The last token reloads itself instead of masking (always in bounds, value unused).
+            c_r, c_w, c_k, c_v, c_a, c_b = n_r, n_w, n_k, n_v, n_a, n_b
             o_next = (tl.minimum(t + 1, eos - 1) * H + i_h) * N
             n_r, n_w, n_k, n_v, n_a, n_b = _load_token(r, w, k, v, a, b, o_next, o_k, o_v)
-            b_sa = tl.sum(b_s * b_a[None, :], axis=1)  # [BLOCK_V] = (S @ a)[o_v]
-            b_s = b_s * b_w[None, :] + b_sa[:, None] * b_b[None, :] + b_v[:, None] * b_k[None, :]
-            tl.store(y + o_t + o_v, tl.sum(b_s * b_r[None, :], axis=1))
-        _store_state(p_s, b_s, i_slot, seed, i_h, o_v, BLOCK_V, N, STOCHASTIC)
-        pdl_exit(PDL)
+            b_s = _wkv7_token(b_s, c_r, c_w, c_k, c_v, c_a, c_b, y, (t * H + i_h) * N, o_v)  # row t, head i_h
+        return b_s
 
     @triton.jit
     def _store_state(p_s, b_s, i_slot, seed, i_h, o_v, BLOCK_V: tl.constexpr, N: tl.constexpr,
@@ -370,7 +391,7 @@ KERNELS = ("step", "prompt")
 
 def wkv7_triton(
     state, packed, r, w, k, v, a, b, rounding="nearest", seed=0, *, out=None, block_v=None, num_warps=None,
-    kernel=None,
+    kernel=None, one_token=True,
 ) -> torch.Tensor:  # fmt: skip
     """One launch over all live sequences; reads and writes each live slot's state once, in
     place. rounding="stochastic" (fp16/bf16 storage) rounds the stored state with noise from
@@ -378,7 +399,9 @@ def wkv7_triton(
     out: an optional float32 [T, H, N] tensor for y. kernel: "step" (inputs loaded one token ahead;
     decode), "prompt" (one warp, inputs copied to shared memory several tokens ahead; faster
     for packed prompts, ops/README.md), None: "step" for decode batches, else "prompt". block_v /
-    num_warps override the launch heuristics (tests and benchmarks; the prompt kernel runs one warp)."""
+    num_warps override the launch heuristics (tests and benchmarks; the prompt kernel runs one warp).
+    one_token: the step kernel's form without a token loop for decode batches (False: the loop form,
+    for tests and benchmarks)."""
     inputs = (r, w, k, v, a, b)
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
@@ -402,7 +425,8 @@ def wkv7_triton(
     block_v, num_warps = block_v or bv, num_warps or nw
     _check_block_v(block_v, N)
     _wkv7_kernel[(num_live, H, N // block_v)](
-        *args, H=H, N=N, BLOCK_V=block_v, STOCHASTIC=stochastic, num_warps=num_warps, **pdl_args(state),
+        *args, H=H, N=N, BLOCK_V=block_v, STOCHASTIC=stochastic, ONE_TOKEN=packed.is_decode and one_token,
+        num_warps=num_warps, **pdl_args(state),
     )  # fmt: skip
     return y
 
@@ -492,8 +516,9 @@ def wkv7_fla(state, packed, r, w, k, v, a, b, rounding="nearest", seed=0) -> tor
 
 
 def _wkv7_triton_step(state, packed, r, w, k, v, a, b, rounding="nearest", seed=0) -> torch.Tensor:
-    """The step kernel for prompts too (the default before the prompt kernel; benchmarks)."""
-    return wkv7_triton(state, packed, r, w, k, v, a, b, rounding=rounding, seed=seed, kernel="step")
+    """The step kernel with its token loop for everything: prompts (the default before the prompt
+    kernel) and decode batches (before the one-token form); for benchmarks."""
+    return wkv7_triton(state, packed, r, w, k, v, a, b, rounding=rounding, seed=seed, kernel="step", one_token=False)
 
 
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
@@ -506,8 +531,8 @@ def wkv7(state, packed, r, w, k, v, a, b, backend=None, rounding="nearest", seed
     """state [S, H, N, N] pool view, r, w, k, v, a, b [T, H, N] -> y [T, H, N] float32; updates
     the live slots' state. backend: None ("triton", the token-by-token kernels, for CUDA tensors
     when triton imports, whatever the sequence lengths; otherwise "torch"), "torch", "triton" (the
-    step kernel for decode batches, the prompt kernel otherwise), "triton-step" (the step kernel for
-    everything), "triton-chunked" (the chunked-parallel kernel, only when asked for: it is slower,
+    step kernel for decode batches, the prompt kernel otherwise), "triton-step" (the step kernel with
+    its token loop for everything), "triton-chunked" (the chunked-parallel kernel, only when asked for: it is slower,
     ops/README.md), "fla". rounding: "nearest" or "stochastic" (fp16/bf16 storage; seed picks the noise)."""
     fn = _BACKENDS[pick_backend(backend, r, tuple(_BACKENDS))]
     return fn(state, packed, r, w, k, v, a, b, rounding=rounding, seed=seed)
