@@ -193,7 +193,12 @@ if HAS_TRITON:
         pdl_exit(PDL)
 
 
-PROGRAMS_PER_SM = 2  # programs wanted per SM before K is split (an estimate, not yet measured)
+PROGRAMS_PER_SM = 2  # programs wanted per SM once K is split (an estimate, not yet measured)
+# K is not split when the output tiles alone give every SM a program: on an H200 the 1.5B r/k/v
+# projection (3 x 64 tiles of 32 columns on 132 SMs) took 10.12 / 10.47 us unsplit at batch 1 / 8
+# against 11.58-11.73 / 11.94-12.53 us in two splits with their reduce (gemv-sweep-h200.md), and
+# in a decode graph the reduce is one launch more per layer
+UNSPLIT_PROGRAMS_PER_SM = 1
 REDUCE_TILE = 4096  # partial sums per program of the reduce launch: splits (padded) x columns
 
 
@@ -206,14 +211,16 @@ def _num_sms(device: torch.device) -> int:
 def tiles(G: int, N: int, K: int, device, block_n=None, block_k=None, num_splits=None,
           programs_per_sm: int = PROGRAMS_PER_SM) -> dict:
     """The launch configuration: BLOCK_N output columns (16 or 32) by BLOCK_K (up to 256) weight
-    tiles, and K split into num_splits ranges (whole BLOCK_K steps) when G * cdiv(N, BLOCK_N)
-    tiles give fewer than programs_per_sm programs per SM. Arguments override the choice."""
+    tiles, and K split into num_splits ranges (whole BLOCK_K steps) when the G * cdiv(N, BLOCK_N)
+    tiles give fewer than UNSPLIT_PROGRAMS_PER_SM programs per SM: then into as many as give
+    programs_per_sm per SM. Arguments override the choice."""
     block_n = block_n or max(16, min(32, triton.next_power_of_2(N)))
     block_k = block_k or max(16, min(256, triton.next_power_of_2(K)))
     steps = triton.cdiv(K, block_k)
     if num_splits is None:
-        wanted = programs_per_sm * _num_sms(torch.device(device))
-        num_splits = min(steps, max(1, triton.cdiv(wanted, G * triton.cdiv(N, block_n))))
+        sms, programs = _num_sms(torch.device(device)), G * triton.cdiv(N, block_n)
+        wanted = 0 if programs >= UNSPLIT_PROGRAMS_PER_SM * sms else programs_per_sm * sms
+        num_splits = min(steps, max(1, triton.cdiv(wanted, programs)))
     k_split = triton.cdiv(steps, max(1, min(num_splits, steps))) * block_k
     return {"block_n": block_n, "block_k": block_k, "k_split": k_split, "num_splits": triton.cdiv(K, k_split)}
 
