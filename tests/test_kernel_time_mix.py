@@ -201,6 +201,19 @@ def test_fused_decode_time_mix_matches_three_kernels(B, H, N, layer0, dtype, sta
     assert torch.equal(state[untouched], want_state[untouched])  # other slots are not written
 
 
+@pytest.mark.parametrize("num_warps", [1, 2, 4, 8])
+def test_fused_decode_time_mix_any_warps(num_warps):
+    """The one-launch kernel at any number of warps (the default picks by head size, decode_warps)
+    gives the three kernels' output and state within rounding."""
+    state, packed, args = _decode_args(3, 2, 64, torch.float16, False, seed=77, state_dtype=torch.float16)
+    want_state = state.clone()
+    got = tm.time_mix_decode_triton(state, packed, *args, num_warps=num_warps)
+    want = _three_kernels(want_state, packed, *args)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(state, want_state, rtol=2e-2, atol=2e-2)
+    assert tm.decode_warps(64) == 2 and tm.decode_warps(32) == 4 and tm.decode_warps(128) == 8
+
+
 def test_fused_decode_time_mix_stochastic_rounding_and_errors():
     """Stochastic rounding of an fp16 state draws the same noise as the WKV-7 kernel (per slot,
     seed, head and element); bad calls are refused."""

@@ -266,11 +266,20 @@ def time_mix_decode_reference(state, packed, r, w_lora, k, v, a_lora, g, v_lora,
     return time_mix_epilogue_reference(y, r, k2, v2, g, r_k, ln_w, ln_b, H, N, eps=eps)
 
 
+def decode_warps(N: int) -> int:
+    """Warps of the one-launch decode kernel. At N = 64 two: 128 registers per thread on sm_90
+    (Triton 3.6), where four warps take 255 and leave room for two programs per SM, which cost a
+    batch of 256 about 13% against the three kernels (docs/benchmarks/decode.md)."""
+    return 2 if N == 64 else 4 if N < 64 else 8
+
+
 def time_mix_decode_triton(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_first, w0, a0, v0, k_k, k_a,
-                           r_k, ln_w, ln_b, H, N, eps=GROUP_NORM_EPS, rounding="nearest", seed=0):  # fmt: skip
+                           r_k, ln_w, ln_b, H, N, eps=GROUP_NORM_EPS, rounding="nearest", seed=0, *,
+                           num_warps=None):  # fmt: skip
     """One launch for a decode batch (one token per live sequence): the prologue, WKV-7 and the
     epilogue of time_mix_decode_reference, with the same roundings as the three Triton kernels.
-    Grid (live sequences, heads): a program holds one head's [N, N] state."""
+    Grid (live sequences, heads): a program holds one head's [N, N] state. num_warps overrides
+    decode_warps (benchmarks)."""
     pick_backend("triton", r)  # a clear error without Triton, or for CPU tensors outside the interpreter
     if not packed.is_decode:
         raise ValueError("the fused decode time mix takes decode batches (one token per sequence)")
@@ -296,7 +305,7 @@ def time_mix_decode_triton(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_
     stochastic = rounding == "stochastic" and state.dtype != torch.float32
     _time_mix_decode_kernel[(num_live, H)](
         state, packed.live_slots, packed.cu_seqlens, *ins, *vecs, out, state.stride(0), seed & 0xFFFFFFFF, float(eps),
-        H=H, N=N, HAS_V=has_v, STOCHASTIC=stochastic, num_warps=4 if N <= 64 else 8,
+        H=H, N=N, HAS_V=has_v, STOCHASTIC=stochastic, num_warps=num_warps or decode_warps(N),
     )  # fmt: skip
     return out
 
