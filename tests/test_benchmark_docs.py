@@ -60,6 +60,8 @@ WRITERS = {
     "decode-defaults-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-wkv-h200": lambda d, _: bench("bench_decode").markdown(d),
     "wkv-decode-h200": lambda d, _: bench("bench_wkv_decode").markdown(d),
+    "time-mix-decode-h200": lambda d, _: bench("bench_wkv_decode").markdown(d),
+    "decode-time-mix-h200": lambda d, _: bench("bench_decode").markdown(d),
     "profile-before-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-after-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-prompt-h200": lambda d, _: tool("profile_step").markdown(d),

@@ -182,8 +182,9 @@ def test_model_batched_gemms_match_reference():
 @cuda_only
 def test_cuda_defaults_choose_by_batch(monkeypatch):
     """With every backend None: the kernel for r/k/v and the feed-forward of decode batches of at
-    most GEMV_ROWS (cuBLAS for the output projection) and the one-launch time mix, batched GEMMs
-    and the folded cuBLAS feed-forward beyond; LoRA kernels up to 16 rows, batched GEMMs beyond."""
+    most GEMV_ROWS (cuBLAS for the output projection), batched GEMMs and the folded cuBLAS
+    feed-forward beyond; the one-launch time mix for every decode batch; LoRA kernels up to 16
+    rows, batched GEMMs beyond."""
     from rwkvstate.model import rwkv7
     from rwkvstate.ops import channel_mix as cm
     from rwkvstate.ops import lora as lo
@@ -208,7 +209,7 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
         assert calls["gemv"] == ([(3, batch, CFG.n_embd)] * L if small else [])
         assert calls["ffn"] == ([batch] * L if small else [])
         assert calls["cublas"] == ([] if small else [batch] * L)
-        assert calls["fused"] == ([batch] * L if small else [])
+        assert calls["fused"] == [batch] * L  # the one-launch time mix for every decode batch
         assert calls["lora_triton"] == ([batch] * L if batch <= 16 else [])
         assert calls["lora_bmm"] == ([] if batch <= 16 else [batch] * L)
 

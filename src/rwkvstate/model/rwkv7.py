@@ -61,8 +61,8 @@ class Model:
         # time_mix: "torch" is the reference of ops/time_mix.py, "triton" its fused kernels (three
         # launches: prologue, WKV-7, epilogue), "triton-fused" the three in one launch for decode
         # batches (time_mix_decode_triton; other passes as "triton"). None: on CUDA "triton-fused"
-        # for decode batches of at most GEMV_ROWS (faster at 1 and 8 rows on an H200, slower at
-        # 256: docs/benchmarks/decode.md), "triton" otherwise
+        # for decode batches (faster than the three kernels at 1-256 rows on an H200 at 2 warps:
+        # docs/benchmarks/decode.md), "triton" for prompts
         # wkv: None takes, on CUDA, the token-by-token kernel for decode and prompts alike
         # (the chunked-parallel kernel is slower on an H200, docs/benchmarks/decode.md).
         # "wkv_prefill" (None = as "wkv") applies to calls that feed more than one token to a
@@ -322,7 +322,7 @@ class Model:
         torch reference on the CPU, one fused kernel each on CUDA unless backends say otherwise)."""
         H, N = self.config.n_head, self.config.head_size
         backend = self.backends["time_mix"]
-        if backend is None and self._kernels() and self._gemv_pass(packed):
+        if backend is None and self._kernels() and packed.is_decode:
             backend = FUSED_TIME_MIX
         v_mix = None if v_lora is None else v_first  # layer 0 takes v as it is
         if backend == FUSED_TIME_MIX:  # one launch for decode batches; the three kernels otherwise

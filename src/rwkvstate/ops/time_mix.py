@@ -268,8 +268,9 @@ def time_mix_decode_reference(state, packed, r, w_lora, k, v, a_lora, g, v_lora,
 
 def decode_warps(N: int) -> int:
     """Warps of the one-launch decode kernel. At N = 64 two: 128 registers per thread on sm_90
-    (Triton 3.6), where four warps take 255 and leave room for two programs per SM, which cost a
-    batch of 256 about 13% against the three kernels (docs/benchmarks/decode.md)."""
+    (Triton 3.6), where four warps take 255 and leave room for two programs per SM. On an H200 two
+    warps were the fastest at batches 1-256 but one (8 x 64 heads, level with two), and four cost
+    a batch of 256 up to 63% (time-mix-decode-h200.md)."""
     return 2 if N == 64 else 4 if N < 64 else 8
 
 
