@@ -65,6 +65,7 @@ WRITERS = {
     "profile-before-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-after-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-prompt-h200": lambda d, _: tool("profile_step").markdown(d),
+    "profile-defaults-h200": lambda d, _: tool("profile_step").markdown(d),
     "state-h200": lambda d, _: bench("bench_state").markdown(d),
     "server-h200": lambda d, _: bench("bench_server").markdown(d),
     "server-h200-rerun": lambda d, _: bench("bench_server").markdown(d),
