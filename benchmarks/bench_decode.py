@@ -25,7 +25,6 @@ from common import MAX_SPREAD, call_seconds, measure, write_results  # noqa: E40
 from rwkvstate import Model
 from rwkvstate.config import ModelConfig
 from rwkvstate.state.layout import dtype_name
-from rwkvstate.model.rwkv7 import SIDE_STREAM_PRIORITY
 from rwkvstate.model.synthetic import random_checkpoint
 from rwkvstate.runtime.graphs import DecodeGraphs
 
@@ -53,7 +52,6 @@ class Variant:
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
     lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
     dependent_launches: bool | str | None = False  # programmatic dependent launches: "start"/"end" trigger, None: runtime's
-    side_priority: int | None = None  # CUDA priority of the model's LoRA stream (None: the runtime's, SIDE_STREAM_PRIORITY)
 
 
 VARIANTS = [
@@ -128,11 +126,6 @@ VARIANTS = [
     Variant("default, WKV step kernel with its token loop", "contiguous", torch.float16, "triton", wkv="triton-step",
             time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),
-    # only when asked for (--variants 23): the default with the LoRA stream at normal priority (the
-    # default before 2026-12-01; the default's is high)
-    Variant("default, LoRA stream at normal priority", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
-            channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None,
-            side_priority=0),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
@@ -147,9 +140,6 @@ def use(model, variant: Variant) -> None:
                           norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
     model.lora_stream = variant.lora_stream
     model.dependent_launches = variant.dependent_launches
-    if model.device.type == "cuda":  # the benchmark swaps the model's second stream for one at the variant's priority
-        priority = SIDE_STREAM_PRIORITY if variant.side_priority is None else variant.side_priority
-        model._side_stream = torch.cuda.Stream(model.device, priority=priority)
 
 
 def config_for(shape: str) -> ModelConfig:

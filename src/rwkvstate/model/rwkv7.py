@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 OUTPUTS = ("last", "all", "none")
 GEMV_ROWS = 8  # decode batches up to this size may take the GEMV kernel (backends "gemv", "channel_mix")
-SIDE_STREAM_PRIORITY = -1  # the LoRA stream's CUDA priority (lower is higher; torch clamps to the device's range)
 FUSED_TIME_MIX = "triton-fused"  # backends["time_mix"]: prologue, WKV-7 and epilogue in one launch for decode
 Tokens = Union[Sequence[int], torch.Tensor]  # one sequence's token ids (a list or a 1-D integer tensor)
 
@@ -104,11 +103,8 @@ class Model:
         # False (the default): off. Off by default: on an H200 it gained 1-22% at 0.1B, but at 1.5B
         # and 7.2B it gained in one run and lost up to 6% in the next (docs/benchmarks/decode.md)
         self.dependent_launches: bool | str | None = False
-        # made here, not at first use, which may be inside a CUDA-graph capture; at high priority
-        # (SIDE_STREAM_PRIORITY), so that the LoRA chains' few programs are scheduled ahead of
-        # the r/k/v projection's many, which they run beside
-        cuda = self.device.type == "cuda"
-        self._side_stream = torch.cuda.Stream(self.device, priority=SIDE_STREAM_PRIORITY) if cuda else None
+        # made here, not at first use, which may be inside a CUDA-graph capture
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
         self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
