@@ -26,7 +26,6 @@ from rwkvstate import Model
 from rwkvstate.config import ModelConfig
 from rwkvstate.state.layout import dtype_name
 from rwkvstate.model.synthetic import random_checkpoint
-from rwkvstate.ops import gemv as gemv_module
 from rwkvstate.runtime.graphs import DecodeGraphs
 
 # n_layer, n_embd, and LoRA ranks close to the released checkpoints (world vocab, FFN 4x)
@@ -53,7 +52,6 @@ class Variant:
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
     lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
     dependent_launches: bool | str | None = False  # programmatic dependent launches: "start"/"end" trigger, None: runtime's
-    narrow_tiles: bool = True  # ops/gemv.py NARROW_TILES: 16-column GEMV tiles where they keep K whole
 
 
 VARIANTS = [
@@ -128,11 +126,6 @@ VARIANTS = [
     Variant("default, WKV step kernel with its token loop", "contiguous", torch.float16, "triton", wkv="triton-step",
             time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),
-    # only when asked for (--variants 23): the default with the GEMV kernel's 32-column tiles
-    # everywhere (before 2026-12-01: the 0.1B r/k/v projection then splits K and adds a reduce)
-    Variant("default, 32-column GEMV tiles", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
-            channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None,
-            narrow_tiles=False),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
@@ -147,7 +140,6 @@ def use(model, variant: Variant) -> None:
                           norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
     model.lora_stream = variant.lora_stream
     model.dependent_launches = variant.dependent_launches
-    gemv_module.NARROW_TILES = variant.narrow_tiles  # a module setting: the benchmark sets it per variant
 
 
 def config_for(shape: str) -> ModelConfig:

@@ -199,10 +199,6 @@ PROGRAMS_PER_SM = 2  # programs wanted per SM once K is split (an estimate, not 
 # against 11.58-11.73 / 11.94-12.53 us in two splits with their reduce (gemv-sweep-h200.md), and
 # in a decode graph the reduce is one launch more per layer
 UNSPLIT_PROGRAMS_PER_SM = 1
-# BLOCK_N 16 instead of 32 where that is what keeps K whole (the 0.1B r/k/v projection: 72 tiles
-# of 32 columns, 144 of 16, on 132 SMs), saving the split's reduce launch; in the sweep above the
-# 1.5B output projection was fastest as 16 columns unsplit too (6.88 us, against 7.00 in 4 splits)
-NARROW_TILES = True
 REDUCE_TILE = 4096  # partial sums per program of the reduce launch: splits (padded) x columns
 
 
@@ -214,21 +210,16 @@ def _num_sms(device: torch.device) -> int:
 
 def tiles(G: int, N: int, K: int, device, block_n=None, block_k=None, num_splits=None,
           programs_per_sm: int = PROGRAMS_PER_SM) -> dict:
-    """The launch configuration: BLOCK_N output columns (32, or 16 where that alone gives every SM
-    a program, NARROW_TILES, or where N < 32) by BLOCK_K (up to 256) weight tiles, and K split into
-    num_splits ranges (whole BLOCK_K steps) when the G * cdiv(N, BLOCK_N) tiles give fewer than
-    UNSPLIT_PROGRAMS_PER_SM programs per SM: then into as many as give programs_per_sm per SM.
-    Arguments override the choice."""
-    enough = UNSPLIT_PROGRAMS_PER_SM * _num_sms(torch.device(device))  # programs that keep K whole
-    if block_n is None:
-        block_n = max(16, min(32, triton.next_power_of_2(N)))
-        if NARROW_TILES and num_splits is None and G * triton.cdiv(N, block_n) < enough <= G * triton.cdiv(N, 16):
-            block_n = 16
+    """The launch configuration: BLOCK_N output columns (16 or 32) by BLOCK_K (up to 256) weight
+    tiles, and K split into num_splits ranges (whole BLOCK_K steps) when the G * cdiv(N, BLOCK_N)
+    tiles give fewer than UNSPLIT_PROGRAMS_PER_SM programs per SM: then into as many as give
+    programs_per_sm per SM. Arguments override the choice."""
+    block_n = block_n or max(16, min(32, triton.next_power_of_2(N)))
     block_k = block_k or max(16, min(256, triton.next_power_of_2(K)))
     steps = triton.cdiv(K, block_k)
     if num_splits is None:
-        programs = G * triton.cdiv(N, block_n)
-        wanted = 0 if programs >= enough else programs_per_sm * _num_sms(torch.device(device))
+        sms, programs = _num_sms(torch.device(device)), G * triton.cdiv(N, block_n)
+        wanted = 0 if programs >= UNSPLIT_PROGRAMS_PER_SM * sms else programs_per_sm * sms
         num_splits = min(steps, max(1, triton.cdiv(wanted, programs)))
     k_split = triton.cdiv(steps, max(1, min(num_splits, steps))) * block_k
     return {"block_n": block_n, "block_k": block_k, "k_split": k_split, "num_splits": triton.cdiv(K, k_split)}
