@@ -196,8 +196,8 @@ if HAS_TRITON:
 PROGRAMS_PER_SM = 2  # programs wanted per SM once K is split (an estimate, not yet measured)
 # K is not split when the output tiles alone give every SM a program: on an H200 the 1.5B r/k/v
 # projection (3 x 64 tiles of 32 columns on 132 SMs) took 10.12 / 10.47 us unsplit at batch 1 / 8
-# against 11.58-11.73 / 11.94-12.53 us in two splits with their reduce (gemv-sweep-h200.md), and
-# in a decode graph the reduce is one launch more per layer
+# against 10.19 / 11.48 us in two splits with their reduce (gemv-sweep-h200.md), and in a decode
+# graph the reduce is one launch more per layer
 UNSPLIT_PROGRAMS_PER_SM = 1
 REDUCE_TILE = 4096  # partial sums per program of the reduce launch: splits (padded) x columns
 
