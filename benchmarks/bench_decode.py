@@ -26,7 +26,6 @@ from rwkvstate import Model
 from rwkvstate.config import ModelConfig
 from rwkvstate.state.layout import dtype_name
 from rwkvstate.model.synthetic import random_checkpoint
-from rwkvstate.ops import lora as lora_module
 from rwkvstate.runtime.graphs import DecodeGraphs
 
 # n_layer, n_embd, and LoRA ranks close to the released checkpoints (world vocab, FFN 4x)
@@ -53,7 +52,6 @@ class Variant:
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
     lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
     dependent_launches: bool | str | None = False  # programmatic dependent launches: "start"/"end" trigger, None: runtime's
-    lora_down_splits: int = 1  # ops/lora.py DOWN_SPLITS: ranges of C the LoRA down kernel's row blocks are split into
 
 
 VARIANTS = [
@@ -128,13 +126,6 @@ VARIANTS = [
     Variant("default, WKV step kernel with its token loop", "contiguous", torch.float16, "triton", wkv="triton-step",
             time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),
-    # only when asked for (--variants 23, 24): the default with the LoRA down kernel's row blocks
-    # split over 2 or 4 ranges of C (more programs beside the r/k/v projection; the up kernel adds
-    # the partial sums), for the LoRA kernels' passes of up to 16 rows
-    *(Variant(f"default, LoRA down kernel in {n} ranges of C", "contiguous", torch.float16, "triton", wkv=None,
-              time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
-              dependent_launches=None, lora_down_splits=n)
-      for n in (2, 4)),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
@@ -149,7 +140,6 @@ def use(model, variant: Variant) -> None:
                           norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
     model.lora_stream = variant.lora_stream
     model.dependent_launches = variant.dependent_launches
-    lora_module.DOWN_SPLITS = variant.lora_down_splits  # a module setting: the benchmark sets it per variant
 
 
 def config_for(shape: str) -> ModelConfig:

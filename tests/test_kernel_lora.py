@@ -40,7 +40,7 @@ def test_pack_keeps_the_chains_and_pads_with_zeros():
     chains, pack = make_pack(40, (5, 16, 21, 3), torch.float32, seed=1)
     # the first three chains padded to 32 rows cost 96 <= 1.5 x 64 rows: one group; the fourth alone
     assert pack.groups == ((0, 3, 32), (3, 1, 16)) and pack.starts == (0, 32, 64, 96)
-    assert pack.down.shape == (3 * 32 + 16, 40) and pack.bounds.tolist() == [[0, 16, 1], [32, 48, 0], [64, 96, 2], [96, 112, 0]]
+    assert pack.down.shape == (3 * 32 + 16, 40) and pack.bounds.tolist() == [[0, 16], [32, 48], [64, 96], [96, 112]]
     # (row block, mix * 4 + activation) for every block holding weights; blocks 1 and 3 are padding
     assert pack.block_codes.tolist() == [[0, 1 * 4 + 1], [2, 4 * 4], [4, 5 * 4 + 2], [5, 5 * 4 + 2], [6, 3 * 4]]
     assert pack.group_rows(pack.down, 0).shape == (3, 32, 40)
@@ -83,23 +83,6 @@ def test_several_channel_blocks_and_bad_input():
         lo.lora_triton(mixes(17, 72, torch.float32, seed=5), pack)
     with pytest.raises(ValueError, match="mixed must be"):
         lo.lora_triton(x[:3], pack)
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("T,C,splits", [(1, 48, 2), (5, 136, 3), (16, 72, 5), (3, 40, 64)])
-def test_down_split_over_channels(T, C, splits, dtype, poisoned_empty):
-    """down_splits: the down kernel's row blocks over several ranges of C (the last one partial;
-    more ranges than 16-channel steps are capped), their float32 sums added, rounded and activated
-    (tanh, none, sigmoid) by the up kernel: the reference's result, and the unsplit kernels' up to
-    the order of the sums."""
-    _, pack = make_pack(C, (5, 16, 21, 3), dtype, seed=T + C + splits)
-    x = mixes(T, C, dtype, seed=T * C + splits)
-    want, whole = lo.lora_reference(x, pack), lo.lora_triton(x, pack, down_splits=1)
-    got = lo.lora_triton(x, pack, down_splits=splits, down_block_c=16)
-    for g, w, u in zip(got, want, whole):
-        assert g.dtype == dtype and g.shape == (T, C) and not g.isnan().any()
-        assert rel_err(g, w) <= TOL[dtype] and rel_err(g, u) <= TOL[dtype]
-    assert lo.DOWN_SPLITS == 1  # the default: h in one launch
 
 
 def test_groups_of_model_ranks():

@@ -49,7 +49,7 @@ class LoraPack:
     down: torch.Tensor  # [R_pad, C]: D_s stacked, zero rows up to its group's padded rank each
     up_t: torch.Tensor  # [R_pad, C]: U_s^T stacked the same way
     block_codes: torch.Tensor  # [B, 2] int32 per row block holding weights: (row block index, mix * 4 + activation)
-    bounds: torch.Tensor  # [S, 3] int32: first row of chain s, end of its last row block, its activation index
+    bounds: torch.Tensor  # [S, 2] int32: first row of chain s, end of its last row block
     mixes: tuple[int, ...]
     activations: tuple[str, ...]
     starts: tuple[int, ...]
@@ -110,7 +110,7 @@ def pack_lora(chains) -> LoraPack:
             starts.append(rows)
             used = _padded(ranks[s])
             blocks += [(rows // BLOCK_R + b, mix * 4 + ACTIVATIONS.index(act)) for b in range(used // BLOCK_R)]
-            bounds.append((rows, rows + used, ACTIVATIONS.index(act)))
+            bounds.append((rows, rows + used))
             rows += rank
     ref = chains[0][2]
     down_all = torch.zeros(rows, C, dtype=ref.dtype, device=ref.device)
@@ -165,53 +165,34 @@ if HAS_TRITON:
     from .wkv7 import _round_nearest
 
     @triton.jit
-    def _activate(b_acc, act, DTYPE: tl.constexpr):
-        """The down GEMM's float32 sums -> act(round(sums)) in float32, before its own rounding."""
-        b_h = _round_nearest(b_acc, DTYPE).to(tl.float32)
-        b_sig = tl.sigmoid(b_h)
-        b_tanh = 2 * tl.sigmoid(2 * b_h) - 1  # tanh, from the sigmoid Triton has everywhere
-        return tl.where(act == 1, b_tanh, tl.where(act == 2, b_sig, b_h))
-
-    @triton.jit
     def _lora_down_kernel(
-        x, down, codes, h, partial, T, C, C_SPLIT, R, stride_xm, stride_xt, stride_h,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-        PDL: tl.constexpr,
+        x, down, codes, h, T, C, stride_xm, stride_xt, stride_h,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """SPLIT == 1: h[:, rows] = act(round(x_mix D_rows^T)), rounded. SPLIT > 1: program (i_b, i_s)
-        sums channels i_s * C_SPLIT .. + C_SPLIT and stores the float32 sums in partial[i_s, :T, rows]
-        ([SPLIT, T, R]); the up kernel adds the splits and applies the activation."""
         pdl_enter(PDL)
-        i_b, i_s = tl.program_id(0), tl.program_id(1)
+        i_b = tl.program_id(0)
         i_r, code = tl.load(codes + 2 * i_b), tl.load(codes + 2 * i_b + 1)
         i_m, act = code // 4, code % 4
         o_t = tl.arange(0, BLOCK_T)
         o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
         m_t = o_t < T
-        c0 = i_s * C_SPLIT  # this program's channels: a view of the mix and of the down rows from c0
-        p_x = x + i_m.to(tl.int64) * stride_xm + c0  # this block's mix
-        c_n = tl.minimum(C_SPLIT, C - c0)
-        b_acc = _rows_times_weight_t(p_x, stride_xt, o_t, m_t, down + c0, C, o_r, o_r >= 0, c_n, BLOCK_T, BLOCK_R,
-                                     BLOCK_C, IEEE)  # fmt: skip
-        if SPLIT == 1:
-            b_h = _activate(b_acc, act, h.dtype.element_ty)
-            tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _round_nearest(b_h, h.dtype.element_ty), mask=m_t[:, None])
-        else:
-            tl.store(partial + (i_s * T + o_t[:, None]) * R + o_r[None, :], b_acc, mask=m_t[:, None])
+        p_x = x + i_m.to(tl.int64) * stride_xm  # this block's mix
+        b_acc = _rows_times_weight_t(p_x, stride_xt, o_t, m_t, down, C, o_r, o_r >= 0, C, BLOCK_T, BLOCK_R, BLOCK_C, IEEE)
+        b_h = _round_nearest(b_acc, h.dtype.element_ty).to(tl.float32)
+        b_sig = tl.sigmoid(b_h)
+        b_tanh = 2 * tl.sigmoid(2 * b_h) - 1  # tanh, from the sigmoid Triton has everywhere
+        b_h = tl.where(act == 1, b_tanh, tl.where(act == 2, b_sig, b_h))
+        tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _round_nearest(b_h, h.dtype.element_ty), mask=m_t[:, None])
         pdl_exit(PDL)
 
     @triton.jit
     def _lora_up_kernel(
-        h, partial, up_t, bounds, out, T, C, R, SPLIT, stride_h, stride_os, stride_ot,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_P2: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr,
+        h, up_t, bounds, out, T, C, stride_h, stride_os, stride_ot,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """SPLIT_P2 == 1: reads h. Otherwise h = act(round(sum of the down kernel's SPLIT partial
-        sums)), rounded, for the chain's rows, computed here (every split loaded as one tile)."""
         pdl_enter(PDL)
         i_c, i_s = tl.program_id(0), tl.program_id(1)
-        r_start, r_end = tl.load(bounds + 3 * i_s), tl.load(bounds + 3 * i_s + 1)
-        act = tl.load(bounds + 3 * i_s + 2)
+        r_start, r_end = tl.load(bounds + 2 * i_s), tl.load(bounds + 2 * i_s + 1)
         o_t = tl.arange(0, BLOCK_T)
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_t, m_c = o_t < T, o_c < C
@@ -219,14 +200,7 @@ if HAS_TRITON:
         for r0 in range(r_start, r_end, BLOCK_R):
             o_r = r0 + tl.arange(0, BLOCK_R)
             m_r = o_r < r_end
-            m_h = m_t[:, None] & m_r[None, :]
-            if SPLIT_P2 == 1:
-                b_h = tl.load(h + o_t[:, None] * stride_h + o_r[None, :], mask=m_h, other=0)
-            else:
-                o_p = tl.arange(0, SPLIT_P2)[:, None, None]
-                p_p = partial + (o_p * T + o_t[None, :, None]) * R + o_r[None, None, :]
-                b_sum = tl.sum(tl.load(p_p, mask=(o_p < SPLIT) & m_h[None, :, :], other=0), axis=0)
-                b_h = _round_nearest(_activate(b_sum, act, out.dtype.element_ty), out.dtype.element_ty)
+            b_h = tl.load(h + o_t[:, None] * stride_h + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0)
             b_u = tl.load(up_t + o_r[:, None].to(tl.int64) * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0)
             b_acc += _dot(b_h, b_u, IEEE)
         p_o = out + i_s * stride_os + o_t[:, None] * stride_ot + o_c[None, :]
@@ -241,17 +215,12 @@ UP_BLOCK_R = 64  # rows per step of an up program (a multiple of BLOCK_R)
 UP_BLOCK_C = 64  # output channels per up program
 
 
-DOWN_SPLITS = 1  # ranges of C the down kernel's row blocks are split into (1: h in one launch)
-
-
 def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block_c=None,
-                up_block_r=None, down_splits=None) -> list[torch.Tensor]:  # fmt: skip
-    """Two launches; same arguments and result as lora_reference for T <= 16 rows (up to the order
-    of float32 sums). block_c overrides the up kernel's channel block, down_block_c the down
-    kernel's step over C and up_block_r the up kernel's step over a chain's rows (tests use them to
-    cover several blocks; benchmarks/bench_lora.py compares them). down_splits (default
-    DOWN_SPLITS): the down kernel's row blocks split over that many ranges of C, more programs
-    for the same rows, their float32 sums added (then rounded and activated) by the up kernel."""
+                up_block_r=None) -> list[torch.Tensor]:  # fmt: skip
+    """Two launches; same arguments and result as lora_reference for T <= 16 rows. block_c
+    overrides the up kernel's channel block, down_block_c the down kernel's step over C and
+    up_block_r the up kernel's step over a chain's rows (tests use them to cover several blocks;
+    benchmarks/bench_lora.py compares them)."""
     K, T, C = mixed.shape
     if T > MAX_ROWS:
         raise ValueError(f"the Triton LoRA kernels take at most {MAX_ROWS} rows, got {T}")
@@ -263,22 +232,17 @@ def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block
     if T == 0:
         return list(out.unbind(0))
     ieee = mixed.dtype == torch.float32 or (mixed.dtype == torch.bfloat16 and is_interpreting())
-    R = pack.down.shape[0]
-    splits = max(1, min(down_splits or DOWN_SPLITS, triton.cdiv(C, 16)))
-    c_split = triton.cdiv(triton.cdiv(C, splits), 16) * 16  # whole 16-channel steps per range
-    splits = triton.cdiv(C, c_split)
-    down_c = max(16, min(down_block_c or DOWN_BLOCK_C, triton.next_power_of_2(c_split)))
-    h = torch.empty(T, R, dtype=mixed.dtype, device=mixed.device)
-    partial = torch.empty(splits, T, R, dtype=torch.float32, device=mixed.device) if splits > 1 else h  # unused if 1
-    _lora_down_kernel[(pack.block_codes.shape[0], splits)](
-        mixed, pack.down, pack.block_codes, h, partial, T, C, c_split, R, mixed.stride(0), mixed.stride(1), h.stride(0),
-        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=down_c, SPLIT=splits, IEEE=ieee, num_warps=4, **pdl_args(mixed),
+    h = torch.empty(T, pack.down.shape[0], dtype=mixed.dtype, device=mixed.device)
+    down_c = max(16, min(down_block_c or DOWN_BLOCK_C, triton.next_power_of_2(C)))
+    _lora_down_kernel[(pack.block_codes.shape[0],)](
+        mixed, pack.down, pack.block_codes, h, T, C, mixed.stride(0), mixed.stride(1), h.stride(0),
+        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=down_c, IEEE=ieee, num_warps=4, **pdl_args(mixed),
     )  # fmt: skip
     block_c = block_c or min(UP_BLOCK_C, triton.next_power_of_2(C))
     _lora_up_kernel[(triton.cdiv(C, block_c), S)](
-        h, partial, pack.up_t, pack.bounds, out, T, C, R, splits, h.stride(0), out.stride(0), out.stride(1),
-        BLOCK_T=MAX_ROWS, BLOCK_R=up_block_r or UP_BLOCK_R, BLOCK_C=block_c,
-        SPLIT_P2=triton.next_power_of_2(splits) if splits > 1 else 1, IEEE=ieee, num_warps=4, **pdl_args(mixed),
+        h, pack.up_t, pack.bounds, out, T, C, h.stride(0), out.stride(0), out.stride(1),
+        BLOCK_T=MAX_ROWS, BLOCK_R=up_block_r or UP_BLOCK_R, BLOCK_C=block_c, IEEE=ieee, num_warps=4,
+        **pdl_args(mixed),
     )  # fmt: skip
     return list(out.unbind(0))
 
