@@ -121,8 +121,9 @@ VARIANTS = [
     Variant("default, reference feed-forward", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
             channel_mix="torch", lora=None, norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
     # only when asked for (--variants 22): the default with the WKV step kernel in its token-loop
-    # form for decode batches too (before the one-token form; beyond 8 rows, where the decode WKV
-    # is its own kernel) and for prompts
+    # form for decode batches too (before the one-token form) and for prompts. Measured when decode
+    # beyond 8 rows ran the WKV kernel on its own; since the one-launch time mix takes every decode
+    # batch, it changes decode only with time_mix "triton"
     Variant("default, WKV step kernel with its token loop", "contiguous", torch.float16, "triton", wkv="triton-step",
             time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),

@@ -7,7 +7,8 @@
 #    feed-forward) and 12 again (a second timing of the default, after the others)
 #                                                                   -> decode-defaults-<card>.{json,md}
 # (decode-defaults-h200 was measured at a89daae, with three more variants between 20 and 21 that read
-# weights into L2 ahead of use, since removed: docs/benchmarks/decode.md)
+# weights into L2 ahead of use, since removed: docs/benchmarks/decode.md; the default has since taken
+# the one-launch time mix for every decode batch)
 set -o pipefail
 . tools/gpu_env.sh
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernel_gemv.py \

@@ -7,6 +7,8 @@
 # 3. decode with CUDA graphs at batches BATCHES (default 1, 8, 64, 256), three shapes, one run:
 #    variants 12 (the default), 19 (one launch for every decode batch), 20 (three kernels for every
 #    decode batch)                                                      -> decode-time-mix-<card>.{json,md}
+# (decode-time-mix-h200 was measured at 64d1742, when the default took one launch up to 8 rows; the
+# default has since taken it for every decode batch, so 12 and 19 are now the same)
 set -o pipefail
 . tools/gpu_env.sh
 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_kernel_time_mix.py \
