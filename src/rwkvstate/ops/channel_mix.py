@@ -89,7 +89,12 @@ def channel_mix_triton(k, key, value, residual=None):
     some row's activation is non-zero, with the residual add in its epilogue. value must be the
     [C, F] view of a contiguous [F, C] tensor."""
     _check(k, key, value.t(), residual)
-    return gemv_sparse_input(gemv_triton(k, key, activation="relu2", num_splits=KEY_SPLITS), value, residual)
+    return gemv_sparse_input(_key_relu2(k, key), value, residual)
+
+
+def _key_relu2(k, key):
+    """relu(k key^T)^2: the GEMV kernel with relu^2 in its epilogue, K unsplit (KEY_SPLITS)."""
+    return gemv_triton(k, key, activation="relu2", num_splits=KEY_SPLITS)
 
 
 def _check(k, key, value_t, residual) -> None:
@@ -108,7 +113,7 @@ def channel_mix_gemv(k, key, value, residual=None):
     """Two launches of the GEMV kernel (ops/gemv.py; at most 16 rows, dense; more when K is split):
     relu^2 in the key projection's epilogue, the residual add in the value projection's. Same
     result as channel_mix_reference, rounding for rounding."""
-    return gemv_triton(gemv_triton(k, key, activation="relu2", num_splits=KEY_SPLITS), value, residual)
+    return gemv_triton(_key_relu2(k, key), value, residual)
 
 
 _BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton, "triton-gemv": channel_mix_gemv,

@@ -219,8 +219,10 @@ def tiles(G: int, N: int, K: int, device, block_n=None, block_k=None, num_splits
     steps = triton.cdiv(K, block_k)
     if num_splits is None:
         sms, programs = _num_sms(torch.device(device)), G * triton.cdiv(N, block_n)
-        wanted = 0 if programs >= UNSPLIT_PROGRAMS_PER_SM * sms else programs_per_sm * sms
-        num_splits = min(steps, max(1, triton.cdiv(wanted, programs)))
+        if programs >= UNSPLIT_PROGRAMS_PER_SM * sms:
+            num_splits = 1
+        else:
+            num_splits = min(steps, triton.cdiv(programs_per_sm * sms, programs))
     k_split = triton.cdiv(steps, max(1, min(num_splits, steps))) * block_k
     return {"block_n": block_n, "block_k": block_k, "k_split": k_split, "num_splits": triton.cdiv(K, k_split)}
 
