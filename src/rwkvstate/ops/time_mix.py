@@ -155,12 +155,13 @@ if HAS_TRITON:
     def _time_mix_decode_kernel(
         state, live_slots, cu_seqlens, r, w_lora, k, v, a_lora, g, v_lora, v_first,
         w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, out, stride_slot, seed, eps,
-        H: tl.constexpr, N: tl.constexpr, HAS_V: tl.constexpr, STOCHASTIC: tl.constexpr,
+        H: tl.constexpr, N: tl.constexpr, HAS_V: tl.constexpr, STOCHASTIC: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One decode token of one sequence and one head: the prologue, WKV-7 and the epilogue
         (the two kernels' math, _prologue_math and _epilogue_math, on [1, N] tiles) with the state
         on chip, every intermediate rounded where the three kernels round it. v2 is also needed
         along the state's rows ([N, 1]) for the update."""
+        pdl_enter(PDL)
         i_n, i_h = tl.program_id(0), tl.program_id(1)
         i_slot = tl.load(live_slots + i_n).to(tl.int64)
         row = tl.load(cu_seqlens + i_n).to(tl.int64)  # the sequence's one token
@@ -192,6 +193,7 @@ if HAS_TRITON:
         b_o = _epilogue_math(b_y, b_r * b_k2 * b_rk, b_v2, b_g, b_lw, b_lb, eps, N)
         tl.store(out + o_x, _round_nearest(b_o, dt))
         _store_state(p_s, b_s, i_slot, seed, i_h, tl.arange(0, N), N, N, STOCHASTIC)
+        pdl_exit(PDL)
 
 def _launch_config(T: int, N: int) -> tuple[int, int]:
     """(BLOCK_T, num_warps): tiles of up to 1024 elements (8 per thread at 4 warps per tensor;
@@ -306,7 +308,7 @@ def time_mix_decode_triton(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_
     stochastic = rounding == "stochastic" and state.dtype != torch.float32
     _time_mix_decode_kernel[(num_live, H)](
         state, packed.live_slots, packed.cu_seqlens, *ins, *vecs, out, state.stride(0), seed & 0xFFFFFFFF, float(eps),
-        H=H, N=N, HAS_V=has_v, STOCHASTIC=stochastic, num_warps=num_warps or decode_warps(N),
+        H=H, N=N, HAS_V=has_v, STOCHASTIC=stochastic, num_warps=num_warps or decode_warps(N), **pdl_args(r),
     )  # fmt: skip
     return out
 
