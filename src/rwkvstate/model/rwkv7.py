@@ -226,10 +226,11 @@ class Model:
         if packed.num_tokens == 0:
             return x
         v_first = None
+        side = self._lora_side_stream()  # once per pass: whether a graph is being captured holds for all layers
         with dependent_launches(self._launch_trigger()):
             for index, lw in enumerate(self.weights.layers):
                 att_shift, wkv_state, ffn_shift = pool.layer(index)
-                dx, v_first = self._time_mix(lw, x, packed, att_shift, wkv_state, v_first)
+                dx, v_first = self._time_mix(lw, x, packed, att_shift, wkv_state, v_first, side)
                 x = self._channel_mix(lw, x, dx, packed, ffn_shift)
         return x
 
@@ -240,8 +241,9 @@ class Model:
         return norm_shift_mix(x, delta, *ln, shift_state, packed, mix, backend=b["norm_shift"], shift_backend=b["token_shift"])
 
     def _time_mix(self, lw: LayerWeights, x: Tensor, packed: Packed, att_shift: Tensor, wkv_state: Tensor,
-                  v_first: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """The time mix of LayerNorm_1(x), without the residual add: returns (its output, v_first)."""
+                  v_first: Tensor | None, side: torch.cuda.Stream | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The time mix of LayerNorm_1(x), without the residual add: returns (its output, v_first).
+        side: the second stream of the LoRA chains (_lora_side_stream), or None."""
         _, mixed = self._norm_shift(x, None, lw.ln1, att_shift, packed, lw.mix)
         rkv_backend, out_backend = self._projection_backends(packed)
         # w = tanh(xw W1) W2, a_lora = (xa A1) A2, g = sigmoid(xg G1) G2, v_lora = (xv V1) V2 (layers >= 1);
@@ -249,7 +251,6 @@ class Model:
         lora_backend = self.backends["lora"]
         if lora_backend == "triton" and mixed.shape[1] > LORA_ROWS:  # the kernels take small batches
             lora_backend = "torch"
-        side = self._lora_side_stream()
         if side is None:
             r, k, v = gemv(mixed[:3], lw.rkv, backend=rkv_backend).unbind(0)  # mixes r, k, v come first
             *v_lora_, w, a_lora, g = lora(mixed, lw.lora, backend=lora_backend)
