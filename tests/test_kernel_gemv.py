@@ -183,14 +183,18 @@ def test_model_batched_gemms_match_reference():
 def test_cuda_defaults_choose_by_batch(monkeypatch):
     """With every backend None: the kernel for r/k/v and the feed-forward of decode batches of at
     most GEMV_ROWS (cuBLAS for the output projection), batched GEMMs and the folded cuBLAS
-    feed-forward beyond; the one-launch time mix for every decode batch; LoRA kernels up to 16
-    rows, batched GEMMs beyond."""
+    feed-forward beyond; the one-launch time mix for every decode batch; the LoRA downs in the
+    r/k/v launch (lora "fused") up to GEMV_ROWS, the LoRA kernels up to 16 rows, batched GEMMs
+    beyond."""
     from rwkvstate.model import rwkv7
     from rwkvstate.ops import channel_mix as cm
     from rwkvstate.ops import lora as lo
 
-    calls: dict[str, list] = {"gemv": [], "ffn": [], "lora_bmm": [], "lora_triton": [], "cublas": [], "fused": []}
+    calls: dict[str, list] = {"gemv": [], "ffn": [], "lora_bmm": [], "lora_triton": [], "cublas": [], "fused": [],
+                              "downs": []}  # fmt: skip
     kernel, ffn, bmm, ltri = gm.gemv_triton, cm.channel_mix_gemv, lo.lora_bmm, lo.lora_triton
+    downs = rwkv7.lora_down_with_projection
+    monkeypatch.setattr(rwkv7, "lora_down_with_projection", lambda x, *a: calls["downs"].append(x.shape[1]) or downs(x, *a))
     folded, fused = cm.channel_mix_cublas, rwkv7.time_mix_decode_triton
     monkeypatch.setitem(gm._BACKENDS, "triton", lambda x, w, *a, **k: calls["gemv"].append(x.shape) or kernel(x, w, *a, **k))
     monkeypatch.setitem(cm._BACKENDS, "triton-gemv", lambda *a: calls["ffn"].append(a[0].shape[0]) or ffn(*a))
@@ -206,11 +210,12 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
         model.decode_step(pool, torch.arange(batch, device="cuda"), torch.ones(batch, dtype=torch.long, device="cuda"))
         L = CFG.n_layer
         small = batch <= rwkv7.GEMV_ROWS  # r/k/v grouped (the output projection stays on cuBLAS), the FFN
-        assert calls["gemv"] == ([(3, batch, CFG.n_embd)] * L if small else [])
+        assert calls["gemv"] == []  # r/k/v of small batches in the launch of the LoRA downs
+        assert calls["downs"] == ([batch] * L if small else [])
         assert calls["ffn"] == ([batch] * L if small else [])
         assert calls["cublas"] == ([] if small else [batch] * L)
         assert calls["fused"] == [batch] * L  # the one-launch time mix for every decode batch
-        assert calls["lora_triton"] == ([batch] * L if batch <= 16 else [])
+        assert calls["lora_triton"] == ([batch] * L if rwkv7.GEMV_ROWS < batch <= 16 else [])
         assert calls["lora_bmm"] == ([] if batch <= 16 else [batch] * L)
 
 

@@ -118,3 +118,27 @@ def test_default_backend_by_rows():
     assert all(torch.equal(g, w) for g, w in zip(lo.lora(x, pack), want))
     if x.is_cuda:  # at most 16 rows: the two kernels
         assert all(torch.equal(g, w) for g, w in zip(lo.lora(x[:, :16], pack), lo.lora_triton(x[:, :16], pack)))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T,C,G,ranks", [(1, 48, 3, (4, 4, 8, 4)), (5, 40, 3, (5, 16, 21)), (16, 72, 2, (32, 17, 48, 9))])
+def test_downs_in_the_projection_launch(T, C, G, ranks, dtype, poisoned_empty):
+    """lora_down_with_projection: one launch whose programs are the down stack's row blocks and the
+    grouped projection's tiles. The projection equals the GEMV kernel's unsplit result, and the
+    ups of its h (lora_up_triton) the two-launch chains (up to the order of the float32 sums)."""
+    from rwkvstate.ops.gemv import gemv_reference, gemv_triton
+
+    _, pack = make_pack(C, ranks, dtype, seed=T + C + 1)
+    x = mixes(T, C, dtype, seed=T * C + 2)
+    gen = torch.Generator().manual_seed(C)
+    weight = (torch.randn(G, C + 8, C, generator=gen) * C**-0.5).to(DEVICE, dtype)  # N = C + 8: a partial tile
+    out, h = lo.lora_down_with_projection(x, weight, pack, block_n=16, block_k=16)  # several tiles and K steps
+    assert out.shape == (G, T, C + 8) and h.shape == (T, pack.down.shape[0])
+    assert torch.equal(out, gemv_triton(x[:G], weight, num_splits=1, block_n=16, block_k=16))
+    assert rel_err(out, gemv_reference(x[:G], weight)) <= TOL[dtype]
+    for got, want_triton, want in zip(lo.lora_up_triton(h, pack), lo.lora_triton(x, pack), lo.lora_reference(x, pack)):
+        assert rel_err(got, want_triton) <= TOL[dtype] and rel_err(got, want) <= TOL[dtype]
+    with pytest.raises(ValueError, match="weight must be"):
+        lo.lora_down_with_projection(x, weight[:, :, :-1], pack)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        lo.lora_down_with_projection(mixes(17, C, dtype, seed=1), weight, pack)

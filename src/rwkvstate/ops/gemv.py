@@ -94,6 +94,21 @@ if HAS_TRITON:
         tl.store(out + o_t[:, None] * stride_ot + o_n[None, :], b_y, mask=m)
 
     @triton.jit
+    def _gemv_tile(p_x, p_w, o_t, m_t, o_n, m_n, k_start, k_end, stride_xt, stride_wn, stride_wk,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """float32 [BLOCK_T, BLOCK_N] = x[o_t, k_start:k_end] @ W^T[k_start:k_end, o_n]: the weight
+        streams in [BLOCK_K, BLOCK_N] tiles of W^T, the rows padded to one tl.dot tile."""
+        b_acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < k_end
+            b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+            p_wt = p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N] of W^T
+            b_w = tl.load(p_wt, mask=m_k[:, None] & m_n[None, :], other=0)
+            b_acc += _dot(b_x, b_w, IEEE)
+        return b_acc
+
+    @triton.jit
     def _gemv_kernel(
         x, w, out, partial, residual, T, N, K, K_SPLIT, G,
         stride_xg, stride_xt, stride_wg, stride_wn, stride_wk, stride_og, stride_ot, stride_rg, stride_rt,
@@ -109,14 +124,8 @@ if HAS_TRITON:
         p_w = w + i_g.to(tl.int64) * stride_wg
         k_start = i_s * K_SPLIT
         k_end = tl.minimum(k_start + K_SPLIT, K)
-        b_acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < k_end
-            b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-            p_wt = p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N] of W^T
-            b_w = tl.load(p_wt, mask=m_k[:, None] & m_n[None, :], other=0)
-            b_acc += _dot(b_x, b_w, IEEE)
+        b_acc = _gemv_tile(p_x, p_w, o_t, m_t, o_n, m_n, k_start, k_end, stride_xt, stride_wn, stride_wk,
+                           BLOCK_T, BLOCK_N, BLOCK_K, IEEE)  # fmt: skip
         m = m_t[:, None] & m_n[None, :]
         if SPLIT == 1:
             p_o, p_r = out + i_g.to(tl.int64) * stride_og, residual + i_g.to(tl.int64) * stride_rg

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, is_interpreting, pdl_args, pick_backend, tl, triton
+from .gemv import tiles
 
 ACTIVATIONS = ("none", "tanh", "sigmoid")
 BLOCK_R = 16  # rows of a stacked matrix per program step; every chain is padded to a multiple
@@ -161,16 +162,16 @@ def lora_reference(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
 #   another chain's, masked), writing out[s, :, o_c] rounded.
 if HAS_TRITON:
     from ._triton import pdl_enter, pdl_exit  # first and last statements of the kernels launched with pdl_args
-    from .gemv import _dot, _rows_times_weight_t  # float32 products (IEEE where needed)
+    from .gemv import _dot, _epilogue, _gemv_tile, _rows_times_weight_t  # float32 products (IEEE where needed)
     from .wkv7 import _round_nearest
 
     @triton.jit
-    def _lora_down_kernel(
-        x, down, codes, h, T, C, stride_xm, stride_xt, stride_h,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    def _lora_down_block(
+        x, down, codes, h, i_b, T, C, stride_xm, stride_xt, stride_h,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        pdl_enter(PDL)
-        i_b = tl.program_id(0)
+        """Row block i_b of the down stack (its code: the block's row index, mix * 4 + activation):
+        h[:, rows] = act(round(x_mix D_rows^T)), rounded."""
         i_r, code = tl.load(codes + 2 * i_b), tl.load(codes + 2 * i_b + 1)
         i_m, act = code // 4, code % 4
         o_t = tl.arange(0, BLOCK_T)
@@ -178,11 +179,59 @@ if HAS_TRITON:
         m_t = o_t < T
         p_x = x + i_m.to(tl.int64) * stride_xm  # this block's mix
         b_acc = _rows_times_weight_t(p_x, stride_xt, o_t, m_t, down, C, o_r, o_r >= 0, C, BLOCK_T, BLOCK_R, BLOCK_C, IEEE)
+        _activate_store(b_acc, act, h, o_t, m_t, o_r, stride_h)
+
+    @triton.jit
+    def _activate_store(b_acc, act, h, o_t, m_t, o_r, stride_h):
+        """h[o_t, o_r] = act(round(b_acc)), rounded; act 0 none, 1 tanh, 2 sigmoid."""
         b_h = _round_nearest(b_acc, h.dtype.element_ty).to(tl.float32)
         b_sig = tl.sigmoid(b_h)
         b_tanh = 2 * tl.sigmoid(2 * b_h) - 1  # tanh, from the sigmoid Triton has everywhere
         b_h = tl.where(act == 1, b_tanh, tl.where(act == 2, b_sig, b_h))
         tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _round_nearest(b_h, h.dtype.element_ty), mask=m_t[:, None])
+
+    @triton.jit
+    def _lora_down_kernel(
+        x, down, codes, h, T, C, stride_xm, stride_xt, stride_h,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        pdl_enter(PDL)
+        _lora_down_block(x, down, codes, h, tl.program_id(0), T, C, stride_xm, stride_xt, stride_h,
+                         BLOCK_T, BLOCK_R, BLOCK_C, IEEE)  # fmt: skip
+        pdl_exit(PDL)
+
+    @triton.jit
+    def _projection_lora_down_kernel(
+        x, w, out, down, codes, h, T, N, C, NUM_DOWN, TILES_N,
+        stride_xm, stride_xt, stride_wg, stride_wn, stride_wk, stride_og, stride_ot, stride_h,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """Programs 0 .. NUM_DOWN - 1: the down stack's row blocks (as _lora_down_block computes
+        them); the rest: the grouped projection's output tiles, program NUM_DOWN + g * TILES_N + j
+        computing out[g, :, j * BLOCK_N ..] = round(x[g] W_g^T). Both step over the whole of C
+        with ops/gemv.py's [BLOCK_K, columns] weight tiles, so that the two kinds of program take
+        about the registers of one (a down step over 1024 channels, as the down kernel takes, made
+        the launch 255 registers a thread on sm_90 instead of 168)."""
+        pdl_enter(PDL)
+        pid = tl.program_id(0)
+        o_t = tl.arange(0, BLOCK_T)
+        m_t = o_t < T
+        if pid < NUM_DOWN:  # the smaller programs first
+            i_r, code = tl.load(codes + 2 * pid), tl.load(codes + 2 * pid + 1)
+            o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+            p_x = x + (code // 4).to(tl.int64) * stride_xm  # this block's mix
+            b_down = _gemv_tile(p_x, down, o_t, m_t, o_r, o_r >= 0, 0, C, stride_xt, C, 1, BLOCK_T, BLOCK_R, BLOCK_K, IEEE)
+            _activate_store(b_down, code % 4, h, o_t, m_t, o_r, stride_h)
+        else:
+            i_g, i_n = (pid - NUM_DOWN) // TILES_N, (pid - NUM_DOWN) % TILES_N
+            o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_n = o_n < N
+            p_x, p_w = x + i_g.to(tl.int64) * stride_xm, w + i_g.to(tl.int64) * stride_wg
+            b_acc = _gemv_tile(p_x, p_w, o_t, m_t, o_n, m_n, 0, C, stride_xt, stride_wn, stride_wk,
+                               BLOCK_T, BLOCK_N, BLOCK_K, IEEE)  # fmt: skip
+            p_o = out + i_g.to(tl.int64) * stride_og
+            _epilogue(b_acc, p_o, p_o, o_t, o_n, m_t[:, None] & m_n[None, :], stride_ot, 0, 0, False)
         pdl_exit(PDL)
 
     @triton.jit
@@ -213,6 +262,9 @@ if HAS_TRITON:
 DOWN_BLOCK_C = 1024  # channels per step of a down program
 UP_BLOCK_R = 64  # rows per step of an up program (a multiple of BLOCK_R)
 UP_BLOCK_C = 64  # output channels per up program
+# the step over C of lora_down_with_projection: compiled for sm_90 (Triton 3.6) the launch takes 168
+# registers a thread with steps of 128 channels, as the GEMV kernel alone with 256, and 254 with 256
+PROJECTION_BLOCK_K = 128
 
 
 def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block_c=None,
@@ -221,30 +273,82 @@ def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block
     overrides the up kernel's channel block, down_block_c the down kernel's step over C and
     up_block_r the up kernel's step over a chain's rows (tests use them to cover several blocks;
     benchmarks/bench_lora.py compares them)."""
+    K, T, C = _check_mixed(mixed, pack)
+    h = torch.empty(T, pack.down.shape[0], dtype=mixed.dtype, device=mixed.device)
+    if T:
+        _lora_down_kernel[(pack.block_codes.shape[0],)](
+            mixed, pack.down, pack.block_codes, h, T, C, mixed.stride(0), mixed.stride(1), h.stride(0),
+            BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=_down_block_c(C, down_block_c), IEEE=_ieee(mixed.dtype),
+            num_warps=4, **pdl_args(mixed),
+        )  # fmt: skip
+    return lora_up_triton(h, pack, block_c=block_c, up_block_r=up_block_r)
+
+
+def lora_up_triton(h: torch.Tensor, pack: LoraPack, *, block_c=None, up_block_r=None) -> list[torch.Tensor]:
+    """The second launch of lora_triton: out_s = h_s U_s^T for every chain s, from h [T, R] (the
+    activated downs, R the rows of the down stack) -> S tensors [T, C] in h's dtype."""
+    T, C = h.shape[0], pack.up_t.shape[1]
+    S = len(pack.mixes)
+    out = torch.empty(S, T, C, dtype=h.dtype, device=h.device)
+    if T:
+        block_c = block_c or min(UP_BLOCK_C, triton.next_power_of_2(C))
+        _lora_up_kernel[(triton.cdiv(C, block_c), S)](
+            h, pack.up_t, pack.bounds, out, T, C, h.stride(0), out.stride(0), out.stride(1),
+            BLOCK_T=MAX_ROWS, BLOCK_R=up_block_r or UP_BLOCK_R, BLOCK_C=block_c, IEEE=_ieee(h.dtype), num_warps=4,
+            **pdl_args(h),
+        )  # fmt: skip
+    return list(out.unbind(0))
+
+
+def lora_down_with_projection(mixed: torch.Tensor, weight: torch.Tensor, pack: LoraPack, *, block_n=None,
+                              block_k=None, num_warps=4,
+                              num_stages=3) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One launch for the LoRA downs and a grouped projection of the first G mixes: out[g] =
+    mixed[g] weight[g]^T (weight [G, N, C] of F.linear weights, the time mix's r, k, v) and
+    h = the activated downs of every chain of pack, [T, R] with R the rows of the down stack, as
+    lora_triton's first launch writes them. Returns (out [G, T, N], h); at most 16 rows. The
+    projection's tiles are gemv_triton's, K unsplit; the other arguments override the launch
+    configuration (tests and benchmarks)."""
+    K, T, C = _check_mixed(mixed, pack)
+    if weight.dim() != 3 or weight.shape[0] > K or weight.shape[2] != C or weight.dtype != mixed.dtype:
+        raise ValueError(f"weight must be [G <= {K}, N, {C}] in {mixed.dtype}, got {list(weight.shape)} in {weight.dtype}")
+    if 1 not in weight.stride()[1:]:
+        raise ValueError("weight needs unit stride along N or C")
+    G, N = weight.shape[0], weight.shape[1]
+    out = torch.empty(G, T, N, dtype=mixed.dtype, device=mixed.device)
+    h = torch.empty(T, pack.down.shape[0], dtype=mixed.dtype, device=mixed.device)
+    if T == 0:
+        return out, h
+    cfg = tiles(G, N, C, mixed.device, block_n, block_k or min(PROJECTION_BLOCK_K, triton.next_power_of_2(C)), 1)
+    num_down, tiles_n = pack.block_codes.shape[0], triton.cdiv(N, cfg["block_n"])
+    _projection_lora_down_kernel[(num_down + G * tiles_n,)](
+        mixed, weight, out, pack.down, pack.block_codes, h, T, N, C, num_down, tiles_n,
+        mixed.stride(0), mixed.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+        out.stride(0), out.stride(1), h.stride(0),
+        BLOCK_T=MAX_ROWS, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_R=BLOCK_R, IEEE=_ieee(mixed.dtype),
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(mixed),
+    )  # fmt: skip
+    return out, h
+
+
+def _check_mixed(mixed: torch.Tensor, pack: LoraPack) -> tuple[int, int, int]:
+    """The mixes [K, T, C] the Triton paths take: at most 16 rows, every chain's mix present."""
     K, T, C = mixed.shape
     if T > MAX_ROWS:
         raise ValueError(f"the Triton LoRA kernels take at most {MAX_ROWS} rows, got {T}")
     if pack.down.shape[1] != C or mixed.stride(2) != 1 or max(pack.mixes) >= K:
         raise ValueError(f"mixed must be [K > {max(pack.mixes)}, T, {pack.down.shape[1]}] with unit channel stride, "
                          f"got {list(mixed.shape)}")  # fmt: skip
-    S = len(pack.mixes)
-    out = torch.empty(S, T, C, dtype=mixed.dtype, device=mixed.device)
-    if T == 0:
-        return list(out.unbind(0))
-    ieee = mixed.dtype == torch.float32 or (mixed.dtype == torch.bfloat16 and is_interpreting())
-    h = torch.empty(T, pack.down.shape[0], dtype=mixed.dtype, device=mixed.device)
-    down_c = max(16, min(down_block_c or DOWN_BLOCK_C, triton.next_power_of_2(C)))
-    _lora_down_kernel[(pack.block_codes.shape[0],)](
-        mixed, pack.down, pack.block_codes, h, T, C, mixed.stride(0), mixed.stride(1), h.stride(0),
-        BLOCK_T=MAX_ROWS, BLOCK_R=BLOCK_R, BLOCK_C=down_c, IEEE=ieee, num_warps=4, **pdl_args(mixed),
-    )  # fmt: skip
-    block_c = block_c or min(UP_BLOCK_C, triton.next_power_of_2(C))
-    _lora_up_kernel[(triton.cdiv(C, block_c), S)](
-        h, pack.up_t, pack.bounds, out, T, C, h.stride(0), out.stride(0), out.stride(1),
-        BLOCK_T=MAX_ROWS, BLOCK_R=up_block_r or UP_BLOCK_R, BLOCK_C=block_c, IEEE=ieee, num_warps=4,
-        **pdl_args(mixed),
-    )  # fmt: skip
-    return list(out.unbind(0))
+    return K, T, C
+
+
+def _down_block_c(C: int, wanted: int | None) -> int:
+    return max(16, min(wanted or DOWN_BLOCK_C, triton.next_power_of_2(C)))
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    """Full float32 products in tl.dot (_dot): float32 inputs, and bf16 ones in the interpreter."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and is_interpreting())
 
 
 def lora_bmm(mixed: torch.Tensor, pack: LoraPack) -> list[torch.Tensor]:
