@@ -129,11 +129,12 @@ VARIANTS = [
             dependent_launches=None),
     # only when asked for (--variants 23, 24): the default with the LoRA chains in their two
     # kernels (on the second stream in graphs: the default of decode batches of 1-8 before the downs
-    # joined the r/k/v launch), and with the downs in the r/k/v launch but the ups in their own launch
+    # joined the r/k/v launch), and with the downs in the r/k/v launch, the ups in their own launch
+    # (lora "fused"), for every decode batch of 1-8 rows
     Variant("default, LoRA in two kernels", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
             channel_mix=None, lora="triton", norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
     Variant("default, LoRA downs with r/k/v, ups in their own launch", "contiguous", torch.float16, "triton",
-            wkv=None, time_mix=None, channel_mix=None, lora="fused-down", norm_shift=None, gemv=None,
+            wkv=None, time_mix=None, channel_mix=None, lora="fused", norm_shift=None, gemv=None,
             lora_stream=None, dependent_launches=None),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all

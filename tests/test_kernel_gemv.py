@@ -184,8 +184,7 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
     """With every backend None: the kernel for r/k/v and the feed-forward of decode batches of at
     most GEMV_ROWS (cuBLAS for the output projection), batched GEMMs and the folded cuBLAS
     feed-forward beyond; the one-launch time mix for every decode batch; the LoRA downs in the
-    r/k/v launch (lora "fused") up to GEMV_ROWS, the LoRA kernels up to 16 rows, batched GEMMs
-    beyond."""
+    r/k/v launch (lora "fused") for one row, the LoRA kernels up to 16 rows, batched GEMMs beyond."""
     from rwkvstate.model import rwkv7
     from rwkvstate.ops import channel_mix as cm
     from rwkvstate.ops import lora as lo
@@ -204,18 +203,18 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
     monkeypatch.setitem(lo._BACKENDS, "triton", lambda x, p: calls["lora_triton"].append(x.shape[1]) or ltri(x, p))
     model = Model.from_tensors(random_checkpoint(CFG, seed=4), CFG, device="cuda", dtype=torch.float16)
     pool = model.new_pool(20, state_dtype=torch.float16)
-    for batch in (rwkv7.GEMV_ROWS, rwkv7.GEMV_ROWS + 1, 17):
+    for batch in (1, rwkv7.GEMV_ROWS, rwkv7.GEMV_ROWS + 1, 17):
         for v in calls.values():
             v.clear()
         model.decode_step(pool, torch.arange(batch, device="cuda"), torch.ones(batch, dtype=torch.long, device="cuda"))
         L = CFG.n_layer
         small = batch <= rwkv7.GEMV_ROWS  # r/k/v grouped (the output projection stays on cuBLAS), the FFN
-        assert calls["gemv"] == []  # r/k/v of small batches in the launch of the LoRA downs
-        assert calls["downs"] == ([batch] * L if small else [])
+        assert calls["gemv"] == ([(3, batch, CFG.n_embd)] * L if small and batch > 1 else [])
+        assert calls["downs"] == ([batch] * L if batch == 1 else [])  # r/k/v of one row with the LoRA downs
         assert calls["ffn"] == ([batch] * L if small else [])
         assert calls["cublas"] == ([] if small else [batch] * L)
         assert calls["fused"] == [batch] * L  # the one-launch time mix for every decode batch
-        assert calls["lora_triton"] == ([batch] * L if rwkv7.GEMV_ROWS < batch <= 16 else [])
+        assert calls["lora_triton"] == ([batch] * L if 1 < batch <= 16 else [])
         assert calls["lora_bmm"] == ([] if batch <= 16 else [batch] * L)
 
 

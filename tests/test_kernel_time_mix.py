@@ -215,47 +215,6 @@ def test_fused_decode_time_mix_any_warps(num_warps):
     assert tm.decode_warps(64) == 2 and tm.decode_warps(32) == 4 and tm.decode_warps(128) == 8
 
 
-@pytest.mark.parametrize("B,H,N,ranks", [(1, 2, 64, (32, 64, 64, 256)), (3, 3, 16, (5, 16, 21, 40)), (2, 1, 32, (8, 8, 24))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_fused_decode_time_mix_computes_the_lora_ups(B, H, N, ranks, dtype, poisoned_empty):
-    """lora_up: the chains' up products computed in the one-launch kernel from the activated downs
-    give the output and state of the kernel fed the up launch's w_lora, a_lora, g, v_lora (equal but
-    for float32 summation order). Ranks of the released shapes (1.5B: 32, 64, 64, 256), odd ones,
-    and layer 0 (three chains, no value residual)."""
-
-    C, layer0 = H * N, len(ranks) == 3
-    state, packed, args = _decode_args(B, H, N, dtype, layer0, seed=B + N, state_dtype=torch.float32)
-    gen = torch.Generator().manual_seed(N + len(ranks))
-    names = (["v"] if not layer0 else []) + ["w", "a", "g"]
-    acts = {"v": "none", "w": "tanh", "a": "none", "g": "sigmoid"}
-    mix_of = {"v": 2, "w": 3, "a": 4, "g": 5}
-    chains = [(mix_of[c], acts[c], (torch.randn(r, C, generator=gen) * C**-0.5 * 2).to(DEVICE, dtype),
-               (torch.randn(C, r, generator=gen) * r**-0.5).to(DEVICE, dtype)) for c, r in zip(names, ranks)]  # fmt: skip
-    pack = lo.pack_lora(chains)
-    rows = {c: (pack.starts[i], pack.starts[i] + pack.ranks[i]) for i, c in enumerate(names)}
-    mixed = torch.randn(6, B, C, generator=gen).to(DEVICE, dtype)
-    _, h = lo.lora_down_with_projection(mixed, torch.zeros(1, 16, C, dtype=dtype, device=DEVICE), pack)
-    ups = dict(zip(names, lo.lora_up_triton(h, pack)))
-    r, _, k, v, _, _, _, v_first, *rest = args
-    explicit = (r, ups["w"], k, v, ups["a"], ups["g"], ups.get("v"), v_first, *rest)
-    want_state = state.clone()
-    got = tm.time_mix_decode_triton(state, packed, r, None, k, v, None, None, None, v_first, *rest,
-                                    lora_up=(h, pack.up_t, rows))  # fmt: skip
-    want = tm.time_mix_decode_triton(want_state, packed, *explicit)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    assert not got.isnan().any()
-    torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(state, want_state, **tol)
-    with pytest.raises(ValueError, match="pass None"):
-        tm.time_mix_decode_triton(state, packed, *explicit, lora_up=(h, pack.up_t, rows))
-    with pytest.raises(ValueError, match="must name the chains"):
-        tm.time_mix_decode_triton(state, packed, r, None, k, v, None, None, None, v_first, *rest,
-                                  lora_up=(h, pack.up_t, {"w": rows["w"]}))  # fmt: skip
-    with pytest.raises(ValueError, match="lie outside"):
-        bad = {**rows, "g": (rows["g"][0], h.shape[1] + 1)}
-        tm.time_mix_decode_triton(state, packed, r, None, k, v, None, None, None, v_first, *rest, lora_up=(h, pack.up_t, bad))
-
-
 def test_fused_decode_time_mix_stochastic_rounding_and_errors():
     """Stochastic rounding of an fp16 state draws the same noise as the WKV-7 kernel (per slot,
     seed, head and element); bad calls are refused."""
@@ -306,18 +265,17 @@ def test_model_with_the_fused_decode_time_mix_matches_three_kernels():
             assert rel_err(y[key], x[key]) <= 1e-5 or not x[key].any(), key
 
 
-@pytest.mark.parametrize("lora", ["fused", "fused-down"])
-def test_model_with_the_lora_downs_in_the_projection_launch(lora):
-    """backends["lora"] = "fused" / "fused-down": decode steps compute the LoRA downs in the r/k/v
-    launch (and the ups in the one-launch time mix, or in their own launch); prompts, which take
-    neither kernel, fall back. Logits and states as with the two LoRA kernels."""
+def test_model_with_the_lora_downs_in_the_projection_launch():
+    """backends["lora"] = "fused": decode steps on the GEMV path compute the LoRA downs in the r/k/v
+    launch and the ups in their own; prompts, which take neither kernel, fall back. Logits and
+    states as with the two LoRA kernels."""
     from rwkvstate.model.rwkv7 import FUSED_TIME_MIX
 
     tensors = random_checkpoint(CFG, seed=35)
     seqs = [random_tokens(n, CFG.vocab_size, seed=30 + n) for n in (4, 2, 1)]
     calls = []
     outs = []
-    for backend in ("triton", lora):
+    for backend in ("triton", "fused"):
         model = Model.from_tensors(tensors, CFG, device=DEVICE)
         model.backends.update({**TRITON, "time_mix": FUSED_TIME_MIX, "gemv": "triton", "lora": backend})
         pool = model.new_pool(4)
@@ -337,26 +295,29 @@ def test_model_with_the_lora_downs_in_the_projection_launch(lora):
 
 
 def test_lora_backend_choice(monkeypatch):
-    """Model._lora_backend: None becomes "fused" on CUDA for a decode batch whose r/k/v take the
-    GEMV kernel and whose time mix takes its one launch; "fused"/"fused-down" fall back to None
-    elsewhere; "triton" to the reference beyond 16 rows."""
+    """Model._lora_backend: None becomes "fused" on CUDA for a batch of one row whose r/k/v take the
+    GEMV kernel, at C <= FUSED_LORA_MAX_C; "fused" falls back to None off the GEMV path; "triton"
+    to the reference beyond 16 rows."""
+    from rwkvstate.model import rwkv7
     from rwkvstate.model.packing import pack, pack_decode
-    from rwkvstate.model.rwkv7 import FUSED_TIME_MIX, GEMV_ROWS
 
     model = Model.from_tensors(random_checkpoint(CFG, seed=36), CFG, device=DEVICE)
-    decode = pack_decode(torch.arange(GEMV_ROWS, device=DEVICE), torch.zeros(GEMV_ROWS, dtype=torch.long, device=DEVICE))
-    wide = pack_decode(torch.arange(17, device=DEVICE), torch.zeros(17, dtype=torch.long, device=DEVICE))
+
+    def decode(rows):
+        return pack_decode(torch.arange(rows, device=DEVICE), torch.zeros(rows, dtype=torch.long, device=DEVICE))
+
+    one, eight, wide = decode(1), decode(rwkv7.GEMV_ROWS), decode(17)
     prompt = pack([0], [[1, 2, 3]], CFG.vocab_size, DEVICE)
     monkeypatch.setattr(model, "_kernels", lambda: True)  # as on CUDA
-    assert model._lora_backend(decode, "triton") == "fused"
-    assert model._lora_backend(decode, "bmm") is None  # r/k/v not on the GEMV kernel
-    assert model._lora_backend(wide, "bmm") is None and model._lora_backend(prompt, "bmm") is None
-    model.backends["time_mix"] = "triton"  # the three kernels: no one launch to take the ups
-    assert model._lora_backend(decode, "triton") is None
-    model.backends.update(time_mix=FUSED_TIME_MIX, lora="fused-down")
-    assert model._lora_backend(decode, "triton") == "fused-down" and model._lora_backend(prompt, "triton") is None
+    assert model._lora_backend(one, "triton") == "fused"
+    assert model._lora_backend(eight, "triton") is None  # two rows and more: the two kernels (lora's own choice)
+    assert model._lora_backend(one, "bmm") is None  # r/k/v not on the GEMV kernel
+    monkeypatch.setattr(rwkv7, "FUSED_LORA_MAX_C", CFG.n_embd - 1)
+    assert model._lora_backend(one, "triton") is None  # wider models: r/k/v long enough to hide the chains
+    model.backends["lora"] = "fused"
+    assert model._lora_backend(eight, "triton") == "fused" and model._lora_backend(prompt, "bmm") is None
     model.backends["lora"] = "triton"
-    assert model._lora_backend(decode, "triton") == "triton" and model._lora_backend(wide, "bmm") == "torch"
+    assert model._lora_backend(one, "triton") == "triton" and model._lora_backend(wide, "bmm") == "torch"
     monkeypatch.setattr(model, "_kernels", lambda: False)  # the CPU: None stays None
-    model.backends.update(time_mix=None, lora=None)
-    assert model._lora_backend(decode, "torch") is None
+    model.backends["lora"] = None
+    assert model._lora_backend(one, "triton") is None

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# On an H200 of the device tool (carry .whl), under 9 minutes: the LoRA downs in the r/k/v launch and
-# the ups in the one-launch time mix (lora "fused", the default of decode batches of 1-8).
+# On an H200 of the device tool (carry .whl), under 9 minutes: the LoRA downs in the r/k/v launch.
 # 1. the LoRA, time-mix and GEMV tests and test_cuda.py, compiled              -> tests.log
 # 2. decode with CUDA graphs at batches BATCHES (default 1, 8), three shapes, one run: variants 12
-#    (the default: "fused"), 23 (the two LoRA kernels on the second stream, the default before),
-#    24 ("fused-down": the ups in their own launch)                  -> decode-lora-fused-<card>.{json,md}
+#    (the default), 23 (the two LoRA kernels, on the second stream in graphs), 24 (lora "fused":
+#    the downs in the r/k/v launch, the ups in their own)          -> decode-lora-fused-<card>.{json,md}
+# (decode-lora-fused-h200 was measured at b01837e, when the default of decode batches of 1-8 was a
+# "fused" that computed the ups inside the one-launch time mix, since removed as slower, and 24 was
+# named "fused-down"; lora "fused" is now 24's path, the default for one row up to C = 2048)
 set -o pipefail
 . tools/gpu_env.sh
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernel_lora.py \

@@ -41,7 +41,11 @@ if TYPE_CHECKING:
 OUTPUTS = ("last", "all", "none")
 GEMV_ROWS = 8  # decode batches up to this size may take the GEMV kernel (backends "gemv", "channel_mix")
 FUSED_TIME_MIX = "triton-fused"  # backends["time_mix"]: prologue, WKV-7 and epilogue in one launch for decode
-FUSED_LORA = ("fused", "fused-down")  # backends["lora"] that put the LoRA downs in the r/k/v launch
+FUSED_LORA = "fused"  # backends["lora"]: the LoRA downs in the launch of the r/k/v projection
+# the widest model whose batch-1 decode takes FUSED_LORA by default: on an H200 it gained 18% at 0.1B
+# and 5% at 1.5B, where the chains on the second stream took longer than r/k/v beside them, and lost
+# 6% at 7.2B, where they were hidden; at 8 rows it lost at every width (decode-lora-fused-h200.md)
+FUSED_LORA_MAX_C = 2048
 Tokens = Union[Sequence[int], torch.Tensor]  # one sequence's token ids (a list or a 1-D integer tensor)
 
 
@@ -77,10 +81,9 @@ class Model:
         # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (larger
         # passes take the reference), "bmm" in batched GEMMs for any number (ops/lora.py),
         # "torch" the reference (eight GEMMs, two activations); "fused" computes the downs in the
-        # launch of the r/k/v projection (lora_down_with_projection) and the ups in the one-launch
-        # time mix, "fused-down" the downs there and the ups in a launch of their own: both where
-        # r/k/v take the GEMV kernel and the time mix its one launch (other passes as None).
-        # None: on CUDA "fused" where it applies, else "triton" for up to 16 rows, "bmm" beyond
+        # launch of the r/k/v projection (lora_down_with_projection) and the ups in a launch of
+        # their own, where r/k/v take the GEMV kernel (other passes as None). None: on CUDA "fused"
+        # for one row up to C = FUSED_LORA_MAX_C, else "triton" for up to 16 rows, "bmm" beyond
         # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for
         # decode (None: on CUDA), "torch" as separate ops (the shift with the token_shift backend)
         # gemv: "triton" computes the time mix's r, k, v projections in one launch and its output
@@ -253,18 +256,10 @@ class Model:
         # w = tanh(xw W1) W2, a_lora = (xa A1) A2, g = sigmoid(xg G1) G2, v_lora = (xv V1) V2 (layers >= 1);
         # a0 and v0 are added after the LoRAs
         lora_backend = self._lora_backend(packed, rkv_backend)
-        lora_up = None
-        v_lora_: Sequence[Tensor | None]
-        w: Tensor | None
-        a_lora: Tensor | None
-        g: Tensor | None
-        if lora_backend in FUSED_LORA:  # the downs in the r/k/v launch; the ups in the time mix or their own launch
+        if lora_backend == FUSED_LORA:  # the downs in the r/k/v launch, the ups in their own
             rkv, h = lora_down_with_projection(mixed, lw.rkv, lw.lora)
             r, k, v = rkv.unbind(0)
-            if lora_backend == "fused":
-                v_lora_, w, a_lora, g, lora_up = [None], None, None, None, (h, lw.lora.up_t, lw.lora_rows)
-            else:
-                *v_lora_, w, a_lora, g = lora_up_triton(h, lw.lora)
+            *v_lora_, w, a_lora, g = lora_up_triton(h, lw.lora)
         elif side is None:
             r, k, v = gemv(mixed[:3], lw.rkv, backend=rkv_backend).unbind(0)  # mixes r, k, v come first
             *v_lora_, w, a_lora, g = lora(mixed, lw.lora, backend=lora_backend)
@@ -284,18 +279,18 @@ class Model:
         else:
             assert v_first is not None, "layer 0 sets v_first"
             v_lora = v_lora_[0]  # layers >= 1 have the value-residual LoRA
-        out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first, lora_up)
+        out = self._time_mix_core(lw, packed, wkv_state, r, w, k, v, a_lora, g, v_lora, v_first)
         return gemv(out, lw.output, backend=out_backend), v_first
 
     def _lora_backend(self, packed: Packed, rkv_backend: str | None) -> str | None:
-        """The lora backend of this pass: backends["lora"], with None made "fused" where it applies
-        (a decode batch whose r/k/v take the GEMV kernel and whose time mix takes its one launch),
-        and the fused and Triton paths falling back where they do not."""
+        """The lora backend of this pass: backends["lora"], with None made FUSED_LORA where it
+        measured faster (one row whose r/k/v take the GEMV kernel, C <= FUSED_LORA_MAX_C), and
+        the fused and Triton paths falling back where they do not apply."""
         backend = self.backends["lora"]
-        fits = rkv_backend == "triton" and self._gemv_pass(packed) and self._time_mix_backend(packed) == FUSED_TIME_MIX
-        if backend is None and self._kernels() and fits:
-            return "fused"
-        if backend in FUSED_LORA and not fits:
+        fits = rkv_backend == "triton" and self._gemv_pass(packed)
+        if backend is None and self._kernels() and fits and packed.num_tokens == 1:
+            return FUSED_LORA if self.config.n_embd <= FUSED_LORA_MAX_C else None
+        if backend == FUSED_LORA and not fits:
             return None
         if backend == "triton" and packed.num_tokens > LORA_ROWS:  # the kernels take small batches
             return "torch"
@@ -345,30 +340,23 @@ class Model:
             return ("triton" if small and backend is None else "bmm"), "torch"
         return backend, backend
 
-    def _time_mix_backend(self, packed: Packed) -> str | None:
-        """backends["time_mix"] for this pass, None made FUSED_TIME_MIX for a decode batch on CUDA
-        and FUSED_TIME_MIX made "triton" for other passes."""
+    def _time_mix_core(self, lw: LayerWeights, packed: Packed, wkv_state: Tensor, r: Tensor, w: Tensor, k: Tensor,
+                       v: Tensor, a_lora: Tensor, g: Tensor, v_lora: Tensor | None, v_first: Tensor) -> Tensor:  # fmt: skip
+        """Everything between the GEMMs: the prologue, WKV-7, the epilogue (ops/time_mix.py; its
+        torch reference on the CPU, one fused kernel each on CUDA unless backends say otherwise)."""
+        H, N = self.config.n_head, self.config.head_size
         backend = self.backends["time_mix"]
         if backend is None and self._kernels() and packed.is_decode:
-            return FUSED_TIME_MIX
-        return "triton" if backend == FUSED_TIME_MIX and not packed.is_decode else backend
-
-    def _time_mix_core(self, lw: LayerWeights, packed: Packed, wkv_state: Tensor, r: Tensor, w: Tensor | None,
-                       k: Tensor, v: Tensor, a_lora: Tensor | None, g: Tensor | None, v_lora: Tensor | None,
-                       v_first: Tensor, lora_up: tuple | None = None) -> Tensor:  # fmt: skip
-        """Everything between the GEMMs: the prologue, WKV-7, the epilogue (ops/time_mix.py; its
-        torch reference on the CPU, one fused kernel each on CUDA unless backends say otherwise).
-        lora_up: the LoRA ups left to the one-launch decode kernel (w, a_lora, g, v_lora are then
-        None; time_mix_decode_triton)."""
-        H, N = self.config.n_head, self.config.head_size
-        backend = self._time_mix_backend(packed)
-        v_mix = None if lw.v0 is None else v_first  # layer 0 takes v as it is
-        if backend == FUSED_TIME_MIX:  # one launch for decode batches
-            rounding, seed = self._state_rounding()
-            return time_mix_decode_triton(
-                wkv_state, packed, r, w, k, v, a_lora, g, v_lora, v_mix, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a,
-                lw.r_k, *lw.ln_x, H, N, eps=GROUP_NORM_EPS, rounding=rounding, seed=seed, lora_up=lora_up,
-            )  # fmt: skip
+            backend = FUSED_TIME_MIX
+        v_mix = None if v_lora is None else v_first  # layer 0 takes v as it is
+        if backend == FUSED_TIME_MIX:  # one launch for decode batches; the three kernels otherwise
+            if packed.is_decode:
+                rounding, seed = self._state_rounding()
+                return time_mix_decode_triton(
+                    wkv_state, packed, r, w, k, v, a_lora, g, v_lora, v_mix, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a,
+                    lw.r_k, *lw.ln_x, H, N, eps=GROUP_NORM_EPS, rounding=rounding, seed=seed,
+                )  # fmt: skip
+            backend = "triton"
         decay, k, v, a_in, b_in = time_mix_prologue(
             k, v, w, a_lora, v_lora, v_mix, lw.w0, lw.a0, lw.v0, lw.k_k, lw.k_a, H, N, backend=backend
         )

@@ -44,7 +44,6 @@ class LayerWeights:
     #                          row of value^T (one activation's contribution) is contiguous for
     #                          the sparse channel mix (ops/channel_mix.py); F.linear takes the view
     lora: LoraPack  # chains v (mix 2, layers >= 1), w (mix 3, tanh), a (mix 4), g (mix 5, sigmoid)
-    lora_rows: dict[str, tuple[int, int]]  # chain name ("v", "w", "a", "g") -> its (start, end) rows in the stacks
 
 
 _STACKS = ("rkv",)  # seen through their views (receptance, key, value): counted once
@@ -63,8 +62,8 @@ class Weights:
                 return [obj]
             if isinstance(obj, (tuple, list)):
                 return [t for o in obj for t in walk(o)]
-            if obj is None or isinstance(obj, (LoraPack, dict)):  # the stacks are seen through the w1 .. g2 views;
-                return []  # the dict is lora_rows (ints)
+            if obj is None or isinstance(obj, LoraPack):  # its stacks are seen through the w1 .. g2 views
+                return []
             return [t for k, v in vars(obj).items() if k not in _STACKS for t in walk(v)]
 
         return walk(self)
@@ -124,5 +123,5 @@ def _layer(get, l: int) -> LayerWeights:
         rkv=rkv, receptance=rkv[0], key=rkv[1], value=rkv[2], output=get(p + "att.output.weight"),
         ln_x=(vec("att.ln_x.weight"), vec("att.ln_x.bias")),
         ffn_x_k=vec("ffn.x_k"), ffn_key=get(p + "ffn.key.weight"), ffn_value=get(p + "ffn.value.weight", transpose=True).t(),
-        lora=pack, lora_rows={c: (pack.starts[i], pack.starts[i] + pack.ranks[i]) for i, (_, _, c) in enumerate(chains)},
+        lora=pack,
     )  # fmt: skip

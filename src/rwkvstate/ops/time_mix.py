@@ -151,35 +151,16 @@ if HAS_TRITON:
         tl.store(out + o_x, _round_nearest(b_o, out.dtype.element_ty), mask=m_x)
         pdl_exit(PDL)
 
-    @triton.jit
-    def _lora_up_head(p_h, up_t, start, end, o_c, C, N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """float32 [1, N]: sum over rows start .. end - 1 of h[r] * up_t[r, o_c], one LoRA chain's up
-        product for one head's channels (h: one token's activated downs, up_t: the [R, C] up stack).
-        Products are summed elementwise in a [BLOCK_R, N] tile and reduced over the rows once."""
-        b_acc = tl.zeros([BLOCK_R, N], dtype=tl.float32)
-        for r0 in range(start, end, BLOCK_R):
-            o_r = r0 + tl.arange(0, BLOCK_R)
-            m_r = o_r < end
-            b_h = tl.load(p_h + o_r, mask=m_r, other=0).to(tl.float32)
-            b_u = tl.load(up_t + o_r[:, None].to(tl.int64) * C + o_c[None, :], mask=m_r[:, None], other=0)
-            b_acc += b_h[:, None] * b_u.to(tl.float32)
-        return tl.sum(b_acc, axis=0)[None, :]
-
     @triton.jit(do_not_specialize=["seed"])
     def _time_mix_decode_kernel(
         state, live_slots, cu_seqlens, r, w_lora, k, v, a_lora, g, v_lora, v_first,
         w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, out, stride_slot, seed, eps,
-        h, up_t, stride_h, V_START, V_END, W_START, W_END, A_START, A_END, G_START, G_END,
-        H: tl.constexpr, N: tl.constexpr, HAS_V: tl.constexpr, STOCHASTIC: tl.constexpr, LORA_UP: tl.constexpr,
-        UP_ROWS: tl.constexpr, PDL: tl.constexpr,
+        H: tl.constexpr, N: tl.constexpr, HAS_V: tl.constexpr, STOCHASTIC: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One decode token of one sequence and one head: the prologue, WKV-7 and the epilogue
         (the two kernels' math, _prologue_math and _epilogue_math, on [1, N] tiles) with the state
         on chip, every intermediate rounded where the three kernels round it. v2 is also needed
-        along the state's rows ([N, 1]) for the update. LORA_UP: the LoRA outputs w_lora, a_lora,
-        g, v_lora are not inputs but computed here for this head's channels, each a chain's up
-        product of the activated downs h (rows *_START .. *_END of h and up_t) rounded as the
-        up GEMM rounds it."""
+        along the state's rows ([N, 1]) for the update."""
         pdl_enter(PDL)
         i_n, i_h = tl.program_id(0), tl.program_id(1)
         i_slot = tl.load(live_slots + i_n).to(tl.int64)
@@ -189,33 +170,19 @@ if HAS_TRITON:
         m_x = o_x >= 0  # all true: _tile's mask
         dt = out.dtype.element_ty
         # loads first: a load placed after a store waits for a trip of its own
-        o_s = i_h * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
-        p_s = state + i_slot * stride_slot + o_s
-        if LORA_UP:
-            b_s = tl.load(p_s).to(tl.float32)  # [N (v), N (k)]; first, so that its latency overlaps the ups
-            p_h = h + row * stride_h
-            b_w_lora = _round_nearest(_lora_up_head(p_h, up_t, W_START, W_END, o_c, H * N, N, UP_ROWS), dt)
-            b_a_lora = _round_nearest(_lora_up_head(p_h, up_t, A_START, A_END, o_c, H * N, N, UP_ROWS), dt)
-            b_g = _round_nearest(_lora_up_head(p_h, up_t, G_START, G_END, o_c, H * N, N, UP_ROWS), dt).to(tl.float32)
-            if HAS_V:
-                b_v_lora = _round_nearest(_lora_up_head(p_h, up_t, V_START, V_END, o_c, H * N, N, UP_ROWS), dt)
-                b_v_lora = b_v_lora.to(tl.float32)
-            b_w_lora, b_a_lora = b_w_lora.to(tl.float32), b_a_lora.to(tl.float32)
-        else:
-            b_w_lora, b_a_lora, b_g = _tile(w_lora, o_x, m_x), _tile(a_lora, o_x, m_x), _tile(g, o_x, m_x)
-            if HAS_V:
-                b_v_lora = _tile(v_lora, o_x, m_x)
         b_r = _tile(r, o_x, m_x)
         b_decay, b_k2, b_ain, b_bin = _prologue_math(
-            _tile(k, o_x, m_x), b_a_lora, b_w_lora, _vec(a0, o_c), _vec(w0, o_c), _vec(k_k, o_c), _vec(k_a, o_c),
+            _tile(k, o_x, m_x), _tile(a_lora, o_x, m_x), _tile(w_lora, o_x, m_x), _vec(a0, o_c), _vec(w0, o_c),
+            _vec(k_k, o_c), _vec(k_a, o_c),
         )  # fmt: skip
         b_v2 = _tile(v, o_x, m_x)
         if HAS_V:
-            b_v2 = _value_mix(b_v2, _tile(v_first, o_x, m_x), _vec(v0, o_c), b_v_lora)
+            b_v2 = _value_mix(b_v2, _tile(v_first, o_x, m_x), _vec(v0, o_c), _tile(v_lora, o_x, m_x))
         b_v2 = _round_nearest(b_v2, dt).to(tl.float32)  # layer 0: v itself, unchanged by the rounding
-        b_rk, b_lw, b_lb = _vec(r_k, o_c), _vec(ln_w, o_c), _vec(ln_b, o_c)
-        if not LORA_UP:
-            b_s = tl.load(p_s).to(tl.float32)  # [N (v), N (k)]
+        b_g, b_rk, b_lw, b_lb = _tile(g, o_x, m_x), _vec(r_k, o_c), _vec(ln_w, o_c), _vec(ln_b, o_c)
+        o_s = i_h * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+        p_s = state + i_slot * stride_slot + o_s
+        b_s = tl.load(p_s).to(tl.float32)  # [N (v), N (k)]
         b_k2 = _round_nearest(b_k2, dt).to(tl.float32)
         b_ain = _round_nearest(b_ain, dt).to(tl.float32)
         b_bin = _round_nearest(b_bin, dt).to(tl.float32)
@@ -309,38 +276,23 @@ def decode_warps(N: int) -> int:
     return 2 if N == 64 else 4 if N < 64 else 8
 
 
-UP_ROWS = 32  # rows of a LoRA chain's up stack per step of the one-launch kernel's in-kernel up product
-
-
 def time_mix_decode_triton(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_first, w0, a0, v0, k_k, k_a,
                            r_k, ln_w, ln_b, H, N, eps=GROUP_NORM_EPS, rounding="nearest", seed=0, *,
-                           lora_up=None, num_warps=None):  # fmt: skip
+                           num_warps=None):  # fmt: skip
     """One launch for a decode batch (one token per live sequence): the prologue, WKV-7 and the
     epilogue of time_mix_decode_reference, with the same roundings as the three Triton kernels.
     Grid (live sequences, heads): a program holds one head's [N, N] state. num_warps overrides
-    decode_warps (benchmarks).
-    lora_up = (h, up_t, rows): the LoRA chains' up products are computed in the kernel instead of
-    being passed in (w_lora, a_lora, g and v_lora are then None): h [T, R] are the activated downs
-    (ops/lora.py lora_down_with_projection), up_t the [R, C] up stack, rows maps "w", "a", "g"
-    (and "v" in layers >= 1) to the chain's (start, end) rows of both. Each program reads its
-    head's N columns of the up stack: at batch 1 that is the whole stack once, in as many programs
-    as heads, and no launch of its own."""
+    decode_warps (benchmarks)."""
     pick_backend("triton", r)  # a clear error without Triton, or for CPU tensors outside the interpreter
     if not packed.is_decode:
         raise ValueError("the fused decode time mix takes decode batches (one token per sequence)")
-    has_v = v_first is not None
-    if has_v != (v0 is not None) or (lora_up is None and has_v != (v_lora is not None)):
+    has_v = v_lora is not None
+    if has_v != (v_first is not None) or has_v != (v0 is not None):
         raise ValueError("v_lora, v_first and v0 are all given (layers >= 1) or all None (layer 0)")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if N not in HEAD_SIZES:
         raise ValueError(f"the fused decode time mix supports head sizes {HEAD_SIZES}, got N = {N}")
-    if lora_up is not None:
-        if any(t is not None for t in (w_lora, a_lora, g, v_lora)):
-            raise ValueError("with lora_up, the kernel computes w_lora, a_lora, g and v_lora: pass None for them")
-        h, up_t, rows = lora_up
-        _check_lora_up(h, up_t, rows, r, has_v)
-        bounds = [b for c in "vwag" for b in rows.get(c, (0, 0))]
     _check(H, N, {"r": r, "w_lora": w_lora, "k": k, "v": v, "a_lora": a_lora, "g": g, "v_lora": v_lora,
                   "v_first": v_first})  # fmt: skip
     if state.dim() != 4 or state.shape[1:] != (H, N, N) or state.stride()[1:] != (N * N, N, 1):
@@ -350,38 +302,15 @@ def time_mix_decode_triton(state, packed, r, w_lora, k, v, a_lora, g, v_lora, v_
     num_live = packed.live_slots.numel()
     if T == 0 or num_live == 0:
         return out
-    r, k, v = (t.contiguous() for t in (r, k, v))
-    if lora_up is None:
-        w_lora, a_lora, g = (t.contiguous() for t in (w_lora, a_lora, g))
-        h, up_t, bounds = r, r, [0] * 8  # unread
-    else:
-        w_lora = a_lora = g = r  # unread: computed in the kernel
-    v_lora = v_lora.contiguous() if v_lora is not None else r  # unread without HAS_V or with lora_up
-    v_first = v_first.contiguous() if has_v else r  # unread if not has_v
+    ins = [t.contiguous() for t in (r, w_lora, k, v, a_lora, g)]
+    ins += [t.contiguous() for t in (v_lora, v_first)] if has_v else [ins[0], ins[0]]  # unread if not has_v
     vecs = _flat(w0, a0, v0 if has_v else w0, k_k, k_a, r_k, ln_w, ln_b)
     stochastic = rounding == "stochastic" and state.dtype != torch.float32
     _time_mix_decode_kernel[(num_live, H)](
-        state, packed.live_slots, packed.cu_seqlens, r, w_lora, k, v, a_lora, g, v_lora, v_first, *vecs, out,
-        state.stride(0), seed & 0xFFFFFFFF, float(eps), h, up_t, h.stride(0), *bounds,
-        H=H, N=N, HAS_V=has_v, STOCHASTIC=stochastic, LORA_UP=lora_up is not None, UP_ROWS=UP_ROWS,
-        num_warps=num_warps or decode_warps(N), **pdl_args(r),
+        state, packed.live_slots, packed.cu_seqlens, *ins, *vecs, out, state.stride(0), seed & 0xFFFFFFFF, float(eps),
+        H=H, N=N, HAS_V=has_v, STOCHASTIC=stochastic, num_warps=num_warps or decode_warps(N), **pdl_args(r),
     )  # fmt: skip
     return out
-
-
-def _check_lora_up(h, up_t, rows: dict, r, has_v: bool) -> None:
-    """lora_up's parts: h [T, R] and up_t [R, C] contiguous, in r's dtype, and every chain's rows inside R."""
-    T, C = r.shape
-    if h.dim() != 2 or h.shape[0] != T or up_t.dim() != 2 or up_t.shape != (h.shape[1], C):
-        raise ValueError(f"lora_up needs h [{T}, R] and up_t [R, {C}], got {list(h.shape)} and {list(up_t.shape)}")
-    if h.dtype != r.dtype or up_t.dtype != r.dtype or h.stride(1) != 1 or not up_t.is_contiguous():
-        raise ValueError(f"lora_up's h (unit stride along R) and up_t (contiguous) must be {r.dtype}")
-    wanted = {"w", "a", "g"} | ({"v"} if has_v else set())
-    if set(rows) != wanted:
-        raise ValueError(f"lora_up's rows must name the chains {sorted(wanted)}, got {sorted(rows)}")
-    for name, (start, end) in rows.items():
-        if not 0 <= start <= end <= h.shape[1]:
-            raise ValueError(f"lora_up's rows of chain {name!r}, {start} .. {end}, lie outside the {h.shape[1]} rows")
 
 
 _PROLOGUES = {"torch": time_mix_prologue_reference, "triton": time_mix_prologue_triton}
