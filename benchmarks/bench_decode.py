@@ -26,6 +26,7 @@ from rwkvstate import Model
 from rwkvstate.config import ModelConfig
 from rwkvstate.state.layout import dtype_name
 from rwkvstate.model.synthetic import random_checkpoint
+from rwkvstate.ops import gemv as gemv_ops
 from rwkvstate.runtime.graphs import DecodeGraphs
 
 # n_layer, n_embd, and LoRA ranks close to the released checkpoints (world vocab, FFN 4x)
@@ -52,6 +53,7 @@ class Variant:
     gemv: str | None = "torch"  # "triton": r/k/v in one launch and the output projection by the GEMV kernel (decode <= 8)
     lora_stream: bool | None = False  # True: the LoRA chains on a second stream beside r/k/v; None: the runtime's choice
     dependent_launches: bool | str | None = False  # programmatic dependent launches: "start"/"end" trigger, None: runtime's
+    split_reduce: str | None = None  # how the GEMV kernels add a split K (ops/gemv.py SPLIT_REDUCE); None: its default
 
 
 VARIANTS = [
@@ -136,11 +138,20 @@ VARIANTS = [
     Variant("default, LoRA downs with r/k/v, ups in their own launch", "contiguous", torch.float16, "triton",
             wkv=None, time_mix=None, channel_mix=None, lora="fused", norm_shift=None, gemv=None,
             lora_stream=None, dependent_launches=None),
+    # only when asked for (--variants 25, 26): the default with the output projection of decode
+    # batches of 1-8 on the GEMV kernel too (gemv "triton"; its split K added in the kernel), and
+    # with every split K of the GEMV kernels added by a second launch (before 2026-12-01)
+    Variant("default + GEMV output projection", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
+            channel_mix=None, lora=None, norm_shift=None, gemv="triton", lora_stream=None, dependent_launches=None),
+    Variant("default, split K added by a second launch", "contiguous", torch.float16, "triton", wkv=None,
+            time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
+            dependent_launches=None, split_reduce="launch"),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers
 OLD_DEFAULT = "contiguous f16, fused shift"  # the default of runs whose JSON names none
 WARMUP = 3  # untimed calls before the first repeat (1 before each later repeat)
+DEFAULT_SPLIT_REDUCE = gemv_ops.SPLIT_REDUCE
 REFERENCE = Variant("pytorch reference, contiguous f32", "contiguous", torch.float32, "torch", "torch", "torch")
 
 
@@ -150,6 +161,7 @@ def use(model, variant: Variant) -> None:
                           norm_shift=variant.norm_shift, gemv=variant.gemv)  # fmt: skip
     model.lora_stream = variant.lora_stream
     model.dependent_launches = variant.dependent_launches
+    gemv_ops.SPLIT_REDUCE = variant.split_reduce or DEFAULT_SPLIT_REDUCE  # a module setting, not the model's
 
 
 def config_for(shape: str) -> ModelConfig:

@@ -65,6 +65,32 @@ def test_split_k_epilogues_and_transposed_weight(splits, dtype, poisoned_empty):
         assert torch.equal(got, again)  # deterministic: the splits are added in a fixed order
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("T,splits", [(1, 2), (3, 3), (8, 5)])
+def test_split_sums_added_in_the_kernel_or_by_a_launch_alike(T, splits, dtype, poisoned_empty):
+    """split_reduce "kernel" (the split that completes a tile adds every split's sums) gives the
+    reduce launch's bits, for the grouped GEMV (relu^2, a residual) and the sparse-input GEMV, and
+    leaves its counts zeroed for the next launch; a bad name is refused."""
+    x, w = inputs(3, T, 136, 40, dtype, seed=T + splits, transposed=True)
+    residual = torch.randn(3, T, 40, generator=torch.Generator().manual_seed(T)).to(DEVICE, dtype)
+    for activation, res in (("none", residual), ("relu2", None)):
+        args = (x, w, res, activation)
+        kw = dict(block_n=16, block_k=16, num_splits=splits)
+        got = gm.gemv_triton(*args, split_reduce="kernel", **kw)
+        assert torch.equal(got, gm.gemv_triton(*args, split_reduce="launch", **kw))
+        assert rel_err(got, exact(*args)) <= TOL[dtype]
+        assert torch.equal(got, gm.gemv_triton(*args, split_reduce="kernel", **kw))  # the counts were reset
+    act = torch.relu(x[0]).to(dtype)  # about half the rows of W^T skipped
+    v = w[0]  # [N, K] view of a contiguous [K, N] tensor
+    for block_n in (16, 32):
+        kw = dict(block_n=block_n, block_k=16, num_splits=splits)
+        got = gm.gemv_sparse_input(act, v, residual[0], split_reduce="kernel", **kw)
+        assert torch.equal(got, gm.gemv_sparse_input(act, v, residual[0], split_reduce="launch", **kw))
+    assert all(not c.any() for c in gm._COUNTERS.values())
+    with pytest.raises(ValueError, match="split_reduce must be one of"):
+        gm.gemv_triton(x, w, num_splits=2, split_reduce="atomics")
+
+
 def test_launch_configuration():
     cfg = gm.tiles(1, 2048, 2048, "cpu", num_splits=3)
     assert cfg["k_split"] % cfg["block_k"] == 0 and cfg["num_splits"] * cfg["k_split"] >= 2048

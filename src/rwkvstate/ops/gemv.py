@@ -110,10 +110,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_kernel(
-        x, w, out, partial, residual, T, N, K, K_SPLIT, G,
+        x, w, out, partial, residual, counters, T, N, K, K_SPLIT, G,
         stride_xg, stride_xt, stride_wg, stride_wn, stride_wk, stride_og, stride_ot, stride_rg, stride_rt,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-        ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+        SPLIT_P2: tl.constexpr, IN_KERNEL: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         pdl_enter(PDL)
         i_n, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -133,7 +134,44 @@ if HAS_TRITON:
         else:  # partial[i_s, i_g, :T, :N], float32
             p_p = partial + ((i_s * G + i_g).to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :]
             tl.store(p_p, b_acc, mask=m)
+            if IN_KERNEL:
+                g = i_g.to(tl.int64)
+                _last_split_reduces(partial + g * T * N, out + g * stride_og, residual + g * stride_rg,
+                                    counters + i_g * tl.num_programs(0) + i_n, o_n, m_n, T, N, G * T * N, stride_ot,
+                                    stride_rt, SPLIT, SPLIT_P2, ACT, HAS_RESIDUAL)  # fmt: skip
         pdl_exit(PDL)
+
+    @triton.jit
+    def _reduce_row(p_part, p_o, p_r, i_t, o_n, m_n, N, split_stride, SPLIT, stride_ot, stride_rt,
+                    SPLIT_P2: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):  # fmt: skip
+        """out[i_t, o_n] = epilogue(sum over the splits s of part[s, i_t, o_n]), where part[s] starts
+        at p_part + s * split_stride ([T, N] each), p_o / p_r are the group's output and residual:
+        every split's partial sums loaded at once (one [SPLIT_P2, columns] tile, no chain of
+        dependent loads however many splits) and added by tl.sum, whose order is fixed at compile
+        time: deterministic. The loads skip L1 (.cg): other SMs wrote the partial sums."""
+        o_s = tl.arange(0, SPLIT_P2)
+        p_p = p_part + o_s[:, None].to(tl.int64) * split_stride + i_t * N + o_n[None, :]
+        b_p = tl.load(p_p, mask=(o_s < SPLIT)[:, None] & m_n[None, :], other=0, cache_modifier=".cg")
+        b_acc = tl.sum(b_p, axis=0)[None, :]
+        o_t = i_t + tl.arange(0, 1)
+        _epilogue(b_acc, p_o, p_r, o_t, o_n, m_n[None, :], stride_ot, stride_rt, ACT, HAS_RESIDUAL)
+
+    @triton.jit
+    def _last_split_reduces(p_part, p_o, p_r, counter, o_n, m_n, T, N, split_stride, stride_ot, stride_rt,
+                            SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, ACT: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr):  # fmt: skip
+        """Called by every split of an output tile once it has stored its partial sums: the split
+        that arrives last (an atomic count per tile, `counter`) adds all of them, rows 0 .. T - 1,
+        as the reduce launch would (_reduce_row), and sets the count back to zero for the next
+        launch. The barrier before the count orders every thread's stores before it; the count's
+        acquire-release makes the other splits' stores visible to the last one."""
+        tl.debug_barrier()
+        count = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if count == SPLIT - 1:
+            for i_t in range(0, T):
+                _reduce_row(p_part, p_o, p_r, i_t, o_n, m_n, N, split_stride, SPLIT, stride_ot, stride_rt, SPLIT_P2,
+                            ACT, HAS_RESIDUAL)  # fmt: skip
+            tl.store(counter, 0)
 
     @triton.jit
     def _gemv_reduce_kernel(
@@ -141,26 +179,21 @@ if HAS_TRITON:
         SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
-        """Grid (N blocks, G, T): one output row's BLOCK_N columns; every split's partial sums are
-        loaded at once (one [SPLIT_P2, BLOCK_N] tile: no chain of dependent loads however many
-        splits) and added by tl.sum, whose order is fixed at compile time: deterministic."""
+        """Grid (N blocks, G, T): one output row's BLOCK_N columns (_reduce_row)."""
         pdl_enter(PDL)
         i_n, i_g, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        o_s = tl.arange(0, SPLIT_P2)
-        o_t = i_t + tl.arange(0, 1)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        p_p = partial + ((o_s[:, None] * G + i_g).to(tl.int64) * T + i_t) * N + o_n[None, :]
-        b_acc = tl.sum(tl.load(p_p, mask=(o_s < SPLIT)[:, None] & m_n[None, :], other=0), axis=0)[None, :]
-        p_o, p_r = out + i_g.to(tl.int64) * stride_og, residual + i_g.to(tl.int64) * stride_rg
-        _epilogue(b_acc, p_o, p_r, o_t, o_n, m_n[None, :], stride_ot, stride_rt, ACT, HAS_RESIDUAL)
+        g = i_g.to(tl.int64)
+        _reduce_row(partial + g * T * N, out + g * stride_og, residual + g * stride_rg, i_t, o_n, o_n < N, N,
+                    G * T * N, SPLIT, stride_ot, stride_rt, SPLIT_P2, ACT, HAS_RESIDUAL)  # fmt: skip
         pdl_exit(PDL)
 
     @triton.jit
     def _gemv_rows_kernel(
-        x, wt, out, partial, residual, T, N, K, K_SPLIT, stride_xt, stride_wk, stride_ot, stride_rt,
+        x, wt, out, partial, residual, counters, T, N, K, K_SPLIT, stride_xt, stride_wk, stride_ot, stride_rt,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+        SPLIT_P2: tl.constexpr, IN_KERNEL: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """x [T, K] @ wt [K, N] (rows of wt contiguous), reading only the rows k of wt where some
         x[:, k] != 0 (a masked-off row is never fetched). BLOCK_T == 1: one input row, products
@@ -199,6 +232,9 @@ if HAS_TRITON:
             _epilogue(b_acc, out, residual, o_t, o_n, m, stride_ot, stride_rt, 0, HAS_RESIDUAL)
         else:  # partial[i_s, :T, :N], float32, as the reduce kernel reads it (one group)
             tl.store(partial + (i_s.to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :], b_acc, mask=m)
+            if IN_KERNEL:
+                _last_split_reduces(partial, out, residual, counters + i_n, o_n, m_n, T, N, T * N, stride_ot, stride_rt,
+                                    SPLIT, SPLIT_P2, 0, HAS_RESIDUAL)  # fmt: skip
         pdl_exit(PDL)
 
 
@@ -209,6 +245,42 @@ PROGRAMS_PER_SM = 2  # programs wanted per SM once K is split (an estimate, not 
 # graph the reduce is one launch more per layer
 UNSPLIT_PROGRAMS_PER_SM = 1
 REDUCE_TILE = 4096  # partial sums per program of the reduce launch: splits (padded) x columns
+# How a split K's partial sums are added: "kernel": the split that completes an output tile last
+# (an atomic count per tile) adds them and applies the epilogue, in the same order as the reduce
+# launch (the same bits); "launch": a second launch adds them. The count lives in a zeroed int32
+# buffer per device and stream (_split_counters) that every launch leaves zeroed again.
+SPLIT_REDUCES = ("kernel", "launch")
+SPLIT_REDUCE = "kernel"
+MIN_COUNTERS = 4096  # counts per buffer (one per output tile of a launch)
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # smaller buffers replaced by larger ones: a captured graph may still use them
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of at least `tiles` counts for the current stream of `device`, made on
+    first use; None while a CUDA graph is being captured and none is ready (allocating one then
+    would leave it unset until the graph first runs): the caller then takes the reduce launch.
+    DecodeGraphs runs every step once on its capture stream before capturing, which makes it.
+    One buffer per stream: launches on one stream run one after another, so they can share it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _COUNTERS.get((device, stream))
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[(device, stream)] = torch.zeros(max(tiles, MIN_COUNTERS), dtype=torch.int32, device=device)
+    return buf
+
+
+def _reduce_plan(splits: int, tiles: int, device: torch.device, split_reduce: str | None) -> torch.Tensor | None:
+    """The counts of an in-kernel split reduction, or None for one split or the reduce launch."""
+    wanted = split_reduce or SPLIT_REDUCE
+    if wanted not in SPLIT_REDUCES:
+        raise ValueError(f"split_reduce must be one of {SPLIT_REDUCES}, got {wanted!r}")
+    if splits == 1 or wanted == "launch":
+        return None
+    return _split_counters(device, tiles)
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,10 +332,11 @@ def _as_groups(x, weight, residual):
 
 
 def gemv_triton(x, weight, residual=None, activation="none", *, block_n=None, block_k=None, num_splits=None,
-                num_warps=4, num_stages=3):  # fmt: skip
-    """One launch (two when K is split); same arguments and result as gemv_reference for at most
-    16 rows. block_n, block_k, num_splits, num_warps and num_stages override the launch
-    configuration (tests and benchmarks use them)."""
+                num_warps=4, num_stages=3, split_reduce=None):  # fmt: skip
+    """One launch (two when K is split and split_reduce is "launch"); same arguments and result as
+    gemv_reference for at most 16 rows. block_n, block_k, num_splits, num_warps and num_stages
+    override the launch configuration (tests and benchmarks use them); split_reduce (None:
+    SPLIT_REDUCE) how a split K is added."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     single, x, weight, residual = _as_groups(x, weight, residual)
@@ -272,26 +345,29 @@ def gemv_triton(x, weight, residual=None, activation="none", *, block_n=None, bl
     out = torch.empty(G, T, N, dtype=x.dtype, device=x.device)
     if T > 0:
         cfg = tiles(G, N, K, x.device, block_n, block_k, num_splits)
-        _launch(x, weight, residual, out, cfg, ACTIVATIONS.index(activation), num_warps, num_stages)
+        _launch(x, weight, residual, out, cfg, ACTIVATIONS.index(activation), num_warps, num_stages, split_reduce)
     return out[0] if single else out
 
 
-def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_stages: int) -> None:
+def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_stages: int,
+            split_reduce: str | None) -> None:  # fmt: skip
     G, T, K = x.shape
     N = weight.shape[1]
-    splits = cfg["num_splits"]
+    splits, tiles_n = cfg["num_splits"], triton.cdiv(N, cfg["block_n"])
     partial = torch.empty(splits, G, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out  # unused if 1
     res = residual if residual is not None else out  # unread without a residual
+    counters = _reduce_plan(splits, G * tiles_n, x.device, split_reduce)
     ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and is_interpreting())
     flags = dict(ACT=act, HAS_RESIDUAL=residual is not None)
-    _gemv_kernel[(triton.cdiv(N, cfg["block_n"]), G, splits)](
-        x, weight, out, partial, res, T, N, K, cfg["k_split"], G,
+    _gemv_kernel[(tiles_n, G, splits)](
+        x, weight, out, partial, res, counters if counters is not None else partial, T, N, K, cfg["k_split"], G,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
         out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-        BLOCK_T=MAX_ROWS, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], SPLIT=splits, IEEE=ieee,
+        BLOCK_T=MAX_ROWS, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], SPLIT=splits,
+        SPLIT_P2=triton.next_power_of_2(splits), IN_KERNEL=counters is not None, IEEE=ieee,
         num_warps=num_warps, num_stages=num_stages, **flags, **pdl_args(x),
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and counters is None:
         _reduce(partial, out, res, G, T, N, splits, **flags)
 
 
@@ -307,13 +383,14 @@ def rows_config(N: int) -> dict:
 
 
 def gemv_sparse_input(x, weight, residual=None, *, block_n=None, block_k=None, num_splits=None,
-                      programs_per_sm=None, num_warps=None, num_stages=3):  # fmt: skip
+                      programs_per_sm=None, num_warps=None, num_stages=3, split_reduce=None):  # fmt: skip
     """x [T, K] @ weight [N, K]^T (+ residual), T <= 16, for an x with many exact zeros (the
     feed-forward's squared-ReLU activations): weight must be the [N, K] view of a contiguous
     [K, N] tensor, and row k of that tensor is read only if some x[:, k] != 0. The result equals
     gemv_reference's up to the order of the float32 sums (terms of zero activations are exact
     zeros, so skipping them changes nothing, except that a NaN or Inf in a skipped row cannot show).
-    One launch, two when K is split; the other arguments override the launch configuration."""
+    One launch, two when K is split and split_reduce is "launch"; the other arguments override
+    the launch configuration, as for gemv_triton."""
     single, x, weight, residual = _as_groups(x, weight, residual)
     if x.shape[0] != 1:
         raise ValueError(f"gemv_sparse_input takes one projection, got {x.shape[0]} groups")
@@ -332,16 +409,18 @@ def gemv_sparse_input(x, weight, residual=None, *, block_n=None, block_k=None, n
     block_k = block_k or default["block_k"]
     num_warps = num_warps or default["num_warps"]
     cfg = tiles(1, N, K, x.device, block_n, block_k, num_splits, programs_per_sm or default["programs_per_sm"])
-    splits = cfg["num_splits"]
+    splits, tiles_n = cfg["num_splits"], triton.cdiv(N, block_n)
     partial = torch.empty(splits, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out
     res_arg = res if res is not None else out  # unread without a residual
+    counters = _reduce_plan(splits, tiles_n, x.device, split_reduce)
     ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and is_interpreting())
-    _gemv_rows_kernel[(triton.cdiv(N, block_n), splits)](
-        x, wt, out, partial, res_arg, T, N, K, cfg["k_split"], x.stride(0), wt.stride(0), out.stride(0),
-        res_arg.stride(0), BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT=splits,
+    _gemv_rows_kernel[(tiles_n, splits)](
+        x, wt, out, partial, res_arg, counters if counters is not None else partial, T, N, K, cfg["k_split"],
+        x.stride(0), wt.stride(0), out.stride(0), res_arg.stride(0), BLOCK_T=block_t, BLOCK_K=block_k,
+        BLOCK_N=block_n, SPLIT=splits, SPLIT_P2=triton.next_power_of_2(splits), IN_KERNEL=counters is not None,
         HAS_RESIDUAL=res is not None, IEEE=ieee, num_warps=num_warps, num_stages=num_stages, **pdl_args(x),
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and counters is None:
         _reduce(partial, out.unsqueeze(0), res_arg.unsqueeze(0), 1, T, N, splits, ACT=0, HAS_RESIDUAL=res is not None)
     return out if single else out.unsqueeze(0)
 
