@@ -68,16 +68,17 @@ def test_split_k_epilogues_and_transposed_weight(splits, dtype, poisoned_empty):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("T,splits", [(1, 2), (3, 3), (8, 5)])
 def test_split_sums_added_in_the_kernel_or_by_a_launch_alike(T, splits, dtype, poisoned_empty):
-    """split_reduce "kernel" (the split that completes a tile adds every split's sums) gives the
-    reduce launch's bits, for the grouped GEMV (relu^2, a residual) and the sparse-input GEMV, and
-    leaves its counts zeroed for the next launch; a bad name is refused."""
+    """split_reduce "kernel" (the split that completes a tile adds every split's sums, in split
+    order) agrees with the reduce launch (float32 sums in another order) and with the fp32
+    reference, for the grouped GEMV (relu^2, a residual) and the sparse-input GEMV; it is
+    deterministic and leaves its counts zeroed for the next launch; a bad name is refused."""
     x, w = inputs(3, T, 136, 40, dtype, seed=T + splits, transposed=True)
     residual = torch.randn(3, T, 40, generator=torch.Generator().manual_seed(T)).to(DEVICE, dtype)
     for activation, res in (("none", residual), ("relu2", None)):
         args = (x, w, res, activation)
         kw = dict(block_n=16, block_k=16, num_splits=splits)
         got = gm.gemv_triton(*args, split_reduce="kernel", **kw)
-        assert torch.equal(got, gm.gemv_triton(*args, split_reduce="launch", **kw))
+        assert rel_err(got, gm.gemv_triton(*args, split_reduce="launch", **kw)) <= TOL[dtype]
         assert rel_err(got, exact(*args)) <= TOL[dtype]
         assert torch.equal(got, gm.gemv_triton(*args, split_reduce="kernel", **kw))  # the counts were reset
     act = torch.relu(x[0]).to(dtype)  # about half the rows of W^T skipped
@@ -85,7 +86,8 @@ def test_split_sums_added_in_the_kernel_or_by_a_launch_alike(T, splits, dtype, p
     for block_n in (16, 32):
         kw = dict(block_n=block_n, block_k=16, num_splits=splits)
         got = gm.gemv_sparse_input(act, v, residual[0], split_reduce="kernel", **kw)
-        assert torch.equal(got, gm.gemv_sparse_input(act, v, residual[0], split_reduce="launch", **kw))
+        assert rel_err(got, gm.gemv_sparse_input(act, v, residual[0], split_reduce="launch", **kw)) <= TOL[dtype]
+        assert torch.equal(got, gm.gemv_sparse_input(act, v, residual[0], split_reduce="kernel", **kw))
     assert all(not c.any() for c in gm._COUNTERS.values())
     with pytest.raises(ValueError, match="split_reduce must be one of"):
         gm.gemv_triton(x, w, num_splits=2, split_reduce="atomics")
@@ -177,8 +179,8 @@ def test_model_decode_with_gemv_matches_default(batch, monkeypatch):
     monkeypatch.setattr(cm, "gemv_triton", counted)  # the channel mix's import
     tensors = random_checkpoint(CFG, seed=21)
     (want, want_states), (got, got_states) = decode_both(
-        CFG, tensors, torch.float32, {"gemv": "triton", "channel_mix": "triton-gemv"}, batch
-    )
+        CFG, tensors, torch.float32, {"gemv": "triton", "channel_mix": "triton-gemv", "lora": "triton"}, batch
+    )  # lora "triton": on CUDA the default would take r/k/v of one row into the launch of the LoRA downs
     assert rel_err(got, want) <= 1e-5
     for a, b in zip(want_states, got_states):
         assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)

@@ -113,8 +113,7 @@ if HAS_TRITON:
         x, w, out, partial, residual, counters, T, N, K, K_SPLIT, G,
         stride_xg, stride_xt, stride_wg, stride_wn, stride_wk, stride_og, stride_ot, stride_rg, stride_rt,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-        SPLIT_P2: tl.constexpr, IN_KERNEL: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr,
+        IN_KERNEL: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         pdl_enter(PDL)
         i_n, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -137,40 +136,30 @@ if HAS_TRITON:
             if IN_KERNEL:
                 g = i_g.to(tl.int64)
                 _last_split_reduces(partial + g * T * N, out + g * stride_og, residual + g * stride_rg,
-                                    counters + i_g * tl.num_programs(0) + i_n, o_n, m_n, T, N, G * T * N, stride_ot,
-                                    stride_rt, SPLIT, SPLIT_P2, ACT, HAS_RESIDUAL)  # fmt: skip
+                                    counters + i_g * tl.num_programs(0) + i_n, o_t, o_n, m, N, G * T * N, stride_ot,
+                                    stride_rt, BLOCK_T, BLOCK_N, SPLIT, ACT, HAS_RESIDUAL)  # fmt: skip
         pdl_exit(PDL)
 
     @triton.jit
-    def _reduce_row(p_part, p_o, p_r, i_t, o_n, m_n, N, split_stride, SPLIT, stride_ot, stride_rt,
-                    SPLIT_P2: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):  # fmt: skip
-        """out[i_t, o_n] = epilogue(sum over the splits s of part[s, i_t, o_n]), where part[s] starts
-        at p_part + s * split_stride ([T, N] each), p_o / p_r are the group's output and residual:
-        every split's partial sums loaded at once (one [SPLIT_P2, columns] tile, no chain of
-        dependent loads however many splits) and added by tl.sum, whose order is fixed at compile
-        time: deterministic. The loads skip L1 (.cg): other SMs wrote the partial sums."""
-        o_s = tl.arange(0, SPLIT_P2)
-        p_p = p_part + o_s[:, None].to(tl.int64) * split_stride + i_t * N + o_n[None, :]
-        b_p = tl.load(p_p, mask=(o_s < SPLIT)[:, None] & m_n[None, :], other=0, cache_modifier=".cg")
-        b_acc = tl.sum(b_p, axis=0)[None, :]
-        o_t = i_t + tl.arange(0, 1)
-        _epilogue(b_acc, p_o, p_r, o_t, o_n, m_n[None, :], stride_ot, stride_rt, ACT, HAS_RESIDUAL)
-
-    @triton.jit
-    def _last_split_reduces(p_part, p_o, p_r, counter, o_n, m_n, T, N, split_stride, stride_ot, stride_rt,
-                            SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, ACT: tl.constexpr,
+    def _last_split_reduces(p_part, p_o, p_r, counter, o_t, o_n, m, N, split_stride, stride_ot, stride_rt,
+                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr,
                             HAS_RESIDUAL: tl.constexpr):  # fmt: skip
-        """Called by every split of an output tile once it has stored its partial sums: the split
-        that arrives last (an atomic count per tile, `counter`) adds all of them, rows 0 .. T - 1,
-        as the reduce launch would (_reduce_row), and sets the count back to zero for the next
-        launch. The barrier before the count orders every thread's stores before it; the count's
-        acquire-release makes the other splits' stores visible to the last one."""
+        """Called by every split of an output tile once it has stored its partial sums part[s, o_t,
+        o_n] (part[s] at p_part + s * split_stride, [T, N] each): the split that arrives last (an
+        atomic count per tile, `counter`) adds all of them, in split order, applies the epilogue,
+        and sets the count back to zero for the next launch. The barrier before the count orders
+        every thread's stores before it; the count's acquire-release makes the other splits'
+        stores visible to the last one, whose loads skip L1 (.cg). The loop over the splits is
+        unrolled (SPLIT is a constant) and its loads do not depend on one another, so they are in
+        flight together: the tail is about one trip to L2, whatever the number of rows."""
         tl.debug_barrier()
         count = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if count == SPLIT - 1:
-            for i_t in range(0, T):
-                _reduce_row(p_part, p_o, p_r, i_t, o_n, m_n, N, split_stride, SPLIT, stride_ot, stride_rt, SPLIT_P2,
-                            ACT, HAS_RESIDUAL)  # fmt: skip
+            b_acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+            p_p = p_part + o_t[:, None] * N + o_n[None, :]
+            for s in tl.static_range(SPLIT):
+                b_acc += tl.load(p_p + s * split_stride, mask=m, other=0, cache_modifier=".cg")
+            _epilogue(b_acc, p_o, p_r, o_t, o_n, m, stride_ot, stride_rt, ACT, HAS_RESIDUAL)
             tl.store(counter, 0)
 
     @triton.jit
@@ -179,21 +168,26 @@ if HAS_TRITON:
         SPLIT_P2: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
-        """Grid (N blocks, G, T): one output row's BLOCK_N columns (_reduce_row)."""
+        """Grid (N blocks, G, T): one output row's BLOCK_N columns; every split's partial sums are
+        loaded at once (one [SPLIT_P2, BLOCK_N] tile: no chain of dependent loads however many
+        splits) and added by tl.sum, whose order is fixed at compile time: deterministic."""
         pdl_enter(PDL)
         i_n, i_g, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        o_s = tl.arange(0, SPLIT_P2)
+        o_t = i_t + tl.arange(0, 1)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        g = i_g.to(tl.int64)
-        _reduce_row(partial + g * T * N, out + g * stride_og, residual + g * stride_rg, i_t, o_n, o_n < N, N,
-                    G * T * N, SPLIT, stride_ot, stride_rt, SPLIT_P2, ACT, HAS_RESIDUAL)  # fmt: skip
+        m_n = o_n < N
+        p_p = partial + ((o_s[:, None] * G + i_g).to(tl.int64) * T + i_t) * N + o_n[None, :]
+        b_acc = tl.sum(tl.load(p_p, mask=(o_s < SPLIT)[:, None] & m_n[None, :], other=0), axis=0)[None, :]
+        p_o, p_r = out + i_g.to(tl.int64) * stride_og, residual + i_g.to(tl.int64) * stride_rg
+        _epilogue(b_acc, p_o, p_r, o_t, o_n, m_n[None, :], stride_ot, stride_rt, ACT, HAS_RESIDUAL)
         pdl_exit(PDL)
 
     @triton.jit
     def _gemv_rows_kernel(
         x, wt, out, partial, residual, counters, T, N, K, K_SPLIT, stride_xt, stride_wk, stride_ot, stride_rt,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-        SPLIT_P2: tl.constexpr, IN_KERNEL: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
-        PDL: tl.constexpr,
+        IN_KERNEL: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """x [T, K] @ wt [K, N] (rows of wt contiguous), reading only the rows k of wt where some
         x[:, k] != 0 (a masked-off row is never fetched). BLOCK_T == 1: one input row, products
@@ -233,8 +227,8 @@ if HAS_TRITON:
         else:  # partial[i_s, :T, :N], float32, as the reduce kernel reads it (one group)
             tl.store(partial + (i_s.to(tl.int64) * T + o_t[:, None]) * N + o_n[None, :], b_acc, mask=m)
             if IN_KERNEL:
-                _last_split_reduces(partial, out, residual, counters + i_n, o_n, m_n, T, N, T * N, stride_ot, stride_rt,
-                                    SPLIT, SPLIT_P2, 0, HAS_RESIDUAL)  # fmt: skip
+                _last_split_reduces(partial, out, residual, counters + i_n, o_t, o_n, m, N, T * N, stride_ot, stride_rt,
+                                    BLOCK_T, BLOCK_N, SPLIT, 0, HAS_RESIDUAL)  # fmt: skip
         pdl_exit(PDL)
 
 
@@ -246,9 +240,10 @@ PROGRAMS_PER_SM = 2  # programs wanted per SM once K is split (an estimate, not 
 UNSPLIT_PROGRAMS_PER_SM = 1
 REDUCE_TILE = 4096  # partial sums per program of the reduce launch: splits (padded) x columns
 # How a split K's partial sums are added: "kernel": the split that completes an output tile last
-# (an atomic count per tile) adds them and applies the epilogue, in the same order as the reduce
-# launch (the same bits); "launch": a second launch adds them. The count lives in a zeroed int32
-# buffer per device and stream (_split_counters) that every launch leaves zeroed again.
+# (an atomic count per tile) adds them in split order and applies the epilogue (deterministic; the
+# float32 sum can differ in its last bit from the reduce launch's, which adds in a tree);
+# "launch": a second launch adds them. The count lives in a zeroed int32 buffer per device and
+# stream (_split_counters) that every launch leaves zeroed again.
 SPLIT_REDUCES = ("kernel", "launch")
 SPLIT_REDUCE = "kernel"
 MIN_COUNTERS = 4096  # counts per buffer (one per output tile of a launch)
@@ -364,7 +359,7 @@ def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_s
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
         out.stride(0), out.stride(1), res.stride(0), res.stride(1),
         BLOCK_T=MAX_ROWS, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], SPLIT=splits,
-        SPLIT_P2=triton.next_power_of_2(splits), IN_KERNEL=counters is not None, IEEE=ieee,
+        IN_KERNEL=counters is not None, IEEE=ieee,
         num_warps=num_warps, num_stages=num_stages, **flags, **pdl_args(x),
     )  # fmt: skip
     if splits > 1 and counters is None:
@@ -417,7 +412,7 @@ def gemv_sparse_input(x, weight, residual=None, *, block_n=None, block_k=None, n
     _gemv_rows_kernel[(tiles_n, splits)](
         x, wt, out, partial, res_arg, counters if counters is not None else partial, T, N, K, cfg["k_split"],
         x.stride(0), wt.stride(0), out.stride(0), res_arg.stride(0), BLOCK_T=block_t, BLOCK_K=block_k,
-        BLOCK_N=block_n, SPLIT=splits, SPLIT_P2=triton.next_power_of_2(splits), IN_KERNEL=counters is not None,
+        BLOCK_N=block_n, SPLIT=splits, IN_KERNEL=counters is not None,
         HAS_RESIDUAL=res is not None, IEEE=ieee, num_warps=num_warps, num_stages=num_stages, **pdl_args(x),
     )  # fmt: skip
     if splits > 1 and counters is None:
