@@ -139,8 +139,9 @@ VARIANTS = [
             wkv=None, time_mix=None, channel_mix=None, lora="fused", norm_shift=None, gemv=None,
             lora_stream=None, dependent_launches=None),
     # only when asked for (--variants 25, 26): the default with the output projection of decode
-    # batches of 1-8 on the GEMV kernel too (gemv "triton"; its split K added in the kernel), and
-    # with every split K of the GEMV kernels added by a second launch (before 2026-12-01)
+    # batches of 1-8 on the GEMV kernel too (gemv "triton"), and with every split K of the GEMV
+    # kernels added by a second launch (before 2026-12-01; since then the default adds it in the
+    # kernel up to 2048 outputs, ops/gemv.py SPLIT_REDUCE)
     Variant("default + GEMV output projection", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
             channel_mix=None, lora=None, norm_shift=None, gemv="triton", lora_stream=None, dependent_launches=None),
     Variant("default, split K added by a second launch", "contiguous", torch.float16, "triton", wkv=None,

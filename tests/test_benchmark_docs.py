@@ -69,6 +69,8 @@ WRITERS = {
     "decode-priority-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-tiles-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-lora-fused-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-split-reduce-first-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-split-reduce-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-lora-split-h200": lambda d, _: bench("bench_decode").markdown(d),
     "state-h200": lambda d, _: bench("bench_state").markdown(d),
     "server-h200": lambda d, _: bench("bench_server").markdown(d),

@@ -89,6 +89,12 @@ def test_split_sums_added_in_the_kernel_or_by_a_launch_alike(T, splits, dtype, p
         assert rel_err(got, gm.gemv_sparse_input(act, v, residual[0], split_reduce="launch", **kw)) <= TOL[dtype]
         assert torch.equal(got, gm.gemv_sparse_input(act, v, residual[0], split_reduce="kernel", **kw))
     assert all(not c.any() for c in gm._COUNTERS.values())
+    # the default: in the kernel up to IN_KERNEL_MAX_N outputs, a second launch beyond; one split: neither
+    dev = torch.device(DEVICE)
+    assert gm._reduce_plan(3, 10, gm.IN_KERNEL_MAX_N, dev, None) is not None
+    assert gm._reduce_plan(3, 10, gm.IN_KERNEL_MAX_N + 1, dev, None) is None
+    assert gm._reduce_plan(3, 10, gm.IN_KERNEL_MAX_N + 1, dev, "kernel") is not None
+    assert gm._reduce_plan(1, 10, 16, dev, "kernel") is None
     with pytest.raises(ValueError, match="split_reduce must be one of"):
         gm.gemv_triton(x, w, num_splits=2, split_reduce="atomics")
 

@@ -4,9 +4,13 @@
 # instead of a second launch, and the output projection on the GEMV kernel.
 # 1. the GEMV, channel-mix and LoRA tests and test_cuda.py (or TESTS), compiled      -> tests.log
 # 2. decode with CUDA graphs at batches BATCHES (default 1, 8), three shapes, one run: variants 12
-#    (the default: split K added in the kernel), 26 (added by a second launch), 25 (+ the output
-#    projection on the GEMV kernel), 23 (the LoRA chains in their two kernels); or VARIANTS
+#    (the default), 26 (split K added by a second launch), 25 (+ the output projection on the
+#    GEMV kernel), 23 (the LoRA chains in their two kernels); or VARIANTS
 #                                                                 -> decode-split-reduce-<card>.{json,md}
+# (decode-split-reduce-first-h200 was measured at 0b3b77e, with the first in-kernel form, which
+# added one row after another; decode-split-reduce-h200 at 6be0393 with VARIANTS=12,26 and
+# BATCHES=1,2,4,8. In both the default added every split K in the kernel; it now does so only
+# up to 2048 outputs)
 set -o pipefail
 . tools/gpu_env.sh
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernel_gemv.py \

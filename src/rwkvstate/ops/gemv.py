@@ -243,9 +243,12 @@ REDUCE_TILE = 4096  # partial sums per program of the reduce launch: splits (pad
 # (an atomic count per tile) adds them in split order and applies the epilogue (deterministic; the
 # float32 sum can differ in its last bit from the reduce launch's, which adds in a tree);
 # "launch": a second launch adds them. The count lives in a zeroed int32 buffer per device and
-# stream (_split_counters) that every launch leaves zeroed again.
+# stream (_split_counters) that every launch leaves zeroed again. SPLIT_REDUCE None: "kernel" up
+# to IN_KERNEL_MAX_N outputs, where it measured faster in decode on an H200 (1.5B: batch 1-8 1.5-3%,
+# 0.1B level), "launch" beyond (7.2B: batch 1 1% faster, 2-8 1.2-1.5% slower; decode-split-reduce-h200)
 SPLIT_REDUCES = ("kernel", "launch")
-SPLIT_REDUCE = "kernel"
+SPLIT_REDUCE: str | None = None
+IN_KERNEL_MAX_N = 2048
 MIN_COUNTERS = 4096  # counts per buffer (one per output tile of a launch)
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # smaller buffers replaced by larger ones: a captured graph may still use them
@@ -268,9 +271,9 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     return buf
 
 
-def _reduce_plan(splits: int, tiles: int, device: torch.device, split_reduce: str | None) -> torch.Tensor | None:
+def _reduce_plan(splits: int, tiles: int, N: int, device: torch.device, split_reduce: str | None) -> torch.Tensor | None:
     """The counts of an in-kernel split reduction, or None for one split or the reduce launch."""
-    wanted = split_reduce or SPLIT_REDUCE
+    wanted = split_reduce or SPLIT_REDUCE or ("kernel" if N <= IN_KERNEL_MAX_N else "launch")
     if wanted not in SPLIT_REDUCES:
         raise ValueError(f"split_reduce must be one of {SPLIT_REDUCES}, got {wanted!r}")
     if splits == 1 or wanted == "launch":
@@ -331,7 +334,7 @@ def gemv_triton(x, weight, residual=None, activation="none", *, block_n=None, bl
     """One launch (two when K is split and split_reduce is "launch"); same arguments and result as
     gemv_reference for at most 16 rows. block_n, block_k, num_splits, num_warps and num_stages
     override the launch configuration (tests and benchmarks use them); split_reduce (None:
-    SPLIT_REDUCE) how a split K is added."""
+    SPLIT_REDUCE, or by N) how a split K is added."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     single, x, weight, residual = _as_groups(x, weight, residual)
@@ -351,7 +354,7 @@ def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_s
     splits, tiles_n = cfg["num_splits"], triton.cdiv(N, cfg["block_n"])
     partial = torch.empty(splits, G, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out  # unused if 1
     res = residual if residual is not None else out  # unread without a residual
-    counters = _reduce_plan(splits, G * tiles_n, x.device, split_reduce)
+    counters = _reduce_plan(splits, G * tiles_n, N, x.device, split_reduce)
     ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and is_interpreting())
     flags = dict(ACT=act, HAS_RESIDUAL=residual is not None)
     _gemv_kernel[(tiles_n, G, splits)](
@@ -407,7 +410,7 @@ def gemv_sparse_input(x, weight, residual=None, *, block_n=None, block_k=None, n
     splits, tiles_n = cfg["num_splits"], triton.cdiv(N, block_n)
     partial = torch.empty(splits, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out
     res_arg = res if res is not None else out  # unread without a residual
-    counters = _reduce_plan(splits, tiles_n, x.device, split_reduce)
+    counters = _reduce_plan(splits, tiles_n, N, x.device, split_reduce)
     ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and is_interpreting())
     _gemv_rows_kernel[(tiles_n, splits)](
         x, wt, out, partial, res_arg, counters if counters is not None else partial, T, N, K, cfg["k_split"],
