@@ -71,6 +71,7 @@ WRITERS = {
     "decode-lora-fused-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-split-reduce-first-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-split-reduce-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-default-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-lora-split-h200": lambda d, _: bench("bench_decode").markdown(d),
     "state-h200": lambda d, _: bench("bench_state").markdown(d),
     "server-h200": lambda d, _: bench("bench_server").markdown(d),
