@@ -237,32 +237,38 @@ def test_fused_decode_time_mix_stochastic_rounding_and_errors():
         tm.time_mix_decode_triton(state, packed, *bad)
 
 
-def test_model_with_the_fused_decode_time_mix_matches_three_kernels():
-    """backends["time_mix"] = "triton-fused": decode steps take the one-launch kernel, prompts the
-    three kernels; logits and states as with "triton" within float32 rounding."""
-    from rwkvstate.model.rwkv7 import FUSED_TIME_MIX
-
-    tensors = random_checkpoint(CFG, seed=34)
-    seqs = [random_tokens(n, CFG.vocab_size, seed=20 + n) for n in (3, 5, 1)]
-    calls = []
-    outs = []
-    for time_mix in ("triton", FUSED_TIME_MIX):
+def _decode_both_ways(seed: int, backends: list[dict], patched: str, real) -> None:
+    """Prompts into slots 1-3 of a 4-slot pool, then two decode steps, once per backends dict;
+    asserts that `patched` (a name in rwkv7, wrapping `real`) ran for every layer of both steps of
+    the second way, and that logits and states agree within float32 rounding."""
+    tensors = random_checkpoint(CFG, seed=seed)
+    seqs = [random_tokens(n, CFG.vocab_size, seed=seed + n) for n in (3, 5, 1)]
+    calls, outs = [], []
+    for i, backend in enumerate(backends):
         model = Model.from_tensors(tensors, CFG, device=DEVICE)
-        model.backends.update({**TRITON, "time_mix": time_mix})
+        model.backends.update({**TRITON, **backend})
         pool = model.new_pool(4)
-        model.forward(pool, [0, 2, 3], seqs)
-        slots = torch.tensor([2, 0, 3], device=DEVICE)
-        real = tm.time_mix_decode_triton
+        model.forward(pool, [1, 2, 3], seqs)
+        slots = torch.tensor([3, 1, 2], device=DEVICE)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("rwkvstate.model.rwkv7.time_mix_decode_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+            mp.setattr(f"rwkvstate.model.rwkv7.{patched}", lambda *a, **k: (i and calls.append(1)) or real(*a, **k))
             steps = [model.decode_step(pool, slots, torch.tensor([4 + s, 7, 9 - s], device=DEVICE)) for s in range(2)]
         outs.append((torch.stack(steps), [pool.export(s) for s in range(4)]))
-    assert len(calls) == 2 * CFG.n_layer  # the fused path ran for every layer of both decode steps
+    assert len(calls) == 2 * CFG.n_layer  # the path ran for every layer of both decode steps
     (a, sa), (b, sb) = outs
     assert rel_err(b, a) <= 1e-5
     for x, y in zip(sa, sb):
         for key in x:
             assert rel_err(y[key], x[key]) <= 1e-5 or not x[key].any(), key
+
+
+def test_model_with_the_fused_decode_time_mix_matches_three_kernels():
+    """backends["time_mix"] = "triton-fused": decode steps take the one-launch kernel, prompts the
+    three kernels; logits and states as with "triton" within float32 rounding."""
+    from rwkvstate.model.rwkv7 import FUSED_TIME_MIX
+
+    _decode_both_ways(34, [{"time_mix": "triton"}, {"time_mix": FUSED_TIME_MIX}], "time_mix_decode_triton",
+                      tm.time_mix_decode_triton)  # fmt: skip
 
 
 def test_model_with_the_lora_downs_in_the_projection_launch():
@@ -271,27 +277,9 @@ def test_model_with_the_lora_downs_in_the_projection_launch():
     states as with the two LoRA kernels."""
     from rwkvstate.model.rwkv7 import FUSED_TIME_MIX
 
-    tensors = random_checkpoint(CFG, seed=35)
-    seqs = [random_tokens(n, CFG.vocab_size, seed=30 + n) for n in (4, 2, 1)]
-    calls = []
-    outs = []
-    for backend in ("triton", "fused"):
-        model = Model.from_tensors(tensors, CFG, device=DEVICE)
-        model.backends.update({**TRITON, "time_mix": FUSED_TIME_MIX, "gemv": "triton", "lora": backend})
-        pool = model.new_pool(4)
-        model.forward(pool, [1, 2, 3], seqs)
-        slots = torch.tensor([3, 1, 2], device=DEVICE)
-        real = lo.lora_down_with_projection
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("rwkvstate.model.rwkv7.lora_down_with_projection", lambda *a, **k: calls.append(1) or real(*a, **k))
-            steps = [model.decode_step(pool, slots, torch.tensor([3 + s, 8, 10 - s], device=DEVICE)) for s in range(2)]
-        outs.append((torch.stack(steps), [pool.export(s) for s in range(4)]))
-    assert len(calls) == 2 * CFG.n_layer  # every layer of both decode steps
-    (a, sa), (b, sb) = outs
-    assert rel_err(b, a) <= 1e-5
-    for x, y in zip(sa, sb):
-        for key in x:
-            assert rel_err(y[key], x[key]) <= 1e-5 or not x[key].any(), key
+    common = {"time_mix": FUSED_TIME_MIX, "gemv": "triton"}
+    _decode_both_ways(35, [{**common, "lora": "triton"}, {**common, "lora": "fused"}], "lora_down_with_projection",
+                      lo.lora_down_with_projection)  # fmt: skip
 
 
 def test_lora_backend_choice(monkeypatch):
