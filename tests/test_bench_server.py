@@ -104,8 +104,11 @@ def test_bench_api_smoke_run(tmp_path):
                                    "aiohttp,httpx"], out)  # fmt: skip
     assert [(row["http"], row["load_client"]) for row in result["rows"]] == [
         ("h11", "aiohttp"), ("h11", "httpx"), ("httptools", "aiohttp"), ("httptools", "httpx")]
+    # the API processes' CPU time is read in clock ticks (10 ms): one row of this short run can
+    # see none, so each row's is only checked to be counted and some row's to be non-zero
+    assert max(row["api_cpu_us_per_token"] for row in result["rows"]) > 0
     for row in result["rows"]:
-        assert row["server_requests"] == 3 and row["server_tokens_per_s"] > 0 and row["api_cpu_us_per_token"] > 0
+        assert row["server_requests"] == 3 and row["server_tokens_per_s"] > 0 and row["api_cpu_us_per_token"] >= 0
         assert row["client_cpu_us_per_token"] > 0
         assert row["itl_p50_ms"] >= 4  # tokens come one simulated step apart
         assert row["engine_first_token_p50_ms"] is not None and row["request_to_engine_p50_ms"] is not None

@@ -110,6 +110,7 @@ WRITERS = {
     "peers-prompt-h200": lambda d, _: bench("bench_decode").markdown(d),
     "peers-7b-h200": lambda d, _: bench("bench_decode").markdown(d),
     "peers-1.5b-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "peers-default-1.5b-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-batched-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-gemv-h200": lambda d, _: bench("bench_decode").markdown(d),
     "gemv-h200": lambda d, _: bench("bench_gemv").markdown(d),
