@@ -42,9 +42,10 @@ OUTPUTS = ("last", "all", "none")
 GEMV_ROWS = 8  # decode batches up to this size may take the GEMV kernel (backends "gemv", "channel_mix")
 FUSED_TIME_MIX = "triton-fused"  # backends["time_mix"]: prologue, WKV-7 and epilogue in one launch for decode
 FUSED_LORA = "fused"  # backends["lora"]: the LoRA downs in the launch of the r/k/v projection
-# the widest model whose batch-1 decode takes FUSED_LORA by default: on an H200 it gained 18% at 0.1B
-# and 5% at 1.5B, where the chains on the second stream took longer than r/k/v beside them, and lost
-# 6% at 7.2B, where they were hidden; at 8 rows it lost at every width (decode-lora-fused-h200.md)
+# the widest model whose batch-1 decode takes FUSED_LORA by default: on an H200 it gained 4-5% at 1.5B
+# in two runs, where the chains on the second stream took longer than r/k/v beside them (0.1B: 18% in
+# one run, level in the other), and lost 6% at 7.2B, where they were hidden; at 8 rows it lost at
+# every width (decode-lora-fused-h200.md, decode-split-reduce-first-h200.md)
 FUSED_LORA_MAX_C = 2048
 Tokens = Union[Sequence[int], torch.Tensor]  # one sequence's token ids (a list or a 1-D integer tensor)
 

@@ -12,7 +12,8 @@ are in ops/README.md):
   are loaded), the weight streams in [BLOCK_K, BLOCK_N] tiles whose unit-stride axis gives 16-byte
   vector loads (W may be row-major [N, K] or the transposed view of a contiguous [K, N] tensor);
 - one split: the program rounds and stores its outputs (one launch). Several splits: each stores
-  its float32 partial sums and a second launch adds them in split order: deterministic, no atomics;
+  its float32 partial sums, and either the split that completes a tile last (an atomic count per
+  tile) adds them, or a second launch does (SPLIT_REDUCE); both add in a fixed order: deterministic;
 - the epilogue follows the torch reference's roundings: the product rounded to x's dtype, then
   optionally relu and square (rounded), then optionally a residual add (rounded).
 The torch reference is F.linear per group; "bmm" puts the groups in one batched GEMM (the model's

@@ -11,7 +11,9 @@ matrices are stacked into one [R, C] matrix at load time and the up matrices (tr
 another, and chains of similar rank form groups: within a group every chain is padded with zero
 rows to the group's rank (a multiple of BLOCK_R), so the group's rows are a [n, R_g, C] batch.
 - "triton" (at most 16 rows): one GEMV-shaped kernel computes every h (the activation applied per
-  row block, padding blocks skipped), one computes every out;
+  row block, padding blocks skipped), one computes every out; lora_down_with_projection computes
+  every h in the launch of another projection of the mixes (the time mix's r, k, v), and
+  lora_up_triton the outs from it;
 - "bmm" (any number of rows): per group one torch.bmm for the downs and one for the ups, the
   activations in place between them: with the usual ranks (v, w, a close, g larger) six launches
   instead of ten, each over several chains' columns.
