@@ -66,6 +66,7 @@ WRITERS = {
     "profile-after-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-prompt-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-defaults-h200": lambda d, _: tool("profile_step").markdown(d),
+    "profile-fused-lora-h200": lambda d, _: tool("profile_step").markdown(d),
     "decode-priority-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-tiles-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-lora-fused-h200": lambda d, _: bench("bench_decode").markdown(d),
