@@ -4,6 +4,7 @@ step over a chain's rows and its channel block), the batched GEMMs and the torch
 ranks of the released 1.5B and 7.2B models.
 
     python benchmarks/bench_lora.py --out docs/benchmarks/lora-h200
+    python benchmarks/bench_lora.py --projection --batches 1,8 --out docs/benchmarks/lora-projection-h200
 
 One layer's four chains (v, w, a, g; ranks 64/96/96/256 at C = 2048, 96/128/128/480 at C = 4096)
 at batch B = 1, 2, 4, 8, 16 in fp16. Packs rotated through at least ROTATE_BYTES (several times
@@ -79,14 +80,58 @@ def run(args) -> dict:
     return {**run_info(card, bandwidth, args, ROTATE_BYTES, "pack copy"), "rows": rows}
 
 
+PROJECTION_CONFIGS = ["128:4", "64:4", "256:4", "128:8", "256:8"]  # block_k:num_warps; the first is the default's
+
+
+def run_projection(args) -> dict:
+    """--projection: the time mix's r/k/v projection and all four chains at batch 1-8 on one
+    stream, as the GEMV kernel plus the two LoRA kernels (three launches) against
+    lora_down_with_projection plus the up kernel (two) in each launch configuration. Bytes: the
+    r/k/v weights, both stacks, the mixes read and the seven outputs written."""
+    from rwkvstate.ops.gemv import gemv_triton
+
+    device = bench_gemv.DEVICE
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    bandwidth = copy_bandwidth(device)
+    print(f"{card}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    for shape in args.shapes:
+        C, ranks = SHAPES[shape]
+        rkv = torch.randn(3, C, C, device=device, dtype=args.dtype) * C**-0.5
+        one = packs(C, ranks, args.dtype, 1)[0]
+        copies = max(2, -(-ROTATE_BYTES // nbytes(rkv, one.down, one.up_t)))
+        pairs = [(p, rkv.clone()) for p in packs(C, ranks, args.dtype, copies)]
+        for batch in args.batches:
+            x = torch.randn(6, batch, C, device=device, dtype=args.dtype)
+            moved = nbytes(rkv, one.down, one.up_t, x) + (3 + len(CHAINS)) * batch * C * x.element_size()
+            calls = {"gemv + two LoRA kernels": lambda pw: (gemv_triton(x[:3], pw[1]), lo.lora_triton(x, pw[0]))}
+            for config in args.projection_configs:
+                block_k, warps = (int(v) for v in config.split(":"))
+                calls[f"fused {config}"] = lambda pw, k=block_k, w=warps: lo.lora_up_triton(
+                    lo.lora_down_with_projection(x, pw[1], pw[0], block_k=k, num_warps=w)[1], pw[0])
+            for name, fn in calls.items():
+                t = time_call(fn, pairs, args)
+                floor_us = moved / bandwidth * 1e6
+                print(f"  {shape} B={batch:<2} {name:<24} {t['us']:8.2f} us  floor {floor_us:5.2f} us"
+                      + ("  UNSTABLE" if t["unstable"] else ""), flush=True)  # fmt: skip
+                rows.append({"shape": shape, "batch": batch, "backend": name, **t, "bytes": moved, "floor_us": floor_us})
+        del pairs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {**run_info(card, bandwidth, args, ROTATE_BYTES, "pack and r/k/v copy"), "projection": True, "rows": rows}
+
+
 def markdown(result: dict) -> str:
     names = list(dict.fromkeys(r["backend"] for r in result["rows"]))
     out = [f"# LoRA chains at decode batch sizes, {result['card']}, {result['date']}", "",
            f"torch {result['torch']}, Triton {result['triton']}, {result['dtype']}; copy bandwidth "
            f"{result['copy_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s. One layer's four chains; packs rotated "
            f"through {result['rotate_bytes'] >> 20} MiB; microseconds per call (floor: bytes / copy bandwidth). "
-           "`triton D:R:N`: the down kernel steps over C by D channels, the up kernel over a chain's rows by R, "
-           "N output channels per up program.", "",
+           + ("With the time mix's r/k/v projection, on one stream: the GEMV kernel and the two LoRA kernels, "
+              "against `fused K:W`, the downs in the r/k/v launch (steps of K channels, W warps) and the up kernel."
+              if result.get("projection") else
+              "`triton D:R:N`: the down kernel steps over C by D channels, the up kernel over a chain's rows by R, "
+              "N output channels per up program."), "",
            "| shape | batch | floor us | " + " | ".join(f"{n} us" for n in names) + " |",
            "|---|---|---|" + "---|" * len(names)]  # fmt: skip
     by = {(r["shape"], r["batch"], r["backend"]): r for r in result["rows"]}
@@ -109,7 +154,15 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-spread", type=float, default=MAX_SPREAD)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--projection", action="store_true",
+                        help="time r/k/v and the chains together: three launches against the downs in the r/k/v launch")
+    parser.add_argument("--projection-configs", type=lambda s: [c for c in s.split(",") if c],
+                        default=PROJECTION_CONFIGS, help="block_k:num_warps of lora_down_with_projection")
     args = parser.parse_args(argv)
+    if args.projection:
+        result = run_projection(args)
+        write_results(args.out, result, markdown(result))
+        return
     unknown = [b for b in args.backends if b not in BACKENDS]
     if unknown:
         parser.error(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
