@@ -67,6 +67,7 @@ WRITERS = {
     "profile-prompt-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-defaults-h200": lambda d, _: tool("profile_step").markdown(d),
     "profile-fused-lora-h200": lambda d, _: tool("profile_step").markdown(d),
+    "lora-projection-h200": lambda d, _: bench("bench_lora").markdown(d),
     "decode-priority-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-tiles-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-lora-fused-h200": lambda d, _: bench("bench_decode").markdown(d),

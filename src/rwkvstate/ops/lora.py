@@ -264,9 +264,11 @@ if HAS_TRITON:
 DOWN_BLOCK_C = 1024  # channels per step of a down program
 UP_BLOCK_R = 64  # rows per step of an up program (a multiple of BLOCK_R)
 UP_BLOCK_C = 64  # output channels per up program
-# the step over C of lora_down_with_projection: compiled for sm_90 (Triton 3.6) the launch takes 168
-# registers a thread with steps of 128 channels, as the GEMV kernel alone with 256, and 254 with 256
-PROJECTION_BLOCK_K = 128
+# the step over C of lora_down_with_projection: compiled for sm_90 (Triton 3.6) the launch takes 254
+# registers a thread with steps of 256 channels and 168 with 128, yet on an H200 256 was the faster
+# (r/k/v with the four chains at 1.5B: 15.2 against 16.1 us at batch 1, 15.5 against 16.9 at 8; at
+# 7.2B level; 64 channels or 8 warps slower; lora-projection-h200.md)
+PROJECTION_BLOCK_K = 256
 
 
 def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block_c=None,
