@@ -49,11 +49,17 @@ def packs(C: int, ranks, dtype, count: int) -> list[lo.LoraPack]:
             for _ in range(count)]  # fmt: skip
 
 
-def run(args) -> dict:
+def _device() -> tuple[str, str, float]:
+    """The device, its name and its measured copy bandwidth (printed)."""
     device = bench_gemv.DEVICE
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     bandwidth = copy_bandwidth(device)
     print(f"{card}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
+    return device, card, bandwidth
+
+
+def run(args) -> dict:
+    device, card, bandwidth = _device()
     rows = []
     for shape in args.shapes:
         C, ranks = SHAPES[shape]
@@ -90,10 +96,7 @@ def run_projection(args) -> dict:
     r/k/v weights, both stacks, the mixes read and the seven outputs written."""
     from rwkvstate.ops.gemv import gemv_triton
 
-    device = bench_gemv.DEVICE
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    bandwidth = copy_bandwidth(device)
-    print(f"{card}: device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
+    device, card, bandwidth = _device()
     rows = []
     for shape in args.shapes:
         C, ranks = SHAPES[shape]
