@@ -168,12 +168,12 @@ if HAS_TRITON:
     from .wkv7 import _round_nearest
 
     @triton.jit
-    def _lora_down_block(
-        x, down, codes, h, i_b, T, C, stride_xm, stride_xt, stride_h,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+    def _lora_down_kernel(
+        x, down, codes, h, T, C, stride_xm, stride_xt, stride_h,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """Row block i_b of the down stack (its code: the block's row index, mix * 4 + activation):
-        h[:, rows] = act(round(x_mix D_rows^T)), rounded."""
+        pdl_enter(PDL)
+        i_b = tl.program_id(0)
         i_r, code = tl.load(codes + 2 * i_b), tl.load(codes + 2 * i_b + 1)
         i_m, act = code // 4, code % 4
         o_t = tl.arange(0, BLOCK_T)
@@ -182,6 +182,7 @@ if HAS_TRITON:
         p_x = x + i_m.to(tl.int64) * stride_xm  # this block's mix
         b_acc = _rows_times_weight_t(p_x, stride_xt, o_t, m_t, down, C, o_r, o_r >= 0, C, BLOCK_T, BLOCK_R, BLOCK_C, IEEE)
         _activate_store(b_acc, act, h, o_t, m_t, o_r, stride_h)
+        pdl_exit(PDL)
 
     @triton.jit
     def _activate_store(b_acc, act, h, o_t, m_t, o_r, stride_h):
@@ -193,28 +194,17 @@ if HAS_TRITON:
         tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _round_nearest(b_h, h.dtype.element_ty), mask=m_t[:, None])
 
     @triton.jit
-    def _lora_down_kernel(
-        x, down, codes, h, T, C, stride_xm, stride_xt, stride_h,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        pdl_enter(PDL)
-        _lora_down_block(x, down, codes, h, tl.program_id(0), T, C, stride_xm, stride_xt, stride_h,
-                         BLOCK_T, BLOCK_R, BLOCK_C, IEEE)  # fmt: skip
-        pdl_exit(PDL)
-
-    @triton.jit
     def _projection_lora_down_kernel(
         x, w, out, down, codes, h, T, N, C, NUM_DOWN, TILES_N,
         stride_xm, stride_xt, stride_wg, stride_wn, stride_wk, stride_og, stride_ot, stride_h,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """Programs 0 .. NUM_DOWN - 1: the down stack's row blocks (as _lora_down_block computes
+        """Programs 0 .. NUM_DOWN - 1: the down stack's row blocks (as _lora_down_kernel computes
         them); the rest: the grouped projection's output tiles, program NUM_DOWN + g * TILES_N + j
         computing out[g, :, j * BLOCK_N ..] = round(x[g] W_g^T). Both step over the whole of C
-        with ops/gemv.py's [BLOCK_K, columns] weight tiles, so that the two kinds of program take
-        about the registers of one (a down step over 1024 channels, as the down kernel takes, made
-        the launch 255 registers a thread on sm_90 instead of 168)."""
+        with ops/gemv.py's [BLOCK_K, columns] weight tiles (BLOCK_K: PROJECTION_BLOCK_K, whose
+        note gives the registers and the timings)."""
         pdl_enter(PDL)
         pid = tl.program_id(0)
         o_t = tl.arange(0, BLOCK_T)
