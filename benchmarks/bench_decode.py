@@ -147,6 +147,12 @@ VARIANTS = [
     Variant("default, split K added by a second launch", "contiguous", torch.float16, "triton", wkv=None,
             time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None, split_reduce="launch"),
+    # only when asked for (--variants 27): the default with lora "triton" for every pass: the
+    # chains of batches beyond 16 rows and of prompts in the many-rows kernels (token tiles,
+    # ops/lora.py lora_rows_triton) instead of batched GEMMs; at 1-16 rows variant 23's two kernels
+    Variant("default, LoRA kernels for every pass", "contiguous", torch.float16, "triton", wkv=None,
+            time_mix=None, channel_mix=None, lora="triton", norm_shift=None, gemv=None, lora_stream=None,
+            dependent_launches=None),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers

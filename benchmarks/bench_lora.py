@@ -5,9 +5,11 @@ ranks of the released 1.5B and 7.2B models.
 
     python benchmarks/bench_lora.py --out docs/benchmarks/lora-h200
     python benchmarks/bench_lora.py --projection --batches 1,8 --out docs/benchmarks/lora-projection-h200
+    python benchmarks/bench_lora.py --batches 64,256,4096 --out docs/benchmarks/lora-rows-h200
 
 One layer's four chains (v, w, a, g; ranks 64/96/96/256 at C = 2048, 96/128/128/480 at C = 4096)
-at batch B = 1, 2, 4, 8, 16 in fp16. Packs rotated through at least ROTATE_BYTES (several times
+at batch B = 1, 2, 4, 8, 16 in fp16 (or --batches). Batches beyond 16 rows time the many-rows
+kernels (lora_rows_triton) in the ROWS_CONFIGS launch configurations instead of CONFIGS. Packs rotated through at least ROTATE_BYTES (several times
 the 50 MB L2 of an H200), one call per pack captured in one CUDA graph (bench_gemv's timer).
 Bytes per call = both stacks + the six mixes read + the four outputs written; the floor is those
 bytes over the copy bandwidth.
@@ -34,9 +36,22 @@ CONFIGS = ["128:16:128", "256:16:128", "512:16:128", "512:32:64", "512:64:64", "
            "256:64:64"]  # fmt: skip
 
 
+# the many-rows kernels' configurations, "block_t:block_r:block_k:splits:up_block_c:up_block_r:num_warps"
+# (splits 0: rows_splits picks); the first is the default's
+ROWS_CONFIGS = ["64:32:64:0:64:32:4", "64:32:64:1:64:32:4", "64:64:64:0:64:32:4", "128:32:64:0:64:32:4",
+                "128:64:64:0:128:64:8", "32:32:128:0:64:32:4", "64:16:128:0:64:16:4", "64:32:128:0:128:32:4",
+                "16:32:128:0:64:32:4", "128:32:64:0:128:32:8"]  # fmt: skip
+
+
 def triton_call(config: str):
     down_c, up_r, up_c = (int(v) for v in config.split(":"))
     return lambda x, p: lo.lora_triton(x, p, down_block_c=down_c, up_block_r=up_r, block_c=up_c)
+
+
+def rows_call(config: str):
+    bt, br, bk, splits, uc, ur, warps = (int(v) for v in config.split(":"))
+    return lambda x, p: lo.lora_rows_triton(x, p, block_t=bt, block_r=br, block_k=bk, splits=splits or None,
+                                            up_block_c=uc, up_block_r=ur, num_warps=warps)  # fmt: skip
 
 
 BACKENDS = {"bmm": lo.lora_bmm, "torch": lo.lora_reference}
@@ -70,8 +85,10 @@ def run(args) -> dict:
             x = torch.randn(6, batch, C, device=device, dtype=args.dtype)
             moved = nbytes(one.down, one.up_t, x) + len(CHAINS) * batch * C * x.element_size()
             want = lo.lora_reference(x, all_packs[0])
-            for name in [f"triton {c}" for c in args.configs] + args.backends:
-                fn = triton_call(name.split()[1]) if name.startswith("triton ") else BACKENDS[name]
+            configs = [f"triton {c}" for c in args.configs] if batch <= lo.MAX_ROWS else [f"rows {c}" for c in args.rows_configs]
+            for name in configs + args.backends:
+                calls = {"triton": triton_call, "rows": rows_call}
+                fn = calls[name.split()[0]](name.split()[1]) if " " in name else BACKENDS[name]
                 got = fn(x, all_packs[0])
                 err = max(float((g.float() - w.float()).norm() / w.float().norm()) for g, w in zip(got, want))
                 t = time_call(lambda p: fn(x, p), all_packs, args)
@@ -134,14 +151,17 @@ def markdown(result: dict) -> str:
               "against `fused K:W`, the downs in the r/k/v launch (steps of K channels, W warps) and the up kernel."
               if result.get("projection") else
               "`triton D:R:N`: the down kernel steps over C by D channels, the up kernel over a chain's rows by R, "
-              "N output channels per up program."), "",
+              "N output channels per up program; `rows T:R:K:S:N:U:W` (beyond 16 rows): token tiles of T rows, "
+              "down programs of R chain rows stepping over C by K in S splits (0: picked by rows_splits), up "
+              "programs of N output channels stepping over a chain's rows by U, W warps."), "",
            "| shape | batch | floor us | " + " | ".join(f"{n} us" for n in names) + " |",
            "|---|---|---|" + "---|" * len(names)]  # fmt: skip
     by = {(r["shape"], r["batch"], r["backend"]): r for r in result["rows"]}
     for shape, batch in dict.fromkeys((r["shape"], r["batch"]) for r in result["rows"]):
-        cells = [f"{by[shape, batch, n]['us']:.2f}" + (" (unstable)" if by[shape, batch, n]["unstable"] else "")
-                 for n in names]  # fmt: skip
-        out.append(f"| {shape} | {batch} | {by[shape, batch, names[0]]['floor_us']:.2f} | " + " | ".join(cells) + " |")
+        mine = [by.get((shape, batch, n)) for n in names]
+        cells = ["-" if r is None else f"{r['us']:.2f}" + (" (unstable)" if r["unstable"] else "") for r in mine]
+        floor = next(r for r in mine if r is not None)["floor_us"]
+        out.append(f"| {shape} | {batch} | {floor:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -151,6 +171,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 2, 4, 8, 16])
     parser.add_argument("--configs", type=lambda s: [c for c in s.split(",") if c], default=CONFIGS,
                         help="Triton launch configurations down_block_c:up_block_r:up_block_c")
+    parser.add_argument("--rows-configs", type=lambda s: [c for c in s.split(",") if c], default=ROWS_CONFIGS,
+                        help="many-rows configurations block_t:block_r:block_k:splits:up_block_c:up_block_r:num_warps")
     parser.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b], default=list(BACKENDS))
     parser.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float16)
     parser.add_argument("--calls", type=int, default=20, help="timed graph replays per repeat")

@@ -212,6 +212,22 @@ def test_model_batched_gemms_match_reference():
         assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)
 
 
+def test_model_lora_triton_for_prompts(monkeypatch):
+    """lora "triton" for every pass: the packed prompts (33 rows) take the many-rows kernels, the
+    decode steps (6 rows) the small ones; both against the torch chains."""
+    from rwkvstate.ops import lora as lo
+
+    rows: list[int] = []
+    many = lo.lora_rows_triton
+    monkeypatch.setattr(lo, "lora_rows_triton", lambda x, p, **kw: rows.append(x.shape[1]) or many(x, p, **kw))
+    (want, want_states), (got, got_states) = decode_both(CFG, random_checkpoint(CFG, seed=10), torch.float32,
+                                                         {"lora": "triton"}, batch=6)  # fmt: skip
+    assert rows == [3 + 4 + 5 + 6 + 7 + 8] * CFG.n_layer
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(want_states, got_states):
+        assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)
+
+
 # ---- on a GPU: the shapes of the released models, and graph decode --------------------------------
 @cuda_only
 def test_cuda_defaults_choose_by_batch(monkeypatch):

@@ -79,10 +79,47 @@ def test_several_channel_blocks_and_bad_input():
     for down_c, up_r in ((32, 32), (64, 64)):
         for g, w in zip(lo.lora_triton(x, pack, down_block_c=down_c, up_block_r=up_r), lo.lora_reference(x, pack)):
             assert rel_err(g, w) <= 1e-5
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        lo.lora_triton(mixes(17, 72, torch.float32, seed=5), pack)
     with pytest.raises(ValueError, match="mixed must be"):
         lo.lora_triton(x[:3], pack)
+    with pytest.raises(ValueError, match="mixed must be"):
+        lo.lora_triton(mixes(17, 72, torch.float32, seed=5)[:3], pack)  # the many-rows path checks too
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T,C,ranks,splits", [(17, 40, (5, 16, 21, 3), None), (37, 72, (9, 12, 40, 20), 3),
+                                              (33, 48, (12, 12, 40), 1)])  # fmt: skip
+def test_many_rows_match_reference(T, C, ranks, splits, dtype, poisoned_empty):
+    """More than 16 rows (lora_rows_triton: token tiles, C split, the up kernel adding the splits
+    and activating): several token tiles (the last partial), row tiles past a chain's end (masked
+    against the next chain's rows), splits that end mid-step, and the default launch."""
+    _, pack = make_pack(C, ranks, dtype, seed=T + C + 2)
+    x = mixes(T, C, dtype, seed=T * C + 3)
+    want = lo.lora_reference(x, pack)
+    configs = [{}] if splits is None else [{"block_t": 16, "block_r": 32, "block_k": 16, "splits": splits,
+                                            "up_block_c": 16, "up_block_r": 16}]  # fmt: skip
+    for config in configs:
+        got = lo.lora_rows_triton(x, pack, **config)
+        assert len(got) == len(ranks)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype and g.shape == (T, C) and not g.isnan().any()
+            assert rel_err(g, w) <= TOL[dtype]
+    # lora_triton and the "triton" backend hand more than 16 rows to the same launches
+    for g, w in zip(lo.lora(x, pack, backend="triton"), lo.lora_rows_triton(x, pack)):
+        assert torch.equal(g, w)
+
+
+def test_many_rows_splits():
+    """rows_splits: about two programs per SM for few rows, never finer than split_k channels, one
+    split once the token tiles fill the GPU; and split results equal the unsplit up to rounding."""
+    _, pack = make_pack(64, (16, 16, 32, 16), torch.float32, seed=8)  # 5 row tiles of 32 (g: 2)
+    dev = torch.device("cpu")  # the interpreter's 4 "SMs" (gemv._num_sms)
+    assert lo.rows_splits(20, 64, pack, dev, 16, 32, 16) == 1  # 2 token tiles x 5 = 10 programs >= 8
+    assert lo.rows_splits(10, 4096, pack, dev, 16, 32, 512) == 2  # 5 programs: 2 splits give 10
+    assert lo.rows_splits(10, 256, pack, dev, 16, 32, 512) == 1  # C has one split of 512
+    x = mixes(20, 64, torch.float32, seed=9)
+    one, two = (lo.lora_rows_triton(x, pack, block_t=16, block_k=16, splits=s) for s in (1, 4))
+    for a, b in zip(one, two):
+        assert rel_err(a, b) <= 1e-6
 
 
 def test_groups_of_model_ranks():

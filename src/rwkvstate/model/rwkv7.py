@@ -22,7 +22,6 @@ from ..errors import StateError
 from ..ops.channel_mix import MAX_SPARSE_ROWS, channel_mix
 from ..ops._triton import HAS_TRITON, dependent_launches
 from ..ops.gemv import gemv
-from ..ops.lora import MAX_ROWS as LORA_ROWS
 from ..ops.lora import lora, lora_down_with_projection, lora_up_triton
 from ..ops.time_mix import GROUP_NORM_EPS, time_mix_decode_triton, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import norm_shift_mix
@@ -79,8 +78,8 @@ class Model:
         # pass and the residual add in the value GEMM; "torch" the reference. None: on CUDA, for
         # decode batches of at most GEMV_ROWS "triton" where it measured faster
         # (_sparse_ffn_pays), else "triton-gemv"; "cublas" for larger passes
-        # lora: "triton" computes the four LoRA chains in two launches for up to 16 rows (larger
-        # passes take the reference), "bmm" in batched GEMMs for any number (ops/lora.py),
+        # lora: "triton" computes the four LoRA chains in two launches (GEMV-shaped kernels up to
+        # 16 rows, tiles of token rows beyond), "bmm" in batched GEMMs, for any number (ops/lora.py),
         # "torch" the reference (eight GEMMs, two activations); "fused" computes the downs in the
         # launch of the r/k/v projection (lora_down_with_projection) and the ups in a launch of
         # their own, where r/k/v take the GEMV kernel (other passes as None). None: on CUDA "fused"
@@ -286,15 +285,13 @@ class Model:
     def _lora_backend(self, packed: Packed, rkv_backend: str | None) -> str | None:
         """The lora backend of this pass: backends["lora"], with None made FUSED_LORA where it
         measured faster (one row whose r/k/v take the GEMV kernel, C <= FUSED_LORA_MAX_C), and
-        the fused and Triton paths falling back where they do not apply."""
+        the fused path falling back where it does not apply."""
         backend = self.backends["lora"]
         fits = rkv_backend == "triton" and self._gemv_pass(packed)
         if backend is None and self._kernels() and fits and packed.num_tokens == 1:
             return FUSED_LORA if self.config.n_embd <= FUSED_LORA_MAX_C else None
         if backend == FUSED_LORA and not fits:
             return None
-        if backend == "triton" and packed.num_tokens > LORA_ROWS:  # the kernels take small batches
-            return "torch"
         return backend
 
     def _launch_trigger(self) -> str | None:

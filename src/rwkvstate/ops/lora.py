@@ -10,10 +10,16 @@ with so few output columns (R_s = 32..480) that it fills a fraction of the GPU. 
 matrices are stacked into one [R, C] matrix at load time and the up matrices (transposed) into
 another, and chains of similar rank form groups: within a group every chain is padded with zero
 rows to the group's rank (a multiple of BLOCK_R), so the group's rows are a [n, R_g, C] batch.
-- "triton" (at most 16 rows): one GEMV-shaped kernel computes every h (the activation applied per
+- "triton", at most 16 rows: one GEMV-shaped kernel computes every h (the activation applied per
   row block, padding blocks skipped), one computes every out; lora_down_with_projection computes
   every h in the launch of another projection of the mixes (the time mix's r, k, v), and
   lora_up_triton the outs from it;
+- "triton", more rows (batches, prompts): tiles of ROWS_BLOCK_T token rows. The down kernel's
+  programs are (token tile, split of C, tile of a chain's rows) and write float32 partial sums
+  [splits, T, R]; the up kernel's programs (token tile and output channels of one chain) add a
+  chain's splits in split order, round and activate them as they load them, and multiply. Two
+  launches in place of the six GEMMs and two activations of "bmm", whose downs (a few output
+  columns over all of C) cuBLAS runs at a fraction of the GPU;
 - "bmm" (any number of rows): per group one torch.bmm for the downs and one for the ups, the
   activations in place between them: with the usual ranks (v, w, a close, g larger) six launches
   instead of ten, each over several chains' columns.
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, is_interpreting, pdl_args, pick_backend, tl, triton
-from .gemv import tiles
+from .gemv import _num_sms, tiles
 
 ACTIVATIONS = ("none", "tanh", "sigmoid")
 BLOCK_R = 16  # rows of a stacked matrix per program step; every chain is padded to a multiple
@@ -53,6 +59,7 @@ class LoraPack:
     up_t: torch.Tensor  # [R_pad, C]: U_s^T stacked the same way
     block_codes: torch.Tensor  # [B, 2] int32 per row block holding weights: (row block index, mix * 4 + activation)
     bounds: torch.Tensor  # [S, 2] int32: first row of chain s, end of its last row block
+    chain_codes: torch.Tensor  # [S] int32: mix * 4 + activation of chain s
     mixes: tuple[int, ...]
     activations: tuple[str, ...]
     starts: tuple[int, ...]
@@ -132,6 +139,7 @@ def pack_lora(chains) -> LoraPack:
         gathers.append(None if own == tuple(range(own[0], own[0] + count)) else ints(list(own)))
     return LoraPack(
         down=down_all, up_t=up_all, block_codes=ints(blocks), bounds=ints(bounds),
+        chain_codes=ints([c[0] * 4 + ACTIVATIONS.index(c[1]) for c in chains]),
         mixes=mixes, activations=tuple(c[1] for c in chains),
         starts=tuple(starts), ranks=tuple(ranks), groups=tuple(groups), gathers=tuple(gathers),
     )  # fmt: skip
@@ -185,13 +193,44 @@ if HAS_TRITON:
         pdl_exit(PDL)
 
     @triton.jit
-    def _activate_store(b_acc, act, h, o_t, m_t, o_r, stride_h):
-        """h[o_t, o_r] = act(round(b_acc)), rounded; act 0 none, 1 tanh, 2 sigmoid."""
-        b_h = _round_nearest(b_acc, h.dtype.element_ty).to(tl.float32)
+    def _activate(b_acc, act, dtype: tl.constexpr):
+        """act(round(b_acc)), rounded to dtype: the torch chain's GEMM output and activation;
+        act 0 none, 1 tanh, 2 sigmoid."""
+        b_h = _round_nearest(b_acc, dtype).to(tl.float32)
         b_sig = tl.sigmoid(b_h)
         b_tanh = 2 * tl.sigmoid(2 * b_h) - 1  # tanh, from the sigmoid Triton has everywhere
-        b_h = tl.where(act == 1, b_tanh, tl.where(act == 2, b_sig, b_h))
-        tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _round_nearest(b_h, h.dtype.element_ty), mask=m_t[:, None])
+        return _round_nearest(tl.where(act == 1, b_tanh, tl.where(act == 2, b_sig, b_h)), dtype)
+
+    @triton.jit
+    def _activate_store(b_acc, act, h, o_t, m_t, o_r, stride_h):
+        """h[o_t, o_r] = act(round(b_acc)), rounded (_activate)."""
+        tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _activate(b_acc, act, h.dtype.element_ty), mask=m_t[:, None])
+
+    @triton.jit
+    def _lora_down_rows_kernel(
+        x, down, bounds, chain_codes, part, T, C, SPLIT_K, stride_xm, stride_xt, stride_ps, stride_pt,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Grid (token tiles x splits of C, tiles of BLOCK_R rows of the longest chain, chains):
+        part[split, o_t, o_r] = x[mix][o_t, split] D[o_r, split]^T in float32, for rows o_r of
+        chain s up to the end of its last row block (a tile past it has nothing to do; rows past
+        it are another chain's or padding, and stay unwritten)."""
+        i_tk, i_j, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        splits = tl.cdiv(C, SPLIT_K)
+        i_t, i_k = i_tk // splits, i_tk % splits
+        r_start, r_end = tl.load(bounds + 2 * i_s), tl.load(bounds + 2 * i_s + 1)
+        r0 = r_start + i_j * BLOCK_R
+        if r0 < r_end:
+            o_r = r0 + tl.arange(0, BLOCK_R)
+            m_r = o_r < r_end
+            o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+            m_t = o_t < T
+            p_x = x + (tl.load(chain_codes + i_s) // 4).to(tl.int64) * stride_xm  # this chain's mix
+            k0 = i_k * SPLIT_K
+            b_acc = _gemv_tile(p_x, down, o_t, m_t, o_r, m_r, k0, tl.minimum(k0 + SPLIT_K, C), stride_xt, C, 1,
+                               BLOCK_T, BLOCK_R, BLOCK_K, IEEE)  # fmt: skip
+            p_p = part + i_k.to(tl.int64) * stride_ps + o_t[:, None].to(tl.int64) * stride_pt + o_r[None, :]
+            tl.store(p_p, b_acc, mask=m_t[:, None] & m_r[None, :])
 
     @triton.jit
     def _projection_lora_down_kernel(
@@ -228,23 +267,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_up_kernel(
-        h, up_t, bounds, out, T, C, stride_h, stride_os, stride_ot,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+        h, up_t, bounds, chain_codes, out, T, C, TILES_C, stride_h, stride_hs, stride_os, stride_ot,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        """Grid (token tiles x TILES_C, chains). SPLITS 0: h [T, R] holds the activated downs;
+        else h is _lora_down_rows_kernel's float32 partial sums [SPLITS, T, R], added in split
+        order, rounded and activated here (_activate) as each step loads them."""
         pdl_enter(PDL)
-        i_c, i_s = tl.program_id(0), tl.program_id(1)
+        i_tc, i_s = tl.program_id(0), tl.program_id(1)
+        i_t, i_c = i_tc // TILES_C, i_tc % TILES_C
         r_start, r_end = tl.load(bounds + 2 * i_s), tl.load(bounds + 2 * i_s + 1)
-        o_t = tl.arange(0, BLOCK_T)
+        act = tl.load(chain_codes + i_s) % 4
+        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_t, m_c = o_t < T, o_c < C
         b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for r0 in range(r_start, r_end, BLOCK_R):
             o_r = r0 + tl.arange(0, BLOCK_R)
             m_r = o_r < r_end
-            b_h = tl.load(h + o_t[:, None] * stride_h + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0)
+            p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_r[None, :]
+            m_h = m_t[:, None] & m_r[None, :]
+            if SPLITS == 0:
+                b_h = tl.load(p_h, mask=m_h, other=0)
+            else:  # masked rows become act(0), and meet the masked (zero) rows of U^T
+                b_p = tl.load(p_h, mask=m_h, other=0)
+                for i in tl.static_range(1, SPLITS):
+                    b_p += tl.load(p_h + i * stride_hs, mask=m_h, other=0)
+                b_h = _activate(b_p, act, out.dtype.element_ty)
             b_u = tl.load(up_t + o_r[:, None].to(tl.int64) * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0)
             b_acc += _dot(b_h, b_u, IEEE)
-        p_o = out + i_s * stride_os + o_t[:, None] * stride_ot + o_c[None, :]
+        p_o = out + i_s.to(tl.int64) * stride_os + o_t[:, None].to(tl.int64) * stride_ot + o_c[None, :]
         tl.store(p_o, _round_nearest(b_acc, out.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
         pdl_exit(PDL)
 
@@ -263,11 +316,14 @@ PROJECTION_BLOCK_K = 256
 
 def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block_c=None,
                 up_block_r=None) -> list[torch.Tensor]:  # fmt: skip
-    """Two launches; same arguments and result as lora_reference for T <= 16 rows. block_c
-    overrides the up kernel's channel block, down_block_c the down kernel's step over C and
-    up_block_r the up kernel's step over a chain's rows (tests use them to cover several blocks;
+    """Two launches; same arguments and result as lora_reference (up to the order of float32
+    sums), any number of rows: more than 16 take lora_rows_triton. block_c overrides the up
+    kernel's channel block, down_block_c the down kernel's step over C and up_block_r the up
+    kernel's step over a chain's rows (tests use them to cover several blocks;
     benchmarks/bench_lora.py compares them)."""
-    K, T, C = _check_mixed(mixed, pack)
+    K, T, C = _check_mixed(mixed, pack, rows=None)
+    if T > MAX_ROWS:
+        return lora_rows_triton(mixed, pack, up_block_c=block_c, block_k=down_block_c, up_block_r=up_block_r)
     h = torch.empty(T, pack.down.shape[0], dtype=mixed.dtype, device=mixed.device)
     if T:
         _lora_down_kernel[(pack.block_codes.shape[0],)](
@@ -281,17 +337,68 @@ def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block
 def lora_up_triton(h: torch.Tensor, pack: LoraPack, *, block_c=None, up_block_r=None) -> list[torch.Tensor]:
     """The second launch of lora_triton: out_s = h_s U_s^T for every chain s, from h [T, R] (the
     activated downs, R the rows of the down stack) -> S tensors [T, C] in h's dtype."""
-    T, C = h.shape[0], pack.up_t.shape[1]
-    S = len(pack.mixes)
-    out = torch.empty(S, T, C, dtype=h.dtype, device=h.device)
+    return _lora_up(h, pack, h.dtype, MAX_ROWS, block_c or UP_BLOCK_C, up_block_r or UP_BLOCK_R)
+
+
+def _lora_up(h: torch.Tensor, pack: LoraPack, dtype: torch.dtype, block_t: int, block_c: int, block_r: int,
+             num_warps: int = 4) -> list[torch.Tensor]:  # fmt: skip
+    """The up kernel: h [T, R] activated downs in dtype, or [splits, T, R] float32 partial sums."""
+    splits = 0 if h.dim() == 2 else h.shape[0]
+    T, C, S = h.shape[-2], pack.up_t.shape[1], len(pack.mixes)
+    out = torch.empty(S, T, C, dtype=dtype, device=h.device)
     if T:
-        block_c = block_c or min(UP_BLOCK_C, triton.next_power_of_2(C))
-        _lora_up_kernel[(triton.cdiv(C, block_c), S)](
-            h, pack.up_t, pack.bounds, out, T, C, h.stride(0), out.stride(0), out.stride(1),
-            BLOCK_T=MAX_ROWS, BLOCK_R=up_block_r or UP_BLOCK_R, BLOCK_C=block_c, IEEE=_ieee(h.dtype), num_warps=4,
-            **pdl_args(h),
+        block_c = min(block_c, triton.next_power_of_2(C))
+        tiles_c = triton.cdiv(C, block_c)
+        _lora_up_kernel[(triton.cdiv(T, block_t) * tiles_c, S)](
+            h, pack.up_t, pack.bounds, pack.chain_codes, out, T, C, tiles_c, h.stride(-2), h.stride(0),
+            out.stride(0), out.stride(1),
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_C=block_c, SPLITS=splits, IEEE=_ieee(dtype),
+            num_warps=num_warps, **pdl_args(h),
         )  # fmt: skip
     return list(out.unbind(0))
+
+
+# launch configuration of lora_rows_triton (more than 16 rows)
+ROWS_BLOCK_T = 64  # token rows per program of both kernels
+ROWS_BLOCK_R = 32  # rows of a chain per down program
+ROWS_BLOCK_K = 64  # the down kernel's step over C
+ROWS_SPLIT_K = 512  # channels per split of C in the down kernel, while the tiles alone leave SMs idle
+ROWS_UP_BLOCK_C = 64  # output channels per up program
+ROWS_UP_BLOCK_R = 32  # the up kernel's step over a chain's rows
+
+
+def rows_splits(T: int, C: int, pack: LoraPack, device: torch.device, block_t: int, block_r: int,
+                split_k: int) -> int:  # fmt: skip
+    """How many splits of C the down kernel takes for T rows: enough for about two programs per
+    SM, at most one per split_k channels."""
+    programs = triton.cdiv(T, block_t) * sum(triton.cdiv(_padded(r), block_r) for r in pack.ranks)
+    return max(1, min(triton.cdiv(C, split_k), triton.cdiv(2 * _num_sms(device), programs)))
+
+
+def lora_rows_triton(mixed: torch.Tensor, pack: LoraPack, *, block_t=None, block_r=None, block_k=None,
+                     splits=None, up_block_t=None, up_block_c=None, up_block_r=None,
+                     num_warps=4) -> list[torch.Tensor]:  # fmt: skip
+    """The chains of any number of rows in two launches of token tiles (module docstring); same
+    arguments and result as lora_reference (up to the order of float32 sums). The keywords
+    override the launch configuration (ROWS_*; splits: of C in the down kernel, None picks by
+    rows_splits)."""
+    K, T, C = _check_mixed(mixed, pack, rows=None)
+    block_t, block_r = block_t or ROWS_BLOCK_T, block_r or ROWS_BLOCK_R
+    block_k = min(block_k or ROWS_BLOCK_K, max(16, triton.next_power_of_2(C)))
+    if splits is None:
+        splits = rows_splits(T, C, pack, mixed.device, block_t, block_r, ROWS_SPLIT_K)
+    split_k = triton.cdiv(triton.cdiv(C, splits), block_k) * block_k  # whole steps of block_k
+    splits = triton.cdiv(C, split_k)
+    part = torch.empty(splits, T, pack.down.shape[0], dtype=torch.float32, device=mixed.device)
+    if T:
+        tiles_r = max(triton.cdiv(_padded(r), block_r) for r in pack.ranks)
+        _lora_down_rows_kernel[(triton.cdiv(T, block_t) * splits, tiles_r, len(pack.mixes))](
+            mixed, pack.down, pack.bounds, pack.chain_codes, part, T, C, split_k,
+            mixed.stride(0), mixed.stride(1), part.stride(0), part.stride(1),
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k, IEEE=_ieee(mixed.dtype), num_warps=num_warps,
+        )  # fmt: skip
+    return _lora_up(part, pack, mixed.dtype, up_block_t or block_t, up_block_c or ROWS_UP_BLOCK_C,
+                    up_block_r or ROWS_UP_BLOCK_R, num_warps)
 
 
 def lora_down_with_projection(mixed: torch.Tensor, weight: torch.Tensor, pack: LoraPack, *, block_n=None,
@@ -325,11 +432,11 @@ def lora_down_with_projection(mixed: torch.Tensor, weight: torch.Tensor, pack: L
     return out, h
 
 
-def _check_mixed(mixed: torch.Tensor, pack: LoraPack) -> tuple[int, int, int]:
-    """The mixes [K, T, C] the Triton paths take: at most 16 rows, every chain's mix present."""
+def _check_mixed(mixed: torch.Tensor, pack: LoraPack, rows: int | None = MAX_ROWS) -> tuple[int, int, int]:
+    """The mixes [K, T, C] the Triton paths take: at most `rows` rows (None: any), every chain's mix present."""
     K, T, C = mixed.shape
-    if T > MAX_ROWS:
-        raise ValueError(f"the Triton LoRA kernels take at most {MAX_ROWS} rows, got {T}")
+    if rows is not None and T > rows:
+        raise ValueError(f"the Triton LoRA kernels take at most {rows} rows here, got {T}")
     if pack.down.shape[1] != C or mixed.stride(2) != 1 or max(pack.mixes) >= K:
         raise ValueError(f"mixed must be [K > {max(pack.mixes)}, T, {pack.down.shape[1]}] with unit channel stride, "
                          f"got {list(mixed.shape)}")  # fmt: skip
@@ -371,7 +478,8 @@ _BACKENDS: dict[str, Callable[..., list[torch.Tensor]]] = {"torch": lora_referen
 def lora(mixed: torch.Tensor, pack: LoraPack, backend=None) -> list[torch.Tensor]:
     """mixed [K, T, C] -> S tensors [T, C]: every chain of `pack`, in its order. backend: None
     picks, for CUDA tensors, "triton" for at most 16 rows (decode of 1-16 sequences) when triton
-    imports and "bmm" for more, else "torch"; "torch", "triton" (at most 16 rows) and "bmm" force one."""
+    imports and "bmm" for more, else "torch"; "torch", "triton" (any number of rows) and "bmm"
+    force one."""
     if backend is None and mixed.is_cuda and (mixed.shape[1] > MAX_ROWS or not HAS_TRITON):
         backend = "bmm"
     return _BACKENDS[pick_backend(backend, mixed, tuple(_BACKENDS), native=("torch", "bmm"))](mixed, pack)
