@@ -165,3 +165,13 @@ def test_cublas_backend_folds_the_elementwise_work(T, C, F, dtype):
     exact = residual.double() + torch.relu(k.double() @ key.double().t()).square() @ value.double().t()
     torch.testing.assert_close(cm.channel_mix(k, key, value, residual, backend="cublas").double(), exact,
                                **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else _tol(dtype)))
+    # in_place: the same result, written into the residual given up; the other backends leave it
+    new = cm.channel_mix(k, key, value, residual, backend="cublas")
+    for backend in ("torch", "triton-gemv", "triton") if T <= cm.MAX_SPARSE_ROWS else ("torch",):
+        mine = residual.clone()
+        got = cm.channel_mix(k, key, value, mine, backend=backend, in_place=True)
+        assert got.data_ptr() != mine.data_ptr() and torch.equal(mine, residual)
+    mine = residual.clone()
+    got = cm.channel_mix(k, key, value, mine, backend="cublas", in_place=True)
+    assert got.data_ptr() == mine.data_ptr() and torch.equal(got, new)
+    assert cm.channel_mix(k, key, value, None, backend="cublas", in_place=True).shape == (T, C)

@@ -247,7 +247,7 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
     folded, fused = cm.channel_mix_cublas, rwkv7.time_mix_decode_triton
     monkeypatch.setitem(gm._BACKENDS, "triton", lambda x, w, *a, **k: calls["gemv"].append(x.shape) or kernel(x, w, *a, **k))
     monkeypatch.setitem(cm._BACKENDS, "triton-gemv", lambda *a: calls["ffn"].append(a[0].shape[0]) or ffn(*a))
-    monkeypatch.setitem(cm._BACKENDS, "cublas", lambda *a: calls["cublas"].append(a[0].shape[0]) or folded(*a))
+    monkeypatch.setitem(cm._BACKENDS, "cublas", lambda *a, **kw: calls["cublas"].append(a[0].shape[0]) or folded(*a, **kw))
     monkeypatch.setattr(rwkv7, "time_mix_decode_triton", lambda *a, **k: calls["fused"].append(a[2].shape[0]) or fused(*a, **k))
     monkeypatch.setitem(lo._BACKENDS, "bmm", lambda x, p: calls["lora_bmm"].append(x.shape[1]) or bmm(x, p))
     monkeypatch.setitem(lo._BACKENDS, "triton", lambda x, p: calls["lora_triton"].append(x.shape[1]) or ltri(x, p))

@@ -392,7 +392,7 @@ class Model:
             backend == "triton" and mixed[0].shape[0] > MAX_SPARSE_ROWS  # the sparse kernel is for decode
         ):
             backend = "torch"
-        return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=backend)
+        return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=backend, in_place=True)  # x is this pass's own
 
     def _output(self, x: Tensor, packed: Packed, output: str) -> Tensor | list[Tensor] | None:
         if output == "none":

@@ -69,16 +69,20 @@ def relu2_(h: torch.Tensor) -> torch.Tensor:
     return h.relu_().square_()
 
 
-def channel_mix_cublas(k, key, value, residual=None):
+def channel_mix_cublas(k, key, value, residual=None, in_place=False):
     """cuBLAS GEMMs with the elementwise work folded, any number of rows: the key GEMM, relu^2 in
     one in-place pass, and the value GEMM with the residual as its C input (addmm, beta = 1):
     three launches (four with a split-K reduce) instead of five or six. The value GEMM's output and
     the residual add are rounded once, not twice as in the reference, so results can differ from
     it in the last bit. value must be the [C, F] view of a contiguous [F, C] tensor (as the model
-    stores it), so that value.t() is the contiguous [F, C] matrix addmm takes."""
+    stores it), so that value.t() is the contiguous [F, C] matrix addmm takes. in_place: the value
+    GEMM accumulates into residual itself (addmm_), which saves the copy of the residual into a
+    new output that addmm makes first (a device-to-device copy of [T, C] per call)."""
     h = relu2_(F.linear(k, key))
     if residual is None:
         return F.linear(h, value)
+    if in_place:
+        return residual.addmm_(h, value.t())
     return torch.addmm(residual, h, value.t())
 
 
@@ -120,8 +124,10 @@ _BACKENDS = {"torch": channel_mix_reference, "triton": channel_mix_triton, "trit
              "cublas": channel_mix_cublas}
 
 
-def channel_mix(k, key, value, residual=None, backend=None):
+def channel_mix(k, key, value, residual=None, backend=None, *, in_place=False):
     """residual + relu(k key^T)^2 value^T, [T, C] in k's dtype (residual None: no add).
+    in_place: the caller gives up residual, and the "cublas" backend writes the result into it
+    (the others return a new tensor and leave it as it was); use the returned tensor either way.
     backend: None picks "torch" (cuBLAS; the model makes its own choice per pass, Model._channel_mix);
     "triton" the sparse feed-forward (at most 16 rows, the value weight a [C, F] view of a
     contiguous [F, C] tensor: rows of zero activations are not read), "triton-gemv" the dense GEMV
@@ -129,4 +135,7 @@ def channel_mix(k, key, value, residual=None, backend=None):
     the value GEMM (any number of rows), "torch" the reference."""
     if backend is None:
         backend = "torch"
-    return _BACKENDS[pick_backend(backend, k, tuple(_BACKENDS), native=("torch", "cublas"))](k, key, value, residual)
+    name = pick_backend(backend, k, tuple(_BACKENDS), native=("torch", "cublas"))
+    if name == "cublas" and in_place:
+        return _BACKENDS[name](k, key, value, residual, in_place=True)
+    return _BACKENDS[name](k, key, value, residual)
