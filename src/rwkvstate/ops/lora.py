@@ -207,6 +207,14 @@ if HAS_TRITON:
         tl.store(h + o_t[:, None] * stride_h + o_r[None, :], _activate(b_acc, act, h.dtype.element_ty), mask=m_t[:, None])
 
     @triton.jit
+    def _chain_bounds(bounds, i_s, BLOCK_R: tl.constexpr):
+        """Chain s's first row and the end of its last row block. Both are multiples of the pack's
+        16-row blocks: saying so lets the compiler load and store a tile's rows in 16-byte
+        vectors (and copy them asynchronously) instead of element by element."""
+        r_start, r_end = tl.load(bounds + 2 * i_s), tl.load(bounds + 2 * i_s + 1)
+        return tl.multiple_of(r_start, 16), tl.multiple_of(r_end, 16)
+
+    @triton.jit
     def _lora_down_rows_kernel(
         x, down, bounds, chain_codes, part, T, C, SPLIT_K, stride_xm, stride_xt, stride_ps, stride_pt,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
@@ -218,7 +226,7 @@ if HAS_TRITON:
         i_tk, i_j, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         splits = tl.cdiv(C, SPLIT_K)
         i_t, i_k = i_tk // splits, i_tk % splits
-        r_start, r_end = tl.load(bounds + 2 * i_s), tl.load(bounds + 2 * i_s + 1)
+        r_start, r_end = _chain_bounds(bounds, i_s, BLOCK_R)
         r0 = r_start + i_j * BLOCK_R
         if r0 < r_end:
             o_r = r0 + tl.arange(0, BLOCK_R)
@@ -277,7 +285,7 @@ if HAS_TRITON:
         pdl_enter(PDL)
         i_tc, i_s = tl.program_id(0), tl.program_id(1)
         i_t, i_c = i_tc // TILES_C, i_tc % TILES_C
-        r_start, r_end = tl.load(bounds + 2 * i_s), tl.load(bounds + 2 * i_s + 1)
+        r_start, r_end = _chain_bounds(bounds, i_s, BLOCK_R)
         act = tl.load(chain_codes + i_s) % 4
         o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
