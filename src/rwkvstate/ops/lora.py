@@ -15,11 +15,11 @@ rows to the group's rank (a multiple of BLOCK_R), so the group's rows are a [n, 
   every h in the launch of another projection of the mixes (the time mix's r, k, v), and
   lora_up_triton the outs from it;
 - "triton", more rows (batches, prompts): tiles of ROWS_BLOCK_T token rows. The down kernel's
-  programs are (token tile, split of C, tile of a chain's rows) and write float32 partial sums
-  [splits, T, R]; the up kernel's programs (token tile and output channels of one chain) add a
-  chain's splits in split order, round and activate them as they load them, and multiply. Two
-  launches in place of the six GEMMs and two activations of "bmm", whose downs (a few output
-  columns over all of C) cuBLAS runs at a fraction of the GPU;
+  programs are (token tile, split of C, tile of a chain's rows); where C is split, each stores
+  float32 partial sums and the one that completes a tile adds them in split order (as the GEMV
+  kernel does, ops/gemv.py) and activates them. The up kernel's programs are (token tile, output
+  channels of one chain). Two launches in place of the six GEMMs and two activations of "bmm";
+  cuBLAS runs the downs (a few output columns over all of C) at a fraction of the GPU;
 - "bmm" (any number of rows): per group one torch.bmm for the downs and one for the ups, the
   activations in place between them: with the usual ranks (v, w, a close, g larger) six launches
   instead of ten, each over several chains' columns.
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, is_interpreting, pdl_args, pick_backend, tl, triton
-from .gemv import _num_sms, tiles
+from .gemv import _num_sms, _split_counters, tiles
 
 ACTIVATIONS = ("none", "tanh", "sigmoid")
 BLOCK_R = 16  # rows of a stacked matrix per program step; every chain is padded to a multiple
@@ -216,29 +216,42 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_down_rows_kernel(
-        x, down, bounds, chain_codes, part, T, C, SPLIT_K, stride_xm, stride_xt, stride_ps, stride_pt,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+        x, down, bounds, chain_codes, part, h, counters, T, C, SPLIT_K, stride_xm, stride_xt, stride_ps, stride_h,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        """Grid (token tiles x splits of C, tiles of BLOCK_R rows of the longest chain, chains):
-        part[split, o_t, o_r] = x[mix][o_t, split] D[o_r, split]^T in float32, for rows o_r of
-        chain s up to the end of its last row block (a tile past it has nothing to do; rows past
-        it are another chain's or padding, and stay unwritten)."""
+        """Grid (token tiles x SPLIT splits of C, tiles of BLOCK_R rows of the longest chain,
+        chains): h[o_t, o_r] = act(x[mix][o_t] D[o_r]^T) for rows o_r of chain s up to the end of
+        its last row block (a tile past it has nothing to do; rows past it are another chain's or
+        padding, and stay unwritten). With SPLIT > 1 each program stores its float32 sums over its
+        split in part[split, o_t, o_r] (stride_h apart by row, as h) and the one that completes a
+        tile adds them (ops/gemv.py _last_split_reduces: an atomic count per tile, split order),
+        activates and stores them."""
         i_tk, i_j, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        splits = tl.cdiv(C, SPLIT_K)
-        i_t, i_k = i_tk // splits, i_tk % splits
+        i_t, i_k = i_tk // SPLIT, i_tk % SPLIT
         r_start, r_end = _chain_bounds(bounds, i_s, BLOCK_R)
         r0 = r_start + i_j * BLOCK_R
         if r0 < r_end:
             o_r = r0 + tl.arange(0, BLOCK_R)
-            m_r = o_r < r_end
             o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
-            m_t = o_t < T
-            p_x = x + (tl.load(chain_codes + i_s) // 4).to(tl.int64) * stride_xm  # this chain's mix
+            m = (o_t < T)[:, None] & (o_r < r_end)[None, :]
+            code = tl.load(chain_codes + i_s)
+            p_x = x + (code // 4).to(tl.int64) * stride_xm  # this chain's mix
             k0 = i_k * SPLIT_K
-            b_acc = _gemv_tile(p_x, down, o_t, m_t, o_r, m_r, k0, tl.minimum(k0 + SPLIT_K, C), stride_xt, C, 1,
-                               BLOCK_T, BLOCK_R, BLOCK_K, IEEE)  # fmt: skip
-            p_p = part + i_k.to(tl.int64) * stride_ps + o_t[:, None].to(tl.int64) * stride_pt + o_r[None, :]
-            tl.store(p_p, b_acc, mask=m_t[:, None] & m_r[None, :])
+            b_acc = _gemv_tile(p_x, down, o_t, o_t < T, o_r, o_r < r_end, k0, tl.minimum(k0 + SPLIT_K, C), stride_xt,
+                               C, 1, BLOCK_T, BLOCK_R, BLOCK_K, IEEE)  # fmt: skip
+            o_tr = o_t[:, None].to(tl.int64) * stride_h + o_r[None, :]
+            if SPLIT == 1:
+                tl.store(h + o_tr, _activate(b_acc, code % 4, h.dtype.element_ty), mask=m)
+            else:
+                tl.store(part + i_k.to(tl.int64) * stride_ps + o_tr, b_acc, mask=m)
+                tl.debug_barrier()  # every thread's partial sums stored before the count
+                counter = counters + (i_t * tl.num_programs(1) + i_j) * tl.num_programs(2) + i_s
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                    b_sum = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+                    for i in tl.static_range(SPLIT):
+                        b_sum += tl.load(part + i * stride_ps + o_tr, mask=m, other=0, cache_modifier=".cg")
+                    tl.store(h + o_tr, _activate(b_sum, code % 4, h.dtype.element_ty), mask=m)
+                    tl.store(counter, 0)
 
     @triton.jit
     def _projection_lora_down_kernel(
@@ -275,18 +288,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_up_kernel(
-        h, up_t, bounds, chain_codes, out, T, C, TILES_C, stride_h, stride_hs, stride_os, stride_ot,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr,
+        h, up_t, bounds, out, T, C, TILES_C, stride_h, stride_os, stride_ot,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """Grid (token tiles x TILES_C, chains). SPLITS 0: h [T, R] holds the activated downs;
-        else h is _lora_down_rows_kernel's float32 partial sums [SPLITS, T, R], added in split
-        order, rounded and activated here (_activate) as each step loads them."""
+        """Grid (token tiles x TILES_C channel tiles, chains)."""
         pdl_enter(PDL)
         i_tc, i_s = tl.program_id(0), tl.program_id(1)
         i_t, i_c = i_tc // TILES_C, i_tc % TILES_C
         r_start, r_end = _chain_bounds(bounds, i_s, BLOCK_R)
-        act = tl.load(chain_codes + i_s) % 4
         o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_t, m_c = o_t < T, o_c < C
@@ -294,15 +303,7 @@ if HAS_TRITON:
         for r0 in range(r_start, r_end, BLOCK_R):
             o_r = r0 + tl.arange(0, BLOCK_R)
             m_r = o_r < r_end
-            p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_r[None, :]
-            m_h = m_t[:, None] & m_r[None, :]
-            if SPLITS == 0:
-                b_h = tl.load(p_h, mask=m_h, other=0)
-            else:  # masked rows become act(0), and meet the masked (zero) rows of U^T
-                b_p = tl.load(p_h, mask=m_h, other=0)
-                for i in tl.static_range(1, SPLITS):
-                    b_p += tl.load(p_h + i * stride_hs, mask=m_h, other=0)
-                b_h = _activate(b_p, act, out.dtype.element_ty)
+            b_h = tl.load(h + o_t[:, None].to(tl.int64) * stride_h + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0)
             b_u = tl.load(up_t + o_r[:, None].to(tl.int64) * C + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0)
             b_acc += _dot(b_h, b_u, IEEE)
         p_o = out + i_s.to(tl.int64) * stride_os + o_t[:, None].to(tl.int64) * stride_ot + o_c[None, :]
@@ -345,23 +346,20 @@ def lora_triton(mixed: torch.Tensor, pack: LoraPack, *, block_c=None, down_block
 def lora_up_triton(h: torch.Tensor, pack: LoraPack, *, block_c=None, up_block_r=None) -> list[torch.Tensor]:
     """The second launch of lora_triton: out_s = h_s U_s^T for every chain s, from h [T, R] (the
     activated downs, R the rows of the down stack) -> S tensors [T, C] in h's dtype."""
-    return _lora_up(h, pack, h.dtype, MAX_ROWS, block_c or UP_BLOCK_C, up_block_r or UP_BLOCK_R)
+    return _lora_up(h, pack, MAX_ROWS, block_c or UP_BLOCK_C, up_block_r or UP_BLOCK_R)
 
 
-def _lora_up(h: torch.Tensor, pack: LoraPack, dtype: torch.dtype, block_t: int, block_c: int, block_r: int,
+def _lora_up(h: torch.Tensor, pack: LoraPack, block_t: int, block_c: int, block_r: int,
              num_warps: int = 4) -> list[torch.Tensor]:  # fmt: skip
-    """The up kernel: h [T, R] activated downs in dtype, or [splits, T, R] float32 partial sums."""
-    splits = 0 if h.dim() == 2 else h.shape[0]
-    T, C, S = h.shape[-2], pack.up_t.shape[1], len(pack.mixes)
-    out = torch.empty(S, T, C, dtype=dtype, device=h.device)
+    """The up kernel over token tiles of block_t rows: h [T, R] the activated downs."""
+    T, C, S = h.shape[0], pack.up_t.shape[1], len(pack.mixes)
+    out = torch.empty(S, T, C, dtype=h.dtype, device=h.device)
     if T:
         block_c = min(block_c, triton.next_power_of_2(C))
         tiles_c = triton.cdiv(C, block_c)
         _lora_up_kernel[(triton.cdiv(T, block_t) * tiles_c, S)](
-            h, pack.up_t, pack.bounds, pack.chain_codes, out, T, C, tiles_c, h.stride(-2), h.stride(0),
-            out.stride(0), out.stride(1),
-            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_C=block_c, SPLITS=splits, IEEE=_ieee(dtype),
-            num_warps=num_warps, **pdl_args(h),
+            h, pack.up_t, pack.bounds, out, T, C, tiles_c, h.stride(0), out.stride(0), out.stride(1),
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_C=block_c, IEEE=_ieee(h.dtype), num_warps=num_warps, **pdl_args(h),
         )  # fmt: skip
     return list(out.unbind(0))
 
@@ -371,8 +369,8 @@ ROWS_BLOCK_T = 64  # token rows per program of both kernels
 ROWS_BLOCK_R = 32  # rows of a chain per down program
 ROWS_BLOCK_K = 64  # the down kernel's step over C
 ROWS_SPLIT_K = 512  # channels per split of C in the down kernel, while the tiles alone leave SMs idle
-ROWS_UP_BLOCK_C = 64  # output channels per up program
-ROWS_UP_BLOCK_R = 32  # the up kernel's step over a chain's rows
+ROWS_UP_BLOCK_C = 128  # output channels per up program
+ROWS_UP_BLOCK_R = 64  # the up kernel's step over a chain's rows
 
 
 def rows_splits(T: int, C: int, pack: LoraPack, device: torch.device, block_t: int, block_r: int,
@@ -389,7 +387,8 @@ def lora_rows_triton(mixed: torch.Tensor, pack: LoraPack, *, block_t=None, block
     """The chains of any number of rows in two launches of token tiles (module docstring); same
     arguments and result as lora_reference (up to the order of float32 sums). The keywords
     override the launch configuration (ROWS_*; splits: of C in the down kernel, None picks by
-    rows_splits)."""
+    rows_splits). A split C needs the zeroed counts of ops/gemv.py; while a CUDA graph is being
+    captured and none are ready, C is not split."""
     K, T, C = _check_mixed(mixed, pack, rows=None)
     block_t, block_r = block_t or ROWS_BLOCK_T, block_r or ROWS_BLOCK_R
     block_k = min(block_k or ROWS_BLOCK_K, max(16, triton.next_power_of_2(C)))
@@ -397,16 +396,23 @@ def lora_rows_triton(mixed: torch.Tensor, pack: LoraPack, *, block_t=None, block
         splits = rows_splits(T, C, pack, mixed.device, block_t, block_r, ROWS_SPLIT_K)
     split_k = triton.cdiv(triton.cdiv(C, splits), block_k) * block_k  # whole steps of block_k
     splits = triton.cdiv(C, split_k)
-    part = torch.empty(splits, T, pack.down.shape[0], dtype=torch.float32, device=mixed.device)
+    R, S = pack.down.shape[0], len(pack.mixes)
+    tiles_r = max(triton.cdiv(_padded(r), block_r) for r in pack.ranks)
+    grid = (triton.cdiv(T, block_t) * splits, tiles_r, S)
+    counters = _split_counters(mixed.device, grid[0] // splits * tiles_r * S) if splits > 1 and T else None
+    if counters is None:  # unsplit (or no counts to be had during a capture)
+        splits, split_k = 1, C
+        grid = (triton.cdiv(T, block_t), tiles_r, S)
+    h = torch.empty(T, R, dtype=mixed.dtype, device=mixed.device)
+    part = torch.empty(splits, T, R, dtype=torch.float32, device=mixed.device) if splits > 1 else h
     if T:
-        tiles_r = max(triton.cdiv(_padded(r), block_r) for r in pack.ranks)
-        _lora_down_rows_kernel[(triton.cdiv(T, block_t) * splits, tiles_r, len(pack.mixes))](
-            mixed, pack.down, pack.bounds, pack.chain_codes, part, T, C, split_k,
-            mixed.stride(0), mixed.stride(1), part.stride(0), part.stride(1),
-            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k, IEEE=_ieee(mixed.dtype), num_warps=num_warps,
+        _lora_down_rows_kernel[grid](
+            mixed, pack.down, pack.bounds, pack.chain_codes, part, h, counters if counters is not None else h, T, C,
+            split_k, mixed.stride(0), mixed.stride(1), part.stride(0), h.stride(0),
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT=splits, IEEE=_ieee(mixed.dtype), num_warps=num_warps,
         )  # fmt: skip
-    return _lora_up(part, pack, mixed.dtype, up_block_t or block_t, up_block_c or ROWS_UP_BLOCK_C,
-                    up_block_r or ROWS_UP_BLOCK_R, num_warps)
+    return _lora_up(h, pack, up_block_t or block_t, up_block_c or ROWS_UP_BLOCK_C, up_block_r or ROWS_UP_BLOCK_R,
+                    num_warps)
 
 
 def lora_down_with_projection(mixed: torch.Tensor, weight: torch.Tensor, pack: LoraPack, *, block_n=None,
