@@ -103,6 +103,8 @@ WRITERS = {
     "decode-lora-512-16-128-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-lora-512-64-64-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-lora-1024-64-64-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "lora-rows-h200": lambda d, _: bench("bench_lora").markdown(d),
+    "decode-lora-rows-h200": lambda d, _: bench("bench_decode").markdown(d),
     "peers-ours-h200": lambda d, _: bench("bench_decode").markdown(d),
     "serving-reuseport-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-reuseport-4api-h200": lambda d, _: bench("bench_server").markdown(d),

@@ -65,6 +65,23 @@ def test_split_k_epilogues_and_transposed_weight(splits, dtype, poisoned_empty):
         assert torch.equal(got, again)  # deterministic: the splits are added in a fixed order
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T,splits,block_t", [(17, 1, 16), (37, 3, 16), (70, None, 32), (40, 2, None)])
+def test_many_rows_in_token_tiles(T, splits, block_t, dtype, poisoned_empty):
+    """More than 16 rows: tiles of block_t token rows (the last partial), grouped and single,
+    K split or not (added in the kernel), relu^2 and a residual, a transposed weight."""
+    x, w = inputs(3, T, 136, 40, dtype, seed=T + 1, transposed=True)
+    residual = torch.randn(3, T, 40, generator=torch.Generator().manual_seed(T)).to(DEVICE, dtype)
+    kw = dict(block_n=16, block_k=16, num_splits=splits, block_t=block_t, num_warps=4)
+    for activation, res in (("none", residual), ("relu2", None)):
+        got = gm.gemv_triton(x, w, res, activation, **kw)
+        assert got.shape == (3, T, 40) and not got.isnan().any()
+        assert rel_err(got, exact(x, w, res, activation)) <= TOL[dtype]
+    one = gm.gemv_triton(x[1], w[1], residual[1], **kw)
+    assert one.shape == (T, 40) and rel_err(one, exact(x[1], w[1], residual[1])) <= TOL[dtype]
+    assert torch.equal(gm.gemv(x, w, backend="triton"), gm.gemv_triton(x, w))  # the backend, default tiles
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("T,splits", [(1, 2), (3, 3), (8, 5)])
 def test_split_sums_added_in_the_kernel_or_by_a_launch_alike(T, splits, dtype, poisoned_empty):
@@ -113,8 +130,8 @@ def test_launch_configuration():
 
 def test_bad_input():
     x, w = inputs(3, 2, 40, 24, torch.float32, seed=1)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        gm.gemv_triton(torch.zeros(3, 17, 40, device=DEVICE), w)
+    with pytest.raises(ValueError, match="at most 16 rows"):  # the sparse-input GEMV pads to one tile
+        gm.gemv_sparse_input(torch.zeros(17, 40, device=DEVICE), w[0].t().contiguous().t())
     with pytest.raises(ValueError, match="expected x"):
         gm.gemv_triton(x, w[:2])
     with pytest.raises(ValueError, match="share a dtype"):
@@ -228,13 +245,28 @@ def test_model_lora_triton_for_prompts(monkeypatch):
         assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)
 
 
+def test_model_gemv_triton_all(monkeypatch):
+    """gemv "triton-all": r/k/v and the output projection of every pass on the kernel, the packed
+    prompts (33 rows) in its token tiles, the decode steps (6 rows) in one tile; against cuBLAS."""
+    rows: list[int] = []
+    kernel = gm.gemv_triton
+    monkeypatch.setitem(gm._BACKENDS, "triton", lambda x, w, *a, **k: rows.append(x.shape[-2]) or kernel(x, w, *a, **k))
+    (want, want_states), (got, got_states) = decode_both(CFG, random_checkpoint(CFG, seed=11), torch.float32,
+                                                         {"gemv": "triton-all"}, batch=6)  # fmt: skip
+    assert rows == [33] * 2 * CFG.n_layer + [6] * 2 * 2 * CFG.n_layer  # r/k/v and the output, per layer
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(want_states, got_states):
+        assert all(rel_err(b[k], a[k]) <= 1e-5 for k in a)
+
+
 # ---- on a GPU: the shapes of the released models, and graph decode --------------------------------
 @cuda_only
 def test_cuda_defaults_choose_by_batch(monkeypatch):
     """With every backend None: the kernel for r/k/v and the feed-forward of decode batches of at
     most GEMV_ROWS (cuBLAS for the output projection), batched GEMMs and the folded cuBLAS
     feed-forward beyond; the one-launch time mix for every decode batch; the LoRA downs in the
-    r/k/v launch (lora "fused") for one row, the LoRA kernels up to 16 rows, batched GEMMs beyond."""
+    r/k/v launch (lora "fused") for one row, the LoRA kernels for every other decode batch (the
+    many-rows ones beyond 16 rows)."""
     from rwkvstate.model import rwkv7
     from rwkvstate.ops import channel_mix as cm
     from rwkvstate.ops import lora as lo
@@ -264,8 +296,8 @@ def test_cuda_defaults_choose_by_batch(monkeypatch):
         assert calls["ffn"] == ([batch] * L if small else [])
         assert calls["cublas"] == ([] if small else [batch] * L)
         assert calls["fused"] == [batch] * L  # the one-launch time mix for every decode batch
-        assert calls["lora_triton"] == ([batch] * L if 1 < batch <= 16 else [])
-        assert calls["lora_bmm"] == ([] if batch <= 16 else [batch] * L)
+        assert calls["lora_triton"] == ([batch] * L if batch > 1 else [])
+        assert calls["lora_bmm"] == []
 
 
 @cuda_only

@@ -111,14 +111,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_kernel(
-        x, w, out, partial, residual, counters, T, N, K, K_SPLIT, G,
+        x, w, out, partial, residual, counters, T, N, K, K_SPLIT, G, TILES_T,
         stride_xg, stride_xt, stride_wg, stride_wn, stride_wk, stride_og, stride_ot, stride_rg, stride_rt,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
         IN_KERNEL: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        """Grid (output tiles x TILES_T token tiles, groups, splits of K); the token tiles of one
+        output tile are neighbours, so that they read its weights about together (once from
+        memory, again from L2)."""
         pdl_enter(PDL)
-        i_n, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        o_t = tl.arange(0, BLOCK_T)
+        i_nt, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_n, i_t = i_nt // TILES_T, i_nt % TILES_T
+        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_t, m_n = o_t < T, o_n < N
         p_x = x + i_g.to(tl.int64) * stride_xg
@@ -137,7 +141,7 @@ if HAS_TRITON:
             if IN_KERNEL:
                 g = i_g.to(tl.int64)
                 _last_split_reduces(partial + g * T * N, out + g * stride_og, residual + g * stride_rg,
-                                    counters + i_g * tl.num_programs(0) + i_n, o_t, o_n, m, N, G * T * N, stride_ot,
+                                    counters + i_g * tl.num_programs(0) + i_nt, o_t, o_n, m, N, G * T * N, stride_ot,
                                     stride_rt, BLOCK_T, BLOCK_N, SPLIT, ACT, HAS_RESIDUAL)  # fmt: skip
         pdl_exit(PDL)
 
@@ -272,6 +276,17 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     return buf
 
 
+def reserve_counters(device: torch.device, stream: torch.cuda.Stream | None = None, tiles: int = MIN_COUNTERS) -> None:
+    """Makes the zeroed counts of `stream` (default: the current stream of `device`) now, so that
+    launches captured into a CUDA graph on that stream reduce their splits in-kernel: a stream that
+    only ever runs inside captures (the model's LoRA side stream) has no eager launch to make them."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    with torch.cuda.stream(stream or torch.cuda.current_stream(device)):
+        _split_counters(device, tiles)
+
+
 def _reduce_plan(splits: int, tiles: int, N: int, device: torch.device, split_reduce: str | None) -> torch.Tensor | None:
     """The counts of an in-kernel split reduction, or None for one split or the reduce launch."""
     wanted = split_reduce or SPLIT_REDUCE or ("kernel" if N <= IN_KERNEL_MAX_N else "launch")
@@ -289,16 +304,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def tiles(G: int, N: int, K: int, device, block_n=None, block_k=None, num_splits=None,
-          programs_per_sm: int = PROGRAMS_PER_SM) -> dict:
+          programs_per_sm: int = PROGRAMS_PER_SM, tiles_t: int = 1) -> dict:
     """The launch configuration: BLOCK_N output columns (16 or 32) by BLOCK_K (up to 256) weight
     tiles, and K split into num_splits ranges (whole BLOCK_K steps) when the G * cdiv(N, BLOCK_N)
-    tiles give fewer than UNSPLIT_PROGRAMS_PER_SM programs per SM: then into as many as give
-    programs_per_sm per SM. Arguments override the choice."""
+    (x tiles_t token tiles) tiles give fewer than UNSPLIT_PROGRAMS_PER_SM programs per SM: then
+    into as many as give programs_per_sm per SM. Arguments override the choice."""
     block_n = block_n or max(16, min(32, triton.next_power_of_2(N)))
     block_k = block_k or max(16, min(256, triton.next_power_of_2(K)))
     steps = triton.cdiv(K, block_k)
     if num_splits is None:
-        sms, programs = _num_sms(torch.device(device)), G * triton.cdiv(N, block_n)
+        sms, programs = _num_sms(torch.device(device)), G * triton.cdiv(N, block_n) * tiles_t
         if programs >= UNSPLIT_PROGRAMS_PER_SM * sms:
             num_splits = 1
         else:
@@ -307,8 +322,9 @@ def tiles(G: int, N: int, K: int, device, block_n=None, block_k=None, num_splits
     return {"block_n": block_n, "block_k": block_k, "k_split": k_split, "num_splits": triton.cdiv(K, k_split)}
 
 
-def _as_groups(x, weight, residual):
-    """Views of a single projection as one group; checks shapes and strides."""
+def _as_groups(x, weight, residual, max_rows: int | None = MAX_ROWS):
+    """Views of a single projection as one group; checks shapes and strides (and at most
+    max_rows rows, None: any)."""
     single = x.dim() == 2
     if single:
         x, weight = x.unsqueeze(0), weight.unsqueeze(0)
@@ -317,8 +333,8 @@ def _as_groups(x, weight, residual):
         raise ValueError(f"expected x [T, K] and weight [N, K], or x [G, T, K] and weight [G, N, K]; got "
                          f"x {list(x.shape)} and weight {list(weight.shape[int(single):])}")  # fmt: skip
     G, T, K = x.shape
-    if T > MAX_ROWS:
-        raise ValueError(f"the Triton GEMV takes at most {MAX_ROWS} rows, got {T}")
+    if max_rows is not None and T > max_rows:
+        raise ValueError(f"the Triton GEMV takes at most {max_rows} rows here, got {T}")
     if x.dtype != weight.dtype:
         raise ValueError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
     if x.stride(2) != 1 or 1 not in (weight.stride(1), weight.stride(2)):
@@ -330,21 +346,37 @@ def _as_groups(x, weight, residual):
     return single, x, weight, residual
 
 
+# more than 16 rows (batches, prompts): token tiles of ROWS_BLOCK_T rows by ROWS_BLOCK_N columns,
+# steps of ROWS_BLOCK_K, K split as tiles() says, a split K added in the kernel
+ROWS_BLOCK_T = 64
+ROWS_BLOCK_N = 128
+ROWS_BLOCK_K = 64
+
+
 def gemv_triton(x, weight, residual=None, activation="none", *, block_n=None, block_k=None, num_splits=None,
-                num_warps=4, num_stages=3, split_reduce=None):  # fmt: skip
+                num_warps=None, num_stages=3, split_reduce=None, block_t=None):  # fmt: skip
     """One launch (two when K is split and split_reduce is "launch"); same arguments and result as
-    gemv_reference for at most 16 rows. block_n, block_k, num_splits, num_warps and num_stages
+    gemv_reference (up to the order of float32 sums where K is split). At most 16 rows are one
+    16-row tile; more are tiles of block_t rows (ROWS_BLOCK_T; their defaults ROWS_*, 8 warps,
+    a split K added in the kernel). block_n, block_k, num_splits, num_warps and num_stages
     override the launch configuration (tests and benchmarks use them); split_reduce (None:
     SPLIT_REDUCE, or by N) how a split K is added."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    single, x, weight, residual = _as_groups(x, weight, residual)
+    single, x, weight, residual = _as_groups(x, weight, residual, max_rows=None)
     G, T, K = x.shape
     N = weight.shape[1]
     out = torch.empty(G, T, N, dtype=x.dtype, device=x.device)
+    if T > MAX_ROWS:
+        block_t = block_t or ROWS_BLOCK_T
+        block_n, block_k = block_n or ROWS_BLOCK_N, block_k or ROWS_BLOCK_K
+        num_warps, split_reduce = num_warps or 8, split_reduce or "kernel"
+    else:
+        block_t = MAX_ROWS
     if T > 0:
-        cfg = tiles(G, N, K, x.device, block_n, block_k, num_splits)
-        _launch(x, weight, residual, out, cfg, ACTIVATIONS.index(activation), num_warps, num_stages, split_reduce)
+        cfg = tiles(G, N, K, x.device, block_n, block_k, num_splits, tiles_t=triton.cdiv(T, block_t))
+        _launch(x, weight, residual, out, {**cfg, "block_t": block_t}, ACTIVATIONS.index(activation), num_warps or 4,
+                num_stages, split_reduce)  # fmt: skip
     return out[0] if single else out
 
 
@@ -352,17 +384,18 @@ def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_s
             split_reduce: str | None) -> None:  # fmt: skip
     G, T, K = x.shape
     N = weight.shape[1]
-    splits, tiles_n = cfg["num_splits"], triton.cdiv(N, cfg["block_n"])
+    block_t = cfg.get("block_t", MAX_ROWS)
+    splits, tiles_n, tiles_t = cfg["num_splits"], triton.cdiv(N, cfg["block_n"]), triton.cdiv(T, block_t)
     partial = torch.empty(splits, G, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out  # unused if 1
     res = residual if residual is not None else out  # unread without a residual
-    counters = _reduce_plan(splits, G * tiles_n, N, x.device, split_reduce)
+    counters = _reduce_plan(splits, G * tiles_n * tiles_t, N, x.device, split_reduce)
     ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and is_interpreting())
     flags = dict(ACT=act, HAS_RESIDUAL=residual is not None)
-    _gemv_kernel[(tiles_n, G, splits)](
+    _gemv_kernel[(tiles_n * tiles_t, G, splits)](
         x, weight, out, partial, res, counters if counters is not None else partial, T, N, K, cfg["k_split"], G,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+        tiles_t, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
         out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-        BLOCK_T=MAX_ROWS, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], SPLIT=splits,
+        BLOCK_T=block_t, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], SPLIT=splits,
         IN_KERNEL=counters is not None, IEEE=ieee,
         num_warps=num_warps, num_stages=num_stages, **flags, **pdl_args(x),
     )  # fmt: skip
@@ -449,6 +482,6 @@ def gemv(x, weight, residual=None, activation="none", backend=None):
     """x [T, K] @ weight [N, K]^T, or per group x [G, T, K] @ weight [G, N, K]^T, in x's dtype, then
     activation ("none" or "relu2") and + residual. backend: None and "torch" use F.linear per group
     (the model chooses the kernel itself where it measured faster); "bmm" one batched GEMM for the
-    groups; "triton" the kernel (at most 16 rows)."""
+    groups; "triton" the kernel (any number of rows; gemv_triton)."""
     backend = backend or "torch"
     return _BACKENDS[pick_backend(backend, x, tuple(_BACKENDS), native=("torch", "bmm"))](x, weight, residual, activation)
