@@ -153,6 +153,15 @@ VARIANTS = [
     Variant("default, LoRA kernels for every pass", "contiguous", torch.float16, "triton", wkv=None,
             time_mix=None, channel_mix=None, lora="triton", norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),
+    # only when asked for (--variants 28, 29): the default with the LoRA chains as batched GEMMs
+    # for every pass (lora "bmm": the default beyond 16 rows before the many-rows kernels; at 1-16
+    # rows it replaces the kernels too, so compare it beyond 16), and with the GEMV kernel's token
+    # tiles for r/k/v and the output projection of every pass (gemv "triton-all") instead of cuBLAS
+    Variant("default, LoRA as batched GEMMs", "contiguous", torch.float16, "triton", wkv=None, time_mix=None,
+            channel_mix=None, lora="bmm", norm_shift=None, gemv=None, lora_stream=None, dependent_launches=None),
+    Variant("default + GEMV kernel for every projection", "contiguous", torch.float16, "triton", wkv=None,
+            time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv="triton-all", lora_stream=None,
+            dependent_launches=None),
 ]
 OPT_IN = VARIANTS[9:12] + VARIANTS[13:]  # left out of --variants all
 OURS = VARIANTS[12]  # the runtime's default configuration (every backend None), the one compared with peers

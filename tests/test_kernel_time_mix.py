@@ -284,8 +284,8 @@ def test_model_with_the_lora_downs_in_the_projection_launch():
 
 def test_lora_backend_choice(monkeypatch):
     """Model._lora_backend: None becomes "fused" on CUDA for a batch of one row whose r/k/v take the
-    GEMV kernel, at C <= FUSED_LORA_MAX_C; "fused" falls back to None off the GEMV path; "triton"
-    to the reference beyond 16 rows."""
+    GEMV kernel, at C <= FUSED_LORA_MAX_C, and "triton" for other decode batches (any number of
+    rows) but not for prompts; "fused" falls back to None off the GEMV path."""
     from rwkvstate.model import rwkv7
     from rwkvstate.model.packing import pack, pack_decode
 
@@ -298,14 +298,16 @@ def test_lora_backend_choice(monkeypatch):
     prompt = pack([0], [[1, 2, 3]], CFG.vocab_size, DEVICE)
     monkeypatch.setattr(model, "_kernels", lambda: True)  # as on CUDA
     assert model._lora_backend(one, "triton") == "fused"
-    assert model._lora_backend(eight, "triton") is None  # two rows and more: the two kernels (lora's own choice)
-    assert model._lora_backend(one, "bmm") is None  # r/k/v not on the GEMV kernel
+    assert model._lora_backend(eight, "triton") == "triton"  # two rows and more: the two kernels
+    assert model._lora_backend(wide, "bmm") == "triton"  # beyond 16 rows: the many-rows kernels
+    assert model._lora_backend(prompt, "bmm") is None  # prompts: lora's own choice
+    assert model._lora_backend(one, "bmm") == "triton"  # r/k/v not on the GEMV kernel: not fused
     monkeypatch.setattr(rwkv7, "FUSED_LORA_MAX_C", CFG.n_embd - 1)
     assert model._lora_backend(one, "triton") is None  # wider models: r/k/v long enough to hide the chains
     model.backends["lora"] = "fused"
     assert model._lora_backend(eight, "triton") == "fused" and model._lora_backend(prompt, "bmm") is None
     model.backends["lora"] = "triton"
-    assert model._lora_backend(one, "triton") == "triton" and model._lora_backend(wide, "bmm") == "torch"
+    assert model._lora_backend(one, "triton") == "triton" and model._lora_backend(wide, "bmm") == "triton"
     monkeypatch.setattr(model, "_kernels", lambda: False)  # the CPU: None stays None
     model.backends["lora"] = None
     assert model._lora_backend(one, "triton") is None

@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import StateError
 from ..ops.channel_mix import MAX_SPARSE_ROWS, channel_mix
 from ..ops._triton import HAS_TRITON, dependent_launches
-from ..ops.gemv import gemv
+from ..ops.gemv import gemv, reserve_counters
 from ..ops.lora import lora, lora_down_with_projection, lora_up_triton
 from ..ops.time_mix import GROUP_NORM_EPS, time_mix_decode_triton, time_mix_epilogue, time_mix_prologue
 from ..ops.token_shift import norm_shift_mix
@@ -83,14 +83,16 @@ class Model:
         # "torch" the reference (eight GEMMs, two activations); "fused" computes the downs in the
         # launch of the r/k/v projection (lora_down_with_projection) and the ups in a launch of
         # their own, where r/k/v take the GEMV kernel (other passes as None). None: on CUDA "fused"
-        # for one row up to C = FUSED_LORA_MAX_C, else "triton" for up to 16 rows, "bmm" beyond
+        # for one row up to C = FUSED_LORA_MAX_C, else "triton" for decode batches (beyond 16 rows
+        # its many-rows kernels: faster than "bmm" at 0.1B and 1.5B, decode-lora-rows-h200) and
+        # lora's own choice for prompts ("bmm" beyond 16 rows, faster there)
         # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for
         # decode (None: on CUDA), "torch" as separate ops (the shift with the token_shift backend)
         # gemv: "triton" computes the time mix's r, k, v projections in one launch and its output
         # projection in another (ops/gemv.py) for decode batches of at most GEMV_ROWS; "bmm" r, k, v
         # in one batched GEMM; "torch" F.linear each (cuBLAS). None: on CUDA the kernel for r, k, v
         # of such batches and a batched GEMM for larger passes, F.linear for the output projection
-        # (_projection_backends says why). channel_mix "triton-gemv" runs the feed-forward's two
+        # (_projection_backends says why); "triton-all" the kernel for both in every pass. channel_mix "triton-gemv" runs the feed-forward's two
         # projections through the same kernel (relu^2 and the residual add in their epilogues) for
         # such batches (None: on CUDA, where the sparse one does not pay)
         self.backends: dict[str, str | None] = {
@@ -112,6 +114,8 @@ class Model:
         self.dependent_launches: bool | str | None = False
         # made here, not at first use, which may be inside a CUDA-graph capture
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self._side_stream is not None:  # the split kernels' counts on it, before any capture
+            reserve_counters(self.device, self._side_stream)
         # how the WKV state is rounded when stored in fp16/bf16: "nearest" or "stochastic"
         self.state_rounding = "nearest"
         self._round_calls = 0  # a fresh stochastic-rounding seed per layer call
@@ -284,12 +288,15 @@ class Model:
 
     def _lora_backend(self, packed: Packed, rkv_backend: str | None) -> str | None:
         """The lora backend of this pass: backends["lora"], with None made FUSED_LORA where it
-        measured faster (one row whose r/k/v take the GEMV kernel, C <= FUSED_LORA_MAX_C), and
-        the fused path falling back where it does not apply."""
+        measured faster (one row whose r/k/v take the GEMV kernel, C <= FUSED_LORA_MAX_C) and
+        "triton" for other decode batches on CUDA, and the fused path falling back where it does
+        not apply."""
         backend = self.backends["lora"]
         fits = rkv_backend == "triton" and self._gemv_pass(packed)
         if backend is None and self._kernels() and fits and packed.num_tokens == 1:
             return FUSED_LORA if self.config.n_embd <= FUSED_LORA_MAX_C else None
+        if backend is None and self._kernels() and packed.is_decode:
+            return "triton"  # beyond 16 rows the many-rows kernels, not lora's own "bmm"
         if backend == FUSED_LORA and not fits:
             return None
         return backend
@@ -330,8 +337,12 @@ class Model:
         output projection. None: on CUDA the kernel for r/k/v of a small decode batch (1.5-1.9x
         cuBLAS on an H200), one batched GEMM for them otherwise, cuBLAS for the output (the kernel
         measured up to 12% slower there); the reference on the CPU. "triton" asks for the kernel
-        for both where it applies; a bad name passes through to the op's check."""
+        for both where it applies; "triton-all" the kernel for both in every pass (its token tiles
+        beyond 16 rows: measured against cuBLAS, bench_decode variant 29); a bad name passes
+        through to the op's check."""
         backend, small = self.backends["gemv"], self._gemv_pass(packed)
+        if backend == "triton-all":
+            return "triton", "triton"
         if backend is None or (backend == "triton" and not small):
             if not self._kernels():
                 return "torch", "torch"

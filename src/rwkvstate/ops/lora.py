@@ -367,10 +367,10 @@ def _lora_up(h: torch.Tensor, pack: LoraPack, block_t: int, block_c: int, block_
 # launch configuration of lora_rows_triton (more than 16 rows)
 ROWS_BLOCK_T = 64  # token rows per program of both kernels
 ROWS_BLOCK_R = 32  # rows of a chain per down program
-ROWS_BLOCK_K = 64  # the down kernel's step over C
+ROWS_BLOCK_K = 128  # the down kernel's step over C
 ROWS_SPLIT_K = 512  # channels per split of C in the down kernel, while the tiles alone leave SMs idle
 ROWS_UP_BLOCK_C = 128  # output channels per up program
-ROWS_UP_BLOCK_R = 64  # the up kernel's step over a chain's rows
+ROWS_UP_BLOCK_R = 32  # the up kernel's step over a chain's rows
 
 
 def rows_splits(T: int, C: int, pack: LoraPack, device: torch.device, block_t: int, block_r: int,
