@@ -76,7 +76,9 @@ VARIANTS = [
     Variant("same + GEMV projections and feed-forward", "contiguous", torch.float16, "triton", wkv=None,
             channel_mix="triton-gemv", lora="triton", norm_shift=None, gemv="triton"),
     # the runtime's default: variant 8 + the GEMV kernel for r/k/v and the feed-forward of decode
-    # batches of at most 8, r/k/v and the LoRA chains as batched GEMMs beyond (every backend None)
+    # batches of at most 8, r/k/v as batched GEMMs beyond, the LoRA kernels for every decode batch
+    # (the many-rows ones beyond 16 rows, since f780713; the label predates them), batched GEMMs
+    # for the chains of prompts (every backend None)
     Variant("default: + GEMV (batch <= 8), batched GEMMs", "contiguous", torch.float16, "triton", wkv=None,
             time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),

@@ -105,6 +105,7 @@ WRITERS = {
     "decode-lora-1024-64-64-h200": lambda d, _: bench("bench_decode").markdown(d),
     "lora-rows-h200": lambda d, _: bench("bench_lora").markdown(d),
     "decode-lora-rows-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-rows-default-h200": lambda d, _: bench("bench_decode").markdown(d),
     "peers-ours-h200": lambda d, _: bench("bench_decode").markdown(d),
     "serving-reuseport-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-reuseport-4api-h200": lambda d, _: bench("bench_server").markdown(d),
