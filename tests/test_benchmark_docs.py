@@ -106,6 +106,8 @@ WRITERS = {
     "lora-rows-h200": lambda d, _: bench("bench_lora").markdown(d),
     "decode-lora-rows-h200": lambda d, _: bench("bench_decode").markdown(d),
     "decode-rows-default-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-session-base-h200": lambda d, _: bench("bench_decode").markdown(d),
+    "decode-session-h200": lambda d, _: bench("bench_decode").markdown(d),
     "peers-ours-h200": lambda d, _: bench("bench_decode").markdown(d),
     "serving-reuseport-h200": lambda d, _: bench("bench_server").markdown(d),
     "serving-reuseport-4api-h200": lambda d, _: bench("bench_server").markdown(d),
