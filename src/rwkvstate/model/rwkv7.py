@@ -84,17 +84,19 @@ class Model:
         # launch of the r/k/v projection (lora_down_with_projection) and the ups in a launch of
         # their own, where r/k/v take the GEMV kernel (other passes as None). None: on CUDA "fused"
         # for one row up to C = FUSED_LORA_MAX_C, else "triton" for decode batches (beyond 16 rows
-        # its many-rows kernels: faster than "bmm" at 0.1B and 1.5B, decode-lora-rows-h200) and
-        # lora's own choice for prompts ("bmm" beyond 16 rows, faster there)
+        # its many-rows kernels: 2-9% faster steps than "bmm" at batch 64, up to 6% at 256 on an
+        # H200, decode-rows-default-h200) and lora's own choice for prompts ("bmm" beyond 16 rows,
+        # faster there)
         # norm_shift: "triton" does the residual add, layer norm and token shift in one launch for
         # decode (None: on CUDA), "torch" as separate ops (the shift with the token_shift backend)
         # gemv: "triton" computes the time mix's r, k, v projections in one launch and its output
         # projection in another (ops/gemv.py) for decode batches of at most GEMV_ROWS; "bmm" r, k, v
         # in one batched GEMM; "torch" F.linear each (cuBLAS). None: on CUDA the kernel for r, k, v
         # of such batches and a batched GEMM for larger passes, F.linear for the output projection
-        # (_projection_backends says why); "triton-all" the kernel for both in every pass. channel_mix "triton-gemv" runs the feed-forward's two
-        # projections through the same kernel (relu^2 and the residual add in their epilogues) for
-        # such batches (None: on CUDA, where the sparse one does not pay)
+        # (_projection_backends says why); "triton-all" the kernel for both in every pass (slower
+        # than cuBLAS beyond 16 rows, kept for measurement). channel_mix "triton-gemv" runs the
+        # feed-forward's two projections through the same kernel (relu^2 and the residual add in
+        # their epilogues) for such batches (None: on CUDA, where the sparse one does not pay)
         self.backends: dict[str, str | None] = {
             "token_shift": None, "wkv": None, "time_mix": None, "wkv_prefill": None, "channel_mix": None,
             "lora": None, "norm_shift": None, "gemv": None,
@@ -338,8 +340,8 @@ class Model:
         cuBLAS on an H200), one batched GEMM for them otherwise, cuBLAS for the output (the kernel
         measured up to 12% slower there); the reference on the CPU. "triton" asks for the kernel
         for both where it applies; "triton-all" the kernel for both in every pass (its token tiles
-        beyond 16 rows: measured against cuBLAS, bench_decode variant 29); a bad name passes
-        through to the op's check."""
+        beyond 16 rows: 6-17% slower steps than cuBLAS at batch 256 on an H200, bench_decode
+        variant 29, decode-rows-default-h200); a bad name passes through to the op's check."""
         backend, small = self.backends["gemv"], self._gemv_pass(packed)
         if backend == "triton-all":
             return "triton", "triton"
@@ -403,7 +405,8 @@ class Model:
             backend == "triton" and mixed[0].shape[0] > MAX_SPARSE_ROWS  # the sparse kernel is for decode
         ):
             backend = "torch"
-        return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=backend, in_place=True)  # x is this pass's own
+        # x is this pass's own residual: the cuBLAS value GEMM may add into it
+        return channel_mix(mixed[0], lw.ffn_key, lw.ffn_value, x, backend=backend, in_place=True)
 
     def _output(self, x: Tensor, packed: Packed, output: str) -> Tensor | list[Tensor] | None:
         if output == "none":

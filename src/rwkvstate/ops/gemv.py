@@ -276,7 +276,8 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     return buf
 
 
-def reserve_counters(device: torch.device, stream: torch.cuda.Stream | None = None, tiles: int = MIN_COUNTERS) -> None:
+def reserve_counters(device: torch.device, stream: torch.cuda.Stream | None = None,
+                     tiles: int = MIN_COUNTERS) -> None:  # fmt: skip
     """Makes the zeroed counts of `stream` (default: the current stream of `device`) now, so that
     launches captured into a CUDA graph on that stream reduce their splits in-kernel: a stream that
     only ever runs inside captures (the model's LoRA side stream) has no eager launch to make them."""
