@@ -77,9 +77,9 @@ VARIANTS = [
             channel_mix="triton-gemv", lora="triton", norm_shift=None, gemv="triton"),
     # the runtime's default: variant 8 + the GEMV kernel for r/k/v and the feed-forward of decode
     # batches of at most 8, r/k/v as batched GEMMs beyond, the LoRA kernels for every decode batch
-    # (the many-rows ones beyond 16 rows, since f780713; the label predates them), batched GEMMs
-    # for the chains of prompts (every backend None)
-    Variant("default: + GEMV (batch <= 8), batched GEMMs", "contiguous", torch.float16, "triton", wkv=None,
+    # (the many-rows ones beyond 16 rows, since f780713), batched GEMMs for the chains of prompts
+    # (every backend None). Runs up to 2026-12-01 named it "default: + GEMV (batch <= 8), batched GEMMs"
+    Variant("default (every backend None)", "contiguous", torch.float16, "triton", wkv=None,
             time_mix=None, channel_mix=None, lora=None, norm_shift=None, gemv=None, lora_stream=None,
             dependent_launches=None),
     # only when asked for (--variants 13): the default with the step WKV kernel for prompts too,
