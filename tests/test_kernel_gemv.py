@@ -346,6 +346,21 @@ def test_cuda_model_decode_and_graphs_with_gemv(dtype):
 
 
 @cuda_only
+def test_cuda_model_reserves_the_side_streams_counts():
+    """The LoRA side stream runs only inside graph captures, where no counts can be made: the model
+    makes them when it is built, so a split down kernel captured there adds its splits in-kernel."""
+    model = Model.from_tensors(random_checkpoint(CFG, seed=5), CFG, device="cuda", dtype=torch.float16)
+    side = model._side_stream
+    buf = gm._COUNTERS.get((torch.device("cuda", torch.cuda.current_device()), side.cuda_stream))
+    assert buf is not None and buf.numel() >= gm.MIN_COUNTERS and not buf.any()
+    with torch.cuda.stream(side):
+        torch.cuda.current_stream().synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            assert gm._split_counters(model.device, 16) is buf  # found during a capture, not None
+
+
+@cuda_only
 @pytest.mark.parametrize("batch", [1, 3, 20])
 @pytest.mark.parametrize("option", ["lora_stream", "dependent_launches"])
 def test_cuda_launch_options_change_no_bit(option, batch):

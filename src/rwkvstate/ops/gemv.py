@@ -284,6 +284,8 @@ def reserve_counters(device: torch.device, stream: torch.cuda.Stream | None = No
     device = torch.device(device)
     if device.type != "cuda":
         return
+    if device.index is None:  # the launches look counts up by their tensors' devices, which carry one
+        device = torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.stream(stream or torch.cuda.current_stream(device)):
         _split_counters(device, tiles)
 
