@@ -23,8 +23,9 @@ from bench_lora import SHAPES, packs, rows_call  # noqa: E402
 
 from rwkvstate.ops import lora as lo  # noqa: E402
 
-CONFIGS = ["64:32:64:0:128:64:4", "64:32:64:1:128:64:4", "64:32:64:0:64:32:4", "64:64:64:0:128:64:4",
-           "128:32:64:0:128:64:8", "32:32:64:0:128:64:4", "64:128:64:0:128:64:4"]  # fmt: skip
+# the default (ops/lora.py ROWS_*) first, then it unsplit, then others
+CONFIGS = ["64:32:128:0:128:32:4", "64:32:128:1:128:32:4", "64:32:64:0:128:64:4", "64:32:64:0:64:32:4",
+           "64:64:64:0:128:64:4", "128:32:64:0:128:64:8", "32:32:64:0:128:64:4"]  # fmt: skip
 
 
 def kernel_times(fn, calls: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Projections of a few rows (decode of 1-16 sequences), several independent ones in one launch:
 
-    out[g] = epilogue(x[g] W_g^T)      x [G, T, K], W [G, N, K] -> out [G, T, N], T <= 16
+    out[g] = epilogue(x[g] W_g^T)      x [G, T, K], W [G, N, K] -> out [G, T, N]
 
 ("grouped"; G = 1 with x [T, K] and W [N, K] is a single projection). At batch 1 a projection is a
 matrix-vector product: every weight element is read once and used for T multiply-adds, so the
@@ -9,7 +9,8 @@ are in ops/README.md):
 - grid (cdiv(N, BLOCK_N), G, num_splits): a program owns BLOCK_N output columns of one group and
   one contiguous range of K; many programs, so that every SM has weight loads in flight;
 - the T rows are padded to one 16-row tl.dot tile (tensor cores do the reduction; only live rows
-  are loaded), the weight streams in [BLOCK_K, BLOCK_N] tiles whose unit-stride axis gives 16-byte
+  are loaded); more than 16 rows are tiles of ROWS_BLOCK_T rows, a tile's token tiles neighbouring
+  programs (measured slower than cuBLAS at those sizes; for measurement), the weight streams in [BLOCK_K, BLOCK_N] tiles whose unit-stride axis gives 16-byte
   vector loads (W may be row-major [N, K] or the transposed view of a contiguous [K, N] tensor);
 - one split: the program rounds and stores its outputs (one launch). Several splits: each stores
   its float32 partial sums, and either the split that completes a tile last (an atomic count per
@@ -265,6 +266,8 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     would leave it unset until the graph first runs): the caller then takes the reduce launch.
     DecodeGraphs runs every step once on its capture stream before capturing, which makes it.
     One buffer per stream: launches on one stream run one after another, so they can share it."""
+    if device.type == "cuda" and device.index is None:  # one key per device: tensors' devices carry the index
+        device = torch.device("cuda", torch.cuda.current_device())
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     buf = _COUNTERS.get((device, stream))
     if buf is None or buf.numel() < tiles:
@@ -284,8 +287,6 @@ def reserve_counters(device: torch.device, stream: torch.cuda.Stream | None = No
     device = torch.device(device)
     if device.type != "cuda":
         return
-    if device.index is None:  # the launches look counts up by their tensors' devices, which carry one
-        device = torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.stream(stream or torch.cuda.current_stream(device)):
         _split_counters(device, tiles)
 
@@ -373,7 +374,7 @@ def gemv_triton(x, weight, residual=None, activation="none", *, block_n=None, bl
     if T > MAX_ROWS:
         block_t = block_t or ROWS_BLOCK_T
         block_n, block_k = block_n or ROWS_BLOCK_N, block_k or ROWS_BLOCK_K
-        num_warps, split_reduce = num_warps or 8, split_reduce or "kernel"
+        num_warps, split_reduce = num_warps or 8, split_reduce or SPLIT_REDUCE or "kernel"
     else:
         block_t = MAX_ROWS
     if T > 0:
