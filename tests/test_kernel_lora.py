@@ -89,8 +89,8 @@ def test_several_channel_blocks_and_bad_input():
 @pytest.mark.parametrize("T,C,ranks,splits", [(17, 40, (5, 16, 21, 3), None), (37, 72, (9, 12, 40, 20), 3),
                                               (33, 48, (12, 12, 40), 1)])  # fmt: skip
 def test_many_rows_match_reference(T, C, ranks, splits, dtype, poisoned_empty):
-    """More than 16 rows (lora_rows_triton: token tiles, C split, the up kernel adding the splits
-    and activating): several token tiles (the last partial), row tiles past a chain's end (masked
+    """More than 16 rows (lora_rows_triton: token tiles, C split, the down program that completes
+    a tile adding the splits and activating): several token tiles (the last partial), row tiles past a chain's end (masked
     against the next chain's rows), splits that end mid-step, and the default launch."""
     _, pack = make_pack(C, ranks, dtype, seed=T + C + 2)
     x = mixes(T, C, dtype, seed=T * C + 3)
