@@ -295,10 +295,11 @@ class Model:
         not apply."""
         backend = self.backends["lora"]
         fits = rkv_backend == "triton" and self._gemv_pass(packed)
-        if backend is None and self._kernels() and fits and packed.num_tokens == 1:
-            return FUSED_LORA if self.config.n_embd <= FUSED_LORA_MAX_C else None
-        if backend is None and self._kernels() and packed.is_decode:
-            return "triton"  # beyond 16 rows the many-rows kernels, not lora's own "bmm"
+        if backend is None and self._kernels():
+            if fits and packed.num_tokens == 1:
+                return FUSED_LORA if self.config.n_embd <= FUSED_LORA_MAX_C else None
+            if packed.is_decode:
+                return "triton"  # beyond 16 rows the many-rows kernels, not lora's own "bmm"
         if backend == FUSED_LORA and not fits:
             return None
         return backend

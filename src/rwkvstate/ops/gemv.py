@@ -376,19 +376,18 @@ def gemv_triton(x, weight, residual=None, activation="none", *, block_n=None, bl
         block_n, block_k = block_n or ROWS_BLOCK_N, block_k or ROWS_BLOCK_K
         num_warps, split_reduce = num_warps or 8, split_reduce or SPLIT_REDUCE or "kernel"
     else:
-        block_t = MAX_ROWS
+        block_t, num_warps = MAX_ROWS, num_warps or 4
     if T > 0:
         cfg = tiles(G, N, K, x.device, block_n, block_k, num_splits, tiles_t=triton.cdiv(T, block_t))
-        _launch(x, weight, residual, out, {**cfg, "block_t": block_t}, ACTIVATIONS.index(activation), num_warps or 4,
-                num_stages, split_reduce)  # fmt: skip
+        _launch(x, weight, residual, out, cfg, block_t, ACTIVATIONS.index(activation), num_warps, num_stages,
+                split_reduce)  # fmt: skip
     return out[0] if single else out
 
 
-def _launch(x, weight, residual, out, cfg: dict, act: int, num_warps: int, num_stages: int,
+def _launch(x, weight, residual, out, cfg: dict, block_t: int, act: int, num_warps: int, num_stages: int,
             split_reduce: str | None) -> None:  # fmt: skip
     G, T, K = x.shape
     N = weight.shape[1]
-    block_t = cfg.get("block_t", MAX_ROWS)
     splits, tiles_n, tiles_t = cfg["num_splits"], triton.cdiv(N, cfg["block_n"]), triton.cdiv(T, block_t)
     partial = torch.empty(splits, G, T, N, dtype=torch.float32, device=x.device) if splits > 1 else out  # unused if 1
     res = residual if residual is not None else out  # unread without a residual
